@@ -1,0 +1,250 @@
+"""Triton kernels for the fused linear log-prob (the math is written out in
+``linear_logprob_ref.py``, which is the reference these kernels are tested against).
+
+forward:  grid (token tiles, vocabulary splits). Each program streams its vocabulary range in
+          ``BLOCK_V`` tiles, computes the logits tile in registers (``BLOCK_D`` steps over the
+          hidden size, fp32 accumulation) and keeps an online log-sum-exp ``(m, s)`` plus
+          ``t = sum exp(z - m) z`` for the entropy, and the target logit. Partial statistics per
+          split (``[SPLIT, N]``) are merged by the launcher. No ``[N, V]`` tensor is written.
+backward: grid (token tiles, vocabulary tiles). Each program recomputes its logits tile, forms
+          ``dz`` from the saved ``lse``/entropy and the upstream per-token gradients, and adds
+          ``dz @ W`` into ``d_hidden`` and ``dz^T @ H`` into ``d_weight`` with fp32 atomics, one
+          ``BLOCK_D`` slice at a time. Tiles whose tokens all have zero upstream gradient (masked
+          or padded tokens) skip all matmul work.
+
+Launchers check shapes and pick block sizes; validation of user input and autograd live in
+``mapo_fast``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a @ b`` with fp32 accumulation. ``IEEE``: exact fp32 products (no TF32) for fp32
+    inputs. ``UPCAST``: multiply in fp32 (only under the interpreter, whose bf16 dot is wrong)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp,
+                 stride_hn, stride_wv,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                 BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :],
+                    mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = _mm(h, tl.trans(w), acc, IEEE, UPCAST)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)
+        acc = acc + b[None, :]
+    return acc * inv_temp
+
+
+@triton.jit
+def _fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr,
+                m_out, s_out, t_out, zt_out,
+                N, V, D, v_per_split, inv_temp, stride_hn, stride_wv,
+                HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+                UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    if HAS_ROWS:
+        rows = tl.load(rows_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
+    else:
+        rows = offs_n.to(tl.int64)
+    y = tl.load(y_ptr + offs_n, mask=n_ok, other=-1)
+    v_lo = pid_s * v_per_split
+    v_hi = tl.minimum(v_lo + v_per_split, V)
+
+    m_i = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    s_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t_i = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    zt = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < v_hi
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp,
+                         stride_hn, stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST)
+        z = tl.where(v_ok[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(z - m_new[:, None])
+        s_i = s_i * alpha + tl.sum(p, axis=1)
+        t_i = t_i * alpha + tl.sum(p * tl.where(v_ok[None, :], z, 0.0), axis=1)
+        m_i = m_new
+        zt += tl.sum(tl.where(offs_v[None, :] == y[:, None], z, 0.0), axis=1)
+
+    out = pid_s * N + offs_n
+    tl.store(m_out + out, m_i, mask=n_ok)
+    tl.store(s_out + out, s_i, mask=n_ok)
+    tl.store(t_out + out, t_i, mask=n_ok)
+    tl.store(zt_out + out, zt, mask=n_ok)
+
+
+@triton.jit
+def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr,
+                dh_ptr, dw_ptr, db_ptr,
+                N, V, D, inv_temp, stride_hn, stride_wv,
+                HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_GE: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                IEEE: tl.constexpr, UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    v_ok = offs_v < V
+    gl = tl.load(gl_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+    active = tl.max(tl.abs(gl), axis=0)
+    if HAS_GE:
+        ge = tl.load(ge_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        active = tl.maximum(active, tl.max(tl.abs(ge), axis=0))
+    if active > 0.0:
+        if HAS_ROWS:
+            rows = tl.load(rows_ptr + offs_n, mask=n_ok, other=0).to(tl.int64)
+        else:
+            rows = offs_n.to(tl.int64)
+        y = tl.load(y_ptr + offs_n, mask=n_ok, other=-1)
+        lse = tl.load(lse_ptr + offs_n, mask=n_ok, other=0.0)
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp,
+                         stride_hn, stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST)
+        ok = n_ok[:, None] & v_ok[None, :]
+        p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
+        dz = gl[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - p)
+        if HAS_GE:
+            ent = tl.load(ent_ptr + offs_n, mask=n_ok, other=0.0)
+            dz -= ge[:, None] * p * (z - lse[:, None] + ent[:, None])
+        dz = tl.where(ok, dz * inv_temp, 0.0)
+        if HAS_BIAS:
+            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok)
+        dz_in = dz.to(h_ptr.dtype.element_ty)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :],
+                        mask=v_ok[:, None] & d_ok[None, :], other=0.0)
+            h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :],
+                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            dh = _mm(dz_in, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), IEEE, UPCAST)
+            dw = _mm(tl.trans(dz_in), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), IEEE,
+                     UPCAST)
+            tl.atomic_add(dh_ptr + rows[:, None] * D + offs_d[None, :], dh,
+                          mask=n_ok[:, None] & d_ok[None, :])
+            tl.atomic_add(dw_ptr + offs_v[:, None] * D + offs_d[None, :], dw,
+                          mask=v_ok[:, None] & d_ok[None, :])
+
+
+def _blocks(device: torch.device) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages). Small tiles under the interpreter."""
+    if interpreting() or device.type != "cuda":
+        return 16, 32, 16, 1, 1
+    return 64, 128, 64, 8, 3
+
+
+def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+           rows: Optional[Tensor]) -> None:
+    assert hidden.dim() == 2 and weight.dim() == 2 and hidden.shape[1] == weight.shape[1]
+    assert hidden.stride(1) == 1 and weight.stride(1) == 1, "last dimension must be contiguous"
+    assert targets.dim() == 1 and hidden.dtype == weight.dtype
+    assert bias is None or (bias.shape == (weight.shape[0],) and bias.is_contiguous())
+    assert rows is None or (rows.shape == targets.shape and rows.is_contiguous())
+    assert rows is not None or targets.shape[0] == hidden.shape[0]
+
+
+def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+            inv_temp: float, rows: Optional[Tensor] = None, splits: Optional[int] = None,
+            out: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(logp, entropy, lse)``, each ``[N]`` float32. Same arguments as
+    ``linear_logprob_ref.forward``; ``splits`` overrides the number of vocabulary splits and
+    ``out`` supplies the three output buffers."""
+    _check(hidden, weight, bias, targets, rows)
+    n, (v, d) = targets.shape[0], weight.shape
+    logp, ent, lse = out if out is not None else (
+        torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
+    if n == 0:
+        return logp, ent, lse
+    bn, bv, bd, warps, stages = _blocks(hidden.device)
+    n_tiles, v_tiles = triton.cdiv(n, bn), triton.cdiv(v, bv)
+    if splits is None:
+        sms = (torch.cuda.get_device_properties(hidden.device).multi_processor_count
+               if hidden.is_cuda else 2)
+        splits = max(1, min(v_tiles, triton.cdiv(2 * sms, n_tiles)))
+    v_per_split = triton.cdiv(v_tiles, splits) * bv
+    splits = triton.cdiv(v, v_per_split)
+    part = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
+    _fwd_kernel[(n_tiles, splits)](
+        hidden, weight, bias if bias is not None else hidden, targets,
+        rows if rows is not None else targets,
+        part[0], part[1], part[2], part[3],
+        n, v, d, v_per_split, float(inv_temp), hidden.stride(0), weight.stride(0),
+        HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, BLOCK_N=bn, BLOCK_V=bv,
+        BLOCK_D=bd, IEEE=hidden.dtype == torch.float32,
+        UPCAST=interpreting() and hidden.dtype == torch.bfloat16, num_warps=warps, num_stages=stages)
+    m, s, t, zt = part
+    m_all = m.max(0).values
+    scale = torch.exp(m - m_all)
+    s_all = (s * scale).sum(0)
+    torch.add(m_all, torch.log(s_all), out=lse)
+    torch.sub(zt.sum(0), lse, out=logp)
+    torch.sub(lse, (t * scale).sum(0) / s_all, out=ent)
+    return logp, ent, lse
+
+
+def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+             inv_temp: float, lse: Tensor, ent: Tensor, g_logp: Tensor,
+             g_ent: Optional[Tensor], rows: Optional[Tensor] = None,
+             out: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
+             ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Returns ``(d_hidden, d_weight, d_bias)`` as float32 accumulators (zero-initialised here,
+    or the buffers given in ``out``, which are added into)."""
+    _check(hidden, weight, bias, targets, rows)
+    n, (v, d) = targets.shape[0], weight.shape
+    if out is None:
+        out = (torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device),
+               torch.zeros(weight.shape, dtype=torch.float32, device=weight.device),
+               None if bias is None else
+               torch.zeros(bias.shape, dtype=torch.float32, device=bias.device))
+    dh, dw, db = out
+    assert dh.is_contiguous() and dw.is_contiguous() and dh.dtype == dw.dtype == torch.float32
+    if n == 0:
+        return dh, dw, db
+    bn, bv, bd, warps, stages = _blocks(hidden.device)
+    g_logp = g_logp.to(torch.float32).contiguous()
+    g_ent = None if g_ent is None else g_ent.to(torch.float32).contiguous()
+    _bwd_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
+        hidden, weight, bias if bias is not None else hidden, targets,
+        rows if rows is not None else targets, lse, ent, g_logp,
+        g_ent if g_ent is not None else g_logp, dh, dw, db if db is not None else dw,
+        n, v, d, float(inv_temp), hidden.stride(0), weight.stride(0),
+        HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, HAS_GE=g_ent is not None,
+        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, IEEE=hidden.dtype == torch.float32,
+        UPCAST=interpreting() and hidden.dtype == torch.bfloat16, num_warps=warps, num_stages=stages)
+    return dh, dw, db

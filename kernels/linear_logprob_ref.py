@@ -1,0 +1,175 @@
+"""Plain-torch path of the fused linear log-prob: the reference, and the CPU implementation.
+
+Math shared with the Triton kernels in ``linear_logprob.py`` (same arguments, same outputs):
+
+    z[n, v]   = (hidden[rows[n]] . weight[v] + bias[v]) * inv_temp
+    lse[n]    = log sum_v exp(z[n, v])
+    logp[n]   = z[n, targets[n]] - lse[n]
+    ent[n]    = lse[n] - sum_v p[n, v] z[n, v],            p = exp(z - lse)
+    dz[n, v]  = g_logp[n] (1[v == targets[n]] - p[n, v]) - g_ent[n] p[n, v] (z[n, v] - lse[n] + ent[n])
+    d_hidden[rows[n]] = inv_temp * dz @ weight,   d_weight = inv_temp * dz^T @ hidden[rows],
+    d_bias    = inv_temp * sum_n dz
+
+The work is chunked over tokens so that at most ``chunk_rows x V`` logits exist at a time; the
+``[N, V]`` matrix is never formed. Everything is computed in float32 (float64 for float64 inputs).
+These are pure functions on tensors: no autograd, no validation (that lives in ``mapo_fast``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+#: Bytes of logits one chunk may hold (a few buffers of this size live at once).
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_chunk_rows(vocab: int, dtype: torch.dtype) -> int:
+    itemsize = torch.empty((), dtype=compute_dtype(dtype)).element_size()
+    return max(1, CHUNK_BYTES // (vocab * itemsize))
+
+
+def _chunks(n: int, chunk_rows: int):
+    for start in range(0, n, chunk_rows):
+        yield slice(start, min(n, start + chunk_rows))
+
+
+def _gather_rows(hidden: Tensor, rows: Optional[Tensor], sl: slice, dtype: torch.dtype) -> Tensor:
+    h = hidden[sl] if rows is None else hidden.index_select(0, rows[sl])
+    return h.to(dtype)
+
+
+def _logits(h: Tensor, w: Tensor, b: Optional[Tensor], inv_temp: float) -> Tensor:
+    z = h @ w.t()
+    if b is not None:
+        z = z + b
+    if inv_temp != 1.0:
+        z = z * inv_temp
+    return z
+
+
+def _stats(z: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    lse = torch.logsumexp(z, dim=-1)
+    p = torch.exp(z - lse[:, None])
+    ent = lse - (p * z).sum(-1)
+    logp = z.gather(1, y[:, None]).squeeze(1) - lse
+    return logp, ent, lse, p
+
+
+def _dz(p: Tensor, z: Tensor, y: Tensor, lse: Tensor, ent: Tensor, g_logp: Tensor,
+        g_ent: Optional[Tensor], inv_temp: float) -> Tensor:
+    """Gradient w.r.t. the raw logits (before the temperature), in place over ``p``."""
+    dz = p.mul_(-g_logp[:, None]) if g_ent is None else \
+        p * (-(g_logp[:, None]) - g_ent[:, None] * (z - lse[:, None] + ent[:, None]))
+    dz.scatter_add_(1, y[:, None], g_logp[:, None])
+    if inv_temp != 1.0:
+        dz.mul_(inv_temp)
+    return dz
+
+
+def _prepare(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    cd = compute_dtype(hidden.dtype)
+    w = weight.to(cd)
+    b = None if bias is None else bias.to(cd)
+    return cd, w, b
+
+
+def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+            inv_temp: float, rows: Optional[Tensor] = None,
+            chunk_rows: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns ``(logp, entropy, lse)``, each ``[N]`` in the compute dtype.
+
+    ``hidden [M, H]``, ``weight [V, H]``, ``bias [V]`` or None, ``targets [N]`` int64 (already
+    aligned with ``rows``), ``rows [N]`` int64 indices into ``hidden`` or None (then N = M).
+    """
+    n = targets.shape[0]
+    cd, w, b = _prepare(hidden, weight, bias)
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype)
+    logp = torch.empty(n, dtype=cd, device=hidden.device)
+    ent = torch.empty_like(logp)
+    lse = torch.empty_like(logp)
+    for sl in _chunks(n, chunk_rows):
+        z = _logits(_gather_rows(hidden, rows, sl, cd), w, b, inv_temp)
+        logp[sl], ent[sl], lse[sl], _ = _stats(z, targets[sl])
+    return logp, ent, lse
+
+
+def _accumulate_grads(dz: Tensor, h: Tensor, w: Tensor, sl: slice, rows: Optional[Tensor],
+                      dh: Tensor, dw: Tensor, db: Optional[Tensor]) -> None:
+    dh_c = dz @ w
+    if rows is None:
+        dh[sl] = dh_c
+    else:
+        dh.index_add_(0, rows[sl], dh_c)
+    dw.addmm_(dz.t(), h)
+    if db is not None:
+        db.add_(dz.sum(0))
+
+
+def _grad_buffers(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], cd: torch.dtype):
+    dh = torch.zeros(hidden.shape, dtype=cd, device=hidden.device)
+    dw = torch.zeros(weight.shape, dtype=cd, device=weight.device)
+    db = None if bias is None else torch.zeros(bias.shape, dtype=cd, device=bias.device)
+    return dh, dw, db
+
+
+def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+             inv_temp: float, lse: Tensor, ent: Tensor, g_logp: Tensor,
+             g_ent: Optional[Tensor], rows: Optional[Tensor] = None,
+             chunk_rows: Optional[int] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Recomputes the logits chunk by chunk and returns ``(d_hidden, d_weight, d_bias)`` in the
+    compute dtype, for upstream gradients ``g_logp [N]`` and ``g_ent [N]`` (or None)."""
+    n = targets.shape[0]
+    cd, w, b = _prepare(hidden, weight, bias)
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype)
+    dh, dw, db = _grad_buffers(hidden, weight, bias, cd)
+    g_logp = g_logp.to(cd)
+    g_ent = None if g_ent is None else g_ent.to(cd)
+    for sl in _chunks(n, chunk_rows):
+        h = _gather_rows(hidden, rows, sl, cd)
+        z = _logits(h, w, b, inv_temp)
+        p = torch.exp(z - lse[sl, None])
+        dz = _dz(p, z, targets[sl], lse[sl], ent[sl], g_logp[sl],
+                 None if g_ent is None else g_ent[sl], inv_temp)
+        _accumulate_grads(dz, h, w, sl, rows, dh, dw, db)
+    return dh, dw, db
+
+
+GradFn = Callable[[slice, Tensor, Tensor], Tuple[Tensor, Tensor]]
+
+
+def fused_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           targets: Tensor, inv_temp: float, grad_fn: GradFn,
+                           rows: Optional[Tensor] = None, chunk_rows: Optional[int] = None):
+    """Forward and backward in one pass over the vocabulary: each chunk's logits are computed
+    once and give both the statistics and the gradient (three matmuls in all).
+
+    ``grad_fn(sl, logp_chunk, ent_chunk) -> (value_chunk, g_logp_chunk)`` is the per-token
+    objective of rows ``sl``: its summed value and its derivative w.r.t. ``logp``.
+    Returns ``(logp, ent, value, d_hidden, d_weight, d_bias)``.
+    """
+    n = targets.shape[0]
+    cd, w, b = _prepare(hidden, weight, bias)
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype)
+    dh, dw, db = _grad_buffers(hidden, weight, bias, cd)
+    logp = torch.empty(n, dtype=cd, device=hidden.device)
+    ent = torch.empty_like(logp)
+    value = torch.zeros((), dtype=cd, device=hidden.device)
+    for sl in _chunks(n, chunk_rows):
+        h = _gather_rows(hidden, rows, sl, cd)
+        z = _logits(h, w, b, inv_temp)
+        lp, en, lse, p = _stats(z, targets[sl])
+        logp[sl], ent[sl] = lp, en
+        val, g = grad_fn(sl, lp, en)
+        value += val
+        dz = _dz(p, z, targets[sl], lse, en, g.to(cd), None, inv_temp)
+        _accumulate_grads(dz, h, w, sl, rows, dh, dw, db)
+    return logp, ent, value, dh, dw, db

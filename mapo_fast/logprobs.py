@@ -1,0 +1,209 @@
+"""Token log-probs (and entropies) from hidden states and the LM head, without materialising
+the ``[tokens x vocab]`` logits. Device dispatch for the fused linear log-prob happens here, once:
+Triton kernels on CUDA, the chunked torch path (``kernels/linear_logprob_ref.py``) elsewhere.
+``MAPO_FAST_BACKEND=torch|triton`` forces one (``triton`` on CPU tensors needs
+``TRITON_INTERPRET=1``)."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from . import _checks as chk
+from .kernels import linear_logprob_ref as ref_impl
+
+Tensor = torch.Tensor
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_impl():
+    from .kernels import linear_logprob
+    return linear_logprob
+
+
+def backend_for(x: Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for a tensor, honouring ``MAPO_FAST_BACKEND``."""
+    choice = os.environ.get("MAPO_FAST_BACKEND", "auto")
+    if choice not in BACKENDS:
+        raise ValueError(f"environment variable MAPO_FAST_BACKEND must be one of {BACKENDS}, "
+                         f"got {choice!r}")
+    if choice == "auto":
+        if not x.is_cuda:
+            return "torch"
+        try:
+            _triton_impl()
+        except ImportError:
+            return "torch"
+        return "triton"
+    return choice
+
+
+def _forward(backend: str, hidden, weight, bias, targets, inv_temp, rows):
+    if backend == "triton":
+        return _triton_impl().forward(hidden, weight, bias, targets, inv_temp, rows=rows)
+    return ref_impl.forward(hidden, weight, bias, targets, inv_temp, rows=rows)
+
+
+def _backward(backend: str, hidden, weight, bias, targets, inv_temp, lse, ent, g_logp, g_ent,
+              rows):
+    if backend == "triton":
+        return _triton_impl().backward(hidden, weight, bias, targets, inv_temp, lse, ent,
+                                       g_logp, g_ent, rows=rows)
+    return ref_impl.backward(hidden, weight, bias, targets, inv_temp, lse, ent, g_logp, g_ent,
+                             rows=rows)
+
+
+def _cast_grads(hidden, weight, bias, dh, dw, db, scale=None):
+    if scale is not None:
+        dh, dw = dh * scale, dw * scale
+        db = None if db is None else db * scale
+    return (dh.to(hidden.dtype), dw.to(weight.dtype),
+            None if bias is None else db.to(bias.dtype))
+
+
+class _LinearLogprob(torch.autograd.Function):
+    """logp, entropy = f(hidden, weight, bias); backward recomputes the logits tile by tile."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, inv_temp, backend):
+        logp, ent, lse = _forward(backend, hidden, weight, bias, targets, inv_temp, rows)
+        ctx.save_for_backward(hidden, weight, bias, targets, rows, lse, ent)
+        ctx.inv_temp, ctx.backend = inv_temp, backend
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        hidden, weight, bias, targets, rows, lse, ent = ctx.saved_tensors
+        if g_logp is None:
+            g_logp = torch.zeros_like(lse)
+        dh, dw, db = _backward(ctx.backend, hidden, weight, bias, targets, ctx.inv_temp, lse,
+                               ent, g_logp, g_ent, rows)
+        dh, dw, db = _cast_grads(hidden, weight, bias, dh, dw, db)
+        return dh, dw, db, None, None, None, None
+
+
+TokenObjective = Callable[[slice, Tensor, Tensor], Tensor]
+
+
+class _FusedLinearObjective(torch.autograd.Function):
+    """``value = sum_n objective(logp_n, entropy_n)`` with the gradient computed during the
+    forward pass (the backward only scales it by the upstream scalar gradient).
+
+    torch path: one pass over the vocabulary per token chunk (logits once per chunk, 3 matmuls);
+    Triton path: the forward kernel, the per-token gradient in torch, the backward kernel.
+    ``objective(sl, logp, ent)`` returns the per-token values of rows ``sl``; it must be a
+    differentiable torch function of ``logp`` (its gradient comes from autograd on ``[N]``
+    vectors, so a loss variant only writes the per-token formula).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, rows, inv_temp, backend, objective):
+        need_grad = any(ctx.needs_input_grad[:3])
+
+        def value_and_grad(sl, logp, ent):
+            with torch.enable_grad():
+                lp = logp.detach().requires_grad_(True)
+                val = objective(sl, lp, ent.detach()).sum()
+                (g,) = torch.autograd.grad(val, lp)
+            return val.detach(), g
+
+        if backend == "torch" and need_grad:
+            logp, ent, value, dh, dw, db = ref_impl.fused_forward_backward(
+                hidden, weight, bias, targets, inv_temp, value_and_grad, rows=rows)
+        else:
+            logp, ent, lse = _forward(backend, hidden, weight, bias, targets, inv_temp, rows)
+            if need_grad:
+                value, g = value_and_grad(slice(None), logp, ent)
+                dh, dw, db = _backward(backend, hidden, weight, bias, targets, inv_temp, lse,
+                                       ent, g, None, rows)
+            else:
+                value = objective(slice(None), logp, ent).sum()
+        if need_grad:
+            ctx.save_for_backward(dh, dw, db)
+            ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(logp, ent)
+        return value, logp, ent
+
+    @staticmethod
+    def backward(ctx, g_value, _g_logp, _g_ent):
+        dh, dw, db = ctx.saved_tensors
+        dt_h, dt_w, dt_b = ctx.dtypes
+        return (dh.mul(g_value).to(dt_h), dw.mul(g_value).to(dt_w),
+                None if db is None else db.mul(g_value).to(dt_b),
+                None, None, None, None, None)
+
+
+def check_linear_inputs(fn: str, hidden: Tensor, weight: Tensor, targets: Tensor,
+                        bias: Optional[Tensor], temperature: float) -> float:
+    """Validates the arguments common to the fused linear ops; returns ``1 / temperature``."""
+    chk.tensor(fn, "hidden", hidden, dims=(2, 3), floating=True)
+    chk.tensor(fn, "weight", weight, dims=(2,), floating=True)
+    chk.tensor(fn, "targets", targets, integer=True)
+    if weight.shape[1] != hidden.shape[-1]:
+        chk.fail(fn, "weight", f"must have shape [V, {hidden.shape[-1]}] to match `hidden`'s "
+                               f"hidden size, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        chk.fail(fn, "weight", f"must have at least one row (vocabulary), got {tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        chk.fail(fn, "weight", f"must have the dtype of `hidden` ({hidden.dtype}), got {weight.dtype}")
+    tokens = hidden.shape[:-1].numel()
+    if targets.numel() != tokens or (hidden.dim() == 3 and tuple(targets.shape) != tuple(hidden.shape[:2])):
+        want = tuple(hidden.shape[:2]) if hidden.dim() == 3 else f"[{tokens}] or [B, T] with B*T={tokens}"
+        chk.fail(fn, "targets", f"must have shape {want} to match `hidden` "
+                                f"{tuple(hidden.shape)}, got {tuple(targets.shape)}")
+    if bias is not None:
+        chk.tensor(fn, "bias", bias, dims=(1,), floating=True)
+        chk.shape(fn, "bias", bias, (weight.shape[0],), "one entry per row of `weight`")
+    chk.same_device(fn, "hidden", hidden, weight=weight, targets=targets, bias=bias)
+    chk.targets_in_range(fn, targets, weight.shape[0])
+    return 1.0 / chk.number(fn, "temperature", temperature, lo=0.0, lo_open=True)
+
+
+def _flat(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    h = hidden.reshape(-1, hidden.shape[-1])
+    if h.stride(-1) != 1:
+        h = h.contiguous()
+    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    return h, w, b
+
+
+def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
+                   bias: Optional[Tensor] = None, temperature: float = 1.0,
+                   return_entropy: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Log-probability of each target token under ``softmax((hidden @ weight.T + bias) / T)``.
+
+    Args:
+        hidden: ``[N, H]`` or ``[B, T, H]`` float (fp32, bf16, fp16 or fp64).
+        weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden``.
+        targets: integer tensor with one entry per token (``[N]``, or ``[B, T]``), in ``[0, V)``.
+        bias: optional ``[V]``.
+        temperature: > 0; logits are divided by it.
+        return_entropy: also return the entropy of each token's distribution.
+
+    Returns:
+        ``logp`` shaped like ``targets`` (float32; float64 for float64 inputs), and with
+        ``return_entropy`` the entropies, same shape. Both are differentiable w.r.t. ``hidden``,
+        ``weight`` and ``bias``; the backward recomputes logits tile by tile, so no
+        ``[N, V]`` tensor exists in either direction.
+    """
+    fn = "token_logprobs"
+    inv_temp = check_linear_inputs(fn, hidden, weight, targets, bias, temperature)
+    h, w, b = _flat(hidden, weight, bias)
+    y = targets.reshape(-1).to(torch.int64)
+    logp, ent = _LinearLogprob.apply(h, w, b, y, None, inv_temp, backend_for(hidden))
+    logp, ent = logp.view(targets.shape), ent.view(targets.shape)
+    return (logp, ent) if return_entropy else logp
+
+
+def fused_linear_objective(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor],
+                           targets: Tensor, rows: Optional[Tensor], inv_temp: float,
+                           objective: TokenObjective) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(value, logp, entropy)`` for the tokens ``rows`` of ``hidden2d`` (all when None):
+    ``value = sum_n objective(n, logp_n, entropy_n)``, differentiable w.r.t. hidden, weight and
+    bias. Inputs are already validated; this is the building block of every fused loss."""
+    h, w, b = _flat(hidden2d, weight, bias)
+    return _FusedLinearObjective.apply(h, w, b, targets, rows, inv_temp, backend_for(h),
+                                       objective)

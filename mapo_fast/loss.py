@@ -1,0 +1,281 @@
+"""The fused MAPO policy loss: token log-probs from hidden states and the LM head, fused with
+verl's clipped, advantage-weighted objective (``compute_policy_loss_vanilla`` + ``agg_loss``),
+an optional k3 KL to a reference policy, and metrics from the same pass.
+
+Only the per-token formula lives here (``token_terms``); chunking, the vocabulary pass and the
+gradient of hidden/weight/bias belong to ``logprobs.fused_linear_objective``. A variant of the
+objective is a different ``token_terms``, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import _checks as chk
+from .logprobs import check_linear_inputs, fused_linear_objective
+
+Tensor = torch.Tensor
+Number = Union[int, float, Tensor]
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+                  "seq-mean-token-sum-norm")
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """The knobs of the clipped objective (validated by ``check``)."""
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    clip_ratio_c: Optional[float] = None
+    kl_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    loss_scale_factor: Optional[float] = None
+    temperature: float = 1.0
+
+    def check(self, fn: str) -> "PolicyLossConfig":
+        chk.number(fn, "clip_low", self.clip_low, lo=0.0, hi=1.0, hi_open=True)
+        chk.number(fn, "clip_high", self.clip_high, lo=0.0)
+        if self.clip_ratio_c is not None:
+            chk.number(fn, "clip_ratio_c", self.clip_ratio_c, lo=1.0, lo_open=True)
+        chk.number(fn, "kl_coef", self.kl_coef, lo=0.0)
+        chk.choice(fn, "loss_agg", self.loss_agg, LOSS_AGG_MODES)
+        if self.loss_scale_factor is not None:
+            chk.number(fn, "loss_scale_factor", self.loss_scale_factor, lo=0.0, lo_open=True)
+        chk.number(fn, "temperature", self.temperature, lo=0.0, lo_open=True)
+        return self
+
+
+def token_terms(logp: Tensor, adv: Tensor, old: Optional[Tensor], ref: Optional[Tensor],
+                is_weights: Optional[Tensor], cfg: PolicyLossConfig) -> Dict[str, Tensor]:
+    """verl's per-token policy loss (``compute_policy_loss_vanilla``), on ``[N]`` vectors.
+
+    ``log_ratio = clamp(logp - old, -20, 20)``, ``ratio = exp(log_ratio)``,
+    ``pg = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high))``; with ``clip_ratio_c``
+    the dual clip ``pg = min(pg, -A clip_ratio_c)`` where ``A < 0``; times ``rollout_is_weights``.
+    ``loss = pg + kl_coef * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1``.
+    """
+    old = logp.detach() if old is None else old
+    log_ratio = torch.clamp(logp - old, -20.0, 20.0)
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high)
+    clipped = torch.maximum(pg1, pg2)
+    pg = clipped
+    terms = {"log_ratio": log_ratio, "ratio": ratio, "pg_clipped": (pg2 > pg1)}
+    if cfg.clip_ratio_c is not None:
+        pg3 = -adv * cfg.clip_ratio_c
+        pg = torch.where(adv < 0, torch.minimum(pg3, clipped), clipped)
+        terms["dual_clipped"] = (clipped > pg3) & (adv < 0)
+    if is_weights is not None:
+        pg = pg * is_weights
+    loss = pg
+    if ref is not None and cfg.kl_coef > 0:
+        kl = ref - logp
+        k3 = torch.exp(kl) - kl - 1.0
+        loss = loss + cfg.kl_coef * k3
+        terms["k3"] = k3
+    terms["pg"], terms["loss"] = pg, loss
+    return terms
+
+
+def aggregation_weights(mask: Tensor, mode: str, loss_scale_factor: Optional[float],
+                        global_tokens: Optional[float], global_seqs: Optional[float]) -> Tensor:
+    """Per-token weights ``c [B, T]`` such that verl's ``agg_loss(l, mask, mode) = sum(c * l)``.
+
+    - ``token-mean``: ``c = m / N``, N = ``global_tokens`` or ``sum(m)``;
+    - ``seq-mean-token-sum``: ``c = m / S``;
+    - ``seq-mean-token-mean``: ``c = m / sum_t(m) / S`` on non-empty sequences;
+    - ``seq-mean-token-sum-norm``: ``c = m / loss_scale_factor`` (default ``T``);
+    S = ``global_seqs`` or the number of non-empty sequences. Empty denominators give ``c = 0``.
+    """
+    m = mask
+    if mode == "token-mean":
+        denom = m.sum() if global_tokens is None else torch.tensor(global_tokens, dtype=m.dtype)
+        return m / denom if float(denom) > 0 else torch.zeros_like(m)
+    if mode == "seq-mean-token-sum-norm":
+        return m / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
+    per_seq = m.sum(-1, keepdim=True)
+    nonempty = per_seq > 0
+    seqs = nonempty.sum() if global_seqs is None else torch.tensor(global_seqs, dtype=m.dtype)
+    if float(seqs) == 0:
+        return torch.zeros_like(m)
+    if mode == "seq-mean-token-sum":
+        return m / seqs
+    return torch.where(nonempty, m / per_seq.clamp_min(1e-30), 0.0) / seqs
+
+
+def _as_number(fn: str, arg: str, x: Optional[Number]) -> Optional[float]:
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        if x.numel() != 1:
+            chk.fail(fn, arg, f"must be a number or a one-element tensor, got shape {tuple(x.shape)}")
+        x = x.item()
+    return chk.number(fn, arg, x, lo=0.0, lo_open=True)
+
+
+def _per_token(fn: str, arg: str, x: Optional[Tensor], bt: Tuple[int, int], device) -> Optional[Tensor]:
+    if x is None:
+        return None
+    chk.tensor(fn, arg, x, floating=True)
+    if x.numel() != bt[0] * bt[1] or x.dim() not in (1, 2) or (x.dim() == 2 and tuple(x.shape) != bt):
+        chk.fail(fn, arg, f"must have shape {bt} (one value per token, like `targets`), "
+                          f"got {tuple(x.shape)}")
+    chk.same_device(fn, "hidden", torch.empty(0, device=device), **{arg: x})
+    return x.reshape(bt)
+
+
+def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor, mask: Tensor,
+              *, old_logprobs: Optional[Tensor] = None, ref_logprobs: Optional[Tensor] = None,
+              bias: Optional[Tensor] = None, clip_low: float = 0.2, clip_high: float = 0.28,
+              clip_ratio_c: Optional[float] = None, kl_coef: float = 0.0,
+              loss_agg: str = "token-mean", loss_scale_factor: Optional[float] = None,
+              global_tokens: Optional[Number] = None, global_seqs: Optional[Number] = None,
+              rollout_is_weights: Optional[Tensor] = None, temperature: float = 1.0
+              ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Clipped, advantage-weighted policy loss fused with the LM head; a drop-in for verl's actor
+    loss (``compute_policy_loss_vanilla`` + ``agg_loss``) that never forms ``[tokens x vocab]``.
+
+    Shapes: ``hidden [B, T, H]`` or ``[B*T, H]``; ``weight [V, H]`` (same dtype); ``targets``
+    and ``mask`` ``[B, T]`` (or ``[N]``, read as B = 1); ``advantages [B, T]`` (per token) or
+    ``[B]`` (per sequence); ``old_logprobs``, ``ref_logprobs``, ``rollout_is_weights [B, T]``;
+    ``bias [V]``. ``mask`` is 0/1 (bool, int or float); only tokens with ``mask != 0`` are
+    computed at all.
+
+    Per token (see ``token_terms``): ``ratio = exp(clamp(logp - old, -20, 20))`` (old =
+    ``logp.detach()`` when not given), ``pg = max(-A ratio, -A clamp(ratio, 1-clip_low,
+    1+clip_high))``, dual clip ``min(pg, -A clip_ratio_c)`` for ``A < 0`` when ``clip_ratio_c``
+    is set, times ``rollout_is_weights``, plus ``kl_coef * (exp(ref-logp) - (ref-logp) - 1)``.
+    Aggregated by ``loss_agg`` (see ``aggregation_weights``); ``global_tokens``/``global_seqs``
+    make micro-batch losses add up to the whole batch's.
+
+    Returns ``(loss, metrics)``: a scalar (float32; float64 for float64 inputs) and a dict of
+    detached scalars computed in the same pass: ``entropy``, ``kl`` (k3 to ref, when given),
+    ``ppo_kl`` (mean ``old - logp``), ``pg_loss``, ``kl_loss``, ``pg_clipfrac`` (verl's),
+    ``clipfrac_low``, ``clipfrac_high``, ``dual_clipfrac``, ``ratio_mean``, ``ratio_max``,
+    ``tokens``. Masked-token means; 0 when no token is masked in.
+    """
+    fn = "mapo_loss"
+    cfg = PolicyLossConfig(clip_low, clip_high, clip_ratio_c, kl_coef, loss_agg,
+                           loss_scale_factor, temperature).check(fn)
+    inv_temp = check_linear_inputs(fn, hidden, weight, targets, bias, temperature)
+    if targets.dim() not in (1, 2):
+        chk.fail(fn, "targets", f"must be [B, T] or [N], got shape {tuple(targets.shape)}")
+    bt = tuple(targets.shape) if targets.dim() == 2 else (1, targets.shape[0])
+    chk.tensor(fn, "mask", mask)
+    if tuple(mask.shape) != tuple(targets.shape):
+        chk.fail(fn, "mask", f"must have the shape of `targets` {tuple(targets.shape)}, "
+                             f"got {tuple(mask.shape)}")
+    chk.tensor(fn, "advantages", advantages, floating=True)
+    if tuple(advantages.shape) not in (bt, (bt[0],)) and \
+            not (targets.dim() == 1 and tuple(advantages.shape) == tuple(targets.shape)):
+        chk.fail(fn, "advantages", f"must have shape {bt} (per token) or ({bt[0]},) (per "
+                                   f"sequence), got {tuple(advantages.shape)}")
+    chk.same_device(fn, "hidden", hidden, mask=mask, advantages=advantages)
+    chk.finite_tensor(fn, "advantages", advantages)
+    old = _per_token(fn, "old_logprobs", old_logprobs, bt, hidden.device)
+    ref = _per_token(fn, "ref_logprobs", ref_logprobs, bt, hidden.device)
+    isw = _per_token(fn, "rollout_is_weights", rollout_is_weights, bt, hidden.device)
+    if cfg.kl_coef > 0 and ref is None:
+        chk.fail(fn, "ref_logprobs", f"is required when kl_coef > 0 (kl_coef={kl_coef})")
+    g_tokens = _as_number(fn, "global_tokens", global_tokens)
+    g_seqs = _as_number(fn, "global_seqs", global_seqs)
+
+    cdtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    m = mask.reshape(bt).to(cdtype)
+    if bool((m < 0).any()) or not bool(torch.isfinite(m).all()):
+        chk.fail(fn, "mask", "must hold finite, non-negative values (0/1)")
+    adv = advantages.reshape(bt[0], -1).to(cdtype).expand(bt)
+    c = aggregation_weights(m, cfg.loss_agg, cfg.loss_scale_factor, g_tokens, g_seqs)
+
+    flat_m = m.reshape(-1)
+    rows = torch.nonzero(flat_m != 0).squeeze(1)
+    all_rows = rows.numel() == flat_m.numel()
+
+    def take(x: Optional[Tensor]) -> Optional[Tensor]:
+        if x is None:
+            return None
+        x = x.reshape(-1).to(cdtype)
+        return x if all_rows else x.index_select(0, rows)
+
+    sel = {k: take(v) for k, v in
+           dict(adv=adv, old=old, ref=ref, isw=isw, c=c, m=flat_m).items()}
+    y = targets.reshape(-1).to(torch.int64)
+    y = y if all_rows else y.index_select(0, rows)
+
+    def pick(x: Optional[Tensor], sl: slice) -> Optional[Tensor]:
+        return None if x is None else x[sl]
+
+    def objective(sl: slice, logp: Tensor, ent: Tensor) -> Tensor:
+        terms = token_terms(logp, sel["adv"][sl], pick(sel["old"], sl), pick(sel["ref"], sl),
+                            pick(sel["isw"], sl), cfg)
+        return sel["c"][sl] * terms["loss"]
+
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    loss, logp, ent = fused_linear_objective(hidden2d, weight, bias, y,
+                                             None if all_rows else rows, inv_temp, objective)
+    metrics = _metrics(logp, ent, sel, cfg)
+    return loss, metrics
+
+
+def _metrics(logp: Tensor, ent: Tensor, sel: Dict[str, Optional[Tensor]],
+             cfg: PolicyLossConfig) -> Dict[str, Tensor]:
+    """Masked means of the per-token terms, from the pass's ``logp``/entropy ([N] math only)."""
+    with torch.no_grad():
+        t = token_terms(logp, sel["adv"], sel["old"], sel["ref"], sel["isw"], cfg)
+        m, c, adv = sel["m"], sel["c"], sel["adv"]
+        total = m.sum()
+        denom = total.clamp_min(1e-30)
+
+        def mean(x: Tensor) -> Tensor:
+            return (x.to(m.dtype) * m).sum() / denom
+
+        zero = torch.zeros((), dtype=m.dtype, device=m.device)
+        ratio = t["ratio"]
+        out = {
+            "entropy": mean(ent),
+            "kl": mean(t["k3"]) if "k3" in t else zero,
+            "ppo_kl": mean(-t["log_ratio"]),
+            "pg_loss": (c * t["pg"]).sum(),
+            "kl_loss": (c * t["k3"]).sum() if "k3" in t else zero,
+            "pg_clipfrac": mean(t["pg_clipped"]),
+            "clipfrac_low": mean((ratio < 1.0 - cfg.clip_low) & (adv < 0)),
+            "clipfrac_high": mean((ratio > 1.0 + cfg.clip_high) & (adv > 0)),
+            "dual_clipfrac": mean(t["dual_clipped"]) if "dual_clipped" in t else zero,
+            "ratio_mean": mean(ratio),
+            "ratio_max": ratio.max() if ratio.numel() else zero,
+            "tokens": total,
+        }
+    return out
+
+
+class MAPOLoss(nn.Module):
+    """``nn.Module`` form of ``mapo_loss``: the objective's knobs at construction, the batch at
+    call time. ``forward(hidden, weight, targets, advantages, mask, *, old_logprobs=None,
+    ref_logprobs=None, bias=None, global_tokens=None, global_seqs=None,
+    rollout_is_weights=None) -> (loss, metrics)``; shapes as in ``mapo_loss``."""
+
+    def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.28,
+                 clip_ratio_c: Optional[float] = None, kl_coef: float = 0.0,
+                 loss_agg: str = "token-mean", loss_scale_factor: Optional[float] = None,
+                 temperature: float = 1.0) -> None:
+        super().__init__()
+        self.config = PolicyLossConfig(clip_low, clip_high, clip_ratio_c, kl_coef, loss_agg,
+                                       loss_scale_factor, temperature).check("MAPOLoss")
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.__dict__.items())
+
+    def forward(self, hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor,
+                mask: Tensor, *, old_logprobs: Optional[Tensor] = None,
+                ref_logprobs: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                global_tokens: Optional[Number] = None, global_seqs: Optional[Number] = None,
+                rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+        return mapo_loss(hidden, weight, targets, advantages, mask, old_logprobs=old_logprobs,
+                         ref_logprobs=ref_logprobs, bias=bias, global_tokens=global_tokens,
+                         global_seqs=global_seqs, rollout_is_weights=rollout_is_weights,
+                         **self.config.__dict__)
