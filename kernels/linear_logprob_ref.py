@@ -24,7 +24,7 @@ import torch
 Tensor = torch.Tensor
 
 #: Bytes of logits one chunk may hold (a few buffers of this size live at once).
-CHUNK_BYTES = 64 * 1024 * 1024
+CHUNK_BYTES = 32 * 1024 * 1024
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,39 +47,56 @@ def _gather_rows(hidden: Tensor, rows: Optional[Tensor], sl: slice, dtype: torch
     return h.to(dtype)
 
 
-def _logits(h: Tensor, w: Tensor, b: Optional[Tensor], inv_temp: float) -> Tensor:
-    z = h @ w.t()
-    if b is not None:
-        z = z + b
-    if inv_temp != 1.0:
-        z = z * inv_temp
-    return z
+class _Workspace:
+    """Two ``[chunk_rows, V]`` buffers reused by every chunk of one call (logits, probs)."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+        self.z = torch.empty((rows, vocab), dtype=dtype, device=device)
+        self.p = torch.empty((rows, vocab), dtype=dtype, device=device)
+
+    def logits(self, h: Tensor, w: Tensor, b: Optional[Tensor], inv_temp: float) -> Tensor:
+        z = torch.matmul(h, w.t(), out=self.z[: h.shape[0]])
+        if b is not None:
+            z.add_(b)
+        if inv_temp != 1.0:
+            z.mul_(inv_temp)
+        return z
 
 
-def _stats(z: Tensor, y: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    lse = torch.logsumexp(z, dim=-1)
-    p = torch.exp(z - lse[:, None])
-    ent = lse - (p * z).sum(-1)
-    logp = z.gather(1, y[:, None]).squeeze(1) - lse
-    return logp, ent, lse, p
+def _softmax_stats(z: Tensor, y: Tensor, p_out: Tensor):
+    """From logits ``z`` (overwritten with ``z - lse``, i.e. log-probs): returns
+    ``(logp, ent, lse, p)`` with ``p`` the softmax written into ``p_out``."""
+    m = z.amax(1, keepdim=True)
+    z.sub_(m)
+    p = torch.exp(z, out=p_out[: z.shape[0]])
+    log_s = p.sum(1).log_()
+    p.mul_(torch.exp(-log_s)[:, None])
+    z.sub_(log_s[:, None])
+    ent = -torch.bmm(p[:, None, :], z[:, :, None]).view(-1)
+    logp = z.gather(1, y[:, None]).squeeze(1)
+    return logp, ent, m.squeeze(1) + log_s, p
 
 
-def _dz(p: Tensor, z: Tensor, y: Tensor, lse: Tensor, ent: Tensor, g_logp: Tensor,
+def _dz(p: Tensor, logp_all: Tensor, y: Tensor, ent: Tensor, g_logp: Tensor,
         g_ent: Optional[Tensor], inv_temp: float) -> Tensor:
-    """Gradient w.r.t. the raw logits (before the temperature), in place over ``p``."""
-    dz = p.mul_(-g_logp[:, None]) if g_ent is None else \
-        p * (-(g_logp[:, None]) - g_ent[:, None] * (z - lse[:, None] + ent[:, None]))
+    """Gradient w.r.t. the raw logits (before the temperature), in place over ``p``;
+    ``logp_all = z - lse`` (only read for the entropy term)."""
+    if g_ent is None:
+        dz = p.mul_(-g_logp[:, None])
+    else:
+        dz = p.mul_(-(g_logp[:, None]) - g_ent[:, None] * (logp_all + ent[:, None]))
     dz.scatter_add_(1, y[:, None], g_logp[:, None])
     if inv_temp != 1.0:
         dz.mul_(inv_temp)
     return dz
 
 
-def _prepare(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+def _prepare(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], chunk_rows: Optional[int]):
     cd = compute_dtype(hidden.dtype)
     w = weight.to(cd)
     b = None if bias is None else bias.to(cd)
-    return cd, w, b
+    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype)
+    return cd, w, b, chunk_rows
 
 
 def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
@@ -91,14 +108,14 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
     aligned with ``rows``), ``rows [N]`` int64 indices into ``hidden`` or None (then N = M).
     """
     n = targets.shape[0]
-    cd, w, b = _prepare(hidden, weight, bias)
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype)
+    cd, w, b, chunk_rows = _prepare(hidden, weight, bias, chunk_rows)
     logp = torch.empty(n, dtype=cd, device=hidden.device)
     ent = torch.empty_like(logp)
     lse = torch.empty_like(logp)
+    ws = _Workspace(min(n, chunk_rows), weight.shape[0], cd, hidden.device)
     for sl in _chunks(n, chunk_rows):
-        z = _logits(_gather_rows(hidden, rows, sl, cd), w, b, inv_temp)
-        logp[sl], ent[sl], lse[sl], _ = _stats(z, targets[sl])
+        z = ws.logits(_gather_rows(hidden, rows, sl, cd), w, b, inv_temp)
+        logp[sl], ent[sl], lse[sl], _ = _softmax_stats(z, targets[sl], ws.p)
     return logp, ent, lse
 
 
@@ -128,16 +145,16 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
     """Recomputes the logits chunk by chunk and returns ``(d_hidden, d_weight, d_bias)`` in the
     compute dtype, for upstream gradients ``g_logp [N]`` and ``g_ent [N]`` (or None)."""
     n = targets.shape[0]
-    cd, w, b = _prepare(hidden, weight, bias)
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype)
+    cd, w, b, chunk_rows = _prepare(hidden, weight, bias, chunk_rows)
     dh, dw, db = _grad_buffers(hidden, weight, bias, cd)
     g_logp = g_logp.to(cd)
     g_ent = None if g_ent is None else g_ent.to(cd)
+    ws = _Workspace(min(n, chunk_rows), weight.shape[0], cd, hidden.device)
     for sl in _chunks(n, chunk_rows):
         h = _gather_rows(hidden, rows, sl, cd)
-        z = _logits(h, w, b, inv_temp)
-        p = torch.exp(z - lse[sl, None])
-        dz = _dz(p, z, targets[sl], lse[sl], ent[sl], g_logp[sl],
+        z = ws.logits(h, w, b, inv_temp).sub_(lse[sl, None])
+        p = torch.exp(z, out=ws.p[: z.shape[0]])
+        dz = _dz(p, z, targets[sl], ent[sl], g_logp[sl],
                  None if g_ent is None else g_ent[sl], inv_temp)
         _accumulate_grads(dz, h, w, sl, rows, dh, dw, db)
     return dh, dw, db
@@ -157,19 +174,19 @@ def fused_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
     Returns ``(logp, ent, value, d_hidden, d_weight, d_bias)``.
     """
     n = targets.shape[0]
-    cd, w, b = _prepare(hidden, weight, bias)
-    chunk_rows = chunk_rows or default_chunk_rows(weight.shape[0], hidden.dtype)
+    cd, w, b, chunk_rows = _prepare(hidden, weight, bias, chunk_rows)
     dh, dw, db = _grad_buffers(hidden, weight, bias, cd)
     logp = torch.empty(n, dtype=cd, device=hidden.device)
     ent = torch.empty_like(logp)
     value = torch.zeros((), dtype=cd, device=hidden.device)
+    ws = _Workspace(min(n, chunk_rows), weight.shape[0], cd, hidden.device)
     for sl in _chunks(n, chunk_rows):
         h = _gather_rows(hidden, rows, sl, cd)
-        z = _logits(h, w, b, inv_temp)
-        lp, en, lse, p = _stats(z, targets[sl])
+        z = ws.logits(h, w, b, inv_temp)
+        lp, en, _, p = _softmax_stats(z, targets[sl], ws.p)
         logp[sl], ent[sl] = lp, en
         val, g = grad_fn(sl, lp, en)
         value += val
-        dz = _dz(p, z, targets[sl], lse, en, g.to(cd), None, inv_temp)
+        dz = _dz(p, z, targets[sl], en, g.to(cd), None, inv_temp)
         _accumulate_grads(dz, h, w, sl, rows, dh, dw, db)
     return logp, ent, value, dh, dw, db

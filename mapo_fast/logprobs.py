@@ -55,10 +55,7 @@ def _backward(backend: str, hidden, weight, bias, targets, inv_temp, lse, ent, g
                              rows=rows)
 
 
-def _cast_grads(hidden, weight, bias, dh, dw, db, scale=None):
-    if scale is not None:
-        dh, dw = dh * scale, dw * scale
-        db = None if db is None else db * scale
+def _cast_grads(hidden, weight, bias, dh, dw, db):
     return (dh.to(hidden.dtype), dw.to(weight.dtype),
             None if bias is None else db.to(bias.dtype))
 
@@ -130,8 +127,10 @@ class _FusedLinearObjective(torch.autograd.Function):
     def backward(ctx, g_value, _g_logp, _g_ent):
         dh, dw, db = ctx.saved_tensors
         dt_h, dt_w, dt_b = ctx.dtypes
-        return (dh.mul(g_value).to(dt_h), dw.mul(g_value).to(dt_w),
-                None if db is None else db.mul(g_value).to(dt_b),
+        if not torch.equal(g_value, torch.ones_like(g_value)):  # else no copy of the grads
+            dh, dw = dh * g_value, dw * g_value
+            db = None if db is None else db * g_value
+        return (dh.to(dt_h), dw.to(dt_w), None if db is None else db.to(dt_b),
                 None, None, None, None, None)
 
 

@@ -64,19 +64,25 @@ def test_token_logprobs_bf16_computes_in_fp32():
 
 
 def test_token_logprobs_torch_path_never_forms_full_logits(monkeypatch):
-    """With a chunk budget of 5 rows, no tensor of more than 5 x V logits is created."""
+    """With a chunk budget of 5 rows, the logits buffers hold 5 x V and every chunk fits."""
     c = make_case(B=4, T=9, seed=8)
     V = c["weight"].shape[0]
     monkeypatch.setattr(linear_logprob_ref, "CHUNK_BYTES", 5 * V * 8)
-    seen = []
-    real = linear_logprob_ref._logits
+    seen, buffers = [], []
+    Workspace = linear_logprob_ref._Workspace
+    real_init, real_logits = Workspace.__init__, Workspace.logits
 
-    def spy(*args):
-        z = real(*args)
-        seen.append(z.shape[0])
-        return z
+    def init(self, rows, vocab, dtype, device):
+        buffers.append(rows * vocab)
+        real_init(self, rows, vocab, dtype, device)
 
-    monkeypatch.setattr(linear_logprob_ref, "_logits", spy)
+    def logits(self, h, *args):
+        seen.append(h.shape[0])
+        return real_logits(self, h, *args)
+
+    monkeypatch.setattr(Workspace, "__init__", init)
+    monkeypatch.setattr(Workspace, "logits", logits)
     h = leaf(c["hidden"])
     mapo_fast.token_logprobs(h, c["weight"], c["targets"]).sum().backward()
-    assert seen and max(seen) <= 5 and sum(seen) == 2 * 36  # forward + recompute in backward
+    assert max(buffers) == 5 * V and max(seen) == 5
+    assert sum(seen) == 2 * 36  # every token in the forward and again in the backward

@@ -219,3 +219,18 @@ def test_no_grad_forward_gives_the_same_loss():
     b, _ = mapo_fast.mapo_loss(leaf(case["hidden"]), case["weight"], case["targets"],
                                case["advantages"], case["mask"], old_logprobs=case["old_logprobs"])
     torch.testing.assert_close(a, b.detach(), atol=1e-12, rtol=0)
+
+
+def test_upstream_gradient_scales_the_fused_grads():
+    """The gradient is computed in the forward pass; the backward scales it by the upstream
+    gradient (here 2.5, and 1.0 which takes the no-copy branch)."""
+    case = make_case(seed=95, old=True, bias=True)
+    grads = {}
+    for scale in (1.0, 2.5):
+        h, w, b = leaf(case["hidden"]), leaf(case["weight"]), leaf(case["bias"])
+        loss, _ = mapo_fast.mapo_loss(h, w, case["targets"], case["advantages"], case["mask"],
+                                      bias=b, old_logprobs=case["old_logprobs"])
+        (scale * loss).backward()
+        grads[scale] = (h.grad, w.grad, b.grad)
+    for a, e in zip(grads[2.5], grads[1.0]):
+        torch.testing.assert_close(a, 2.5 * e, atol=1e-12, rtol=1e-12)

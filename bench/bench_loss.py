@@ -1,0 +1,144 @@
+"""Loss forward + backward, side by side in one run: naive torch (full logits), Liger's
+``LigerFusedLinearGRPOLoss`` (eager and compiled), mapo_fast, and the floor (the three matmuls
+a fused loss cannot avoid: logits, d_hidden, d_weight, chunked like the torch path).
+
+Every case computes the same objective: token-mean clipped policy loss with per-sequence
+advantages and old log-probs (Liger's ``dapo``), no KL.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+import mapo_fast
+from mapo_fast.loss import PolicyLossConfig, aggregation_weights, token_terms
+
+try:
+    from harness import device_info, ensure_malloc_env, measure, write_report
+except ImportError:  # imported as bench.bench_loss
+    from .harness import device_info, ensure_malloc_env, measure, write_report
+
+# (B, T, H, V, dtype) per scale. "cpu" is the CPU workload of record; "gpu" the H100 ones.
+SCALES: Dict[str, List[Tuple[int, int, int, int, torch.dtype]]] = {
+    "quick": [(4, 256, 128, 4096, torch.float32)],
+    "cpu": [(8, 1024, 512, 32000, torch.float32)],
+    "gpu": [(4, 1024, 3584, 152064, torch.bfloat16), (16, 1024, 3584, 152064, torch.bfloat16)],
+}
+
+
+def make_inputs(B, T, H, V, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, H, generator=g).to(dtype).to(device).requires_grad_(True)
+    weight = (torch.randn(V, H, generator=g) * H ** -0.5).to(dtype).to(device).requires_grad_(True)
+    targets = torch.randint(0, V, (B, T), generator=g).to(device)
+    mask = torch.ones(B, T, device=device)
+    adv = torch.randn(B, generator=g).to(device)
+    with torch.no_grad():
+        old = (mapo_fast.token_logprobs(hidden, weight, targets)
+               + 0.2 * torch.randn(B, T, generator=g).to(device))
+    return dict(hidden=hidden, weight=weight, targets=targets, mask=mask, adv=adv, old=old)
+
+
+def naive_loss(x):
+    """Materialises the [B, T, V] logits, then the same objective as mapo_fast."""
+    logits = (x["hidden"] @ x["weight"].t()).float()
+    logp = torch.log_softmax(logits, -1).gather(-1, x["targets"][..., None]).squeeze(-1)
+    cfg = PolicyLossConfig()
+    adv = x["adv"][:, None].expand_as(logp)
+    terms = token_terms(logp, adv, x["old"], None, None, cfg)
+    c = aggregation_weights(x["mask"], "token-mean", None, None, None)
+    return (c * terms["loss"]).sum()
+
+
+def cases(x, device) -> List[Tuple[str, Callable[[], None], str]]:
+    out = [("naive torch", lambda: naive_loss(x).backward(), "full [N,V] logits")]
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+        for compiled in (False, True):
+            peer = LigerFusedLinearGRPOLoss(beta=0.0, compiled=compiled, use_ref_model=False,
+                                            chunk_size=1, epsilon_low=0.2, epsilon_high=0.28,
+                                            loss_type="dapo")
+
+            def run(peer=peer):
+                loss, _ = peer(x["hidden"], x["weight"], x["targets"], x["mask"], x["adv"],
+                               old_per_token_logps=x["old"])
+                loss.backward()
+            out.append((f"liger{' (compiled)' if compiled else ' (eager)'}", run,
+                        "LigerFusedLinearGRPOLoss, chunk of 1 sequence"))
+    except ImportError:
+        pass
+
+    def ours():
+        loss, _ = mapo_fast.mapo_loss(x["hidden"], x["weight"], x["targets"], x["adv"],
+                                      x["mask"], old_logprobs=x["old"])
+        loss.backward()
+    out.append(("mapo_fast", ours, "Triton" if device.type == "cuda" else "chunked torch"))
+    out.append(("matmul floor", _floor(x), "logits + d_hidden + d_weight matmuls only"))
+    return out
+
+
+def _floor(x) -> Callable[[], None]:
+    h = x["hidden"].detach().reshape(-1, x["hidden"].shape[-1])
+    w = x["weight"].detach()
+    from mapo_fast.kernels.linear_logprob_ref import default_chunk_rows
+    chunk = h.shape[0] if h.is_cuda else default_chunk_rows(w.shape[0], h.dtype)
+
+    def run():
+        dw = torch.zeros_like(w)
+        for s in range(0, h.shape[0], chunk):
+            hc = h[s:s + chunk]
+            z = hc @ w.t()
+            z @ w
+            dw.addmm_(z.t(), hc)
+    return run
+
+
+def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str):
+    info = device_info(device)
+    results = []
+    for B, T, H, V, dtype in SCALES[scale]:
+        x = make_inputs(B, T, H, V, dtype, device)
+
+        def reset():
+            x["hidden"].grad = None
+            x["weight"].grad = None
+
+        workload = f"N={B * T} (B={B}, T={T}), H={H}, V={V}, {str(dtype).replace('torch.', '')}"
+        rows = []
+        for name, fn, notes in cases(x, device):
+            print(f"  {workload}: {name} ...", flush=True)
+            r = measure(name, fn, device, repeats=repeats, reset=reset, notes=notes)
+            print(f"    {r.median_ms:.1f} ms, peak extra "
+                  f"{'-' if r.peak_extra_mib is None else f'{r.peak_extra_mib:.0f} MiB'}",
+                  flush=True)
+            rows.append(r)
+        results.append({"workload": workload, "cases": rows})
+        del x
+    desc = ("Forward + backward of the token-mean clipped policy loss from hidden states and "
+            "the LM head. Peak extra memory: beyond the inputs (the gradients of hidden and "
+            "weight are included). Lower is better; ratios are against mapo_fast.")
+    return write_report(f"loss-{tag}", "Fused policy loss: forward + backward", results, info,
+                        out_dir, baseline="mapo_fast", description=desc)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--tag", default=None, help="file name tag (default: device and scale)")
+    a = p.parse_args(argv)
+    ensure_malloc_env()
+    device = torch.device(a.device)
+    tag = a.tag or f"{device.type}-{a.scale}"
+    paths = run(a.scale, device, a.repeats, a.out, tag)
+    print(f"wrote {', '.join(str(v) for v in paths.values())}")
+
+
+if __name__ == "__main__":
+    main()

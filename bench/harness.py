@@ -1,0 +1,216 @@
+"""Benchmark harness: time and peak memory of side-by-side cases in one process, device and
+version provenance, and JSON + markdown + PNG reports.
+
+Peak memory is the peak *beyond what existed before the call* (inputs are allocated first):
+on CUDA from the caching allocator's peak statistics, on CPU from the process's peak resident
+set (reset through ``/proc/self/clear_refs`` before each measured call, read from ``VmHWM``).
+Times are medians over repeats after a warm-up call; compare ratios within one run.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+MiB = 1024 * 1024
+
+
+def device_info(device: torch.device) -> Dict[str, str]:
+    info = {
+        "device": device.type,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu_threads": str(torch.get_num_threads()),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+        info["cuda"] = str(torch.version.cuda)
+    else:
+        info["device_name"] = _cpu_name()
+    from importlib import metadata
+    for dist, key in (("triton", "triton"), ("liger-kernel", "liger_kernel"),
+                      ("transformers", "transformers"), ("mapo_fast", "mapo_fast")):
+        try:
+            info[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # optional peers: absent is fine
+            pass
+    return info
+
+
+def ensure_malloc_env() -> None:
+    """On Linux, re-executes the process with a fixed glibc mmap threshold, so that every
+    allocation over 128 KiB is mapped on allocation and unmapped on free: the resident set then
+    follows live tensors and the CPU peak-memory figures see them (glibc's dynamic threshold
+    would otherwise keep freed blocks resident and hide re-allocations)."""
+    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+
+
+def _cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        m = re.search(r"model name\s*:\s*(.+)", text)
+        if m:
+            return f"{m.group(1).strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _rss_kib(field_name: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(field_name + r":\s+(\d+)", text).group(1))
+
+
+class PeakMemory:
+    """Context manager measuring the peak bytes allocated beyond the level at entry."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak_extra: Optional[int] = None
+
+    def __enter__(self):
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        elif sys.platform.startswith("linux"):
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            self.base = _rss_kib("VmRSS") * 1024
+        else:
+            self.base = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_extra = torch.cuda.max_memory_allocated(self.device) - self.base
+        elif self.base is not None:
+            self.peak_extra = _rss_kib("VmHWM") * 1024 - self.base
+        return False
+
+
+@dataclass
+class CaseResult:
+    name: str
+    times_ms: List[float]
+    peak_extra_mib: Optional[float]
+    notes: str = ""
+    extra: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.times_ms)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(name: str, fn: Callable[[], None], device: torch.device, *, repeats: int = 3,
+            warmup: int = 1, reset: Optional[Callable[[], None]] = None,
+            notes: str = "") -> CaseResult:
+    """Runs ``fn`` ``warmup`` times, then ``repeats`` timed times; the first timed call also
+    measures peak memory. ``reset`` runs before every call, untimed (e.g. to drop ``.grad``)."""
+    for _ in range(warmup):
+        if reset:
+            reset()
+        fn()
+    _sync(device)
+    times, peak = [], None
+    for i in range(repeats):
+        if reset:
+            reset()
+        if i == 0:
+            with PeakMemory(device) as pm:
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                times.append((time.perf_counter() - t0) * 1e3)
+            peak = None if pm.peak_extra is None else pm.peak_extra / MiB
+        else:
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return CaseResult(name, times, peak, notes)
+
+
+def write_report(name: str, title: str, results: List[Dict], info: Dict[str, str],
+                 out_dir: Path, baseline: str, description: str = "") -> Dict[str, Path]:
+    """Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` under ``out_dir``.
+
+    ``results``: one dict per workload with ``workload`` (str) and ``cases`` (list of
+    ``CaseResult``); ratios are against the case named ``baseline``.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"benchmark": name, "title": title, "info": info, "baseline": baseline,
+               "description": description, "workloads": []}
+    lines = [f"# {title}", "", description, "",
+             f"Measured on **{info.get('device_name')}** ({info['device']}), torch "
+             f"{info['torch']}, Python {info['python']}"
+             + "".join(f", {k} {info[k]}" for k in ("triton", "liger_kernel") if k in info)
+             + ".", ""]
+    for wl in results:
+        cases: List[CaseResult] = wl["cases"]
+        base = next((c for c in cases if c.name == baseline), None)
+        payload["workloads"].append({
+            "workload": wl["workload"],
+            "cases": [dict(asdict(c), median_ms=c.median_ms) for c in cases]})
+        lines += [f"## {wl['workload']}", "",
+                  f"| case | median time (ms) | time / {baseline} | peak extra memory (MiB) "
+                  f"| memory / {baseline} | notes |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for c in cases:
+            tr = f"{c.median_ms / base.median_ms:.2f}x" if base else "-"
+            mem = "-" if c.peak_extra_mib is None else f"{c.peak_extra_mib:.0f}"
+            mr = "-" if (base is None or c.peak_extra_mib is None or not base.peak_extra_mib) \
+                else f"{c.peak_extra_mib / base.peak_extra_mib:.2f}x"
+            lines.append(f"| {c.name} | {c.median_ms:.1f} | {tr} | {mem} | {mr} | {c.notes} |")
+        lines.append("")
+    paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md",
+             "png": out_dir / f"{name}.png"}
+    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
+    lines.append(f"![{title}]({paths['png'].name})")
+    paths["md"].write_text("\n".join(lines) + "\n")
+    _plot(results, title, info, paths["png"])
+    return paths
+
+
+def _plot(results: List[Dict], title: str, info: Dict[str, str], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 2.2 + 1.6 * len(results)),
+                             squeeze=False)
+    for row, wl in zip(axes, results):
+        cases: List[CaseResult] = wl["cases"]
+        names = [c.name for c in cases]
+        row[0].barh(names, [c.median_ms for c in cases], color="#4c72b0")
+        row[0].set_xlabel("median time (ms), lower is better")
+        mems = [c.peak_extra_mib or 0.0 for c in cases]
+        row[1].barh(names, mems, color="#dd8452")
+        row[1].set_xlabel("peak extra memory (MiB), lower is better")
+        row[0].set_title(wl["workload"], loc="left", fontsize=9)
+        for ax in row:
+            ax.invert_yaxis()
+    fig.suptitle(f"{title} — {info.get('device_name')}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

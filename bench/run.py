@@ -1,0 +1,112 @@
+"""Runs every benchmark in bench/ at one scale and writes their reports (JSON + markdown +
+PNG, with device and versions) to bench/results/, plus an index, RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_loss  # noqa: E402
+from harness import ensure_malloc_env  # noqa: E402
+
+BENCHMARKS = {"loss": bench_loss}
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    m = re.search(r"(h100|h200|a100|l40s|b200|rtx\s?\w+|\w+)", name.replace("nvidia ", ""))
+    return m.group(1).replace(" ", "") if m else "cuda"
+
+
+def write_index(out: Path) -> Path:
+    """RESULTS.md: every report found in ``out``, newest figures per file, with provenance."""
+    lines = ["# Benchmark results", "",
+             "Each row links the report it comes from; every JSON file records the device, "
+             "versions and all timings.", ""]
+    for js in sorted(out.glob("*.json")):
+        data = json.loads(js.read_text())
+        info = data["info"]
+        lines.append(f"- [{data['title']}]({js.with_suffix('.md').name}) — "
+                     f"{info.get('device_name')} ({info['device']}), torch {info['torch']}")
+    path = out / "RESULTS.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+README = HERE.parent / "README.md"
+BEGIN, END = "<!-- bench-table -->", "<!-- /bench-table -->"
+
+
+def readme_table(out: Path) -> str:
+    """Markdown tables of every JSON report in ``out``, each saying where it was measured."""
+    parts = []
+    for js in sorted(out.glob("*.json")):
+        data = json.loads(js.read_text())
+        info = data["info"]
+        parts.append(f"**{data['title']}** — measured on {info.get('device_name')} "
+                     f"({info['device']}), torch {info['torch']}; source: "
+                     f"[`bench/results/{js.name}`](bench/results/{js.name})")
+        for wl in data["workloads"]:
+            cases = wl["cases"]
+            base = next((c for c in cases if c["name"] == data["baseline"]), None)
+            parts += ["", f"{wl['workload']}:", "",
+                      f"| case | time (ms) | time vs {data['baseline']} | peak extra memory (MiB) |",
+                      "|---|---:|---:|---:|"]
+            for c in cases:
+                ratio = f"{c['median_ms'] / base['median_ms']:.2f}x" if base else "-"
+                mem = "-" if c["peak_extra_mib"] is None else f"{c['peak_extra_mib']:.0f}"
+                parts.append(f"| {c['name']} | {c['median_ms']:.0f} | {ratio} | {mem} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def update_readme(out: Path, readme: Path = README) -> bool:
+    """Replaces the block between the bench-table markers of the README; False if absent."""
+    if not readme.is_file():
+        return False
+    text = readme.read_text()
+    if BEGIN not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1] if END in rest else rest
+    readme.write_text(f"{head}{BEGIN}\n{readme_table(out)}\n{END}{tail}")
+    return True
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="mapo-bench", description=__doc__)
+    p.add_argument("--scale", choices=["quick", "cpu", "gpu"], default=None,
+                   help="workload size (default: gpu on CUDA, else cpu)")
+    p.add_argument("--quick", action="store_true", help="same as --scale quick (CPU minutes)")
+    p.add_argument("--only", choices=sorted(BENCHMARKS), action="append",
+                   help="run only these benchmarks (repeatable)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    a = p.parse_args(argv)
+    ensure_malloc_env()
+    device = torch.device(a.device)
+    scale = "quick" if a.quick else (a.scale or ("gpu" if device.type == "cuda" else "cpu"))
+    for name in a.only or sorted(BENCHMARKS):
+        print(f"[{name}] scale={scale} device={device}", flush=True)
+        default_scale = "gpu" if device.type == "cuda" else "cpu"
+        tag = device_slug(device) + ("" if scale == default_scale else f"-{scale}")
+        paths = BENCHMARKS[name].run(scale, device, a.repeats, a.out, tag)
+        print(f"[{name}] wrote {paths['md']}", flush=True)
+    print(f"index: {write_index(a.out)}")
+    if a.out.resolve() == (HERE / "results").resolve() and update_readme(a.out):
+        print(f"updated the benchmark table of {README}")
+
+
+if __name__ == "__main__":
+    main()
