@@ -18,18 +18,15 @@ Launchers check shapes and pick block sizes; validation of user input and autogr
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import interpreting
+
 Tensor = torch.Tensor
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit

@@ -1,43 +1,24 @@
 """Token log-probs (and entropies) from hidden states and the LM head, without materialising
-the ``[tokens x vocab]`` logits. Device dispatch for the fused linear log-prob happens here, once:
-Triton kernels on CUDA, the chunked torch path (``kernels/linear_logprob_ref.py``) elsewhere.
-``MAPO_FAST_BACKEND=torch|triton`` forces one (``triton`` on CPU tensors needs
-``TRITON_INTERPRET=1``)."""
+the ``[tokens x vocab]`` logits. Device dispatch for the fused linear log-prob happens here, once
+(``_forward``/``_backward``): Triton kernels on CUDA, the chunked torch path
+(``kernels/linear_logprob_ref.py``) elsewhere; see ``_dispatch.backend_for``."""
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Tuple, Union
 
 import torch
 
 from . import _checks as chk
+from ._dispatch import backend_for, triton_module
 from .kernels import linear_logprob_ref as ref_impl
 
 Tensor = torch.Tensor
-BACKENDS = ("auto", "torch", "triton")
+KERNEL = "linear_logprob"
 
 
 def _triton_impl():
-    from .kernels import linear_logprob
-    return linear_logprob
-
-
-def backend_for(x: Tensor) -> str:
-    """``"triton"`` or ``"torch"`` for a tensor, honouring ``MAPO_FAST_BACKEND``."""
-    choice = os.environ.get("MAPO_FAST_BACKEND", "auto")
-    if choice not in BACKENDS:
-        raise ValueError(f"environment variable MAPO_FAST_BACKEND must be one of {BACKENDS}, "
-                         f"got {choice!r}")
-    if choice == "auto":
-        if not x.is_cuda:
-            return "torch"
-        try:
-            _triton_impl()
-        except ImportError:
-            return "torch"
-        return "triton"
-    return choice
+    return triton_module(KERNEL)
 
 
 def _forward(backend: str, hidden, weight, bias, targets, inv_temp, rows):
@@ -192,7 +173,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     inv_temp = check_linear_inputs(fn, hidden, weight, targets, bias, temperature)
     h, w, b = _flat(hidden, weight, bias)
     y = targets.reshape(-1).to(torch.int64)
-    logp, ent = _LinearLogprob.apply(h, w, b, y, None, inv_temp, backend_for(hidden))
+    logp, ent = _LinearLogprob.apply(h, w, b, y, None, inv_temp, backend_for(hidden, KERNEL))
     logp, ent = logp.view(targets.shape), ent.view(targets.shape)
     return (logp, ent) if return_entropy else logp
 
@@ -204,5 +185,5 @@ def fused_linear_objective(hidden2d: Tensor, weight: Tensor, bias: Optional[Tens
     ``value = sum_n objective(n, logp_n, entropy_n)``, differentiable w.r.t. hidden, weight and
     bias. Inputs are already validated; this is the building block of every fused loss."""
     h, w, b = _flat(hidden2d, weight, bias)
-    return _FusedLinearObjective.apply(h, w, b, targets, rows, inv_temp, backend_for(h),
+    return _FusedLinearObjective.apply(h, w, b, targets, rows, inv_temp, backend_for(h, KERNEL),
                                        objective)
