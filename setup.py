@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="mapo_fast",
@@ -9,8 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # `kernels/` ships inside the package as `mapo_fast.kernels`: no other top-level module.
-    packages=["mapo_fast", "mapo_fast.kernels"],
-    package_dir={"mapo_fast": "mapo_fast", "mapo_fast.kernels": "kernels"},
+    packages=find_packages(include=["mapo_fast", "mapo_fast.*"]) + ["mapo_fast.kernels"],
+    package_dir={"mapo_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -1,18 +1,29 @@
 """mapo_fast: fast pieces for RL of vision-language agents trained with MAPO.
 
 Public API:
-    token_logprobs   token log-probs (and entropies) from hidden states and the LM head,
-                     without materialising [tokens x vocab] logits
-    mapo_loss        the fused clipped, advantage-weighted policy loss (verl semantics)
-    MAPOLoss         its nn.Module form
-    mapo_advantages  the MAPO advantage: group-relative outcome + semantic scores, per token
+    token_logprobs          token log-probs (and entropies) from hidden states and the LM head,
+                            without materialising [tokens x vocab] logits
+    mapo_loss, MAPOLoss     the fused clipped, advantage-weighted policy loss (verl semantics)
+    mapo_advantages         the MAPO advantage: group-relative outcome + semantic scores
+    Trajectory, TrajectorySpans, ToolTurn, Span, spans_from_text, turn_batch
+                            where each tool turn, description and answer sit in the tokens
+    SemanticVerifier, OracleVerifier
+                            description-vs-crop scores in [0, 1] (mapo_fast.rewards also has
+                            the outcome rewards)
+    gradient_variance, loss_gradient_variance
+                            resampling estimates of the policy gradient's variance
 """
 
 from .advantage import mapo_advantages
 from .logprobs import token_logprobs
 from .loss import LOSS_AGG_MODES, MAPOLoss, mapo_loss
+from .rewards import OracleVerifier, SemanticVerifier
+from .trajectory import Span, ToolTurn, Trajectory, TrajectorySpans, spans_from_text, turn_batch
+from .variance import gradient_variance, loss_gradient_variance
 
 __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LOSS_AGG_MODES", "mapo_advantages",
+           "Trajectory", "TrajectorySpans", "ToolTurn", "Span", "spans_from_text", "turn_batch",
+           "SemanticVerifier", "OracleVerifier", "gradient_variance", "loss_gradient_variance",
            "__version__"]

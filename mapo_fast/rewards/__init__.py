@@ -1,0 +1,9 @@
+"""Rewards: outcome rewards (accuracy, format, tool use) and semantic verifiers."""
+
+from .outcome import (AccuracyReward, CompositeReward, FormatReward, ToolUseReward,
+                      choice_letter, extract_answer, normalize_text, parse_number)
+from .verifier import MIN_SCORE, OracleVerifier, SemanticVerifier
+
+__all__ = ["AccuracyReward", "CompositeReward", "FormatReward", "ToolUseReward",
+           "choice_letter", "extract_answer", "normalize_text", "parse_number",
+           "MIN_SCORE", "OracleVerifier", "SemanticVerifier"]

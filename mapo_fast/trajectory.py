@@ -1,0 +1,234 @@
+"""Where each tool turn's call, observation and description, and the final answer, sit in a
+trajectory's token sequence.
+
+The rollout engine fills these records as it generates; users with their own rollout code
+build them from the conversation text and their tokenizer with ``spans_from_text``.
+
+A tool turn ``k`` is: the model writes (reasoning and) a tool call, the environment inserts an
+observation (the crop's image tokens, or an error text), and the model writes
+``<description>...</description>`` of what it received. For the advantage, the tokens of turn
+``k`` run from the end of turn ``k-1`` (or of the prompt) to the end of description ``k`` (or of
+observation ``k`` when there is none): the call that chose the crop and the description of it.
+Tokens after the last turn (final reasoning, the answer) belong to no turn (``-1``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+#: Default markers: an image observation is a Qwen2-VL-style image insertion (a crop); a
+#: text observation is a ``<tool_response>`` block (the tool's error text returned to the model).
+DESCRIPTION_TAG = "description"
+TOOL_CALL_TAG = "tool_call"
+ANSWER_TAG = "answer"
+IMAGE_PATTERN = r"<\|vision_start\|>.*?<\|vision_end\|>"
+TEXT_RESPONSE_PATTERN = r"<tool_response>(.*?)</tool_response>"
+
+
+@dataclass(frozen=True)
+class Span:
+    """Half-open token range ``[start, end)``."""
+    start: int
+    end: int
+
+    def __post_init__(self):
+        if not (0 <= self.start <= self.end):
+            raise ValueError(f"Span: need 0 <= start <= end, got start={self.start}, "
+                             f"end={self.end}")
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class ToolTurn:
+    """One tool call and what followed it.
+
+    ``call``: the ``<tool_call>...</tool_call>`` tokens; ``observation``: the tokens the
+    environment inserted (None when the call produced none); ``description``: the model's
+    ``<description>`` tokens after the observation (None if it wrote none: the turn then gets
+    the minimum semantic score); ``crop_index``: index into ``Trajectory.crops`` (None when the
+    call failed); ``error``: the tool error text returned to the model, if any.
+    """
+    call: Span
+    observation: Optional[Span] = None
+    description: Optional[Span] = None
+    description_text: Optional[str] = None
+    crop_index: Optional[int] = None
+    error: Optional[str] = None
+    region: Any = None  # task-provided ground truth of the cropped region (OracleVerifier)
+
+    @property
+    def ok(self) -> bool:
+        """The call succeeded and returned a crop."""
+        return self.error is None and self.crop_index is not None
+
+
+@dataclass
+class TrajectorySpans:
+    """The structure of one trajectory: its tool turns in order, and the answer."""
+    turns: List[ToolTurn] = field(default_factory=list)
+    answer: Optional[Span] = None
+    answer_text: Optional[str] = None
+    prompt_len: int = 0
+
+    def token_turn(self, length: int) -> Tensor:
+        """``[length]`` int64: ``k`` on the tokens of tool turn ``k`` (see the module doc),
+        ``-1`` elsewhere. Only successful turns (``ToolTurn.ok``) are numbered, in order, as the
+        rows of ``semantic_scores``; a failed call's tokens belong to the next turn."""
+        out = torch.full((length,), -1, dtype=torch.int64)
+        start, k = self.prompt_len, 0
+        for turn in self.turns:
+            end = (turn.description or turn.observation or turn.call).end
+            if turn.ok:
+                out[max(0, start):min(length, end)] = k
+                k += 1
+                start = end
+        return out
+
+    @property
+    def n_scored_turns(self) -> int:
+        return sum(t.ok for t in self.turns)
+
+
+@dataclass
+class Trajectory:
+    """One rollout: ``token_ids`` (prompt and everything after it), ``logprobs`` and
+    ``loss_mask`` aligned with them (the sampler's log-prob of each generated token, 0 for
+    prompt and observation tokens; mask 1 on model-written tokens), ``spans``, ``crops``
+    (uint8 ``[3, h, w]`` tensors), ``stats`` (counters), plus the group id and the text of the
+    response."""
+    token_ids: List[int]
+    logprobs: List[float]
+    loss_mask: List[int]
+    spans: TrajectorySpans
+    crops: List[Tensor] = field(default_factory=list)
+    stats: Dict[str, int] = field(default_factory=dict)
+    group_id: int = 0
+    response_text: str = ""
+
+    def __post_init__(self):
+        n = len(self.token_ids)
+        for name in ("logprobs", "loss_mask"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"Trajectory: `{name}` has {len(getattr(self, name))} entries, "
+                                 f"`token_ids` has {n}")
+
+    def token_turn(self) -> Tensor:
+        return self.spans.token_turn(len(self.token_ids))
+
+
+def _char_spans(pattern: str, text: str) -> List[Tuple[int, int, str]]:
+    return [(m.start(), m.end(), m.group(0)) for m in re.finditer(pattern, text, re.DOTALL)]
+
+
+def _tag_pattern(tag: str) -> str:
+    t = re.escape(tag)
+    return rf"<{t}>(.*?)</{t}>"
+
+
+def _offsets(tokenizer: Any, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
+    """Token ids and character offsets, from a ``transformers`` fast tokenizer or a
+    ``tokenizers.Tokenizer``."""
+    try:
+        from tokenizers import Tokenizer as RawTokenizer
+    except ImportError:  # only transformers tokenizers then
+        RawTokenizer = ()
+    if isinstance(tokenizer, RawTokenizer):
+        enc = tokenizer.encode(text, add_special_tokens=False)
+        return list(enc.ids), [tuple(o) for o in enc.offsets]
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError) as e:
+        raise ValueError("spans_from_text: `tokenizer` must give character offsets (a "
+                         "transformers fast tokenizer or a tokenizers.Tokenizer); "
+                         f"{type(tokenizer).__name__} does not ({e})") from e
+    return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+
+def _to_tokens(offsets: Sequence[Tuple[int, int]], start: int, end: int) -> Span:
+    """Smallest token span covering characters ``[start, end)``."""
+    first = next((i for i, (a, b) in enumerate(offsets) if b > start), len(offsets))
+    last = next((i for i in range(len(offsets) - 1, -1, -1) if offsets[i][0] < end), first - 1)
+    return Span(first, max(first, last + 1))
+
+
+def spans_from_text(text: str, tokenizer: Any, *, prompt_chars: int = 0,
+                    description_tag: str = DESCRIPTION_TAG, tool_call_tag: str = TOOL_CALL_TAG,
+                    answer_tag: str = ANSWER_TAG, image_pattern: str = IMAGE_PATTERN,
+                    text_response_pattern: str = TEXT_RESPONSE_PATTERN
+                    ) -> Tuple[List[int], TrajectorySpans]:
+    """Builds the spans of a trajectory from its full text (prompt and response).
+
+    Each ``<tool_call>`` opens a turn; the first observation after it (before the next call) is
+    its observation: an image (``image_pattern``) is the turn's crop, numbered in order; a text
+    response (``text_response_pattern``, its first group the text) is a tool error, recorded in
+    ``error``. The first ``<description>`` after an image observation (before the next call) is
+    its description. A call followed by no observation is recorded with ``error`` set. The last
+    ``<answer>`` is the answer. ``prompt_chars``: length of the prompt part of ``text`` (tool
+    calls in it are ignored). Returns ``(token_ids, spans)``.
+    """
+    ids, offsets = _offsets(tokenizer, text)
+    calls = [c for c in _char_spans(_tag_pattern(tool_call_tag), text) if c[0] >= prompt_chars]
+    observations = sorted(
+        [(a, b, None) for a, b, _ in _char_spans(image_pattern, text)]
+        + [(m.start(), m.end(), m.group(1).strip())
+           for m in re.finditer(text_response_pattern, text, re.DOTALL)])
+    descriptions = [(m.start(), m.end(), m.group(1).strip())
+                    for m in re.finditer(_tag_pattern(description_tag), text, re.DOTALL)]
+    spans = TrajectorySpans(prompt_len=_to_tokens(offsets, prompt_chars, prompt_chars).start
+                            if prompt_chars else 0)
+    n_crops = 0
+    for i, (c0, c1, _) in enumerate(calls):
+        limit = calls[i + 1][0] if i + 1 < len(calls) else len(text)
+        obs = next(((a, b, err) for a, b, err in observations if c1 <= a < limit), None)
+        turn = ToolTurn(call=_to_tokens(offsets, c0, c1))
+        if obs is None:
+            turn.error = "no observation followed the call"
+        else:
+            turn.observation = _to_tokens(offsets, obs[0], obs[1])
+            if obs[2] is not None:
+                turn.error = obs[2] or "tool error"
+            else:
+                turn.crop_index, n_crops = n_crops, n_crops + 1
+                desc = next(((a, b, t) for a, b, t in descriptions if obs[1] <= a < limit), None)
+                if desc is not None:
+                    turn.description = _to_tokens(offsets, desc[0], desc[1])
+                    turn.description_text = desc[2]
+        spans.turns.append(turn)
+    answers = list(re.finditer(_tag_pattern(answer_tag), text, re.DOTALL))
+    if answers:
+        spans.answer = _to_tokens(offsets, answers[-1].start(), answers[-1].end())
+        spans.answer_text = answers[-1].group(1).strip()
+    return ids, spans
+
+
+def turn_batch(spans: Sequence[TrajectorySpans], lengths: Sequence[int],
+               scores: Sequence[Sequence[float]], pad_to: Optional[int] = None
+               ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Pads per-trajectory scored turns into ``(semantic_scores [B, K], turn_mask [B, K],
+    token_turn [B, T])`` for ``mapo_advantages``; ``scores[b]`` has one score per successful
+    turn of trajectory ``b``; ``T = pad_to`` or the longest length."""
+    B = len(spans)
+    if len(lengths) != B or len(scores) != B:
+        raise ValueError(f"turn_batch: got {B} spans, {len(lengths)} lengths and {len(scores)} "
+                         "score lists; they must match")
+    K = max([s.n_scored_turns for s in spans] + [1])
+    T = pad_to if pad_to is not None else max(list(lengths) + [1])
+    sem = torch.zeros(B, K, dtype=torch.float32)
+    mask = torch.zeros(B, K, dtype=torch.bool)
+    tt = torch.full((B, T), -1, dtype=torch.int64)
+    for b, (sp, n, sc) in enumerate(zip(spans, lengths, scores)):
+        if len(sc) != sp.n_scored_turns:
+            raise ValueError(f"turn_batch: trajectory {b} has {sp.n_scored_turns} scored turns "
+                             f"but {len(sc)} scores")
+        sem[b, :len(sc)] = torch.tensor(list(sc), dtype=torch.float32)
+        mask[b, :len(sc)] = True
+        tt[b, :min(n, T)] = sp.token_turn(n)[:T]
+    return sem, mask, tt

@@ -1,0 +1,98 @@
+"""How noisy is a policy gradient? Resampling estimates of its variance, so that the trainer
+and the benchmarks can compare advantage estimators (MAPO vs GRPO) on the same rollouts.
+
+The gradient of a minibatch of groups is an estimate of the full-batch gradient; its spread
+over random minibatches is the estimator's variance. Advantage estimators differ in scale
+(MAPO adds a term), so besides the trace of the covariance the utilities report the
+*relative* variance ``trace(Cov) / ||mean gradient||^2``: noise over signal, unchanged when the
+advantages are rescaled, the fair basis for comparing estimators.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Sequence
+
+import torch
+
+from . import _checks as chk
+from .loss import mapo_loss
+
+Tensor = torch.Tensor
+
+
+def gradient_variance(loss_fn: Callable[[Tensor], Tensor], params: Sequence[Tensor],
+                      n_items: int, *, n_resamples: int = 16, subset_size: Optional[int] = None,
+                      seed: int = 0) -> Dict[str, float]:
+    """Spread of ``grad(loss_fn(subset), params)`` over random subsets of items.
+
+    Args:
+        loss_fn: maps an int64 tensor of item indices (trajectories or groups) to the scalar
+            loss of that minibatch.
+        params: the tensors the gradient is taken with respect to (``requires_grad``).
+        n_items: number of items to draw from.
+        n_resamples: number of random minibatches (>= 2).
+        subset_size: items per minibatch, drawn without replacement (default ``n_items // 2``;
+            1 gives per-sample gradients).
+        seed: seed of the draws.
+
+    Returns ``trace_var`` (unbiased, sum over parameters of the per-coordinate variance),
+    ``mean_sq_norm`` (``||mean gradient||^2``), ``relative_var`` (their ratio; ``inf`` for a
+    zero mean gradient) and ``n_resamples``.
+    """
+    fn = "gradient_variance"
+    n_items = int(chk.number(fn, "n_items", n_items, lo=1, integer=True))
+    n_resamples = int(chk.number(fn, "n_resamples", n_resamples, lo=2, integer=True))
+    if subset_size is None:
+        subset_size = max(1, n_items // 2)
+    size = int(chk.number(fn, "subset_size", subset_size, lo=1, hi=n_items, integer=True))
+    params = list(params)
+    if not params or not all(p.requires_grad for p in params):
+        chk.fail(fn, "params", "must be a non-empty sequence of tensors that require grad")
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for _ in range(n_resamples):
+        idx = torch.randperm(n_items, generator=gen)[:size]
+        g = torch.autograd.grad(loss_fn(idx), params, allow_unused=True)
+        grads.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1).double()
+                                for p, gi in zip(params, g)]))
+    G = torch.stack(grads)
+    mean = G.mean(0)
+    trace_var = float(((G - mean) ** 2).sum(1).sum() / (n_resamples - 1))
+    sq = float(mean.pow(2).sum())
+    return {"trace_var": trace_var, "mean_sq_norm": sq,
+            "relative_var": trace_var / sq if sq > 0 else float("inf"),
+            "n_resamples": float(n_resamples)}
+
+
+def loss_gradient_variance(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tensor,
+                           mask: Tensor, group_ids: Tensor, *, n_resamples: int = 16,
+                           groups_per_batch: Optional[int] = None, seed: int = 0,
+                           **loss_kwargs) -> Dict[str, float]:
+    """``gradient_variance`` of ``mapo_loss`` w.r.t. the LM-head ``weight``, resampling whole
+    groups (prompts): each minibatch holds ``groups_per_batch`` random groups (default half).
+
+    ``hidden [B, T, H]``, ``weight [V, H]``, ``targets``/``mask``/``advantages [B, T]`` (or
+    ``[B]``), ``group_ids [B]``; ``loss_kwargs`` go to ``mapo_loss`` (e.g. ``old_logprobs``,
+    ``loss_agg``). Per-token tensors in ``loss_kwargs`` are sliced with the minibatch.
+    """
+    fn = "loss_gradient_variance"
+    chk.tensor(fn, "group_ids", group_ids, dims=(1,), integer=True)
+    if group_ids.shape[0] != targets.shape[0]:
+        chk.fail(fn, "group_ids", f"must have one entry per sequence ({targets.shape[0]}), got "
+                                  f"{tuple(group_ids.shape)}")
+    uniq, seg = torch.unique(group_ids, return_inverse=True)
+    w = weight.detach().requires_grad_(True)
+    per_seq = {k: v for k, v in loss_kwargs.items()
+               if isinstance(v, Tensor) and v.dim() >= 1 and v.shape[0] == targets.shape[0]}
+    fixed = {k: v for k, v in loss_kwargs.items() if k not in per_seq}
+
+    def loss_fn(group_idx: Tensor) -> Tensor:
+        rows = torch.isin(seg, group_idx.to(seg.device)).nonzero().squeeze(1)
+        sliced = {k: v.index_select(0, rows.to(v.device)) for k, v in per_seq.items()}
+        loss, _ = mapo_loss(hidden.detach().index_select(0, rows), w,
+                            targets.index_select(0, rows), advantages.index_select(0, rows),
+                            mask.index_select(0, rows), **sliced, **fixed)
+        return loss
+
+    return gradient_variance(loss_fn, [w], len(uniq), n_resamples=n_resamples,
+                             subset_size=groups_per_batch, seed=seed)

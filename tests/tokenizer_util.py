@@ -1,0 +1,27 @@
+"""A small BPE tokenizer trained here with the `tokenizers` library (no download)."""
+
+from functools import lru_cache
+
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+SPECIAL = ["<pad>", "<s>", "</s>"]
+CORPUS = [
+    "<tool_call>{\"name\": \"image_zoom_in_tool\", \"arguments\": {\"bbox_2d\": [10, 20, 110, "
+    "220], \"label\": \"sign\"}}</tool_call>",
+    "<tool_response>error: box outside the image</tool_response>",
+    "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>",
+    "<description>a red circle next to the digit 7</description>",
+    "<answer>B</answer> The sign says 42. Let me zoom in on the top left corner.",
+    "What colour is the small square? a blue triangle, green square, yellow star",
+]
+
+
+@lru_cache(maxsize=None)
+def bpe_tokenizer(vocab_size: int = 400) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"<\|?/?[a-z_]+\|?>"), behavior="isolated"),
+        pre_tokenizers.Whitespace()])
+    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                             special_tokens=SPECIAL))
+    return tok
