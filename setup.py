@@ -17,10 +17,12 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.6"],
-        "bench": ["pytest-benchmark>=4", "liger-kernel>=0.6", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.6", "pillow>=10",
+                 "transformers>=4.45"],
+        "bench": ["pytest-benchmark>=4", "liger-kernel>=0.6", "matplotlib>=3.7", "pillow>=10",
+                  "transformers>=4.45"],
         "dev": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.6", "pytest-benchmark>=4",
-                "matplotlib>=3.7"],
+                "matplotlib>=3.7", "pillow>=10", "transformers>=4.45"],
     },
     entry_points={"console_scripts": ["mapo-bench=mapo_fast.cli:bench_main"]},
 )

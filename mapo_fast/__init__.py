@@ -12,12 +12,18 @@ Public API:
                             the outcome rewards)
     gradient_variance, loss_gradient_variance
                             resampling estimates of the policy gradient's variance
+    crop_and_zoom, crop_to_patches, smart_resize
+                            batched crop + resize on the device, as images or Qwen2-VL patches
+    ToolRegistry, ToolRunner, ZoomInTool, parse_tool_calls
+                            the tool-call protocol (mapo_fast.tools has the rest)
 """
 
 from .advantage import mapo_advantages
 from .logprobs import token_logprobs
 from .loss import LOSS_AGG_MODES, MAPOLoss, mapo_loss
 from .rewards import OracleVerifier, SemanticVerifier
+from .tools import (ToolRegistry, ToolRunner, ZoomInTool, crop_and_zoom, crop_to_patches,
+                    parse_tool_calls, smart_resize)
 from .trajectory import Span, ToolTurn, Trajectory, TrajectorySpans, spans_from_text, turn_batch
 from .variance import gradient_variance, loss_gradient_variance
 
@@ -26,4 +32,5 @@ __version__ = "0.1.0"
 __all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LOSS_AGG_MODES", "mapo_advantages",
            "Trajectory", "TrajectorySpans", "ToolTurn", "Span", "spans_from_text", "turn_batch",
            "SemanticVerifier", "OracleVerifier", "gradient_variance", "loss_gradient_variance",
-           "__version__"]
+           "crop_and_zoom", "crop_to_patches", "smart_resize", "ToolRegistry", "ToolRunner",
+           "ZoomInTool", "parse_tool_calls", "__version__"]
