@@ -7,7 +7,7 @@ Public API:
     mapo_advantages         the MAPO advantage: group-relative outcome + semantic scores
     Trajectory, TrajectorySpans, ToolTurn, Span, spans_from_text, turn_batch
                             where each tool turn, description and answer sit in the tokens
-    SemanticVerifier, OracleVerifier
+    SemanticVerifier, OracleVerifier, CLIPVerifier
                             description-vs-crop scores in [0, 1] (mapo_fast.rewards also has
                             the outcome rewards)
     gradient_variance, loss_gradient_variance
@@ -21,7 +21,7 @@ Public API:
 from .advantage import mapo_advantages
 from .logprobs import token_logprobs
 from .loss import LOSS_AGG_MODES, MAPOLoss, mapo_loss
-from .rewards import OracleVerifier, SemanticVerifier
+from .rewards import CLIPVerifier, OracleVerifier, SemanticVerifier
 from .tools import (ToolRegistry, ToolRunner, ZoomInTool, crop_and_zoom, crop_to_patches,
                     parse_tool_calls, smart_resize)
 from .trajectory import Span, ToolTurn, Trajectory, TrajectorySpans, spans_from_text, turn_batch
@@ -31,6 +31,6 @@ __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LOSS_AGG_MODES", "mapo_advantages",
            "Trajectory", "TrajectorySpans", "ToolTurn", "Span", "spans_from_text", "turn_batch",
-           "SemanticVerifier", "OracleVerifier", "gradient_variance", "loss_gradient_variance",
+           "SemanticVerifier", "OracleVerifier", "CLIPVerifier", "gradient_variance", "loss_gradient_variance",
            "crop_and_zoom", "crop_to_patches", "smart_resize", "ToolRegistry", "ToolRunner",
            "ZoomInTool", "parse_tool_calls", "__version__"]

@@ -2,9 +2,10 @@
 
 from functools import lru_cache
 
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, trainers
 
-SPECIAL = ["<pad>", "<s>", "</s>"]
+# </s> is not id 2: transformers treats a CLIP eos_token_id of 2 as the legacy argmax pooling
+SPECIAL = ["<pad>", "<s>", "<unk>", "</s>"]
 CORPUS = [
     "<tool_call>{\"name\": \"image_zoom_in_tool\", \"arguments\": {\"bbox_2d\": [10, 20, 110, "
     "220], \"label\": \"sign\"}}</tool_call>",
@@ -18,10 +19,22 @@ CORPUS = [
 
 @lru_cache(maxsize=None)
 def bpe_tokenizer(vocab_size: int = 400) -> Tokenizer:
-    tok = Tokenizer(models.BPE(unk_token="<pad>"))
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"<\|?/?[a-z_]+\|?>"), behavior="isolated"),
         pre_tokenizers.Whitespace()])
     tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=vocab_size,
                                                              special_tokens=SPECIAL))
     return tok
+
+
+@lru_cache(maxsize=None)
+def clip_tokenizer(max_length: int = 16):
+    """The BPE tokenizer as a transformers tokenizer that wraps each text in <s> ... </s>."""
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer.from_str(bpe_tokenizer().to_str())
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", 1), ("</s>", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>", unk_token="<unk>",
+                                   model_max_length=max_length)

@@ -2,8 +2,9 @@
 
 from .outcome import (AccuracyReward, CompositeReward, FormatReward, ToolUseReward,
                       choice_letter, extract_answer, normalize_text, parse_number)
+from .clip import CLIPVerifier
 from .verifier import MIN_SCORE, OracleVerifier, SemanticVerifier
 
 __all__ = ["AccuracyReward", "CompositeReward", "FormatReward", "ToolUseReward",
            "choice_letter", "extract_answer", "normalize_text", "parse_number",
-           "MIN_SCORE", "OracleVerifier", "SemanticVerifier"]
+           "MIN_SCORE", "OracleVerifier", "SemanticVerifier", "CLIPVerifier"]

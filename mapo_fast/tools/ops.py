@@ -120,12 +120,22 @@ def _boxes(fn: str, boxes, images: List[Tensor]) -> Tuple[List[int], List[Tuple[
     return index, out
 
 
+def _size(fn: str, arg: str, size) -> Tuple[int, int]:
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                               for v in hw):
+        raise ValueError(f"{fn}: `{arg}` must be a positive int or (height, width), got {size!r}")
+    return hw
+
+
 def _sizes(fn: str, boxes, size, factor, min_pixels, max_pixels) -> List[Tuple[int, int]]:
+    if isinstance(size, list):
+        if len(size) != len(boxes):
+            raise ValueError(f"{fn}: `size` is a list of {len(size)} sizes for {len(boxes)} "
+                             "boxes; give one (height, width) per box")
+        return [_size(fn, f"size[{i}]", s) for i, s in enumerate(size)]
     if size is not None:
-        hw = (size, size) if isinstance(size, int) else tuple(size)
-        if len(hw) != 2 or not all(isinstance(v, int) and v > 0 for v in hw):
-            raise ValueError(f"{fn}: `size` must be a positive int or (height, width), got {size!r}")
-        return [hw] * len(boxes)
+        return [_size(fn, "size", size)] * len(boxes)
     for arg, v in (("factor", factor), ("min_pixels", min_pixels), ("max_pixels", max_pixels)):
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"{fn}: `{arg}` must be a positive int, got {v!r}")
@@ -142,7 +152,8 @@ def _mode(fn: str, mode: str) -> str:
     return mode
 
 
-def crop_and_zoom(images: ImagesArg, boxes, *, size: Union[int, Tuple[int, int], None] = None,
+def crop_and_zoom(images: ImagesArg, boxes, *,
+                  size: Union[int, Tuple[int, int], List[Tuple[int, int]], None] = None,
                   factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 1024 * 28 * 28,
                   mode: str = "bicubic", antialias: bool = True) -> List[Tensor]:
     """Crops boxes out of images and resizes them, batched, on the images' device.
@@ -153,8 +164,9 @@ def crop_and_zoom(images: ImagesArg, boxes, *, size: Union[int, Tuple[int, int],
         boxes: ``[M, 5]`` float (tensor or nested sequence): ``(image_index, x1, y1, x2, y2)``
             in pixel coordinates of the original image (fractional boxes sample at their
             exact position).
-        size: output ``(h, w)`` (or an int for squares) for every crop; default: Qwen2-VL's
-            ``smart_resize`` of each box with ``factor``, ``min_pixels``, ``max_pixels``.
+        size: output ``(h, w)`` (or an int for squares) for every crop, or a list of one
+            ``(h, w)`` per box; default: Qwen2-VL's ``smart_resize`` of each box with
+            ``factor``, ``min_pixels``, ``max_pixels``.
         mode: ``"bicubic"`` (PIL's, a = -0.5) or ``"bilinear"``; ``antialias`` widens the
             filter when shrinking, as PIL does.
 
