@@ -18,9 +18,10 @@ import mapo_fast
 from mapo_fast.loss import PolicyLossConfig, aggregation_weights, token_terms
 
 try:
-    from harness import device_info, ensure_malloc_env, measure, write_report
+    from harness import device_info, measure, memory_in_subprocess, report_memory, write_report
 except ImportError:  # imported as bench.bench_loss
-    from .harness import device_info, ensure_malloc_env, measure, write_report
+    from .harness import (device_info, measure, memory_in_subprocess, report_memory,
+                          write_report)
 
 # (B, T, H, V, dtype) per scale. "cpu" is the CPU workload of record; "gpu" the H100 ones.
 SCALES: Dict[str, List[Tuple[int, int, int, int, torch.dtype]]] = {
@@ -97,21 +98,30 @@ def _floor(x) -> Callable[[], None]:
     return run
 
 
+def _workload(scale: str, index: int, device: torch.device):
+    B, T, H, V, dtype = SCALES[scale][index]
+    x = make_inputs(B, T, H, V, dtype, device)
+
+    def reset():
+        x["hidden"].grad = None
+        x["weight"].grad = None
+
+    name = f"N={B * T} (B={B}, T={T}), H={H}, V={V}, {str(dtype).replace('torch.', '')}"
+    return x, reset, name
+
+
 def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str):
     info = device_info(device)
     results = []
-    for B, T, H, V, dtype in SCALES[scale]:
-        x = make_inputs(B, T, H, V, dtype, device)
-
-        def reset():
-            x["hidden"].grad = None
-            x["weight"].grad = None
-
-        workload = f"N={B * T} (B={B}, T={T}), H={H}, V={V}, {str(dtype).replace('torch.', '')}"
+    for i in range(len(SCALES[scale])):
+        x, reset, workload = _workload(scale, i, device)
         rows = []
         for name, fn, notes in cases(x, device):
             print(f"  {workload}: {name} ...", flush=True)
-            r = measure(name, fn, device, repeats=repeats, reset=reset, notes=notes)
+            args = ["--scale", scale, "--device", str(device), "--workload", str(i),
+                    "--case", name]
+            r = measure(name, fn, device, repeats=repeats, reset=reset, notes=notes,
+                        memory=lambda args=args: memory_in_subprocess(Path(__file__), args))
             print(f"    {r.median_ms:.1f} ms, peak extra "
                   f"{'-' if r.peak_extra_mib is None else f'{r.peak_extra_mib:.0f} MiB'}",
                   flush=True)
@@ -132,9 +142,15 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--tag", default=None, help="file name tag (default: device and scale)")
+    p.add_argument("--workload", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    ensure_malloc_env()
     device = torch.device(a.device)
+    if a.memory_only:  # one case's peak memory, for memory_in_subprocess
+        x, reset, _ = _workload(a.scale, a.workload, device)
+        report_memory(dict((n, f) for n, f, _ in cases(x, device))[a.case], device, reset)
+        return
     tag = a.tag or f"{device.type}-{a.scale}"
     paths = run(a.scale, device, a.repeats, a.out, tag)
     print(f"wrote {', '.join(str(v) for v in paths.values())}")

@@ -1,10 +1,12 @@
 """Benchmark harness: time and peak memory of side-by-side cases in one process, device and
 version provenance, and JSON + markdown + PNG reports.
 
-Peak memory is the peak *beyond what existed before the call* (inputs are allocated first):
-on CUDA from the caching allocator's peak statistics, on CPU from the process's peak resident
-set (reset through ``/proc/self/clear_refs`` before each measured call, read from ``VmHWM``).
-Times are medians over repeats after a warm-up call; compare ratios within one run.
+Peak memory is the peak *beyond what existed before the call* (inputs are allocated first),
+taken on a separate, untimed call: on CUDA from the caching allocator's peak statistics; on
+CPU in a fresh subprocess (``memory_in_subprocess``) from its peak resident set (reset through
+``/proc/self/clear_refs``, read from ``VmHWM``). Times are medians over repeats after a
+warm-up call, in this process with the allocator in its normal regime; compare ratios within
+one run.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,14 +52,37 @@ def device_info(device: torch.device) -> Dict[str, str]:
     return info
 
 
-def ensure_malloc_env() -> None:
-    """On Linux, re-executes the process with a fixed glibc mmap threshold, so that every
-    allocation over 128 KiB is mapped on allocation and unmapped on free: the resident set then
-    follows live tensors and the CPU peak-memory figures see them (glibc's dynamic threshold
-    would otherwise keep freed blocks resident and hide re-allocations)."""
-    if sys.platform.startswith("linux") and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(128 * 1024))
-        os.execve(sys.executable, [sys.executable] + sys.argv, env)
+MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def memory_in_subprocess(script: Path, args: List[str]) -> Optional[float]:
+    """Peak extra MiB of one case, measured by ``script args --memory-only`` in a fresh process
+    whose glibc maps every allocation over 128 KiB on allocation and unmaps it on free (set
+    from the start through ``MALLOC_MMAP_THRESHOLD_``): its resident set then follows live
+    tensors, and freed blocks cannot hide new allocations. Timing runs stay in the parent,
+    with the allocator in its normal regime."""
+    env = dict(os.environ, **MMAP_ENV)
+    proc = subprocess.run([sys.executable, str(script), *args, "--memory-only"], env=env,
+                          capture_output=True, text=True)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)["peak_extra_mib"]
+    print(f"    memory measurement failed: {proc.stderr.strip().splitlines()[-1:]}", flush=True)
+    return None
+
+
+def report_memory(fn: Callable[[], None], device: torch.device,
+                  reset: Optional[Callable[[], None]] = None) -> None:
+    """The ``--memory-only`` side: one warm-up call, then one measured call; prints JSON."""
+    if reset:
+        reset()
+    fn()
+    if reset:
+        reset()
+    with PeakMemory(device) as pm:
+        fn()
+    print(json.dumps({"peak_extra_mib": None if pm.peak_extra is None
+                      else pm.peak_extra / MiB}), flush=True)
 
 
 def _cpu_name() -> str:
@@ -123,44 +149,49 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(name: str, fn: Callable[[], None], device: torch.device, *, repeats: int = 3,
-            warmup: int = 1, reset: Optional[Callable[[], None]] = None,
-            notes: str = "") -> CaseResult:
-    """Runs ``fn`` ``warmup`` times, then ``repeats`` timed times; the first timed call also
-    measures peak memory. ``reset`` runs before every call, untimed (e.g. to drop ``.grad``)."""
+            warmup: int = 1, reset: Optional[Callable[[], None]] = None, notes: str = "",
+            memory: Optional[Callable[[], Optional[float]]] = None) -> CaseResult:
+    """Runs ``fn`` ``warmup`` times, then ``repeats`` timed times. Peak memory: on CUDA from a
+    separate untimed call here; elsewhere from ``memory()`` (e.g. ``memory_in_subprocess``).
+    ``reset`` runs before every call, untimed (e.g. to drop ``.grad``)."""
     for _ in range(warmup):
         if reset:
             reset()
         fn()
     _sync(device)
-    times, peak = [], None
-    for i in range(repeats):
+    peak = None
+    if device.type == "cuda":
         if reset:
             reset()
-        if i == 0:
-            with PeakMemory(device) as pm:
-                t0 = time.perf_counter()
-                fn()
-                _sync(device)
-                times.append((time.perf_counter() - t0) * 1e3)
-            peak = None if pm.peak_extra is None else pm.peak_extra / MiB
-        else:
-            t0 = time.perf_counter()
+        with PeakMemory(device) as pm:
             fn()
-            _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
+        peak = pm.peak_extra / MiB
+    elif memory is not None:
+        peak = memory()
+    times = []
+    for _ in range(repeats):
+        if reset:
+            reset()
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
     return CaseResult(name, times, peak, notes)
 
 
 def write_report(name: str, title: str, results: List[Dict], info: Dict[str, str],
-                 out_dir: Path, baseline: str, description: str = "") -> Dict[str, Path]:
+                 out_dir: Path, baseline: str, description: str = "",
+                 extra: Optional[Dict] = None, extra_md: str = "") -> Dict[str, Path]:
     """Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` under ``out_dir``.
 
     ``results``: one dict per workload with ``workload`` (str) and ``cases`` (list of
-    ``CaseResult``); ratios are against the case named ``baseline``.
+    ``CaseResult``); ratios are against the case named ``baseline`` (when a workload has it).
+    ``extra`` goes into the JSON as is, ``extra_md`` into the markdown after the tables.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "title": title, "info": info, "baseline": baseline,
-               "description": description, "workloads": []}
+               "description": description, "workloads": [], "extra": extra or {}}
     lines = [f"# {title}", "", description, "",
              f"Measured on **{info.get('device_name')}** ({info['device']}), torch "
              f"{info['torch']}, Python {info['python']}"
@@ -186,6 +217,8 @@ def write_report(name: str, title: str, results: List[Dict], info: Dict[str, str
     paths = {"json": out_dir / f"{name}.json", "md": out_dir / f"{name}.md",
              "png": out_dir / f"{name}.png"}
     paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
+    if extra_md:
+        lines += [extra_md, ""]
     lines.append(f"![{title}]({paths['png'].name})")
     paths["md"].write_text("\n".join(lines) + "\n")
     _plot(results, title, info, paths["png"])

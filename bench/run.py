@@ -14,10 +14,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bench_advantage  # noqa: E402
 import bench_loss  # noqa: E402
-from harness import ensure_malloc_env  # noqa: E402
+import bench_tools  # noqa: E402
 
-BENCHMARKS = {"loss": bench_loss}
+BENCHMARKS = {"loss": bench_loss, "tools": bench_tools, "advantage": bench_advantage}
 
 
 def device_slug(device: torch.device) -> str:
@@ -94,7 +95,6 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=HERE / "results")
     a = p.parse_args(argv)
-    ensure_malloc_env()
     device = torch.device(a.device)
     scale = "quick" if a.quick else (a.scale or ("gpu" if device.type == "cuda" else "cpu"))
     for name in a.only or sorted(BENCHMARKS):
