@@ -77,9 +77,10 @@ def crop_resize(image: Tensor, box: Sequence[float], out_h: int, out_w: int, mod
     R, Cw = wy.shape[1], wx.shape[1]
     region = image[:, y0:y0 + R, x0:x0 + Cw].to(torch.float32)            # [C, R, Cw]
     wx, wy = wx.to(image.device), wy.to(image.device)
-    out = [torch.sparse.mm(wx, torch.sparse.mm(wy, region[c]).t().contiguous())  # [ow, oh]
-           for c in range(image.shape[0])]
-    return torch.stack(out).transpose(1, 2)
+    out = torch.empty(image.shape[0], out_w, out_h, dtype=torch.float32, device=image.device)
+    for c in range(image.shape[0]):
+        torch.mm(wx, torch.sparse.mm(wy, region[c]).t().contiguous(), out=out[c])  # [ow, oh]
+    return out.transpose(1, 2)
 
 
 def round_levels_(x: Tensor) -> Tensor:
