@@ -6,7 +6,6 @@ of MAPO vs GRPO on synthetic rollouts where half the crops miss (8 seeds)."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from pathlib import Path
@@ -18,9 +17,9 @@ from mapo_fast.tasks import synthetic_tool_rollouts
 from mapo_fast.variance import loss_gradient_variance
 
 try:
-    from harness import device_info, measure, write_report
+    from harness import device_info, measure, parse_args, write_report
 except ImportError:  # imported as bench.bench_advantage
-    from .harness import device_info, measure, write_report
+    from .harness import device_info, measure, parse_args, write_report
 
 # (trajectories, turns, tokens per trajectory for the advantage, loss H, loss V, verifier size)
 SCALES = {"quick": dict(B=64, K=4, T=64, H=128, V=4096, clip="tiny"),
@@ -180,14 +179,8 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    a = p.parse_args(argv)
-    device = torch.device(a.device)
-    paths = run(a.scale, device, a.repeats, a.out, f"{device.type}-{a.scale}")
+    a = parse_args(__doc__, SCALES, argv)
+    paths = run(a.scale, a.device, a.repeats, a.out, a.tag)
     print(f"wrote {', '.join(str(v) for v in paths.values())}")
 
 

@@ -8,7 +8,6 @@ advantages and old log-probs (Liger's ``dapo``), no KL.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
 
@@ -18,10 +17,11 @@ import mapo_fast
 from mapo_fast.loss import PolicyLossConfig, aggregation_weights, token_terms
 
 try:
-    from harness import device_info, measure, memory_in_subprocess, report_memory, write_report
+    from harness import (device_info, measure, memory_in_subprocess, parse_args,
+                         report_memory, write_report)
 except ImportError:  # imported as bench.bench_loss
     from .harness import (device_info, measure, memory_in_subprocess, report_memory,
-                          write_report)
+                          parse_args, write_report)
 
 # (B, T, H, V, dtype) per scale. "cpu" is the CPU workload of record; "gpu" the H100 ones.
 SCALES: Dict[str, List[Tuple[int, int, int, int, torch.dtype]]] = {
@@ -136,23 +136,12 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    p.add_argument("--tag", default=None, help="file name tag (default: device and scale)")
-    p.add_argument("--workload", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--case", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    device = torch.device(a.device)
+    a = parse_args(__doc__, SCALES, argv)
     if a.memory_only:  # one case's peak memory, for memory_in_subprocess
-        x, reset, _ = _workload(a.scale, a.workload, device)
-        report_memory(dict((n, f) for n, f, _ in cases(x, device))[a.case], device, reset)
+        x, reset, _ = _workload(a.scale, a.workload, a.device)
+        report_memory(dict((n, f) for n, f, _ in cases(x, a.device))[a.case], a.device, reset)
         return
-    tag = a.tag or f"{device.type}-{a.scale}"
-    paths = run(a.scale, device, a.repeats, a.out, tag)
+    paths = run(a.scale, a.device, a.repeats, a.out, a.tag)
     print(f"wrote {', '.join(str(v) for v in paths.values())}")
 
 

@@ -8,11 +8,9 @@ Workload: 64 boxes (sides 96-1024 px, seeded) over 8 images of 2048 x 2048 (and 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Callable, List, Tuple
 
-import numpy as np
 import torch
 
 import mapo_fast
@@ -20,10 +18,11 @@ from mapo_fast.kernels.crop_zoom_ref import patchify
 from mapo_fast.tools.ops import CLIP_MEAN, CLIP_STD, smart_resize
 
 try:
-    from harness import device_info, measure, memory_in_subprocess, report_memory, write_report
+    from harness import (device_info, measure, memory_in_subprocess, parse_args,
+                         report_memory, write_report)
 except ImportError:  # imported as bench.bench_tools
     from .harness import (device_info, measure, memory_in_subprocess, report_memory,
-                          write_report)
+                          parse_args, write_report)
 
 # (images, side, boxes) per scale
 SCALES = {"quick": [(2, 512, 8)], "cpu": [(8, 2048, 64), (8, 4096, 64)],
@@ -115,21 +114,13 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--scale", choices=sorted(SCALES), default="cpu")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    p.add_argument("--workload", type=int, default=0, help=argparse.SUPPRESS)
-    p.add_argument("--case", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    device = torch.device(a.device)
+    a = parse_args(__doc__, SCALES, argv)
     if a.memory_only:  # one case's peak memory, for memory_in_subprocess
-        images, boxes = make_workload(*SCALES[a.scale][a.workload], device)
-        report_memory(dict((n, f) for n, f, _ in cases(images, boxes, device))[a.case], device)
+        images, boxes = make_workload(*SCALES[a.scale][a.workload], a.device)
+        report_memory(dict((n, f) for n, f, _ in cases(images, boxes, a.device))[a.case],
+                      a.device)
         return
-    paths = run(a.scale, device, a.repeats, a.out, f"{device.type}-{a.scale}")
+    paths = run(a.scale, a.device, a.repeats, a.out, a.tag)
     print(f"wrote {', '.join(str(v) for v in paths.values())}")
 
 

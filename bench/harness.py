@@ -180,6 +180,25 @@ def measure(name: str, fn: Callable[[], None], device: torch.device, *, repeats:
     return CaseResult(name, times, peak, notes)
 
 
+def parse_args(doc: str, scales: Dict, argv=None):
+    """The command line every benchmark module shares: ``--scale --device --repeats --out
+    --tag``, plus the hidden ``--workload --case --memory-only`` of ``memory_in_subprocess``."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--scale", choices=sorted(scales), default="cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--tag", default=None, help="file name tag (default: device and scale)")
+    p.add_argument("--workload", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--case", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    a.device = torch.device(a.device)
+    a.tag = a.tag or f"{a.device.type}-{a.scale}"
+    return a
+
+
 def write_report(name: str, title: str, results: List[Dict], info: Dict[str, str],
                  out_dir: Path, baseline: str, description: str = "",
                  extra: Optional[Dict] = None, extra_md: str = "") -> Dict[str, Path]:

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mapo_fast.tools import (ERROR_CODES, Tool, ToolArgumentError, ToolContext, ToolRegistry,
-                             ToolResult, ToolRunner, ToolSession, ZoomInTool, crop_and_zoom,
+                             ToolResult, ToolRunner, ToolSession, crop_and_zoom,
                              parse_tool_calls)
 from mapo_fast.tools import protocol
 

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from mapo_fast.trajectory import Span, Trajectory, spans_from_text, turn_batch
 from tokenizer_util import bpe_tokenizer

@@ -6,7 +6,7 @@ Triton on CUDA (``kernels/crop_zoom.py``), the same math in torch elsewhere
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import json
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
