@@ -53,12 +53,11 @@ def cases(images, boxes, device) -> List[Tuple[str, Callable[[], None], str]]:
     proc = Qwen2VLImageProcessorPil()
     pil = [Image.fromarray(im.cpu().permute(1, 2, 0).numpy()) for im in images]
 
-    def per_crop():
-        for i, *b in boxes:
-            proc(pil[i].crop(tuple(b)), return_tensors="np")
+    def per_crop():  # the patches are kept until the model consumes them, as a trainer does
+        return [proc(pil[i].crop(tuple(b)), return_tensors="np") for i, *b in boxes]
 
     def batched_processor():
-        proc([pil[i].crop(tuple(b)) for i, *b in boxes], return_tensors="np")
+        return proc([pil[i].crop(tuple(b)) for i, *b in boxes], return_tensors="np")
 
     out = [("PIL + HF processor, per crop", per_crop, "what trainers do today"),
            ("PIL + HF processor, one call", batched_processor, "all crops in one processor call")]
@@ -79,7 +78,7 @@ def cases(images, boxes, device) -> List[Tuple[str, Callable[[], None], str]]:
         pass
 
     def ours():
-        mapo_fast.crop_to_patches(images, boxes)
+        return mapo_fast.crop_to_patches(images, boxes)
     out.append(("mapo_fast crop_to_patches", ours,
                 "Triton" if device.type == "cuda" else "torch path, one batched call"))
     return out

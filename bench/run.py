@@ -48,6 +48,10 @@ README = HERE.parent / "README.md"
 BEGIN, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 
 
+def _ms(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}" if v >= 1 else f"{v:.2f}"
+
+
 def readme_table(out: Path) -> str:
     """Markdown tables of every JSON report in ``out``, each saying where it was measured."""
     parts = []
@@ -66,7 +70,7 @@ def readme_table(out: Path) -> str:
             for c in cases:
                 ratio = f"{c['median_ms'] / base['median_ms']:.2f}x" if base else "-"
                 mem = "-" if c["peak_extra_mib"] is None else f"{c['peak_extra_mib']:.0f}"
-                parts.append(f"| {c['name']} | {c['median_ms']:.0f} | {ratio} | {mem} |")
+                parts.append(f"| {c['name']} | {_ms(c['median_ms'])} | {ratio} | {mem} |")
         parts.append("")
     return "\n".join(parts)
 

@@ -5,7 +5,7 @@ Public API:
                             without materialising [tokens x vocab] logits
     mapo_loss, MAPOLoss     the fused clipped, advantage-weighted policy loss (verl semantics)
     mapo_advantages         the MAPO advantage: group-relative outcome + semantic scores
-    Trajectory, TrajectorySpans, ToolTurn, Span, spans_from_text, turn_batch
+    Trajectory, TrajectorySpans, ToolTurn, Span, spans_from_text, turn_batch, token_turns
                             where each tool turn, description and answer sit in the tokens
     SemanticVerifier, OracleVerifier, CLIPVerifier
                             description-vs-crop scores in [0, 1] (mapo_fast.rewards also has
@@ -24,13 +24,15 @@ from .loss import LOSS_AGG_MODES, MAPOLoss, mapo_loss
 from .rewards import CLIPVerifier, OracleVerifier, SemanticVerifier
 from .tools import (ToolRegistry, ToolRunner, ZoomInTool, crop_and_zoom, crop_to_patches,
                     parse_tool_calls, smart_resize)
-from .trajectory import Span, ToolTurn, Trajectory, TrajectorySpans, spans_from_text, turn_batch
+from .trajectory import (Span, ToolTurn, Trajectory, TrajectorySpans, spans_from_text,
+                         token_turns, turn_batch)
 from .variance import gradient_variance, loss_gradient_variance
 
 __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LOSS_AGG_MODES", "mapo_advantages",
            "Trajectory", "TrajectorySpans", "ToolTurn", "Span", "spans_from_text", "turn_batch",
+           "token_turns",
            "SemanticVerifier", "OracleVerifier", "CLIPVerifier", "gradient_variance", "loss_gradient_variance",
            "crop_and_zoom", "crop_to_patches", "smart_resize", "ToolRegistry", "ToolRunner",
            "ZoomInTool", "parse_tool_calls", "__version__"]

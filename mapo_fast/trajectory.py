@@ -209,6 +209,20 @@ def spans_from_text(text: str, tokenizer: Any, *, prompt_chars: int = 0,
     return ids, spans
 
 
+def token_turns(spans: Sequence[TrajectorySpans], lengths: Sequence[int],
+                pad_to: Optional[int] = None) -> Tensor:
+    """``[B, T]`` int64: each trajectory's ``token_turn`` (see ``TrajectorySpans.token_turn``),
+    padded with ``-1`` to ``T = pad_to`` or the longest length."""
+    if len(lengths) != len(spans):
+        raise ValueError(f"token_turns: got {len(spans)} spans and {len(lengths)} lengths; "
+                         "they must match")
+    T = pad_to if pad_to is not None else max(list(lengths) + [1])
+    tt = torch.full((len(spans), T), -1, dtype=torch.int64)
+    for b, (sp, n) in enumerate(zip(spans, lengths)):
+        tt[b, :min(n, T)] = sp.token_turn(n)[:T]
+    return tt
+
+
 def turn_batch(spans: Sequence[TrajectorySpans], lengths: Sequence[int],
                scores: Sequence[Sequence[float]], pad_to: Optional[int] = None
                ) -> Tuple[Tensor, Tensor, Tensor]:
@@ -216,19 +230,17 @@ def turn_batch(spans: Sequence[TrajectorySpans], lengths: Sequence[int],
     token_turn [B, T])`` for ``mapo_advantages``; ``scores[b]`` has one score per successful
     turn of trajectory ``b``; ``T = pad_to`` or the longest length."""
     B = len(spans)
-    if len(lengths) != B or len(scores) != B:
-        raise ValueError(f"turn_batch: got {B} spans, {len(lengths)} lengths and {len(scores)} "
-                         "score lists; they must match")
+    if len(scores) != B:
+        raise ValueError(f"turn_batch: got {B} spans and {len(scores)} score lists; they must "
+                         "match")
+    tt = token_turns(spans, lengths, pad_to)
     K = max([s.n_scored_turns for s in spans] + [1])
-    T = pad_to if pad_to is not None else max(list(lengths) + [1])
     sem = torch.zeros(B, K, dtype=torch.float32)
     mask = torch.zeros(B, K, dtype=torch.bool)
-    tt = torch.full((B, T), -1, dtype=torch.int64)
-    for b, (sp, n, sc) in enumerate(zip(spans, lengths, scores)):
+    for b, (sp, sc) in enumerate(zip(spans, scores)):
         if len(sc) != sp.n_scored_turns:
             raise ValueError(f"turn_batch: trajectory {b} has {sp.n_scored_turns} scored turns "
                              f"but {len(sc)} scores")
         sem[b, :len(sc)] = torch.tensor(list(sc), dtype=torch.float32)
         mask[b, :len(sc)] = True
-        tt[b, :min(n, T)] = sp.token_turn(n)[:T]
     return sem, mask, tt

@@ -1,6 +1,7 @@
 import pytest
+import torch
 
-from mapo_fast.trajectory import Span, Trajectory, spans_from_text, turn_batch
+from mapo_fast.trajectory import Span, Trajectory, spans_from_text, token_turns, turn_batch
 from tokenizer_util import bpe_tokenizer
 
 PROMPT = "What colour is the small square? "
@@ -61,8 +62,11 @@ def test_turn_batch_pads_for_mapo_advantages():
     sem, mask, tt = turn_batch([spans, empty], [len(ids), 9], [[0.9, 0.1], []])
     assert sem.shape == (2, 2) and mask.tolist() == [[True] * 2, [False] * 2]
     assert tt.shape == (2, len(ids)) and (tt[1] == -1).all()
+    assert torch.equal(token_turns([spans, empty], [len(ids), 9]), tt)
     with pytest.raises(ValueError, match="2 scored turns but 1 scores"):
         turn_batch([spans], [len(ids)], [[0.5]])
+    with pytest.raises(ValueError, match="2 spans and 1 lengths"):
+        token_turns([spans, empty], [3])
 
 
 def test_trajectory_checks_alignment():
