@@ -1,16 +1,50 @@
-from setuptools import find_packages, setup
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    """A module built by CMakeLists.txt (the C++ sources live in kernels/csrc)."""
+
+    def __init__(self, name: str, target: str):
+        super().__init__(name, sources=[])
+        self.target = target
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: CMakeExtension) -> None:
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).parent.resolve()
+        build_dir = Path(self.build_temp).resolve() / ext.target
+        build_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["cmake", str(ROOT), f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+                        f"-DPython_EXECUTABLE={sys.executable}",
+                        f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+                        "-DCMAKE_BUILD_TYPE=Release"], cwd=build_dir, check=True)
+        subprocess.run(["cmake", "--build", ".", "--target", ext.target, "-j",
+                        str(os.cpu_count() or 1)], cwd=build_dir, check=True)
+
 
 setup(
     name="mapo_fast",
     version="0.1.0",
     description="Fast fused losses, advantages, visual tools and rollouts for MAPO-style RL of "
                 "vision-language agents",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # `kernels/` ships inside the package as `mapo_fast.kernels`: no other top-level module.
     packages=find_packages(include=["mapo_fast", "mapo_fast.*"]) + ["mapo_fast.kernels"],
     package_dir={"mapo_fast.kernels": "kernels"},
+    ext_modules=[CMakeExtension("mapo_fast.kernels._block_manager", "_block_manager")],
+    cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",

@@ -15,10 +15,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_advantage  # noqa: E402
+import bench_allocator  # noqa: E402
 import bench_loss  # noqa: E402
 import bench_tools  # noqa: E402
 
-BENCHMARKS = {"loss": bench_loss, "tools": bench_tools, "advantage": bench_advantage}
+BENCHMARKS = {"loss": bench_loss, "tools": bench_tools, "advantage": bench_advantage,
+              "allocator": bench_allocator}
 
 
 def device_slug(device: torch.device) -> str:
