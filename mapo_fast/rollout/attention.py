@@ -1,0 +1,85 @@
+"""Attention over the paged KV cache, for decode and chunked prefill: validation and device
+dispatch, once. Triton on CUDA (``kernels/paged_attention.py``), the torch path that gathers
+pages elsewhere (``kernels/paged_attention_ref.py``). Layout and semantics are documented in
+the latter."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import _checks as chk
+from .._dispatch import backend_for, triton_module
+from ..kernels import paged_attention_ref
+
+Tensor = torch.Tensor
+KERNEL = "paged_attention"
+
+
+def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None:
+    """Stores new keys/values ``[N, kv_heads, head_dim]`` at their cache ``slots [N]``
+    (``block * block_size + offset``, from the block manager), in place."""
+    fn = "write_kv"
+    for name, x in (("k", k), ("v", v)):
+        if x.dim() != 3 or tuple(x.shape[1:]) != tuple(k_cache.shape[2:]):
+            chk.fail(fn, name, f"must have shape [N, {k_cache.shape[2]}, {k_cache.shape[3]}], "
+                               f"got {tuple(x.shape)}")
+    if slots.shape != (k.shape[0],):
+        chk.fail(fn, "slots", f"must have shape ({k.shape[0]},), got {tuple(slots.shape)}")
+    if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= k_cache.shape[0] * k_cache.shape[1]):
+        chk.fail(fn, "slots", f"must lie in [0, {k_cache.shape[0] * k_cache.shape[1]}), found "
+                              f"{int(slots.min()) if int(slots.min()) < 0 else int(slots.max())}")
+    paged_attention_ref.write_kv(k_cache, v_cache, k, v, slots.to(torch.int64))
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                    context_lens: Tensor, cu_q: Tensor, *, scale: Optional[float] = None
+                    ) -> Tensor:
+    """Causal attention of packed queries against a paged KV cache.
+
+    Args:
+        q: ``[total_q, heads, head_dim]``, the queries of all sequences, packed.
+        k_cache, v_cache: ``[num_blocks, block_size, kv_heads, head_dim]``, ``q``'s dtype.
+        block_tables: ``[S, max_blocks]`` int, each sequence's blocks (padding is never read).
+        context_lens: ``[S]`` int, tokens of each sequence in the cache, its queries included.
+        cu_q: ``[S + 1]`` int, where each sequence's queries start in ``q``.
+        scale: defaults to ``1 / sqrt(head_dim)``.
+
+    Returns ``[total_q, heads, head_dim]`` in ``q``'s dtype. ``heads`` must be a multiple of
+    ``kv_heads`` (GQA).
+    """
+    fn = "paged_attention"
+    chk.tensor(fn, "q", q, dims=(3,), floating=True)
+    chk.tensor(fn, "k_cache", k_cache, dims=(4,), floating=True)
+    if v_cache.shape != k_cache.shape:
+        chk.fail(fn, "v_cache", f"must have the shape of `k_cache` {tuple(k_cache.shape)}, got "
+                                f"{tuple(v_cache.shape)}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        chk.fail(fn, "k_cache", f"must have the dtype of `q` ({q.dtype}), got {k_cache.dtype}")
+    heads, head_dim = q.shape[1], q.shape[2]
+    kv_heads = k_cache.shape[2]
+    if k_cache.shape[3] != head_dim:
+        chk.fail(fn, "k_cache", f"head_dim {k_cache.shape[3]} differs from `q`'s {head_dim}")
+    if heads % kv_heads:
+        chk.fail(fn, "q", f"has {heads} heads, not a multiple of the cache's {kv_heads} KV heads")
+    S = context_lens.shape[0]
+    if cu_q.shape != (S + 1,) or int(cu_q[0]) != 0 or int(cu_q[-1]) != q.shape[0] or \
+            bool((cu_q[1:] < cu_q[:-1]).any()):
+        chk.fail(fn, "cu_q", f"must be [S + 1 = {S + 1}] non-decreasing offsets from 0 to "
+                             f"{q.shape[0]}, got {cu_q.tolist()}")
+    n_q = cu_q[1:] - cu_q[:-1]
+    if bool((context_lens < n_q).any()):
+        chk.fail(fn, "context_lens", f"{context_lens.tolist()} must count each sequence's "
+                                     f"queries too ({n_q.tolist()})")
+    need = (int(context_lens.max()) + k_cache.shape[1] - 1) // k_cache.shape[1] if S else 0
+    if block_tables.dim() != 2 or block_tables.shape[0] != S or block_tables.shape[1] < need:
+        chk.fail(fn, "block_tables", f"must be [S={S}, >= {need}] for context_lens "
+                                     f"{context_lens.tolist()}, got {tuple(block_tables.shape)}")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if backend_for(q, KERNEL) == "triton":
+        return triton_module(KERNEL).paged_attention(q, k_cache, v_cache, block_tables,
+                                                     context_lens, cu_q, scale)
+    return paged_attention_ref.paged_attention(q, k_cache, v_cache, block_tables,
+                                               context_lens, cu_q, scale)

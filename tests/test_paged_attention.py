@@ -1,0 +1,100 @@
+"""Attention over a paged KV cache against a dense float64 reference (the same keys and values
+kept contiguous, causal mask from each query's absolute position), for decode and chunked
+prefill batches, GQA, shuffled block tables, lengths not multiples of the block; the Triton
+kernel under TRITON_INTERPRET=1 against the torch path, with a poisoned output."""
+
+import math
+
+import pytest
+import torch
+
+from mapo_fast.kernels import paged_attention_ref as R
+from mapo_fast.rollout import paged_attention, write_kv
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_batch(lens, n_q, heads=4, kv_heads=2, head_dim=24, block_size=16, dtype=torch.float64,
+               seed=0):
+    """Random K/V for every sequence written into a shuffled paged cache through write_kv."""
+    g = torch.Generator().manual_seed(seed)
+    max_blocks = max((L + block_size - 1) // block_size for L in lens)
+    num_blocks = sum((L + block_size - 1) // block_size for L in lens) + 3
+    order = torch.randperm(num_blocks, generator=g)
+    k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    tables = torch.full((len(lens), max_blocks), -1, dtype=torch.int64)
+    dense, used = [], 0
+    for s, L in enumerate(lens):
+        nb = (L + block_size - 1) // block_size
+        tables[s, :nb] = order[used:used + nb]
+        used += nb
+        k = torch.randn(L, kv_heads, head_dim, generator=g, dtype=torch.float64).to(dtype)
+        v = torch.randn(L, kv_heads, head_dim, generator=g, dtype=torch.float64).to(dtype)
+        t = torch.arange(L)
+        write_kv(k_cache, v_cache, k, v, tables[s, t // block_size] * block_size + t % block_size)
+        dense.append((k, v))
+    tables[tables < 0] = 0  # padding entries are never read
+    cu_q = torch.tensor([0] + list(torch.tensor(n_q).cumsum(0)), dtype=torch.int64)
+    q = torch.randn(int(cu_q[-1]), heads, head_dim, generator=g, dtype=torch.float64).to(dtype)
+    return q, k_cache, v_cache, tables, torch.tensor(lens), cu_q, dense
+
+
+def dense_reference(q, dense, lens, n_q, scale):
+    out, start = [], 0
+    for (k, v), L, n in zip(dense, lens, n_q):
+        group = q.shape[1] // k.shape[1]
+        k, v = k.double().repeat_interleave(group, 1), v.double().repeat_interleave(group, 1)
+        for i in range(n):
+            pos = L - n + i
+            s = torch.einsum("hd,lhd->hl", q[start + i].double(), k[:pos + 1]) * scale
+            out.append(torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v[:pos + 1]))
+        start += n
+    return torch.stack(out) if out else torch.empty(0, *q.shape[1:], dtype=torch.float64)
+
+
+CASES = {
+    "decode": ([37, 1, 64, 17], [1, 1, 1, 1]),
+    "prefill-chunks": ([37, 20, 50], [37, 5, 19]),
+    "mixed-with-empty": ([33, 9, 40], [1, 0, 23]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_torch_path_matches_dense_reference(case):
+    lens, n_q = CASES[case]
+    q, kc, vc, tables, L, cu_q, dense = make_batch(lens, n_q)
+    out = paged_attention(q, kc, vc, tables, L, cu_q)
+    want = dense_reference(q, dense, lens, n_q, 1 / math.sqrt(24))
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_kernel_matches_torch_path(case, dtype):
+    pytest.importorskip("triton")
+    from mapo_fast.kernels import paged_attention as K
+    lens, n_q = CASES[case]
+    q, kc, vc, tables, L, cu_q, _ = make_batch(lens, n_q, dtype=dtype, head_dim=24)
+    want = R.paged_attention(q, kc, vc, tables, L, cu_q, 0.3)
+    out = torch.full_like(q, float("nan")).to(DEV)
+    got = K.paged_attention(q.to(DEV), kc.to(DEV), vc.to(DEV), tables.to(DEV), L.to(DEV),
+                            cu_q.to(DEV), 0.3, out=out)
+    assert torch.isfinite(got).all(), "unwritten output rows"
+    # fp32: different summation order; fp16: products rounded to fp16 before the fp32 sums
+    tol = 2e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_errors_name_the_argument():
+    q, kc, vc, tables, L, cu_q, _ = make_batch([20, 5], [2, 1])
+    with pytest.raises(ValueError, match="`cu_q`"):
+        paged_attention(q, kc, vc, tables, L, torch.tensor([0, 2, 4]))
+    with pytest.raises(ValueError, match="`context_lens`"):
+        paged_attention(q, kc, vc, tables, torch.tensor([20, 0]), cu_q)
+    with pytest.raises(ValueError, match="`block_tables`"):
+        paged_attention(q, kc, vc, tables[:, :1], L, cu_q)
+    with pytest.raises(ValueError, match="3 heads, not a multiple"):
+        paged_attention(q[:, :3], kc, vc, tables, L, cu_q)
+    with pytest.raises(ValueError, match="`slots`"):
+        write_kv(kc, vc, q[:1, :2], q[:1, :2], torch.tensor([10 ** 6]))
