@@ -17,9 +17,9 @@ from mapo_fast.tasks import synthetic_tool_rollouts
 from mapo_fast.variance import loss_gradient_variance
 
 try:
-    from harness import device_info, measure, parse_args, write_report
+    from harness import device_info, main as bench_main, measure, write_report
 except ImportError:  # imported as bench.bench_advantage
-    from .harness import device_info, measure, parse_args, write_report
+    from .harness import device_info, main as bench_main, measure, write_report
 
 # (trajectories, turns, tokens per trajectory for the advantage, loss H, loss V, verifier size)
 SCALES = {"quick": dict(B=64, K=4, T=64, H=128, V=4096, clip="tiny"),
@@ -179,9 +179,7 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
 
 
 def main(argv=None):
-    a = parse_args(__doc__, SCALES, argv)
-    paths = run(a.scale, a.device, a.repeats, a.out, a.tag)
-    print(f"wrote {', '.join(str(v) for v in paths.values())}")
+    bench_main(__doc__, SCALES, run, argv)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ import torch
 from mapo_fast.kernels import block_manager_ref
 
 try:
-    from harness import device_info, measure, parse_args, write_report
+    from harness import device_info, main as bench_main, measure, write_report
 except ImportError:  # imported as bench.bench_allocator
-    from .harness import device_info, measure, parse_args, write_report
+    from .harness import device_info, main as bench_main, measure, write_report
 
 SCALES = {"quick": dict(prompts=2, group=4, prompt_len=256, turns=1),
           "cpu": dict(prompts=4, group=8, prompt_len=1024, turns=3),
@@ -67,9 +67,7 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
 
 
 def main(argv=None):
-    a = parse_args(__doc__, SCALES, argv)
-    paths = run(a.scale, a.device, a.repeats, a.out, a.tag)
-    print(f"wrote {', '.join(str(v) for v in paths.values())}")
+    bench_main(__doc__, SCALES, run, argv)
 
 
 if __name__ == "__main__":

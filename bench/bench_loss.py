@@ -17,11 +17,11 @@ import mapo_fast
 from mapo_fast.loss import PolicyLossConfig, aggregation_weights, token_terms
 
 try:
-    from harness import (device_info, measure, memory_in_subprocess, parse_args,
+    from harness import (device_info, main as bench_main, measure, memory_in_subprocess,
                          report_memory, write_report)
 except ImportError:  # imported as bench.bench_loss
-    from .harness import (device_info, measure, memory_in_subprocess, report_memory,
-                          parse_args, write_report)
+    from .harness import (device_info, main as bench_main, measure, memory_in_subprocess,
+                         report_memory, write_report)
 
 # (B, T, H, V, dtype) per scale. "cpu" is the CPU workload of record; "gpu" the H100 ones.
 SCALES: Dict[str, List[Tuple[int, int, int, int, torch.dtype]]] = {
@@ -135,14 +135,13 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
                         out_dir, baseline="mapo_fast", description=desc)
 
 
+def _memory_case(a) -> None:
+    x, reset, _ = _workload(a.scale, a.workload, a.device)
+    report_memory(dict((n, f) for n, f, _ in cases(x, a.device))[a.case], a.device, reset)
+
+
 def main(argv=None):
-    a = parse_args(__doc__, SCALES, argv)
-    if a.memory_only:  # one case's peak memory, for memory_in_subprocess
-        x, reset, _ = _workload(a.scale, a.workload, a.device)
-        report_memory(dict((n, f) for n, f, _ in cases(x, a.device))[a.case], a.device, reset)
-        return
-    paths = run(a.scale, a.device, a.repeats, a.out, a.tag)
-    print(f"wrote {', '.join(str(v) for v in paths.values())}")
+    bench_main(__doc__, SCALES, run, argv, memory_case=_memory_case)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,11 @@ from mapo_fast.kernels.crop_zoom_ref import patchify
 from mapo_fast.tools.ops import CLIP_MEAN, CLIP_STD, smart_resize
 
 try:
-    from harness import (device_info, measure, memory_in_subprocess, parse_args,
+    from harness import (device_info, main as bench_main, measure, memory_in_subprocess,
                          report_memory, write_report)
 except ImportError:  # imported as bench.bench_tools
-    from .harness import (device_info, measure, memory_in_subprocess, report_memory,
-                          parse_args, write_report)
+    from .harness import (device_info, main as bench_main, measure, memory_in_subprocess,
+                         report_memory, write_report)
 
 # (images, side, boxes) per scale
 SCALES = {"quick": [(2, 512, 8)], "cpu": [(8, 2048, 64), (8, 4096, 64)],
@@ -112,15 +112,13 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
                         baseline="mapo_fast crop_to_patches", description=desc)
 
 
+def _memory_case(a) -> None:
+    images, boxes = make_workload(*SCALES[a.scale][a.workload], a.device)
+    report_memory(dict((n, f) for n, f, _ in cases(images, boxes, a.device))[a.case], a.device)
+
+
 def main(argv=None):
-    a = parse_args(__doc__, SCALES, argv)
-    if a.memory_only:  # one case's peak memory, for memory_in_subprocess
-        images, boxes = make_workload(*SCALES[a.scale][a.workload], a.device)
-        report_memory(dict((n, f) for n, f, _ in cases(images, boxes, a.device))[a.case],
-                      a.device)
-        return
-    paths = run(a.scale, a.device, a.repeats, a.out, a.tag)
-    print(f"wrote {', '.join(str(v) for v in paths.values())}")
+    bench_main(__doc__, SCALES, run, argv, memory_case=_memory_case)
 
 
 if __name__ == "__main__":

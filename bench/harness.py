@@ -199,6 +199,19 @@ def parse_args(doc: str, scales: Dict, argv=None):
     return a
 
 
+def main(doc: str, scales: Dict, run: Callable, argv=None,
+         memory_case: Optional[Callable] = None) -> None:
+    """A benchmark module's entry point: ``run(scale, device, repeats, out, tag)`` writes the
+    report; with ``--memory-only``, ``memory_case(args)`` measures one case for
+    ``memory_in_subprocess``."""
+    a = parse_args(doc, scales, argv)
+    if a.memory_only:
+        memory_case(a)
+        return
+    paths = run(a.scale, a.device, a.repeats, a.out, a.tag)
+    print(f"wrote {', '.join(str(v) for v in paths.values())}")
+
+
 def write_report(name: str, title: str, results: List[Dict], info: Dict[str, str],
                  out_dir: Path, baseline: str, description: str = "",
                  extra: Optional[Dict] = None, extra_md: str = "") -> Dict[str, Path]:
