@@ -118,14 +118,16 @@ def _as_number(fn: str, arg: str, x: Optional[Number]) -> Optional[float]:
     return chk.number(fn, arg, x, lo=0.0, lo_open=True)
 
 
-def _per_token(fn: str, arg: str, x: Optional[Tensor], bt: Tuple[int, int], device) -> Optional[Tensor]:
+def _per_token(fn: str, arg: str, x: Optional[Tensor], bt: Tuple[int, int],
+               hidden: Tensor) -> Optional[Tensor]:
     if x is None:
         return None
     chk.tensor(fn, arg, x, floating=True)
-    if x.numel() != bt[0] * bt[1] or x.dim() not in (1, 2) or (x.dim() == 2 and tuple(x.shape) != bt):
+    if x.numel() != bt[0] * bt[1] or x.dim() not in (1, 2) or \
+            (x.dim() == 2 and tuple(x.shape) != bt):
         chk.fail(fn, arg, f"must have shape {bt} (one value per token, like `targets`), "
                           f"got {tuple(x.shape)}")
-    chk.same_device(fn, "hidden", torch.empty(0, device=device), **{arg: x})
+    chk.same_device(fn, "hidden", hidden, **{arg: x})
     return x.reshape(bt)
 
 
@@ -177,9 +179,9 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
                                    f"sequence), got {tuple(advantages.shape)}")
     chk.same_device(fn, "hidden", hidden, mask=mask, advantages=advantages)
     chk.finite_tensor(fn, "advantages", advantages)
-    old = _per_token(fn, "old_logprobs", old_logprobs, bt, hidden.device)
-    ref = _per_token(fn, "ref_logprobs", ref_logprobs, bt, hidden.device)
-    isw = _per_token(fn, "rollout_is_weights", rollout_is_weights, bt, hidden.device)
+    old = _per_token(fn, "old_logprobs", old_logprobs, bt, hidden)
+    ref = _per_token(fn, "ref_logprobs", ref_logprobs, bt, hidden)
+    isw = _per_token(fn, "rollout_is_weights", rollout_is_weights, bt, hidden)
     if cfg.kl_coef > 0 and ref is None:
         chk.fail(fn, "ref_logprobs", f"is required when kl_coef > 0 (kl_coef={kl_coef})")
     g_tokens = _as_number(fn, "global_tokens", global_tokens)
