@@ -16,11 +16,14 @@ Public API:
                             batched crop + resize on the device, as images or Qwen2-VL patches
     ToolRegistry, ToolRunner, ZoomInTool, parse_tool_calls
                             the tool-call protocol (mapo_fast.tools has the rest)
+    RolloutEngine           batched generation over a paged KV cache shared by each group
+                            (text core so far; mapo_fast.rollout has the pieces)
 """
 
 from .advantage import mapo_advantages
 from .logprobs import token_logprobs
 from .loss import LOSS_AGG_MODES, MAPOLoss, mapo_loss
+from .rollout import RolloutEngine
 from .rewards import CLIPVerifier, OracleVerifier, SemanticVerifier
 from .tools import (ToolRegistry, ToolRunner, ZoomInTool, crop_and_zoom, crop_to_patches,
                     parse_tool_calls, smart_resize)
@@ -35,4 +38,4 @@ __all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LOSS_AGG_MODES", "mapo_ad
            "token_turns",
            "SemanticVerifier", "OracleVerifier", "CLIPVerifier", "gradient_variance", "loss_gradient_variance",
            "crop_and_zoom", "crop_to_patches", "smart_resize", "ToolRegistry", "ToolRunner",
-           "ZoomInTool", "parse_tool_calls", "__version__"]
+           "ZoomInTool", "parse_tool_calls", "RolloutEngine", "__version__"]
