@@ -90,7 +90,7 @@ def test_bad_input_is_named_before_generation(model):
     eng = RolloutEngine(model, None, block_size=16, num_blocks=4)
     with pytest.raises(ValueError, match="`group_size` must be an int >= 1, got 0"):
         eng.generate(PROMPTS[:1], group_size=0)
-    with pytest.raises(ValueError, match=r"`prompts\[0\]` \(39 tokens\) plus max_new_tokens"):
+    with pytest.raises(ValueError, match=r"`prompts\[0\]` \(39 tokens\) plus 1 turn\(s\) of up"):
         eng.generate(PROMPTS[:1], max_new_tokens=30)
     with pytest.raises(ValueError, match="may need 6 KV blocks at its longest and 4 are free"):
         eng.generate([[1] * 20], group_size=2, max_new_tokens=20)
@@ -100,3 +100,84 @@ def test_bad_input_is_named_before_generation(model):
         RolloutEngine(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="`block_size` must be a power of two"):
         RolloutEngine(model, None, block_size=24)
+
+
+class _Forced:
+    """Logits processor that makes the model write `script` (token ids) at the start of its
+    first turn, then leaves it free."""
+
+    def __init__(self, prompt_len, script):
+        self.prompt_len, self.script = prompt_len, script
+
+    def __call__(self, tokens, logits):
+        i = len(tokens) - self.prompt_len
+        if i < len(self.script):
+            forced = torch.full_like(logits, float("-inf"))
+            forced[self.script[i]] = 0.0
+            return forced
+        return logits
+
+
+@pytest.fixture(scope="module")
+def chat():
+    from tokenizer_util import byte_level_tokenizer
+    tok = byte_level_tokenizer()
+    torch.manual_seed(1)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512)
+    m = Qwen2ForCausalLM(cfg).eval()
+    m.config._attn_implementation = "eager"
+    return m, tok
+
+
+def lookup_runner():
+    from mapo_fast.tools import Tool, ToolRegistry, ToolResult, ToolRunner
+
+    class Lookup(Tool):
+        name = "lookup"
+
+        def prepare(self, arguments, context):
+            return ToolResult(ok=True, text=f"value of {arguments.get('key')} is 42")
+
+    return ToolRunner(registry=ToolRegistry([Lookup()]))
+
+
+@pytest.mark.parametrize("call, observation, errors", [
+    ('<tool_call>{"name": "lookup", "arguments": {"key": "a"}}</tool_call>',
+     "<tool_response>value of a is 42</tool_response>", 0),
+    ('<tool_call>{"name": "lookup", "arguments": {"key": </tool_call>',
+     "<tool_response>Error: tool call is not valid JSON", 1),
+])
+def test_tool_turn_continues_like_a_naive_loop(chat, call, observation, errors):
+    """A (forced) tool call ends the turn; the observation is inserted and prefilled alone;
+    the model's free continuation equals HF generate re-run on the whole history."""
+    model, tok = chat
+    prompt = tok("What colour is the small square? ")["input_ids"]
+    script = tok(call)["input_ids"]
+    eng = RolloutEngine(model, tok, block_size=16, num_blocks=128)
+    traj = eng.generate([prompt], group_size=2, max_new_tokens=len(script) + 4, temperature=0.0,
+                        tools=lookup_runner(), max_turns=2, stop_token_ids=[],
+                        max_observation_tokens=32, logits_processor=_Forced(len(prompt), script))
+    for t in traj:
+        turn, = t.spans.turns
+        assert tok.decode(t.token_ids[turn.call.start:turn.call.end]) == call
+        obs_text = tok.decode(t.token_ids[turn.observation.start:turn.observation.end])
+        assert obs_text.startswith(observation)
+        assert t.stats["tool_calls"] == 1 and t.stats["tool_errors"] == errors
+        history = t.token_ids[:turn.observation.end]
+        free = len(t.token_ids) - turn.observation.end
+        assert free == len(script) + 4  # the second turn ran to its token limit
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([history]), do_sample=False, max_new_tokens=free,
+                                 min_new_tokens=free, pad_token_id=0)[0].tolist()
+        assert t.token_ids == ref
+        # observation tokens are not the model's: mask 0; its free tokens' log-probs are real
+        assert t.loss_mask[turn.observation.start:turn.observation.end] == \
+            [0] * len(turn.observation)
+        got = torch.tensor(t.logprobs[turn.observation.end:])
+        torch.testing.assert_close(got, full_logprobs(model, t.token_ids, turn.observation.end),
+                                   atol=1e-4, rtol=0)
+    # the prompt once (one group), each sample's observation once: no history re-prefilled
+    obs_len = len(traj[0].spans.turns[0].observation)
+    assert eng.stats["prefill_tokens"] == len(prompt) + 2 * obs_len

@@ -2,7 +2,8 @@
 
 from functools import lru_cache
 
-from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors, trainers
+from tokenizers import (Regex, Tokenizer, decoders, models, pre_tokenizers, processors,
+                        trainers)
 
 # </s> is not id 2: transformers treats a CLIP eos_token_id of 2 as the legacy argmax pooling
 SPECIAL = ["<pad>", "<s>", "<unk>", "</s>"]
@@ -38,3 +39,19 @@ def clip_tokenizer(max_length: int = 16):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>",
                                    model_max_length=max_length)
+
+
+@lru_cache(maxsize=None)
+def byte_level_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE (decode gives back the exact text), as a transformers tokenizer with
+    the tool-protocol tags as single tokens."""
+    from transformers import PreTrainedTokenizerFast
+    tags = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
+            "<description>", "</description>", "<answer>", "</answer>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"] + tags,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")

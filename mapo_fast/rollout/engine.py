@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from ..trajectory import Span, Trajectory, TrajectorySpans
+from ..trajectory import DESCRIPTION_TAG, Span, ToolTurn, Trajectory, TrajectorySpans
 from .attention import paged_attention, write_kv
 
 Tensor = torch.Tensor
@@ -73,13 +73,18 @@ def _register() -> None:
 class _Seq:
     sid: int                       # block-manager sequence id
     traj: int                      # index of the output trajectory
-    tokens: List[int]              # prompt + generated so far
+    tokens: List[int]              # prompt + everything after it so far
     prompt_len: int
-    pending: Optional[int] = None  # sampled token whose KV is not yet in the cache
-    new_tokens: int = 0
-    logprobs: List[float] = field(default_factory=list)
+    pending: List[int] = field(default_factory=list)  # tokens whose KV is not yet in the cache
+    new_tokens: int = 0            # generated tokens in this turn
+    logprobs: List[float] = field(default_factory=list)  # aligned with tokens[prompt_len:]
+    loss_mask: List[int] = field(default_factory=list)   # likewise
     generator: Optional[torch.Generator] = None
     done: bool = False
+    turn_start: int = 0            # first token of the current assistant turn
+    turns: List[ToolTurn] = field(default_factory=list)
+    session: Any = None
+    stats: Dict[str, int] = field(default_factory=dict)
 
 
 class RolloutEngine:
@@ -214,29 +219,57 @@ class RolloutEngine:
     def generate(self, prompts: Sequence[Union[str, Sequence[int]]], *, group_size: int = 1,
                  max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_token_ids: Optional[Sequence[int]] = None,
-                 seed: Optional[int] = None) -> List[Trajectory]:
+                 seed: Optional[int] = None, tools: Any = None, max_turns: int = 1,
+                 tool_contexts: Optional[Sequence[Any]] = None, max_tool_calls: int = 4,
+                 max_observation_tokens: int = 256,
+                 observation_template: str = "<tool_response>{}</tool_response>",
+                 logits_processor: Optional[Any] = None) -> List[Trajectory]:
         """``len(prompts) x group_size`` trajectories, grouped (the samples of prompt ``i`` are
         ``[i * group_size, (i + 1) * group_size)``). A prompt is a string or token ids.
         ``temperature=0`` is greedy. Sample ``j`` of the batch draws from its own generator,
-        seeded ``seed + j`` (so results do not depend on batching)."""
+        seeded ``seed + j`` (so results do not depend on batching). ``max_new_tokens`` bounds
+        each assistant turn.
+
+        With ``tools`` (a ``ToolRunner``) and ``max_turns > 1``, a turn that closes a
+        ``</tool_call>`` is handed to the runner; the observation text (its result or error)
+        is inserted as ``observation_template`` (at most ``max_observation_tokens`` tokens,
+        loss mask 0) and only those tokens are prefilled, batched with the other samples'
+        decoding, before the model continues. ``tool_contexts[i]`` is prompt ``i``'s
+        ``ToolContext``. Text tools only for now: a call that returns an image is refused
+        with an error observation until vision-language models are supported.
+
+        ``logits_processor(token_ids, logits) -> logits`` (optional) edits each sample's
+        next-token logits ``[V]`` (float32) given its tokens so far, before sampling; the
+        recorded log-probs are those of the processed distribution (what was sampled from)."""
         fn = "RolloutEngine.generate"
         if not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"{fn}: `group_size` must be an int >= 1, got {group_size!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"{fn}: `max_new_tokens` must be an int >= 1, got {max_new_tokens!r}")
+        if not isinstance(max_turns, int) or max_turns < 1:
+            raise ValueError(f"{fn}: `max_turns` must be an int >= 1, got {max_turns!r}")
         if temperature < 0 or not (0 < top_p <= 1) or top_k < 0:
             raise ValueError(f"{fn}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
                              f"{temperature!r}, {top_p!r}, {top_k!r}")
+        if tools is not None and self.tokenizer is None:
+            raise ValueError(f"{fn}: `tools` need the engine's tokenizer (to read calls and "
+                             "insert observations)")
+        if tool_contexts is not None and len(tool_contexts) != len(prompts):
+            raise ValueError(f"{fn}: `tool_contexts` has {len(tool_contexts)} entries for "
+                             f"{len(prompts)} prompts")
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+        per_turn = max_new_tokens + (max_observation_tokens + 8 if tools is not None else 0)
+        longest = [len(t) + max_turns * per_turn for t in encoded]
         capacity = self.num_blocks * self.block_size
-        for i, toks in enumerate(encoded):
-            if len(toks) + max_new_tokens > capacity:
-                raise ValueError(f"{fn}: `prompts[{i}]` ({len(toks)} tokens) plus max_new_tokens "
-                                 f"({max_new_tokens}) exceeds the KV budget of {capacity} tokens")
+        for i, n in enumerate(longest):
+            if n > capacity:
+                raise ValueError(f"{fn}: `prompts[{i}]` ({len(encoded[i])} tokens) plus "
+                                 f"{max_turns} turn(s) of up to {per_turn} tokens exceeds the KV "
+                                 f"budget of {capacity} tokens")
         # no preemption yet: the batch's worst case must fit in the pool
         worst = sum(self.blocks.blocks_for(len(t)) + group_size *
-                    self.blocks.blocks_for(len(t) % self.block_size + max_new_tokens)
-                    for t in encoded)
+                    self.blocks.blocks_for(len(t) % self.block_size + n - len(t))
+                    for t, n in zip(encoded, longest))
         if worst > self.blocks.num_free:
             raise ValueError(f"{fn}: this batch may need {worst} KV blocks at its longest and "
                              f"{self.blocks.num_free} are free; raise num_blocks / "
@@ -245,6 +278,15 @@ class RolloutEngine:
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
         if stop_token_ids is None and eos is not None:
             stops.add(int(eos))
+        cfg = dict(stops=stops, max_new_tokens=max_new_tokens, max_turns=max_turns, tools=tools,
+                   max_observation_tokens=max_observation_tokens, template=observation_template)
+
+        def pick(s: _Seq, row_logits: Tensor):
+            if logits_processor is not None:
+                row_logits = logits_processor(list(s.tokens), row_logits[0])[None]
+            t, lp = self._sample(row_logits, [s.generator], temperature, top_k, top_p)
+            return t[0], lp[0]
+
         seqs: List[_Seq] = []
         for i, toks in enumerate(encoded):
             head, cached = self.blocks.add(toks)
@@ -260,48 +302,113 @@ class RolloutEngine:
                 gen = None
                 if temperature > 0:
                     gen = torch.Generator().manual_seed((seed if seed is not None else 0) + j)
-                tok, lp = self._sample(logits, [gen], temperature, top_k, top_p)
-                s = _Seq(self.blocks.fork_seq(head), j, list(toks), len(toks), pending=tok[0],
-                         generator=gen)
-                self._emit(s, tok[0], lp[0], stops, max_new_tokens)
+                s = _Seq(self.blocks.fork_seq(head), j, list(toks), len(toks), generator=gen,
+                         turn_start=len(toks), stats={"tool_calls": 0, "tool_errors": 0})
+                if tools is not None:
+                    from ..tools import ToolSession
+                    s.session = ToolSession(max_calls=max_tool_calls)
+                tok, lp = pick(s, logits)
+                self._emit(s, tok, lp, cfg, None if tool_contexts is None else tool_contexts[i])
                 seqs.append(s)
             self.blocks.free_seq(head)
+        contexts = {s.traj: (None if tool_contexts is None else tool_contexts[s.traj // group_size])
+                    for s in seqs}
         while True:
-            live = [s for s in seqs if not s.done]
+            live = [s for s in seqs if s.pending]
             if not live:
                 break
-            slots_ids = [s.sid for s in live]
-            _, copies = self.blocks.append_tokens(slots_ids, [s.pending for s in live])
+            copies = []
+            for s in live:  # a chunk per sequence: one decode token, or an observation
+                for t in s.pending:
+                    copies += self.blocks.append_tokens([s.sid], [t])[1]
             self._copy_blocks(copies)
-            logits = self._forward([(s.sid, [s.pending], len(s.tokens) - 1) for s in live])
+            chunks = [(s.sid, s.pending, len(s.tokens) - len(s.pending)) for s in live]
+            logits = self._forward(chunks)
+            # each chunk starts with the sample's own last token (decode); an observation
+            # follows it (prefill)
             self.stats["decode_tokens"] += len(live)
-            toks, lps = [], []
+            self.stats["prefill_tokens"] += sum(len(s.pending) - 1 for s in live)
             for row, s in enumerate(live):  # one generator per sample: batching-independent
-                t, lp = self._sample(logits[row:row + 1], [s.generator], temperature, top_k,
-                                     top_p)
-                toks.append(t[0])
-                lps.append(lp[0])
-            for s, t, lp in zip(live, toks, lps):
-                s.pending = t
-                self._emit(s, t, lp, stops, max_new_tokens)
+                s.pending = []
+                if s.done:
+                    continue
+                t, lp = pick(s, logits[row:row + 1])
+                self._emit(s, t, lp, cfg, contexts[s.traj])
         for s in seqs:
             self.blocks.free_seq(s.sid)
         return [self._trajectory(s, group_size) for s in sorted(seqs, key=lambda s: s.traj)]
 
-    def _emit(self, s: _Seq, tok: int, lp: float, stops, max_new_tokens: int) -> None:
+    def _emit(self, s: _Seq, tok: int, lp: float, cfg: Dict[str, Any], ctx: Any) -> None:
+        """Records a sampled token; ends the turn on a stop token, the turn's token limit or a
+        closed tool call (then runs the tool and queues the observation)."""
         s.tokens.append(tok)
         s.logprobs.append(lp)
+        s.loss_mask.append(1)
         s.new_tokens += 1
-        if tok in stops or s.new_tokens >= max_new_tokens:
-            s.done = True
+        s.pending = [tok]
+        stop = tok in cfg["stops"] or s.new_tokens >= cfg["max_new_tokens"]
+        called = False
+        if cfg["tools"] is not None and len(s.turns) + 1 < cfg["max_turns"]:
+            text = self.tokenizer.decode(s.tokens[s.turn_start:])
+            called = text.rstrip().endswith("</tool_call>")
+        if called:
+            self._run_tool(s, cfg, ctx)
+        elif stop:
+            s.done = True  # its last token still gets no KV: nothing follows it
+
+    def _run_tool(self, s: _Seq, cfg: Dict[str, Any], ctx: Any) -> None:
+        from ..tools import ToolResult
+        text = self.tokenizer.decode(s.tokens[s.turn_start:])
+        call_start = self._find(s, s.turn_start, "<tool_call>")
+        result = cfg["tools"].run([text], [ctx], [s.session])[0]
+        if result is not None and result.ok and result.crop is not None:
+            result = ToolResult.error("tool_failed", "this model cannot receive images; use a "
+                                                     "text tool")
+        observation = "no tool call found" if result is None else \
+            (result.text if result.text is not None else "")
+        s.stats["tool_calls"] += 1
+        s.stats["tool_errors"] += int(result is None or not result.ok)
+        obs = self.tokenizer(cfg["template"].format(observation),
+                             add_special_tokens=False)["input_ids"][:cfg["max_observation_tokens"]]
+        turn = ToolTurn(call=Span(call_start, len(s.tokens)),
+                        observation=Span(len(s.tokens), len(s.tokens) + len(obs)),
+                        error=None if result is not None and result.ok else observation,
+                        crop_index=None)
+        s.turns.append(turn)
+        s.tokens += obs
+        s.logprobs += [0.0] * len(obs)
+        s.loss_mask += [0] * len(obs)
+        s.pending = s.pending + obs
+        s.turn_start = len(s.tokens)
+        s.new_tokens = 0
+
+    def _find(self, s: _Seq, start: int, marker: str) -> int:
+        """First token index >= start whose prefix of the turn's text contains ``marker``
+        (the token where it begins), or ``start``."""
+        for i in range(start, len(s.tokens)):
+            if marker in self.tokenizer.decode(s.tokens[start:i + 1]):
+                for j in range(i, start - 1, -1):
+                    if marker in self.tokenizer.decode(s.tokens[j:i + 1]):
+                        return j
+        return start
 
     def _trajectory(self, s: _Seq, group_size: int) -> Trajectory:
-        n_new = len(s.tokens) - s.prompt_len
         text = self.tokenizer.decode(s.tokens[s.prompt_len:]) if self.tokenizer is not None \
             else ""
-        spans = TrajectorySpans(prompt_len=s.prompt_len,
-                                answer=Span(s.prompt_len, len(s.tokens)))
+        spans = TrajectorySpans(turns=s.turns, prompt_len=s.prompt_len,
+                                answer=Span(s.turn_start, len(s.tokens)))
+        if self.tokenizer is not None:
+            for k, turn in enumerate(s.turns):  # the description written after observation k
+                end = s.turns[k + 1].call.start if k + 1 < len(s.turns) else len(s.tokens)
+                start = turn.observation.end
+                seg = self.tokenizer.decode(s.tokens[start:end])
+                tag = f"<{DESCRIPTION_TAG}>"
+                if tag in seg and f"</{DESCRIPTION_TAG}>" in seg:
+                    d0 = self._find(s, start, tag)
+                    d1 = self._find(s, d0, f"</{DESCRIPTION_TAG}>")
+                    turn.description = Span(d0, min(end, d1 + 1))
+                    turn.description_text = seg.split(tag, 1)[1].split(f"</{DESCRIPTION_TAG}>")[0].strip()
         return Trajectory(token_ids=list(s.tokens), logprobs=[0.0] * s.prompt_len + s.logprobs,
-                          loss_mask=[0] * s.prompt_len + [1] * n_new, spans=spans,
-                          stats={"new_tokens": n_new}, group_id=s.traj // group_size,
-                          response_text=text)
+                          loss_mask=[0] * s.prompt_len + s.loss_mask, spans=spans,
+                          stats=dict(s.stats, new_tokens=sum(s.loss_mask)),
+                          group_id=s.traj // group_size, response_text=text)
