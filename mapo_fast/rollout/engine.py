@@ -11,9 +11,10 @@ Each prompt is prefilled once per group (leading blocks already in the prefix in
 recomputed at all), then forked into its G samples, which share the prompt's blocks until they
 write (copy-on-write); all live samples decode together, one forward per step.
 
-This is the text core of the rollout runtime: multi-turn tool use, images (Qwen2.5-VL, M-RoPE)
-and preemption under memory pressure build on it. Until preemption lands, a batch whose worst
-case does not fit in the pool is refused before generation starts.
+When the pool runs out, the most recently started other sample is preempted (its blocks
+freed, its tokens kept) and resumed when blocks free up: its tokens go back through the prefix
+index, so only what was evicted is recomputed. Images (Qwen2.5-VL, M-RoPE) build on this text
+core.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ class _Seq:
     turns: List[ToolTurn] = field(default_factory=list)
     session: Any = None
     stats: Dict[str, int] = field(default_factory=dict)
+    chunk_start: int = 0           # first token of the next forward's chunk for this sample
+    preempted: bool = False
 
 
 class RolloutEngine:
@@ -266,14 +269,6 @@ class RolloutEngine:
                 raise ValueError(f"{fn}: `prompts[{i}]` ({len(encoded[i])} tokens) plus "
                                  f"{max_turns} turn(s) of up to {per_turn} tokens exceeds the KV "
                                  f"budget of {capacity} tokens")
-        # no preemption yet: the batch's worst case must fit in the pool
-        worst = sum(self.blocks.blocks_for(len(t)) + group_size *
-                    self.blocks.blocks_for(len(t) % self.block_size + n - len(t))
-                    for t, n in zip(encoded, longest))
-        if worst > self.blocks.num_free:
-            raise ValueError(f"{fn}: this batch may need {worst} KV blocks at its longest and "
-                             f"{self.blocks.num_free} are free; raise num_blocks / "
-                             "memory_budget_mb or generate fewer prompts at a time")
         stops = set(stop_token_ids or [])
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
         if stop_token_ids is None and eos is not None:
@@ -309,34 +304,79 @@ class RolloutEngine:
                     s.session = ToolSession(max_calls=max_tool_calls)
                 tok, lp = pick(s, logits)
                 self._emit(s, tok, lp, cfg, None if tool_contexts is None else tool_contexts[i])
+                if s.done:  # finished at its first token
+                    self.blocks.free_seq(s.sid)
                 seqs.append(s)
             self.blocks.free_seq(head)
         contexts = {s.traj: (None if tool_contexts is None else tool_contexts[s.traj // group_size])
                     for s in seqs}
         while True:
-            live = [s for s in seqs if s.pending]
+            self._resume(seqs)
+            live = [s for s in seqs if s.pending and not s.preempted]
             if not live:
+                if any(s.preempted for s in seqs):
+                    raise RuntimeError("RolloutEngine: a preempted sample cannot be resumed in "
+                                       "an empty pool")  # excluded by the capacity check
                 break
-            copies = []
-            for s in live:  # a chunk per sequence: one decode token, or an observation
-                for t in s.pending:
-                    copies += self.blocks.append_tokens([s.sid], [t])[1]
-            self._copy_blocks(copies)
-            chunks = [(s.sid, s.pending, len(s.tokens) - len(s.pending)) for s in live]
-            logits = self._forward(chunks)
-            # each chunk starts with the sample's own last token (decode); an observation
-            # follows it (prefill)
-            self.stats["decode_tokens"] += len(live)
-            self.stats["prefill_tokens"] += sum(len(s.pending) - 1 for s in live)
-            for row, s in enumerate(live):  # one generator per sample: batching-independent
+            step = self._make_room(live)
+            logits = self._forward([(s.sid, s.tokens[s.chunk_start:], s.chunk_start)
+                                    for s in step])
+            # each chunk ends with the sample's newest token (decode); anything before it in
+            # the chunk is an observation or a recomputed prefix (prefill)
+            self.stats["decode_tokens"] += len(step)
+            self.stats["prefill_tokens"] += sum(len(s.tokens) - s.chunk_start - 1 for s in step)
+            for row, s in enumerate(step):  # one generator per sample: batching-independent
                 s.pending = []
-                if s.done:
-                    continue
                 t, lp = pick(s, logits[row:row + 1])
                 self._emit(s, t, lp, cfg, contexts[s.traj])
-        for s in seqs:
-            self.blocks.free_seq(s.sid)
+                if s.done:  # finished: its blocks go back at once (the prefix index keeps them
+                    self.blocks.free_seq(s.sid)  # findable until they are reused)
         return [self._trajectory(s, group_size) for s in sorted(seqs, key=lambda s: s.traj)]
+
+    # ---- memory pressure ---------------------------------------------------------------------
+    def _make_room(self, live: List[_Seq]) -> List[_Seq]:
+        """Appends every live sample's pending tokens to its blocks (copy-on-write copies done
+        at once); when the pool runs out, preempts the most recently started other sample (or
+        this one, if it is alone). Returns the samples that take part in this step."""
+        step: List[_Seq] = []
+        for s in live:
+            if s.preempted:
+                continue
+            appended = self.blocks.num_tokens(s.sid)  # tokens already in its blocks
+            while not s.preempted:
+                try:
+                    for t in s.tokens[appended:]:
+                        self._copy_blocks(self.blocks.append_tokens([s.sid], [t])[1])
+                        appended += 1
+                    step.append(s)
+                    break
+                except RuntimeError:
+                    victims = [v for v in live if v is not s and not v.preempted]
+                    victim = victims[-1] if victims else s
+                    self._preempt(victim)
+                    if victim in step:
+                        step.remove(victim)
+        return step
+
+    def _preempt(self, s: _Seq) -> None:
+        self.blocks.free_seq(s.sid)
+        s.preempted = True
+        s.stats["preemptions"] = s.stats.get("preemptions", 0) + 1
+        self.stats["preemptions"] = self.stats.get("preemptions", 0) + 1
+
+    def _resume(self, seqs: List[_Seq]) -> None:
+        """Re-adds preempted samples, oldest first, while the pool holds them: their tokens go
+        back through the prefix index (cached blocks are not recomputed) and the rest becomes
+        the sample's next chunk."""
+        for s in seqs:
+            if not s.preempted:
+                continue
+            if self.blocks.blocks_for(len(s.tokens)) + 1 > self.blocks.num_free:
+                break
+            keep = s.tokens[:len(s.tokens) - len(s.pending)]
+            s.sid, cached = self.blocks.add(keep)
+            s.chunk_start = cached
+            s.preempted = False
 
     def _emit(self, s: _Seq, tok: int, lp: float, cfg: Dict[str, Any], ctx: Any) -> None:
         """Records a sampled token; ends the turn on a stop token, the turn's token limit or a
@@ -346,6 +386,7 @@ class RolloutEngine:
         s.loss_mask.append(1)
         s.new_tokens += 1
         s.pending = [tok]
+        s.chunk_start = len(s.tokens) - 1
         stop = tok in cfg["stops"] or s.new_tokens >= cfg["max_new_tokens"]
         called = False
         if cfg["tools"] is not None and len(s.turns) + 1 < cfg["max_turns"]:
@@ -354,7 +395,8 @@ class RolloutEngine:
         if called:
             self._run_tool(s, cfg, ctx)
         elif stop:
-            s.done = True  # its last token still gets no KV: nothing follows it
+            s.done = True
+            s.pending = []  # nothing follows its last token: its KV is never needed
 
     def _run_tool(self, s: _Seq, cfg: Dict[str, Any], ctx: Any) -> None:
         from ..tools import ToolResult
@@ -379,6 +421,7 @@ class RolloutEngine:
         s.logprobs += [0.0] * len(obs)
         s.loss_mask += [0] * len(obs)
         s.pending = s.pending + obs
+        s.chunk_start = len(s.tokens) - len(s.pending)
         s.turn_start = len(s.tokens)
         s.new_tokens = 0
 
