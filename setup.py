@@ -54,9 +54,9 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.6", "pillow>=10",
                  "transformers>=4.45"],
         "bench": ["pytest-benchmark>=4", "liger-kernel>=0.6", "matplotlib>=3.7", "pillow>=10",
-                  "transformers>=4.45"],
+                  "transformers>=4.45", "psutil"],
         "dev": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.6", "pytest-benchmark>=4",
-                "matplotlib>=3.7", "pillow>=10", "transformers>=4.45"],
+                "matplotlib>=3.7", "pillow>=10", "transformers>=4.45", "psutil"],
     },
     entry_points={"console_scripts": ["mapo-bench=mapo_fast.cli:bench_main"]},
 )

@@ -17,10 +17,11 @@ sys.path.insert(0, str(HERE))
 import bench_advantage  # noqa: E402
 import bench_allocator  # noqa: E402
 import bench_loss  # noqa: E402
+import bench_rollout  # noqa: E402
 import bench_tools  # noqa: E402
 
 BENCHMARKS = {"loss": bench_loss, "tools": bench_tools, "advantage": bench_advantage,
-              "allocator": bench_allocator}
+              "allocator": bench_allocator, "rollout": bench_rollout}
 
 
 def device_slug(device: torch.device) -> str:

@@ -319,6 +319,8 @@ class RolloutEngine:
                                        "an empty pool")  # excluded by the capacity check
                 break
             step = self._make_room(live)
+            used = self.num_blocks - self.blocks.num_free
+            self.stats["peak_blocks"] = max(self.stats.get("peak_blocks", 0), used)
             logits = self._forward([(s.sid, s.tokens[s.chunk_start:], s.chunk_start)
                                     for s in step])
             # each chunk ends with the sample's newest token (decode); anything before it in

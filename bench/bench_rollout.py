@@ -1,0 +1,229 @@
+"""Multi-turn rollouts, side by side in one run: the naive Hugging Face loop (``generate`` re-run
+on the whole history every turn), HF ``generate`` continuing each sample's own KV cache (no
+sharing between samples), and ``mapo_fast.RolloutEngine`` (paged KV, one prefill per group,
+observations prefilled alone, all samples decoded together). A text-only single-turn variant
+adds transformers' continuous-batching ``generate_batch``.
+
+Workload: 4 prompts x G=8 samples, a 1024-token prompt, 3 tool turns (64 generated tokens, then
+a 256-token observation) and a final 64-token turn, a ~27M-parameter Qwen2 built from a config
+(random weights; sampled at temperature 1). Turn ends are forced at 64 tokens in every case, so
+all do the same amount of generation. Reported: wall time, prompt/observation tokens pushed
+through the model (prefill), and the peak KV-cache memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+try:
+    from harness import device_info, main as bench_main, measure, write_report
+except ImportError:  # imported as bench.bench_rollout
+    from .harness import device_info, main as bench_main, measure, write_report
+
+SCALES = {"quick": dict(prompts=2, group=2, prompt_len=128, turns=1, new=16, obs=32,
+                        layers=2, hidden=128),
+          "cpu": dict(prompts=4, group=8, prompt_len=1024, turns=3, new=64, obs=256,
+                      layers=4, hidden=512),
+          "gpu": dict(prompts=4, group=8, prompt_len=1024, turns=3, new=64, obs=256,
+                      layers=16, hidden=2048)}
+VOCAB = 32000
+
+
+def make_model(cfg, device):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    h = cfg["hidden"]
+    conf = Qwen2Config(vocab_size=VOCAB + 8, hidden_size=h, intermediate_size=int(h * 2.75),
+                       num_hidden_layers=cfg["layers"], num_attention_heads=max(4, h // 64),
+                       num_key_value_heads=2, max_position_embeddings=8192,
+                       tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(conf).eval().to(device)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    return model
+
+
+def make_tokenizer():
+    """Word-level: token i <-> 'w{i}', plus the tool tags (single tokens)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    for j, t in enumerate(["<pad>", "<tool_call>", "</tool_call>", "<tool_response>",
+                           "</tool_response>"]):
+        vocab[t] = VOCAB + j
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>")
+
+
+def workload(cfg, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, VOCAB, (cfg["prompt_len"],), generator=g).tolist()
+               for _ in range(cfg["prompts"])]
+    obs = [torch.randint(0, VOCAB, (cfg["obs"],), generator=g).tolist()
+           for _ in range(cfg["turns"])]
+    return prompts, obs
+
+
+class _FixedObservation:
+    """A tool runner whose k-th call returns the k-th fixed observation text."""
+
+    def __init__(self, obs_texts):
+        self.obs_texts = obs_texts
+
+    def run(self, texts, contexts, sessions):
+        from mapo_fast.tools import ToolResult
+        k = sessions[0].calls
+        sessions[0].calls += 1
+        return [ToolResult(ok=True, text=self.obs_texts[min(k, len(self.obs_texts) - 1)])]
+
+
+class _EndTurnAt:
+    """Forces `</tool_call>` as the `n`-th token of every turn (turns restart after each
+    observation, recognised by its closing tag)."""
+
+    def __init__(self, n, end_id, obs_end_id, prompt_len):
+        self.n, self.end_id, self.obs_end_id, self.prompt_len = n, end_id, obs_end_id, prompt_len
+
+    def __call__(self, tokens, logits):
+        last_obs = max((i for i, t in enumerate(tokens) if t == self.obs_end_id),
+                       default=self.prompt_len - 1)
+        if len(tokens) - last_obs == self.n:
+            out = torch.full_like(logits, float("-inf"))
+            out[self.end_id] = 0.0
+            return out
+        out = logits.clone()
+        out[VOCAB:] = float("-inf")  # keep to ordinary words otherwise
+        return out
+
+
+def kv_bytes(model, tokens: int) -> int:
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * tokens * \
+        next(model.parameters()).element_size()
+
+
+def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str):
+    from mapo_fast.rollout import RolloutEngine
+    cfg = SCALES[scale]
+    info = device_info(device)
+    model = make_model(cfg, device)
+    tok = make_tokenizer()
+    prompts, obs = workload(cfg)
+    obs_texts = [tok.decode(o) for o in obs]
+    template = "<tool_response> {} </tool_response>"  # word-level: tags are their own words
+    obs_ids = [tok(template.format(t), add_special_tokens=False)["input_ids"] for t in obs_texts]
+    end_id, obs_end = VOCAB + 2, VOCAB + 4
+    G, T, N = cfg["group"], cfg["turns"], cfg["new"]
+    counts = {}
+
+    def naive(own_cache: bool):
+        from transformers import DynamicCache
+        prefill, peak = 0, 0
+        for i, p in enumerate(prompts):
+            for g in range(G):
+                torch.manual_seed(1000 * i + g)
+                hist = list(p)
+                cache = DynamicCache() if own_cache else None
+                cached = 0
+                for k in range(T + 1):
+                    prefill += len(hist) - cached
+                    out = model.generate(torch.tensor([hist], device=device), do_sample=True,
+                                         top_k=0, max_new_tokens=N, min_new_tokens=N,
+                                         pad_token_id=VOCAB, cache=cache,
+                                         return_dict_in_generate=True)
+                    hist = out.sequences[0].tolist()
+                    if own_cache:
+                        cache = out.past_key_values if out.past_key_values is not None else cache
+                        cached = len(hist) - 1
+                    if k < T:
+                        hist += obs_ids[k]
+                peak = max(peak, len(hist))
+        live = G * len(prompts) if own_cache else 1  # own caches all live to the end
+        return prefill, kv_bytes(model, peak) * live
+
+    def ours():
+        eng = RolloutEngine(model, tok, block_size=16,
+                            memory_budget_mb=max(64, 2 * kv_bytes(model, 1) *
+                                                 (len(prompts) * G + 1) *
+                                                 (cfg["prompt_len"] + T * (N + cfg["obs"] + 2)
+                                                  + N) / 2 ** 20))
+        eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
+                     tools=_FixedObservation(obs_texts), max_turns=T + 1, stop_token_ids=[],
+                     max_observation_tokens=cfg["obs"] + 2, observation_template=template,
+                     logits_processor=_EndTurnAt(N, end_id, obs_end, cfg["prompt_len"]))
+        per_block = kv_bytes(model, eng.block_size)
+        assert eng.stats["decode_tokens"] > 0
+        return eng.stats["prefill_tokens"], eng.stats["peak_blocks"] * per_block
+
+    def record(name, fn):
+        def timed():
+            counts[name] = fn()
+        return timed
+
+    rows = []
+    for name, fn, notes in [("naive HF loop", lambda: naive(False), "re-prefills history"),
+                            ("HF generate, own cache", lambda: naive(True), "no sharing"),
+                            ("mapo_fast RolloutEngine", ours, "paged KV, shared prompts")]:
+        print(f"  rollout: {name} ...", flush=True)
+        r = measure(name, record(name, fn), device, repeats=1, warmup=0)
+        prefill, kv = counts[name]
+        r.extra = {"prefill_tokens": prefill, "peak_kv_mib": kv / 2 ** 20}
+        r.notes = f"{notes}; prefill {prefill} tokens; peak KV {kv / 2 ** 20:.0f} MiB"
+        print(f"    {r.median_ms / 1e3:.1f} s, {r.notes}", flush=True)
+        rows.append(r)
+    results = [{"workload": f"{len(prompts)} prompts x G={G}, {cfg['prompt_len']}-token prompt, "
+                            f"{T} tool turns of {N} + {cfg['obs']} tokens, final {N}",
+                "cases": rows}]
+
+    # text single-turn variant with transformers' continuous batching
+    single = []
+
+    def gen_batch():
+        from transformers import GenerationConfig
+        gc = GenerationConfig(max_new_tokens=N, do_sample=True, top_k=0, eos_token_id=-1,
+                              pad_token_id=VOCAB)
+        model.generate_batch(inputs=[p for p in prompts for _ in range(G)],
+                             generation_config=gc, progress_bar=False)
+
+    def ours_single():
+        eng = RolloutEngine(model, tok, block_size=16)
+        eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
+                     stop_token_ids=[])
+    for name, fn, notes in [("transformers generate_batch", gen_batch, "continuous batching"),
+                            ("mapo_fast RolloutEngine", ours_single, "shared prompts")]:
+        print(f"  single turn: {name} ...", flush=True)
+        try:
+            r = measure(name, fn, device, repeats=1, warmup=1 if "batch" in name else 0,
+                        notes=notes)
+        except Exception as e:  # generate_batch is young and version-dependent
+            print(f"    skipped: {type(e).__name__}: {e}", flush=True)
+            continue
+        print(f"    {r.median_ms / 1e3:.1f} s", flush=True)
+        single.append(r)
+    if single:
+        results.append({"workload": f"text single turn: {len(prompts)} x G={G}, "
+                                    f"{cfg['prompt_len']}-token prompt, {N} new tokens",
+                        "cases": single})
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    desc = (f"Qwen2 of {params:.0f}M parameters from a config, random weights, "
+            f"{next(model.parameters()).dtype}; one run each (minutes on a CPU). Ratios are "
+            "against mapo_fast.")
+    extra = {name: counts[name] for name in counts}
+    return write_report(f"rollout-{tag}", "Multi-turn rollouts", results, info, out_dir,
+                        baseline="mapo_fast RolloutEngine", description=desc,
+                        extra={k: {"prefill_tokens": v[0], "peak_kv_bytes": v[1]}
+                               for k, v in extra.items()})
+
+
+def main(argv=None):
+    bench_main(__doc__, SCALES, run, argv)
+
+
+if __name__ == "__main__":
+    main()
