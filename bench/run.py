@@ -68,12 +68,14 @@ def readme_table(out: Path) -> str:
             cases = wl["cases"]
             base = next((c for c in cases if c["name"] == data["baseline"]), None)
             parts += ["", f"{wl['workload']}:", "",
-                      f"| case | time (ms) | time vs {data['baseline']} | peak extra memory (MiB) |",
-                      "|---|---:|---:|---:|"]
+                      f"| case | time (ms) | time vs {data['baseline']} | peak extra memory (MiB) "
+                      "| notes |",
+                      "|---|---:|---:|---:|---|"]
             for c in cases:
                 ratio = f"{c['median_ms'] / base['median_ms']:.2f}x" if base else "-"
                 mem = "-" if c["peak_extra_mib"] is None else f"{c['peak_extra_mib']:.0f}"
-                parts.append(f"| {c['name']} | {_ms(c['median_ms'])} | {ratio} | {mem} |")
+                parts.append(f"| {c['name']} | {_ms(c['median_ms'])} | {ratio} | {mem} "
+                             f"| {c.get('notes', '')} |")
         parts.append("")
     return "\n".join(parts)
 
