@@ -138,8 +138,10 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
                                          pad_token_id=VOCAB, cache=cache,
                                          return_dict_in_generate=True)
                     hist = out.sequences[0].tolist()
-                    if own_cache:
-                        cache = out.past_key_values if out.past_key_values is not None else cache
+                    if own_cache:  # transformers 5 names it `cache`, earlier `past_key_values`
+                        returned = getattr(out, "cache", None) if hasattr(out, "cache") \
+                            else out.past_key_values
+                        cache = returned if returned is not None else cache
                         cached = len(hist) - 1
                     if k < T:
                         hist += obs_ids[k]
