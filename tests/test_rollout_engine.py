@@ -196,3 +196,16 @@ def test_preemption_under_a_tiny_pool_gives_the_same_greedy_results(model):
                                    atol=1e-5, rtol=0)
     assert small.blocks.num_free == 10
     assert sum(t.stats.get("preemptions", 0) for t in got) == small.stats["preemptions"]
+
+
+def test_prompts_that_do_not_fit_together_preempt_running_samples(model):
+    """Three 39-token prompts (3 blocks each) in a 6-block pool: the third prompt's allocation
+    preempts the second group, which resumes later; results equal a large pool's."""
+    prompts = [list(range(1, 40)), list(range(41, 80)), list(range(81, 120))]
+    kw = dict(group_size=2, max_new_tokens=20, temperature=0.0)
+    want = RolloutEngine(model, None, block_size=16, num_blocks=64).generate(prompts, **kw)
+    small = RolloutEngine(model, None, block_size=16, num_blocks=6)
+    got = small.generate(prompts, **kw)
+    assert small.stats["preemptions"] > 0
+    assert [t.token_ids for t in got] == [t.token_ids for t in want]
+    assert small.blocks.num_free == 6 and small.blocks.num_seqs == 0

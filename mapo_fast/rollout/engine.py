@@ -62,6 +62,10 @@ def _paged_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.unsqueeze(0), None
 
 
+def _out_of_blocks(e: Exception) -> bool:
+    return str(e).startswith("out of KV blocks")
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
@@ -284,7 +288,7 @@ class RolloutEngine:
 
         seqs: List[_Seq] = []
         for i, toks in enumerate(encoded):
-            head, cached = self.blocks.add(toks)
+            head, cached = self._add_prompt(toks, seqs)
             self.stats["cached_prompt_tokens"] += cached
             self.stats["prefill_tokens"] += len(toks) - cached
             if cached == len(toks):
@@ -352,13 +356,27 @@ class RolloutEngine:
                         appended += 1
                     step.append(s)
                     break
-                except RuntimeError:
+                except RuntimeError as e:
+                    if not _out_of_blocks(e):
+                        raise
                     victims = [v for v in live if v is not s and not v.preempted]
                     victim = victims[-1] if victims else s
                     self._preempt(victim)
                     if victim in step:
                         step.remove(victim)
         return step
+
+    def _add_prompt(self, toks: List[int], seqs: List[_Seq]):
+        """``blocks.add(toks)``, preempting the most recently started running samples while
+        the pool cannot hold the prompt."""
+        while True:
+            try:
+                return self.blocks.add(toks)
+            except RuntimeError as e:
+                running = [v for v in seqs if not v.preempted and not v.done]
+                if not _out_of_blocks(e) or not running:
+                    raise
+                self._preempt(running[-1])
 
     def _preempt(self, s: _Seq) -> None:
         self.blocks.free_seq(s.sid)
