@@ -36,9 +36,14 @@ def _backward(backend: str, hidden, weight, bias, targets, inv_temp, lse, ent, g
                              rows=rows)
 
 
-def _cast_grads(hidden, weight, bias, dh, dw, db):
-    return (dh.to(hidden.dtype), dw.to(weight.dtype),
-            None if bias is None else db.to(bias.dtype))
+def _cast_grads(dtypes, dh, dw, db):
+    """Gradients in the dtypes ``(hidden, weight, bias or None)`` of the inputs."""
+    dt_h, dt_w, dt_b = dtypes
+    return dh.to(dt_h), dw.to(dt_w), None if db is None else db.to(dt_b)
+
+
+def _dtypes(hidden, weight, bias):
+    return hidden.dtype, weight.dtype, None if bias is None else bias.dtype
 
 
 class _LinearLogprob(torch.autograd.Function):
@@ -58,7 +63,7 @@ class _LinearLogprob(torch.autograd.Function):
             g_logp = torch.zeros_like(lse)
         dh, dw, db = _backward(ctx.backend, hidden, weight, bias, targets, ctx.inv_temp, lse,
                                ent, g_logp, g_ent, rows)
-        dh, dw, db = _cast_grads(hidden, weight, bias, dh, dw, db)
+        dh, dw, db = _cast_grads(_dtypes(hidden, weight, bias), dh, dw, db)
         return dh, dw, db, None, None, None, None
 
 
@@ -100,19 +105,17 @@ class _FusedLinearObjective(torch.autograd.Function):
                 value = objective(slice(None), logp, ent).sum()
         if need_grad:
             ctx.save_for_backward(dh, dw, db)
-            ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
+            ctx.dtypes = _dtypes(hidden, weight, bias)
         ctx.mark_non_differentiable(logp, ent)
         return value, logp, ent
 
     @staticmethod
     def backward(ctx, g_value, _g_logp, _g_ent):
         dh, dw, db = ctx.saved_tensors
-        dt_h, dt_w, dt_b = ctx.dtypes
         if not torch.equal(g_value, torch.ones_like(g_value)):  # else no copy of the grads
             dh, dw = dh * g_value, dw * g_value
             db = None if db is None else db * g_value
-        return (dh.to(dt_h), dw.to(dt_w), None if db is None else db.to(dt_b),
-                None, None, None, None, None)
+        return (*_cast_grads(ctx.dtypes, dh, dw, db), None, None, None, None, None)
 
 
 def check_linear_inputs(fn: str, hidden: Tensor, weight: Tensor, targets: Tensor,

@@ -92,6 +92,7 @@ class _Seq:
     stats: Dict[str, int] = field(default_factory=dict)
     chunk_start: int = 0           # first token of the next forward's chunk for this sample
     preempted: bool = False
+    ctx: Any = None                # the prompt's ToolContext
 
 
 class RolloutEngine:
@@ -302,18 +303,17 @@ class RolloutEngine:
                 if temperature > 0:
                     gen = torch.Generator().manual_seed((seed if seed is not None else 0) + j)
                 s = _Seq(self.blocks.fork_seq(head), j, list(toks), len(toks), generator=gen,
-                         turn_start=len(toks), stats={"tool_calls": 0, "tool_errors": 0})
+                         turn_start=len(toks), stats={"tool_calls": 0, "tool_errors": 0},
+                         ctx=None if tool_contexts is None else tool_contexts[i])
                 if tools is not None:
                     from ..tools import ToolSession
                     s.session = ToolSession(max_calls=max_tool_calls)
                 tok, lp = pick(s, logits)
-                self._emit(s, tok, lp, cfg, None if tool_contexts is None else tool_contexts[i])
+                self._emit(s, tok, lp, cfg)
                 if s.done:  # finished at its first token
                     self.blocks.free_seq(s.sid)
                 seqs.append(s)
             self.blocks.free_seq(head)
-        contexts = {s.traj: (None if tool_contexts is None else tool_contexts[s.traj // group_size])
-                    for s in seqs}
         while True:
             self._resume(seqs)
             live = [s for s in seqs if s.pending and not s.preempted]
@@ -334,7 +334,7 @@ class RolloutEngine:
             for row, s in enumerate(step):  # one generator per sample: batching-independent
                 s.pending = []
                 t, lp = pick(s, logits[row:row + 1])
-                self._emit(s, t, lp, cfg, contexts[s.traj])
+                self._emit(s, t, lp, cfg)
                 if s.done:  # finished: its blocks go back at once (the prefix index keeps them
                     self.blocks.free_seq(s.sid)  # findable until they are reused)
         return [self._trajectory(s, group_size) for s in sorted(seqs, key=lambda s: s.traj)]
@@ -398,7 +398,7 @@ class RolloutEngine:
             s.chunk_start = cached
             s.preempted = False
 
-    def _emit(self, s: _Seq, tok: int, lp: float, cfg: Dict[str, Any], ctx: Any) -> None:
+    def _emit(self, s: _Seq, tok: int, lp: float, cfg: Dict[str, Any]) -> None:
         """Records a sampled token; ends the turn on a stop token, the turn's token limit or a
         closed tool call (then runs the tool and queues the observation)."""
         s.tokens.append(tok)
@@ -408,21 +408,21 @@ class RolloutEngine:
         s.pending = [tok]
         s.chunk_start = len(s.tokens) - 1
         stop = tok in cfg["stops"] or s.new_tokens >= cfg["max_new_tokens"]
-        called = False
+        text = None
         if cfg["tools"] is not None and len(s.turns) + 1 < cfg["max_turns"]:
             text = self.tokenizer.decode(s.tokens[s.turn_start:])
-            called = text.rstrip().endswith("</tool_call>")
-        if called:
-            self._run_tool(s, cfg, ctx)
+        if text is not None and text.rstrip().endswith("</tool_call>"):
+            self._run_tool(s, text, cfg)
         elif stop:
             s.done = True
             s.pending = []  # nothing follows its last token: its KV is never needed
 
-    def _run_tool(self, s: _Seq, cfg: Dict[str, Any], ctx: Any) -> None:
+    def _run_tool(self, s: _Seq, text: str, cfg: Dict[str, Any]) -> None:
+        """Runs the tool call that closes ``text`` (the turn so far) and queues its
+        observation."""
         from ..tools import ToolResult
-        text = self.tokenizer.decode(s.tokens[s.turn_start:])
         call_start = self._find(s, s.turn_start, "<tool_call>")
-        result = cfg["tools"].run([text], [ctx], [s.session])[0]
+        result = cfg["tools"].run([text], [s.ctx], [s.session])[0]
         if result is not None and result.ok and result.crop is not None:
             result = ToolResult.error("tool_failed", "this model cannot receive images; use a "
                                                      "text tool")
