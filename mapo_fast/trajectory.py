@@ -54,7 +54,8 @@ class ToolTurn:
     environment inserted (None when the call produced none); ``description``: the model's
     ``<description>`` tokens after the observation (None if it wrote none: the turn then gets
     the minimum semantic score); ``crop_index``: index into ``Trajectory.crops`` (None when the
-    call failed); ``error``: the tool error text returned to the model, if any.
+    call failed) and ``box`` the cropped box ``(image_index, x1, y1, x2, y2)`` in original
+    pixels; ``error``: the tool error text returned to the model, if any.
     """
     call: Span
     observation: Optional[Span] = None
@@ -62,6 +63,7 @@ class ToolTurn:
     description_text: Optional[str] = None
     crop_index: Optional[int] = None
     error: Optional[str] = None
+    box: Optional[Tuple[float, ...]] = None  # (image_index, x1, y1, x2, y2), original pixels
     region: Any = None  # task-provided ground truth of the cropped region (OracleVerifier)
 
     @property

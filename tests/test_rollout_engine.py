@@ -92,7 +92,7 @@ def test_bad_input_is_named_before_generation(model):
         eng.generate(PROMPTS[:1], group_size=0)
     with pytest.raises(ValueError, match=r"`prompts\[0\]` \(39 tokens\) plus 1 turn\(s\) of up"):
         eng.generate(PROMPTS[:1], max_new_tokens=30)
-    with pytest.raises(ValueError, match=r"`prompts\[1\]` is a string but the engine has no"):
+    with pytest.raises(ValueError, match=r"`prompts\[1\]` is text but the engine has no tokenizer"):
         eng.generate([[1, 2], "hello"])
     with pytest.raises(ValueError, match="`model`.*cannot drive it"):
         RolloutEngine(torch.nn.Linear(2, 2))

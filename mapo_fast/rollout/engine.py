@@ -13,12 +13,19 @@ write (copy-on-write); all live samples decode together, one forward per step.
 
 When the pool runs out, the most recently started other sample is preempted (its blocks
 freed, its tokens kept) and resumed when blocks free up: its tokens go back through the prefix
-index, so only what was evicted is recomputed. Images (Qwen2.5-VL, M-RoPE) build on this text
-core.
+index, so only what was evicted is recomputed.
+
+Vision-language models (Qwen2-VL / Qwen2.5-VL) run through the same path: the forward takes
+input embeddings in which each image-pad token holds its image's vision features, computed once
+per prompt image (shared by the group) and once per crop, and M-RoPE positions that each
+sequence carries on across turns (``rollout.multimodal``). Tool calls of all samples that
+closed one in a step run together: one ``ToolRunner`` call, one ``crop_to_patches`` and one
+vision-tower pass over all their crops.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -27,6 +34,7 @@ import torch
 
 from ..trajectory import DESCRIPTION_TAG, Span, ToolTurn, Trajectory, TrajectorySpans
 from .attention import paged_attention, write_kv
+from .multimodal import ImageInsert, VisionAdapter, image_key, is_vision_language, render_chat
 
 Tensor = torch.Tensor
 ATTN_IMPL = "mapo_paged"
@@ -93,6 +101,22 @@ class _Seq:
     chunk_start: int = 0           # first token of the next forward's chunk for this sample
     preempted: bool = False
     ctx: Any = None                # the prompt's ToolContext
+    positions: Optional[List[tuple]] = None  # M-RoPE (t, h, w) per token (vision-language)
+    next_pos: int = 0              # M-RoPE position of the next token
+    images: List[ImageInsert] = field(default_factory=list)
+    crops: List[Tensor] = field(default_factory=list)
+    tool_text: Optional[str] = None  # the turn's text when it closed a tool call this step
+
+
+@dataclass
+class _Prompt:
+    """An encoded prompt: its tokens, images (uint8 originals and vision features in place)
+    and M-RoPE positions (None for text models)."""
+    tokens: List[int]
+    raw_images: List[Tensor] = field(default_factory=list)
+    images: List[ImageInsert] = field(default_factory=list)
+    positions: Optional[List[tuple]] = None
+    next_pos: int = 0
 
 
 class RolloutEngine:
@@ -101,23 +125,33 @@ class RolloutEngine:
     Args:
         model: a Hugging Face causal LM whose attention goes through transformers' attention
             interface (Qwen2, Llama, Mistral, ...): ``model.model`` (the base) and
-            ``model.lm_head``.
-        tokenizer: its tokenizer (for string prompts, ``eos_token_id``, and decoding).
+            ``model.lm_head``; or a Qwen2-VL / Qwen2.5-VL ``...ForConditionalGeneration``
+            (``model.model.visual`` and ``model.model.language_model``).
+        tokenizer: its tokenizer (for string and chat prompts, ``eos_token_id``, decoding).
         block_size: tokens per KV block.
         num_blocks: blocks in the pool (default: from ``memory_budget_mb``).
         memory_budget_mb: KV-cache memory when ``num_blocks`` is not given (default 256).
+        min_pixels, max_pixels: vision-language models: the area bounds of the resize rule for
+            prompt images and crops (the Qwen2-VL processor's defaults).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, block_size: int = 16,
-                 num_blocks: Optional[int] = None, memory_budget_mb: float = 256.0):
+                 num_blocks: Optional[int] = None, memory_budget_mb: float = 256.0,
+                 min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):
         from ..kernels._block_manager import BlockManager
         cfg = getattr(model, "config", None)
         base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+        self.vision = None
+        if cfg is not None and is_vision_language(model):
+            self.vision = VisionAdapter(model, min_pixels=min_pixels, max_pixels=max_pixels)
+            base = base.language_model
+        cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
         if cfg is None or base is None or head is None or \
                 not hasattr(cfg, "num_hidden_layers") or not hasattr(cfg, "num_key_value_heads"):
             raise ValueError(f"RolloutEngine: `model` ({type(model).__name__}) is not a causal LM "
                              "with .model, .lm_head and a config with num_hidden_layers and "
                              "num_key_value_heads; the engine cannot drive it")
+        self.lm, self.text_config = base, cfg
         if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"RolloutEngine: `block_size` must be a power of two >= 16, got "
                              f"{block_size!r}")
@@ -145,38 +179,51 @@ class RolloutEngine:
     @contextmanager
     def _attention(self, step: _Step):
         global _STEP
-        previous = self.model.config._attn_implementation
-        self.model.config._attn_implementation = ATTN_IMPL
+        previous = self.text_config._attn_implementation
+        self.text_config._attn_implementation = ATTN_IMPL
         _STEP = step
         try:
             yield
         finally:
             _STEP = None
-            self.model.config._attn_implementation = previous
+            self.text_config._attn_implementation = previous
 
     def _forward(self, chunks: Sequence[tuple]) -> Tensor:
-        """One forward pass over packed new tokens. ``chunks``: ``(sid, tokens, start)`` per
-        sequence, the tokens at positions ``start..`` already appended in the block manager.
-        Returns the logits of each chunk's last token, ``[len(chunks), V]`` float32."""
+        """One forward pass over packed new tokens. ``chunks``: ``(sid, owner, start)`` per
+        sequence: the owner's (a ``_Seq`` or ``_Prompt``) tokens from ``start`` on, already
+        appended in the block manager. Returns the logits of each chunk's last token,
+        ``[len(chunks), V]`` float32."""
         ids, pos, slots, tables, lens, cu = [], [], [], [], [], [0]
+        inserts = []  # (row in the packed batch, features) of image tokens in the chunks
         bs = self.block_size
-        for sid, toks, start in chunks:
+        for sid, owner, start in chunks:
             table = self.blocks.block_table(sid)
-            ids += toks
-            pos += range(start, start + len(toks))
-            slots += [table[p // bs] * bs + p % bs for p in range(start, start + len(toks))]
+            end = len(owner.tokens)
+            for im in owner.images:
+                a, b = max(start, im.start), min(end, im.end)
+                if a < b:
+                    inserts.append((len(ids) + a - start, im.features[a - im.start:b - im.start]))
+            ids += owner.tokens[start:end]
+            pos += owner.positions[start:end] if owner.positions is not None else \
+                [(p,) * 3 for p in range(start, end)]
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             tables.append(table)
-            lens.append(start + len(toks))
-            cu.append(cu[-1] + len(toks))
+            lens.append(end)
+            cu.append(cu[-1] + end - start)
         width = max(len(t) for t in tables)
         dev = self.device
         step = _Step(self.k_caches, self.v_caches, torch.tensor(slots, device=dev),
                      torch.tensor([t + [0] * (width - len(t)) for t in tables], device=dev),
                      torch.tensor(lens, device=dev), torch.tensor(cu, device=dev))
+        position_ids = torch.tensor(pos, device=dev).T[:, None, :]  # [3, 1, N]
+        if self.vision is None:
+            position_ids = position_ids[0]
         with torch.no_grad(), self._attention(step):
-            hidden = self.model.model(input_ids=torch.tensor([ids], device=dev),
-                                      position_ids=torch.tensor([pos], device=dev),
-                                      use_cache=False).last_hidden_state[0]
+            embeds = self.lm.get_input_embeddings()(torch.tensor([ids], device=dev))
+            for row, feats in inserts:
+                embeds[0, row:row + feats.shape[0]] = feats.to(embeds.dtype)
+            hidden = self.lm(inputs_embeds=embeds, position_ids=position_ids,
+                             use_cache=False).last_hidden_state[0]
             last = hidden[torch.tensor(cu[1:], device=dev) - 1]
             logits = self.model.lm_head(last).float()
         self.stats["forward_passes"] += 1
@@ -213,18 +260,63 @@ class RolloutEngine:
         return toks, [float(logp[i, t]) for i, t in enumerate(toks)]
 
     # ---- generation ------------------------------------------------------------------------
-    def _encode(self, prompt: Union[str, Sequence[int]], i: int) -> List[int]:
-        if isinstance(prompt, str):
+    def _encode(self, prompt: Any, i: int) -> _Prompt:
+        fn = "RolloutEngine.generate"
+        if isinstance(prompt, str) or (isinstance(prompt, (list, tuple)) and prompt
+                                       and isinstance(prompt[0], dict)):
             if self.tokenizer is None:
-                raise ValueError(f"RolloutEngine.generate: `prompts[{i}]` is a string but the "
-                                 "engine has no tokenizer")
-            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        toks = [int(t) for t in prompt]
+                raise ValueError(f"{fn}: `prompts[{i}]` is text but the engine has no tokenizer")
+            if isinstance(prompt, str):
+                return self._with_images(_Prompt(
+                    list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])), i)
+            toks, ims = render_chat(prompt, self.tokenizer, self.vision, where=f"prompts[{i}]")
+            return self._with_images(_Prompt(toks, raw_images=ims), i)
+        try:
+            toks = [int(t) for t in prompt]
+        except (TypeError, ValueError):
+            raise ValueError(f"{fn}: `prompts[{i}]` must be a string, token ids or a chat "
+                             f"message list, got {type(prompt).__name__}") from None
         if not toks:
-            raise ValueError(f"RolloutEngine.generate: `prompts[{i}]` is empty")
-        return toks
+            raise ValueError(f"{fn}: `prompts[{i}]` is empty")
+        return self._with_images(_Prompt(toks), i)
 
-    def generate(self, prompts: Sequence[Union[str, Sequence[int]]], *, group_size: int = 1,
+    def _with_images(self, p: _Prompt, i: int) -> _Prompt:
+        """Vision features of the prompt's images (one vision-tower pass) and its M-RoPE
+        positions; the image-pad runs must match the images."""
+        if self.vision is None:
+            return p
+        v = self.vision
+        feats = v.encode(p.raw_images, [(k, 0, 0, im.shape[2], im.shape[1])
+                                        for k, im in enumerate(p.raw_images)])
+        self.stats["vision_images"] = self.stats.get("vision_images", 0) + len(feats)
+        try:
+            p.positions, p.next_pos = v.positions(p.tokens, [g for _, g in feats], 0)
+        except ValueError:
+            raise ValueError(f"RolloutEngine.generate: `prompts[{i}]` has image-pad tokens "
+                             f"but only {len(feats)} image(s)") from None
+        runs = [k for k, t in enumerate(p.tokens) if t == v.image_token_id and
+                (k == 0 or p.tokens[k - 1] != v.image_token_id)]
+        if len(runs) != len(feats):
+            raise ValueError(f"RolloutEngine.generate: `prompts[{i}]` has {len(runs)} image "
+                             f"placeholder(s) for {len(feats)} image(s)")
+        p.images = [ImageInsert(k, f, image_key(im))
+                    for k, (f, _), im in zip(runs, feats, p.raw_images)]
+        return p
+
+    @staticmethod
+    def _keys(owner: Any, start: int = 0, end: Optional[int] = None) -> List[int]:
+        """The prefix index's view of ``owner.tokens[start:end]``: image-pad tokens are
+        replaced by keys of their image's content and offset, so two images never share
+        cached KV."""
+        end = len(owner.tokens) if end is None else end
+        keys = owner.tokens[start:end]
+        for im in owner.images:
+            a, b = max(start, im.start), min(end, im.end)
+            for j in range(a, b):
+                keys[j - start] = -1 - ((im.key * 1000003 + j - im.start) & (2 ** 62 - 1))
+        return keys
+
+    def generate(self, prompts: Sequence[Any], *, group_size: int = 1,
                  max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, stop_token_ids: Optional[Sequence[int]] = None,
                  seed: Optional[int] = None, tools: Any = None, max_turns: int = 1,
@@ -233,18 +325,21 @@ class RolloutEngine:
                  observation_template: str = "<tool_response>{}</tool_response>",
                  logits_processor: Optional[Any] = None) -> List[Trajectory]:
         """``len(prompts) x group_size`` trajectories, grouped (the samples of prompt ``i`` are
-        ``[i * group_size, (i + 1) * group_size)``). A prompt is a string or token ids.
-        ``temperature=0`` is greedy. Sample ``j`` of the batch draws from its own generator,
-        seeded ``seed + j`` (so results do not depend on batching). ``max_new_tokens`` bounds
-        each assistant turn.
+        ``[i * group_size, (i + 1) * group_size)``). A prompt is a string, token ids, or a chat
+        message list (``{"role", "content"}`` dicts; content parts ``{"type": "text"}`` or
+        ``{"type": "image", "image": uint8 [3, H, W]}``, vision-language models only), rendered
+        in Qwen's chat format up to the opened assistant turn. ``temperature=0`` is greedy.
+        Sample ``j`` of the batch draws from its own generator, seeded ``seed + j`` (so results
+        do not depend on batching). ``max_new_tokens`` bounds each assistant turn.
 
         With ``tools`` (a ``ToolRunner``) and ``max_turns > 1``, a turn that closes a
-        ``</tool_call>`` is handed to the runner; the observation text (its result or error)
-        is inserted as ``observation_template`` (at most ``max_observation_tokens`` tokens,
-        loss mask 0) and only those tokens are prefilled, batched with the other samples'
-        decoding, before the model continues. ``tool_contexts[i]`` is prompt ``i``'s
-        ``ToolContext``. Text tools only for now: a call that returns an image is refused
-        with an error observation until vision-language models are supported.
+        ``</tool_call>`` is handed to the runner; the observation is inserted as
+        ``observation_template`` with ``{}`` replaced by the result: the crop's image tokens
+        (vision-language models), else the text (a text tool's result or an error, at most
+        ``max_observation_tokens`` tokens). Observation tokens have loss mask 0 and only they
+        are prefilled, batched with the other samples' decoding, before the model continues.
+        ``tool_contexts[i]`` is prompt ``i``'s ``ToolContext`` (default: the prompt's images).
+        A text-only model is answered with an error observation when a tool returns a crop.
 
         ``logits_processor(token_ids, logits) -> logits`` (optional) edits each sample's
         next-token logits ``[V]`` (float32) given its tokens so far, before sampling; the
@@ -265,21 +360,34 @@ class RolloutEngine:
         if tool_contexts is not None and len(tool_contexts) != len(prompts):
             raise ValueError(f"{fn}: `tool_contexts` has {len(tool_contexts)} entries for "
                              f"{len(prompts)} prompts")
+        if tools is not None and "{}" not in observation_template:
+            raise ValueError(f"{fn}: `observation_template` must contain '{{}}', got "
+                             f"{observation_template!r}")
         encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        per_turn = max_new_tokens + (max_observation_tokens + 8 if tools is not None else 0)
-        longest = [len(t) + max_turns * per_turn for t in encoded]
+        obs_tokens = max_observation_tokens
+        if self.vision is not None:
+            obs_tokens = max(obs_tokens, self.vision.max_image_tokens + 2 + len(self.tokenizer(
+                observation_template, add_special_tokens=False)["input_ids"]))
+        per_turn = max_new_tokens + (obs_tokens + 8 if tools is not None else 0)
+        longest = [len(p.tokens) + max_turns * per_turn for p in encoded]
         capacity = self.num_blocks * self.block_size
         for i, n in enumerate(longest):
             if n > capacity:
-                raise ValueError(f"{fn}: `prompts[{i}]` ({len(encoded[i])} tokens) plus "
+                raise ValueError(f"{fn}: `prompts[{i}]` ({len(encoded[i].tokens)} tokens) plus "
                                  f"{max_turns} turn(s) of up to {per_turn} tokens exceeds the KV "
                                  f"budget of {capacity} tokens")
         stops = set(stop_token_ids or [])
         eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
         if stop_token_ids is None and eos is not None:
             stops.add(int(eos))
+        if tools is not None and self.vision is not None:
+            # crops are cut by the model's resize rule (the runner's stats stay shared)
+            tools = dataclasses.replace(tools, crop_kwargs={
+                **tools.crop_kwargs, "factor": self.vision.factor,
+                "min_pixels": self.vision.min_pixels, "max_pixels": self.vision.max_pixels})
         cfg = dict(stops=stops, max_new_tokens=max_new_tokens, max_turns=max_turns, tools=tools,
-                   max_observation_tokens=max_observation_tokens, template=observation_template)
+                   max_observation_tokens=max_observation_tokens, template=observation_template,
+                   image_keys={})
 
         def pick(s: _Seq, row_logits: Tensor):
             if logits_processor is not None:
@@ -288,15 +396,22 @@ class RolloutEngine:
             return t[0], lp[0]
 
         seqs: List[_Seq] = []
-        for i, toks in enumerate(encoded):
-            head, cached = self._add_prompt(toks, seqs)
+        for i, p in enumerate(encoded):
+            toks = p.tokens
+            head, cached = self._add_prompt(self._keys(p), seqs)
             self.stats["cached_prompt_tokens"] += cached
             self.stats["prefill_tokens"] += len(toks) - cached
             if cached == len(toks):
                 # the whole prompt is cached: recompute its last token for the logits (its KV
                 # slot gets the same values it already holds)
                 cached -= 1
-            logits = self._forward([(head, toks[cached:], cached)])
+            logits = self._forward([(head, p, cached)])
+            ctx = tool_contexts[i] if tool_contexts is not None else None
+            if ctx is None and tools is not None and p.raw_images:
+                from ..tools import ToolContext
+                ctx = ToolContext.for_images(p.raw_images, self.vision.factor,
+                                             self.vision.min_pixels, self.vision.max_pixels)
+            started = len(seqs)
             for g in range(group_size):
                 j = i * group_size + g
                 gen = None
@@ -304,15 +419,18 @@ class RolloutEngine:
                     gen = torch.Generator().manual_seed((seed if seed is not None else 0) + j)
                 s = _Seq(self.blocks.fork_seq(head), j, list(toks), len(toks), generator=gen,
                          turn_start=len(toks), stats={"tool_calls": 0, "tool_errors": 0},
-                         ctx=None if tool_contexts is None else tool_contexts[i])
+                         ctx=ctx, images=list(p.images), next_pos=p.next_pos,
+                         positions=None if p.positions is None else list(p.positions))
                 if tools is not None:
                     from ..tools import ToolSession
                     s.session = ToolSession(max_calls=max_tool_calls)
                 tok, lp = pick(s, logits)
                 self._emit(s, tok, lp, cfg)
+                seqs.append(s)
+            self._run_tools(seqs[started:], cfg)
+            for s in seqs[started:]:
                 if s.done:  # finished at its first token
                     self.blocks.free_seq(s.sid)
-                seqs.append(s)
             self.blocks.free_seq(head)
         while True:
             self._resume(seqs)
@@ -325,8 +443,7 @@ class RolloutEngine:
             step = self._make_room(live)
             used = self.num_blocks - self.blocks.num_free
             self.stats["peak_blocks"] = max(self.stats.get("peak_blocks", 0), used)
-            logits = self._forward([(s.sid, s.tokens[s.chunk_start:], s.chunk_start)
-                                    for s in step])
+            logits = self._forward([(s.sid, s, s.chunk_start) for s in step])
             # each chunk ends with the sample's newest token (decode); anything before it in
             # the chunk is an observation or a recomputed prefix (prefill)
             self.stats["decode_tokens"] += len(step)
@@ -335,6 +452,8 @@ class RolloutEngine:
                 s.pending = []
                 t, lp = pick(s, logits[row:row + 1])
                 self._emit(s, t, lp, cfg)
+            self._run_tools(step, cfg)
+            for s in step:
                 if s.done:  # finished: its blocks go back at once (the prefix index keeps them
                     self.blocks.free_seq(s.sid)  # findable until they are reused)
         return [self._trajectory(s, group_size) for s in sorted(seqs, key=lambda s: s.traj)]
@@ -351,7 +470,7 @@ class RolloutEngine:
             appended = self.blocks.num_tokens(s.sid)  # tokens already in its blocks
             while not s.preempted:
                 try:
-                    for t in s.tokens[appended:]:
+                    for t in self._keys(s, appended):
                         self._copy_blocks(self.blocks.append_tokens([s.sid], [t])[1])
                         appended += 1
                     step.append(s)
@@ -393,17 +512,19 @@ class RolloutEngine:
                 continue
             if self.blocks.blocks_for(len(s.tokens)) + 1 > self.blocks.num_free:
                 break
-            keep = s.tokens[:len(s.tokens) - len(s.pending)]
-            s.sid, cached = self.blocks.add(keep)
+            s.sid, cached = self.blocks.add(self._keys(s, 0, len(s.tokens) - len(s.pending)))
             s.chunk_start = cached
             s.preempted = False
 
     def _emit(self, s: _Seq, tok: int, lp: float, cfg: Dict[str, Any]) -> None:
         """Records a sampled token; ends the turn on a stop token, the turn's token limit or a
-        closed tool call (then runs the tool and queues the observation)."""
+        closed tool call (marked in ``tool_text``; ``_run_tools`` runs it)."""
         s.tokens.append(tok)
         s.logprobs.append(lp)
         s.loss_mask.append(1)
+        if s.positions is not None:
+            s.positions.append((s.next_pos,) * 3)
+        s.next_pos += 1
         s.new_tokens += 1
         s.pending = [tok]
         s.chunk_start = len(s.tokens) - 1
@@ -412,31 +533,81 @@ class RolloutEngine:
         if cfg["tools"] is not None and len(s.turns) + 1 < cfg["max_turns"]:
             text = self.tokenizer.decode(s.tokens[s.turn_start:])
         if text is not None and text.rstrip().endswith("</tool_call>"):
-            self._run_tool(s, text, cfg)
+            s.tool_text = text
         elif stop:
             s.done = True
             s.pending = []  # nothing follows its last token: its KV is never needed
 
-    def _run_tool(self, s: _Seq, text: str, cfg: Dict[str, Any]) -> None:
-        """Runs the tool call that closes ``text`` (the turn so far) and queues its
-        observation."""
+    def _run_tools(self, batch: Sequence[_Seq], cfg: Dict[str, Any]) -> None:
+        """Runs the tool calls that closed this step, all together: one runner call, and for
+        vision-language models one vision-tower pass over all the crops; queues each
+        sample's observation."""
+        todo = [s for s in batch if s.tool_text is not None]
+        if not todo:
+            return
+        results = cfg["tools"].run([s.tool_text for s in todo], [s.ctx for s in todo],
+                                   [s.session for s in todo])
+        feats: Dict[int, Any] = {}
+        crops = [(s, r) for s, r in zip(todo, results)
+                 if r is not None and r.ok and r.crop is not None]
+        if crops and self.vision is not None:
+            images, boxes, where = [], [], {}
+            for s, r in crops:
+                im = s.ctx.images[r.box[0]]
+                if id(im) not in where:
+                    where[id(im)] = len(images)
+                    images.append(im)
+                boxes.append((where[id(im)], *r.box[1:]))
+            encoded = self.vision.encode(images, boxes)
+            self.stats["vision_images"] = self.stats.get("vision_images", 0) + len(encoded)
+            for (s, r), (f, grid) in zip(crops, encoded):
+                im = s.ctx.images[r.box[0]]
+                if id(im) not in cfg["image_keys"]:
+                    cfg["image_keys"][id(im)] = image_key(im)
+                feats[id(r)] = (f, grid, cfg["image_keys"][id(im)] ^ image_key(r.crop, r.box))
+        for s, r in zip(todo, results):
+            s.tool_text = None
+            self._observe(s, r, feats.get(id(r)), cfg)
+
+    def _observe(self, s: _Seq, result: Any, feat: Optional[tuple], cfg: Dict[str, Any]) -> None:
+        """Appends the observation of a tool call (its crop's image tokens, or text) and
+        queues it for prefill."""
         from ..tools import ToolResult
         call_start = self._find(s, s.turn_start, "<tool_call>")
-        result = cfg["tools"].run([text], [s.ctx], [s.session])[0]
-        if result is not None and result.ok and result.crop is not None:
+        if result is not None and result.ok and result.crop is not None and feat is None:
             result = ToolResult.error("tool_failed", "this model cannot receive images; use a "
                                                      "text tool")
-        observation = "no tool call found" if result is None else \
-            (result.text if result.text is not None else "")
         s.stats["tool_calls"] += 1
         s.stats["tool_errors"] += int(result is None or not result.ok)
-        obs = self.tokenizer(cfg["template"].format(observation),
-                             add_special_tokens=False)["input_ids"][:cfg["max_observation_tokens"]]
-        turn = ToolTurn(call=Span(call_start, len(s.tokens)),
-                        observation=Span(len(s.tokens), len(s.tokens) + len(obs)),
-                        error=None if result is not None and result.ok else observation,
-                        crop_index=None)
+        tok = self.tokenizer
+        start = len(s.tokens)
+        turn = ToolTurn(call=Span(call_start, start))
+        grids = []
+        if feat is not None:
+            f, grid, key = feat
+            pre, post = cfg["template"].split("{}", 1)
+            head = tok(pre, add_special_tokens=False)["input_ids"]
+            obs = head + self.vision.placeholder(grid) + tok(post, add_special_tokens=False)[
+                "input_ids"]
+            s.images.append(ImageInsert(start + len(head) + 1, f, key))
+            s.crops.append(result.crop)
+            turn.crop_index, turn.box, grids = len(s.crops) - 1, tuple(result.box), [grid]
+        else:
+            text = "no tool call found" if result is None else (result.text or "")
+            obs = tok(cfg["template"].format(text), add_special_tokens=False)["input_ids"]
+            if self.vision is not None:  # text never carries image placeholders
+                v = self.vision
+                obs = [t for t in obs if t not in (v.image_token_id, v.vision_start_id,
+                                                   v.vision_end_id)]
+            obs = obs[:cfg["max_observation_tokens"]]
+            turn.error = None if result is not None and result.ok else text
+        turn.observation = Span(start, start + len(obs))
         s.turns.append(turn)
+        if s.positions is not None:
+            pos, s.next_pos = self.vision.positions(obs, grids, s.next_pos)
+            s.positions += pos
+        else:
+            s.next_pos += len(obs)
         s.tokens += obs
         s.logprobs += [0.0] * len(obs)
         s.loss_mask += [0] * len(obs)
@@ -472,6 +643,7 @@ class RolloutEngine:
                     turn.description = Span(d0, min(end, d1 + 1))
                     turn.description_text = seg.split(tag, 1)[1].split(f"</{DESCRIPTION_TAG}>")[0].strip()
         return Trajectory(token_ids=list(s.tokens), logprobs=[0.0] * s.prompt_len + s.logprobs,
+                          crops=s.crops,
                           loss_mask=[0] * s.prompt_len + s.loss_mask, spans=spans,
                           stats=dict(s.stats, new_tokens=sum(s.loss_mask)),
                           group_id=s.traj // group_size, response_text=text)

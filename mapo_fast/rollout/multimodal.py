@@ -1,0 +1,191 @@
+"""What the rollout engine needs to drive a Qwen2-VL / Qwen2.5-VL model: chat prompts with
+images, the vision tower on new images and crops only, and multimodal rotary positions
+(M-RoPE) that continue across turns.
+
+Positions follow transformers' ``get_rope_index``: a text token at position ``p`` has
+``(p, p, p)``; an image whose merged grid is ``gh x gw`` starting at ``p`` gives its token at
+row ``r``, column ``c`` the position ``(p, p + r, p + c)``, and the text after it continues at
+``p + max(gh, gw)``. The engine keeps each sequence's next position, so an observation's image
+tokens get the positions a full re-run of the model over the history would give them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..tools.ops import crop_to_patches
+
+Tensor = torch.Tensor
+Position = Tuple[int, int, int]
+
+
+@dataclass
+class ImageInsert:
+    """Features of one image or crop placed at ``start`` in a sequence's tokens:
+    ``features [n, hidden]`` (the vision tower's merged output) for the ``n`` image-pad tokens
+    ``[start, start + n)``; ``key`` identifies its pixels (``image_key``) for the prefix index."""
+    start: int
+    features: Tensor
+    key: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.features.shape[0]
+
+
+def image_key(image: Tensor, box: Optional[Sequence[float]] = None) -> int:
+    """A 62-bit content hash of a uint8 image (and of a crop box in it): equal pixels, equal
+    key; used so that cached KV is shared only between identical images."""
+    h = hashlib.blake2b(image.detach().contiguous().cpu().numpy().tobytes(), digest_size=8)
+    h.update(repr(tuple(image.shape)).encode())
+    if box is not None:
+        h.update(repr(tuple(round(float(v), 4) for v in box)).encode())
+    return int.from_bytes(h.digest(), "little") & (2 ** 62 - 1)
+
+
+def is_vision_language(model: Any) -> bool:
+    """Whether ``model`` is a Qwen2/2.5-VL style model: ``model.model.visual``,
+    ``model.model.language_model`` and an ``image_token_id`` in its config."""
+    base = getattr(model, "model", None)
+    return base is not None and hasattr(base, "visual") and hasattr(base, "language_model") \
+        and getattr(model.config, "image_token_id", None) is not None
+
+
+class VisionAdapter:
+    """Vision side of a Qwen2/2.5-VL model for the engine.
+
+    Args:
+        model: the ``...ForConditionalGeneration`` model.
+        min_pixels, max_pixels: the area bounds of ``smart_resize`` for every image and crop
+            given to the vision tower (the processor's defaults: 56*56 and 28*28*1280).
+    """
+
+    def __init__(self, model: Any, *, min_pixels: int = 56 * 56,
+                 max_pixels: int = 28 * 28 * 1280):
+        cfg, vcfg = model.config, model.config.vision_config
+        self.base = model.model
+        self.image_token_id = int(cfg.image_token_id)
+        self.vision_start_id = int(cfg.vision_start_token_id)
+        self.vision_end_id = int(cfg.vision_end_token_id)
+        self.patch_size = int(vcfg.patch_size)
+        self.temporal_patch_size = int(vcfg.temporal_patch_size)
+        self.merge = int(vcfg.spatial_merge_size)
+        self.factor = self.patch_size * self.merge
+        self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
+
+    @property
+    def max_image_tokens(self) -> int:
+        """Image-pad tokens of the largest image the resize rule allows."""
+        return self.max_pixels // self.factor ** 2
+
+    def patches(self, images: Sequence[Tensor], boxes: Sequence[Sequence[float]]
+                ) -> Tuple[Tensor, Tensor]:
+        """``crop_to_patches`` with the model's patch layout and this adapter's pixel bounds:
+        ``boxes`` rows ``(image_index, x1, y1, x2, y2)`` in original pixels."""
+        return crop_to_patches(list(images), [list(map(float, b)) for b in boxes],
+                               patch_size=self.patch_size,
+                               temporal_patch_size=self.temporal_patch_size,
+                               merge_size=self.merge, min_pixels=self.min_pixels,
+                               max_pixels=self.max_pixels)
+
+    @torch.no_grad()
+    def encode(self, images: Sequence[Tensor], boxes: Sequence[Sequence[float]]
+               ) -> List[Tuple[Tensor, Tuple[int, int, int]]]:
+        """Runs the vision tower once over all crops ``boxes`` of ``images``: per crop its
+        merged features ``[n, hidden]`` and its grid ``(t, gh, gw)`` in patches."""
+        if not boxes:
+            return []
+        pixel_values, grid = self.patches(images, boxes)
+        dev = next(self.base.visual.parameters()).device
+        out = self.base.get_image_features(pixel_values.to(dev), image_grid_thw=grid.to(dev))
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out
+        return [(f, tuple(int(x) for x in g)) for f, g in zip(feats, grid.tolist())]
+
+    def placeholder(self, grid: Tuple[int, int, int]) -> List[int]:
+        """The tokens of one image: ``<|vision_start|>``, one ``<|image_pad|>`` per merged
+        patch, ``<|vision_end|>``."""
+        t, h, w = grid
+        return [self.vision_start_id] + [self.image_token_id] * (t * h * w // self.merge ** 2) \
+            + [self.vision_end_id]
+
+    def positions(self, tokens: Sequence[int], grids: Sequence[Tuple[int, int, int]],
+                  start: int) -> Tuple[List[Position], int]:
+        """M-RoPE positions of ``tokens`` whose image-pad runs are the images ``grids`` in
+        order, the first token at position ``start``. Returns ``(positions, next_position)``."""
+        out: List[Position] = []
+        p, i, n, g = start, 0, len(tokens), iter(grids)
+        while i < n:
+            if tokens[i] != self.image_token_id:
+                out.append((p, p, p))
+                p, i = p + 1, i + 1
+                continue
+            try:
+                t, gh, gw = next(g)
+            except StopIteration:
+                raise ValueError("image-pad tokens without an image to fill them") from None
+            h, w = gh // self.merge, gw // self.merge
+            for ti in range(t):
+                for r in range(h):
+                    for c in range(w):
+                        out.append((p + ti, p + r, p + c))
+            i += t * h * w
+            p += max(h, w)
+        return out, p
+
+
+def render_chat(messages: Sequence[Dict[str, Any]], tokenizer: Any,
+                adapter: Optional["VisionAdapter"],
+                *, where: str = "prompts") -> Tuple[List[int], List[Tensor]]:
+    """Token ids of a chat message list in Qwen's chat format, ending with the opened
+    assistant turn, and its images in order (each one's placeholder sized by the adapter).
+
+    A message is ``{"role": str, "content": str | [{"type": "text", "text": str} |
+    {"type": "image", "image": uint8 [3, H, W] tensor}, ...]}``.
+    """
+    def ids(text: str) -> List[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    tokens: List[int] = []
+    images: List[Tensor] = []
+    for m, msg in enumerate(messages):
+        if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) or "content" not in msg:
+            raise ValueError(f"RolloutEngine.generate: `{where}` message {m} must be a dict with "
+                             f"a string 'role' and a 'content', got {msg!r:.80}")
+        tokens += ids(f"<|im_start|>{msg['role']}\n")
+        content = msg["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        for j, part in enumerate(parts):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                tokens += ids(part["text"])
+            elif kind == "image":
+                if adapter is None:
+                    raise ValueError(f"RolloutEngine.generate: `{where}` holds an image but the "
+                                     "model has no vision tower")
+                im = part.get("image")
+                if not (isinstance(im, Tensor) and im.dim() == 3 and im.shape[0] == 3
+                        and im.dtype == torch.uint8 and im.shape[1] > 0 and im.shape[2] > 0):
+                    desc = (f"{type(im).__name__} {tuple(im.shape)} {im.dtype}"
+                            if isinstance(im, Tensor) else type(im).__name__)
+                    raise ValueError(f"RolloutEngine.generate: `{where}` message {m} part {j}: "
+                                     f"an image must be a uint8 [3, H, W] tensor, got {desc}")
+                images.append(im)
+                h, w = _model_size(adapter, im)
+                tokens += adapter.placeholder((1, h // adapter.patch_size, w // adapter.patch_size))
+            else:
+                raise ValueError(f"RolloutEngine.generate: `{where}` message {m} part {j} must be "
+                                 f"{{'type': 'text', 'text': str}} or {{'type': 'image', "
+                                 f"'image': tensor}}, got {part!r:.80}")
+        tokens += ids("<|im_end|>\n")
+    tokens += ids("<|im_start|>assistant\n")
+    return tokens, images
+
+
+def _model_size(adapter: VisionAdapter, image: Tensor) -> Tuple[int, int]:
+    from ..tools.ops import smart_resize
+    return smart_resize(image.shape[1], image.shape[2], adapter.factor, adapter.min_pixels,
+                        adapter.max_pixels)
