@@ -175,6 +175,14 @@ class RolloutEngine:
         self.stats: Dict[str, int] = {"prefill_tokens": 0, "cached_prompt_tokens": 0,
                                       "decode_tokens": 0, "forward_passes": 0}
 
+    def clear_prefix_cache(self) -> None:
+        """Forgets every cached block. Call it after the model's weights change (each
+        optimizer step): the cached keys and values were computed with the old weights."""
+        from ..kernels._block_manager import BlockManager
+        if self.blocks.num_free != self.num_blocks:
+            raise RuntimeError("RolloutEngine.clear_prefix_cache: sequences still hold blocks")
+        self.blocks = BlockManager(self.num_blocks, self.block_size)
+
     # ---- model steps ---------------------------------------------------------------------
     @contextmanager
     def _attention(self, step: _Step):
@@ -341,7 +349,9 @@ class RolloutEngine:
         ``tool_contexts[i]`` is prompt ``i``'s ``ToolContext`` (default: the prompt's images).
         A text-only model is answered with an error observation when a tool returns a crop.
 
-        ``logits_processor(token_ids, logits) -> logits`` (optional) edits each sample's
+        Vision-language models never sample the image-placeholder and vision marker tokens
+        (only observations insert them). ``logits_processor(token_ids, logits) -> logits``
+        (optional) edits each sample's
         next-token logits ``[V]`` (float32) given its tokens so far, before sampling; the
         recorded log-probs are those of the processed distribution (what was sampled from)."""
         fn = "RolloutEngine.generate"
@@ -389,7 +399,17 @@ class RolloutEngine:
                    max_observation_tokens=max_observation_tokens, template=observation_template,
                    image_keys={})
 
+        banned = None
+        if self.vision is not None:  # the model never writes image placeholders itself
+            v = self.vision
+            banned = [v.image_token_id, v.vision_start_id, v.vision_end_id]
+            video = getattr(self.model.config, "video_token_id", None)
+            banned += [int(video)] if video is not None else []
+
         def pick(s: _Seq, row_logits: Tensor):
+            if banned is not None:
+                row_logits = row_logits.clone()
+                row_logits[:, banned] = float("-inf")
             if logits_processor is not None:
                 row_logits = logits_processor(list(s.tokens), row_logits[0])[None]
             t, lp = self._sample(row_logits, [s.generator], temperature, top_k, top_p)

@@ -1,0 +1,198 @@
+"""Real data: thinking-with-images datasets as JSONL or parquet records (DeepEyes-style), each
+with an image path, a question and an answer.
+
+Accepted field names: the image ``image`` / ``image_path`` / ``images`` (a list: the first is
+used), the question ``question`` / ``problem`` / ``prompt`` (a string, or a chat message list
+whose user text is used; ``<image>`` markers are dropped), the answer ``answer`` /
+``solution`` / ``ground_truth`` / ``reward_model.ground_truth``.
+
+Records are checked when first used, and a bad one is skipped with a counted, logged reason
+(``RecordsTask.skipped``), never stopping training: an image path that resolves outside the
+dataset root (``..``, absolute paths, symlinks), a file that is missing or is not an image, an
+image over ``max_image_pixels`` (decompression bombs are refused from the header, before any
+decoding), a record without a question or an answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+log = logging.getLogger("mapo_fast.records")
+
+SYSTEM = ("Answer the question about the image. You may zoom in with the image_zoom_in_tool: "
+          '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2, '
+          'y2]}}</tool_call>. After each zoom, describe what you see in <description>...'
+          "</description>. Give the final answer in <answer>...</answer>.")
+
+
+@dataclass
+class RecordSample:
+    image: Tensor
+    question: str
+    answer: str
+    index: int
+
+
+class RecordError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+def read_records(path: str) -> List[Dict[str, Any]]:
+    """All records of a ``.jsonl`` or ``.parquet`` file (unparseable JSON lines are kept as
+    ``{"__error__": ...}`` so that they are counted when used)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config: `task.data_path` {path!r} is not a file")
+    if path.endswith(".jsonl") or path.endswith(".json"):
+        out = []
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                    out.append(rec if isinstance(rec, dict) else {"__error__": "not an object"})
+                except ValueError as e:
+                    out.append({"__error__": f"line {n} is not JSON ({e})"})
+        return out
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError("config: reading parquet needs pyarrow (`pip install pyarrow`)") \
+                from None
+        return pq.read_table(path).to_pylist()
+    raise ValueError(f"config: `task.data_path` must end in .jsonl or .parquet, got {path!r}")
+
+
+def _first(rec: Dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        v = rec
+        for part in k.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        if v not in (None, "", []):
+            return v
+    return None
+
+
+class RecordsTask:
+    """A dataset of image/question/answer records (see the module doc), split into a train
+    part and a held-out ``eval`` part of ``eval_size`` records (after a seeded shuffle)."""
+
+    def __init__(self, data_path: str, *, image_root: Optional[str] = None, seed: int = 0,
+                 max_image_pixels: int = 4096 * 4096, eval_size: int = 64):
+        self.records = read_records(data_path)
+        if not self.records:
+            raise ValueError(f"config: `task.data_path` {data_path!r} holds no records")
+        root = image_root if image_root else os.path.dirname(os.path.abspath(data_path))
+        if not os.path.isdir(root):
+            raise ValueError(f"config: `task.image_root` {root!r} is not a folder")
+        self.root = os.path.realpath(root)
+        self.max_image_pixels = int(max_image_pixels)
+        order = list(range(len(self.records)))
+        random.Random(seed).shuffle(order)
+        n_eval = min(eval_size, max(1, len(order) // 5))
+        self.splits = {"eval": order[:n_eval], "train": order[n_eval:] or order[:n_eval]}
+        self.skipped: Counter = Counter()
+        self._bad: set = set()
+
+    # ---- loading one record --------------------------------------------------------------------
+    def resolve(self, rel: Any) -> str:
+        """The real path of an image path inside the root, or ``RecordError``."""
+        if not isinstance(rel, str) or not rel:
+            raise RecordError("bad_image_path", f"image path {rel!r} is not a string")
+        full = os.path.realpath(os.path.join(self.root, rel))
+        if os.path.commonpath([full, self.root]) != self.root:
+            raise RecordError("outside_root", f"{rel!r} resolves outside the dataset root")
+        if not os.path.isfile(full):
+            raise RecordError("missing_image", f"{rel!r} is not a file")
+        return full
+
+    def load(self, i: int) -> RecordSample:
+        rec = self.records[i]
+        if "__error__" in rec:
+            raise RecordError("bad_record", rec["__error__"])
+        rel = _first(rec, "image", "image_path", "images")
+        if isinstance(rel, list):
+            rel = rel[0]
+        if isinstance(rel, dict):
+            rel = rel.get("path")
+        path = self.resolve(rel)
+        question = _first(rec, "question", "problem", "prompt")
+        if isinstance(question, list):  # chat messages: the user's text
+            question = " ".join(m.get("content", "") for m in question
+                                if isinstance(m, dict) and m.get("role") == "user"
+                                and isinstance(m.get("content"), str))
+        answer = _first(rec, "answer", "solution", "ground_truth", "reward_model.ground_truth")
+        if not isinstance(question, str) or not question.strip():
+            raise RecordError("no_question", "record has no question text")
+        if answer is None or not str(answer).strip():
+            raise RecordError("no_answer", "record has no answer")
+        return RecordSample(self._image(path), question.replace("<image>", "").strip(),
+                            str(answer).strip(), i)
+
+    def _image(self, path: str) -> Tensor:
+        from PIL import Image
+        try:
+            with Image.open(path) as im:
+                w, h = im.size  # from the header: nothing decoded yet
+                if w * h > self.max_image_pixels:
+                    raise RecordError("too_many_pixels", f"{os.path.basename(path)} is {w}x{h}, "
+                                      f"over the limit of {self.max_image_pixels} pixels")
+                im = im.convert("RGB")
+                data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        except RecordError:
+            raise
+        except Exception as e:  # PIL raises many types for non-images and broken files
+            raise RecordError("not_an_image", f"{os.path.basename(path)} cannot be decoded as "
+                              f"an image ({type(e).__name__})") from None
+        return data.reshape(h, w, 3).permute(2, 0, 1).contiguous()
+
+    # ---- the task interface ------------------------------------------------------------------
+    def batch(self, split: str, start: int, n: int) -> List[RecordSample]:
+        """``n`` good samples of ``split`` from position ``start`` on (cycling); bad records are
+        skipped, counted in ``skipped`` and logged once each."""
+        order = self.splits[split]
+        if len(self._bad & set(order)) == len(order):
+            raise ValueError(f"RecordsTask: every record of the {split!r} split is unusable "
+                             f"({dict(self.skipped)})")
+        out: List[RecordSample] = []
+        pos = start
+        while len(out) < n:
+            i = order[pos % len(order)]
+            pos += 1
+            if i in self._bad:
+                continue
+            try:
+                out.append(self.load(i))
+            except RecordError as e:
+                self._bad.add(i)
+                self.skipped[e.reason] += 1
+                log.warning("skipping record %d: %s", i, e)
+                if len(self._bad & set(order)) == len(order):
+                    raise ValueError(f"RecordsTask: every record of the {split!r} split is "
+                                     f"unusable ({dict(self.skipped)})") from None
+        return out
+
+    @staticmethod
+    def images(s: RecordSample) -> List[Tensor]:
+        return [s.image]
+
+    @staticmethod
+    def prompt(s: RecordSample) -> List[Dict[str, Any]]:
+        return [{"role": "system", "content": SYSTEM},
+                {"role": "user", "content": [{"type": "image", "image": s.image},
+                                             {"type": "text", "text": s.question}]}]
+
+    def counts(self) -> Tuple[int, Dict[str, int]]:
+        return len(self.records), dict(self.skipped)

@@ -1,0 +1,70 @@
+"""Trajectories to the padded tensors of one policy forward: token ids, masks, the sampler's
+log-probs, each token's tool turn, and the vision tower's input for every image the tokens hold
+(prompt images, then each turn's crop, cut again from the original by ``crop_to_patches``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import torch
+
+from ..trajectory import Trajectory, token_turns
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class PolicyBatch:
+    """``input_ids``/``attention_mask``/``loss_mask``/``old_logprobs``/``token_turn [B, T]``
+    (right-padded; ``token_turn`` -1 off tool turns), ``pixel_values [P, C]`` and
+    ``image_grid_thw [I, 3]`` of all images in row order, ``group_ids [B]``."""
+    input_ids: Tensor
+    attention_mask: Tensor
+    loss_mask: Tensor
+    old_logprobs: Tensor
+    token_turn: Tensor
+    pixel_values: Tensor
+    image_grid_thw: Tensor
+    group_ids: Tensor
+
+    @property
+    def tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def collate(trajectories: Sequence[Trajectory], images: Sequence[Sequence[Tensor]],
+            adapter, pad_id: int) -> PolicyBatch:
+    """``images[b]``: the original images of trajectory ``b``'s prompt (uint8 ``[3, H, W]``);
+    ``adapter``: the engine's ``VisionAdapter`` (same patch layout and pixel bounds as the
+    rollout)."""
+    if len(images) != len(trajectories):
+        raise ValueError(f"collate: {len(trajectories)} trajectories but {len(images)} image "
+                         "lists")
+    B = len(trajectories)
+    T = max(len(t.token_ids) for t in trajectories)
+    ids = torch.full((B, T), pad_id, dtype=torch.int64)
+    attn = torch.zeros(B, T, dtype=torch.int64)
+    mask = torch.zeros(B, T, dtype=torch.float32)
+    old = torch.zeros(B, T, dtype=torch.float32)
+    flat: List[Tensor] = []
+    boxes: List[tuple] = []
+    for b, (t, ims) in enumerate(zip(trajectories, images)):
+        n = len(t.token_ids)
+        ids[b, :n] = torch.tensor(t.token_ids)
+        attn[b, :n] = 1
+        mask[b, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
+        old[b, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
+        base = len(flat)
+        flat += list(ims)
+        boxes += [(base + k, 0, 0, im.shape[2], im.shape[1]) for k, im in enumerate(ims)]
+        boxes += [(base + turn.box[0], *turn.box[1:]) for turn in t.spans.turns if turn.ok]
+    turn = token_turns([t.spans for t in trajectories], [len(t.token_ids) for t in trajectories],
+                       pad_to=T)
+    if boxes:
+        pixel_values, grid = adapter.patches(flat, boxes)
+    else:
+        width = 3 * adapter.temporal_patch_size * adapter.patch_size ** 2
+        pixel_values, grid = torch.empty(0, width), torch.empty(0, 3, dtype=torch.int64)
+    return PolicyBatch(ids, attn, mask, old, turn, pixel_values, grid,
+                       torch.tensor([t.group_id for t in trajectories]))

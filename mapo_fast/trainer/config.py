@@ -1,0 +1,305 @@
+"""The trainer's configuration: one dataclass tree, loadable from YAML, overridable from the
+command line, validated up front with errors that name the key.
+
+Command-line convention: ``--key value`` (or ``--key=value``), nested keys dotted
+(``--rollout.group_size 8``); ``--config FILE.yaml`` loads a file first, and the overrides
+apply on top of it in order. Booleans accept ``true/false/1/0/yes/no``; ``none`` clears an
+optional value; a bare ``--resume`` means ``--resume true``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    """The policy. ``path``: a local Qwen2.5-VL checkpoint (with its processor/tokenizer);
+    None builds the tiny model below from a config (random weights, the task's tokenizer)."""
+    path: Optional[str] = None
+    hidden_size: int = 128
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 256
+    vision_hidden_size: int = 64
+    vision_depth: int = 2
+    vocab_size: int = 400
+
+
+@dataclass
+class TaskConfig:
+    """``name``: ``visual_search`` (built in, generated from ``train.seed``) or ``jsonl``
+    (records from ``data_path``, a .jsonl or .parquet file, images under ``image_root``)."""
+    name: str = "visual_search"
+    image_size: int = 224
+    view_size: int = 56
+    target_size: int = 28
+    distractors: int = 3
+    expert_blind_spot: bool = True
+    data_path: Optional[str] = None
+    image_root: Optional[str] = None
+    max_image_pixels: int = 4096 * 4096
+    eval_size: int = 64
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 16
+    group_size: int = 4
+    max_new_tokens: int = 48
+    max_turns: int = 3
+    temperature: float = 1.0
+    top_p: float = 1.0
+    memory_budget_mb: float = 64.0
+    min_pixels: Optional[int] = None   # default: the task's view (view_size ** 2)
+    max_pixels: Optional[int] = None
+
+
+@dataclass
+class WarmStartConfig:
+    """Supervised warm start on the scripted expert's trajectories (built-in task only)."""
+    steps: int = 400
+    batch_size: int = 16
+    lr: float = 1e-3
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ppo_epochs: int = 1
+    micro_batch_size: int = 16
+
+
+@dataclass
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    kl_coef: float = 0.0
+    loss_agg: str = "token-mean"
+    semantic_coef: float = 1.0
+    turn_discount: float = 0.0
+
+
+@dataclass
+class VerifierConfig:
+    """``oracle`` (the task's ground truth) or ``clip`` (``clip_path``: a local CLIP)."""
+    kind: str = "oracle"
+    clip_path: Optional[str] = None
+
+
+@dataclass
+class TrainConfig:
+    algo: str = "mapo"
+    seed: int = 0
+    steps: int = 150
+    out: str = "runs/mapo"
+    resume: bool = False
+    device: str = "auto"
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    grad_var_resamples: int = 8
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+
+    def validate(self) -> "TrainConfig":
+        """Checks every value; raises ``ConfigError`` naming the first bad key."""
+        def need(key: str, ok: bool, what: str) -> None:
+            if not ok:
+                raise ConfigError(f"config: `{key}` must be {what}, got {get(self, key)!r}")
+
+        from ..loss import LOSS_AGG_MODES
+        need("algo", self.algo in ("mapo", "grpo"), "'mapo' or 'grpo'")
+        need("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+             "'auto', 'cpu' or 'cuda[:i]'")
+        for key in ("steps", "checkpoint_every", "keep_checkpoints", "model.hidden_size",
+                    "model.layers", "model.heads", "model.kv_heads", "model.intermediate_size",
+                    "model.vision_hidden_size", "model.vision_depth", "task.image_size",
+                    "task.view_size", "task.target_size", "task.eval_size",
+                    "task.max_image_pixels", "rollout.prompts_per_step", "rollout.group_size",
+                    "rollout.max_new_tokens", "rollout.max_turns", "warm_start.batch_size",
+                    "optim.ppo_epochs", "optim.micro_batch_size", "grad_var_resamples"):
+            need(key, get(self, key) >= (0 if key == "steps" else 1), "an int >= "
+                 f"{0 if key == 'steps' else 1}")
+        need("warm_start.steps", self.warm_start.steps >= 0, "an int >= 0")
+        need("grad_var_resamples", self.grad_var_resamples >= 2, "an int >= 2")
+        need("model.vocab_size", self.model.vocab_size >= 300, "an int >= 300")
+        need("model.heads", self.model.hidden_size % self.model.heads == 0,
+             f"a divisor of model.hidden_size ({self.model.hidden_size})")
+        need("model.kv_heads", self.model.heads % self.model.kv_heads == 0,
+             f"a divisor of model.heads ({self.model.heads})")
+        need("task.name", self.task.name in ("visual_search", "jsonl"),
+             "'visual_search' or 'jsonl'")
+        need("task.data_path", self.task.name != "jsonl" or bool(self.task.data_path),
+             "a .jsonl or .parquet file when task.name is 'jsonl'")
+        need("task.view_size", self.task.view_size % 28 == 0, "a multiple of 28")
+        need("task.distractors", self.task.distractors >= 0, "an int >= 0")
+        need("rollout.temperature", self.rollout.temperature > 0, "> 0 (sampling)")
+        need("rollout.top_p", 0 < self.rollout.top_p <= 1, "in (0, 1]")
+        need("rollout.memory_budget_mb", self.rollout.memory_budget_mb > 0, "> 0")
+        for key in ("rollout.min_pixels", "rollout.max_pixels"):
+            v = get(self, key)
+            need(key, v is None or v >= 28 * 28, "None or an int >= 784")
+        need("warm_start.lr", self.warm_start.lr > 0, "> 0")
+        need("optim.lr", self.optim.lr > 0, "> 0")
+        need("optim.weight_decay", self.optim.weight_decay >= 0, ">= 0")
+        need("optim.grad_clip", self.optim.grad_clip > 0, "> 0")
+        need("loss.clip_low", 0 <= self.loss.clip_low < 1, "in [0, 1)")
+        need("loss.clip_high", self.loss.clip_high >= 0, ">= 0")
+        need("loss.kl_coef", self.loss.kl_coef >= 0, ">= 0")
+        need("loss.loss_agg", self.loss.loss_agg in LOSS_AGG_MODES, f"one of {LOSS_AGG_MODES}")
+        need("loss.semantic_coef", self.loss.semantic_coef >= 0, ">= 0")
+        need("loss.turn_discount", 0 <= self.loss.turn_discount <= 1, "in [0, 1]")
+        need("verifier.kind", self.verifier.kind in ("oracle", "clip"), "'oracle' or 'clip'")
+        need("verifier.clip_path", self.verifier.kind != "clip" or bool(self.verifier.clip_path),
+             "a local CLIP checkpoint when verifier.kind is 'clip'")
+        need("verifier.kind", self.verifier.kind != "oracle" or self.task.name == "visual_search",
+             "'clip' for task.name 'jsonl' (the oracle needs the task's ground truth)")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _fields(obj: Any) -> Dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` (from YAML or the command line) as the field's type, or ``ConfigError``."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    optional = origin is typing.Union and type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if isinstance(value, str) and value.strip().lower() in ("none", "null") and optional:
+        return None
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config: `{key}` cannot be none (expected {base.__name__})")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("true", "1", "yes", "on"):
+                return True
+            if s in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(str(value).replace("_", "")) if isinstance(value, str) else int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config: `{key}` must be {base.__name__}, got {value!r}") from None
+    raise ConfigError(f"config: `{key}` has an unsupported type")
+
+
+def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
+    """Sets a dotted ``key``; unknown keys and wrong types raise ``ConfigError``."""
+    obj, parts = cfg, key.split(".")
+    hints_owner = obj
+    for i, part in enumerate(parts):
+        fields = _fields(obj)
+        if part not in fields:
+            where = ".".join(parts[:i])
+            known = sorted(fields)
+            close = difflib.get_close_matches(part, known, n=1)
+            hint = f"; did you mean `{'.'.join(parts[:i] + close)}`?" if close else ""
+            raise ConfigError(f"config: unknown key `{key}`{hint} (keys of "
+                              f"`{where or 'the top level'}`: {', '.join(known)})")
+        if i < len(parts) - 1:
+            if not dataclasses.is_dataclass(getattr(obj, part)):
+                raise ConfigError(f"config: unknown key `{key}`: `{'.'.join(parts[:i + 1])}` "
+                                  "has no sub-keys")
+            obj = getattr(obj, part)
+            continue
+        hints_owner = obj
+        if dataclasses.is_dataclass(getattr(obj, part)):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config: `{key}` is a section; give its keys "
+                                  f"({', '.join(sorted(_fields(getattr(obj, part))))})")
+            for k, v in value.items():
+                set_key(cfg, f"{key}.{k}", v)
+            return
+        hint = typing.get_type_hints(type(hints_owner))[part]
+        setattr(obj, part, _coerce(key, value, hint))
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    import yaml
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"config: cannot read `--config` file {path!r}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config: `--config` file {path!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: `--config` file {path!r} must hold a mapping of keys, got "
+                          f"{type(data).__name__}")
+    return data
+
+
+def parse_args(argv: Sequence[str], base: Optional[TrainConfig] = None) -> TrainConfig:
+    """``mapo-train`` arguments (see the module doc) to a validated ``TrainConfig``."""
+    cfg = base if base is not None else TrainConfig()
+    pairs: List[tuple] = []
+    i, argv = 0, list(argv)
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"config: expected `--key value`, got {arg!r} (keys are dotted, "
+                              "e.g. --rollout.group_size 8)")
+        key, eq, value = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if key == "resume" and (nxt is None or nxt.startswith("--")):
+                value = "true"
+            elif nxt is None:
+                raise ConfigError(f"config: `--{key}` needs a value")
+            else:
+                value, i = nxt, i + 1
+        pairs.append((key, value))
+        i += 1
+    for key, value in pairs:
+        if key == "config":
+            for k, v in load_yaml(value).items():
+                set_key(cfg, k, v)
+    for key, value in pairs:
+        if key != "config":
+            set_key(cfg, key, value)
+    return cfg.validate()

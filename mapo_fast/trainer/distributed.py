@@ -1,0 +1,132 @@
+"""More than one process: data-parallel training with FSDP2 (``fully_shard``) under
+``torchrun``. Each rank rolls out its share of the step's prompts with a full, unsharded copy of
+the policy (refreshed from the shards after every optimizer step, as hybrid RL engines do),
+trains its share with sharded parameters, and metrics are averaged over ranks. One process
+(no ``WORLD_SIZE``) is the plain case: no copy, no communication."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from typing import Any, Dict
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class DistContext:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls, device_type: str) -> "DistContext":
+        """Joins the process group ``torchrun`` describes (NCCL on CUDA, gloo on CPU)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+    def mean(self, values: Dict[str, float]) -> Dict[str, float]:
+        """Averages each (finite or not) value over ranks."""
+        if not self.enabled:
+            return values
+        import torch.distributed as dist
+        keys = sorted(k for k, v in values.items() if isinstance(v, (int, float)))
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        out = dict(values)
+        out.update({k: float(v) / self.world for k, v in zip(keys, t.tolist())})
+        return out
+
+    def sum(self, x: float) -> float:
+        if not self.enabled:
+            return x
+        import torch.distributed as dist
+        t = torch.tensor([float(x)], dtype=torch.float64)
+        dist.all_reduce(t)
+        return float(t[0])
+
+    def gather(self, obj: Any) -> list:
+        """``obj`` of every rank, in rank order."""
+        if not self.enabled:
+            return [obj]
+        import torch.distributed as dist
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    # ---- FSDP2 ---------------------------------------------------------------------------------
+    def shard(self, model: Any) -> Any:
+        """``fully_shard`` on every decoder layer and vision block, then on the whole model;
+        returns the rollout copy (unsharded), or the model itself with one process."""
+        if not self.enabled:
+            return model
+        from torch.distributed.fsdp import fully_shard
+        replica = copy.deepcopy(model)
+        base = model.model
+        for layer in list(base.language_model.layers) + list(base.visual.blocks):
+            fully_shard(layer)
+        fully_shard(model)
+        return replica
+
+    def full_state(self, model: Any) -> Dict[str, Tensor]:
+        """The full (unsharded) model state on every rank."""
+        if not self.enabled:
+            return model.state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+    def sync_replica(self, model: Any, replica: Any) -> None:
+        """Copies the sharded policy's weights into the rollout copy."""
+        if self.enabled:
+            replica.load_state_dict(self.full_state(model))
+
+    def checkpoint_state(self, model: Any, opt: Any) -> Dict[str, Any]:
+        """Full model and optimizer state (gathered to rank 0 when sharded)."""
+        if not self.enabled:
+            return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return {"model": get_model_state_dict(model, options=opts),
+                "optimizer": get_optimizer_state_dict(model, opt, options=opts)}
+
+    def load_state(self, model: Any, opt: Any, state: Dict[str, Any]) -> None:
+        if not self.enabled:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            return
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        opts = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, state["model"], options=opts)
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=opts)

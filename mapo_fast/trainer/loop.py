@@ -1,0 +1,436 @@
+"""The thin MAPO trainer. Each step is a call into the package's pieces, nothing more:
+
+    rollout      RolloutEngine.generate (group-shared paged KV, zoom tool, crops as tokens)
+    rewards      CompositeReward (accuracy + format) and the SemanticVerifier on every turn
+    advantage    mapo_advantages (algo "mapo" or "grpo")
+    loss         mapo_loss over micro-batches: the policy's last hidden states and its LM head
+                 weight (no logits), old log-probs from the rollout, optional reference KL
+    optimizer    AdamW, gradient clipping
+
+plus the relative gradient variance of each step (``loss_gradient_variance``), a supervised warm
+start on the task's scripted expert, greedy evaluation on the held-out split, checkpoints and
+resume, metrics and curves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..advantage import mapo_advantages
+from ..logprobs import token_logprobs
+from ..loss import mapo_loss
+from ..rewards import (AccuracyReward, CompositeReward, FormatReward, OracleVerifier,
+                       ToolUseReward)
+from ..rollout import RolloutEngine
+from ..rollout.multimodal import VisionAdapter, render_chat
+from ..tools import ToolContext, ToolRunner, ZoomInTool
+from ..trajectory import Span, ToolTurn, Trajectory, TrajectorySpans
+from ..variance import loss_gradient_variance
+from . import checkpoint as ckpt
+from .batch import PolicyBatch, collate
+from .config import TrainConfig
+from .distributed import DistContext
+from .metrics import MetricsLog, Progress, plot_curves
+from .model import load_pretrained, policy_hidden, tiny_vl_model
+
+Tensor = torch.Tensor
+TEMPLATE = "<tool_response>{}</tool_response>"
+SHOWN = ("reward_mean", "accuracy", "semantic_score", "loss", "tokens_per_s")
+
+
+def build_task(cfg: TrainConfig):
+    if cfg.task.name == "visual_search":
+        from ..tasks.visual_search import VisualSearchTask
+        return VisualSearchTask(cfg.seed, image_size=cfg.task.image_size,
+                                view_size=cfg.task.view_size, target_size=cfg.task.target_size,
+                                distractors=cfg.task.distractors,
+                                expert_blind_spot=cfg.task.expert_blind_spot)
+    from ..tasks.records import RecordsTask
+    return RecordsTask(cfg.task.data_path, image_root=cfg.task.image_root, seed=cfg.seed,
+                       max_image_pixels=cfg.task.max_image_pixels, eval_size=cfg.task.eval_size)
+
+
+class Trainer:
+    """Runs ``cfg`` end to end (``run``); the stages are also callable one by one."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True):
+        self.cfg = cfg.validate()
+        want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available()
+                                                        else "cpu")
+        self.dist = DistContext.from_env(torch.device(want).type)
+        if self.dist.enabled and cfg.rollout.prompts_per_step % self.dist.world:
+            raise ValueError(f"config: `rollout.prompts_per_step` ({cfg.rollout.prompts_per_step}) "
+                             f"must be a multiple of the {self.dist.world} ranks")
+        if want.startswith("cuda") and self.dist.enabled:
+            want = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(want)
+        self.progress = progress and self.dist.main
+        self.out = cfg.out
+        os.makedirs(self.out, exist_ok=True)
+        self.task = build_task(cfg)
+        state = None
+        if cfg.resume:
+            path = ckpt.latest(os.path.join(self.out, "checkpoints"))
+            if path is None:
+                raise ValueError(f"--resume: no checkpoint under {self.out}/checkpoints")
+            state = ckpt.load(path)
+        self._build_model(state)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
+                                           weight_decay=cfg.optim.weight_decay)
+        pixels = cfg.task.view_size ** 2
+        self.adapter = VisionAdapter(self.model, min_pixels=cfg.rollout.min_pixels or pixels,
+                                     max_pixels=cfg.rollout.max_pixels or pixels)
+        self.engine = RolloutEngine(self.rollout_model, self.tokenizer,
+                                    memory_budget_mb=cfg.rollout.memory_budget_mb,
+                                    min_pixels=self.adapter.min_pixels,
+                                    max_pixels=self.adapter.max_pixels)
+        self.runner = ToolRunner()
+        self.reward = CompositeReward([("accuracy", AccuracyReward(), 1.0),
+                                       ("format", FormatReward(), 0.1),
+                                       ("tool", ToolUseReward(0.2), 1.0)])
+        if cfg.verifier.kind == "oracle":
+            self.verifier = OracleVerifier(self.task.vocabulary)
+        else:
+            from ..rewards import CLIPVerifier
+            if not os.path.isdir(cfg.verifier.clip_path):
+                raise ValueError(f"config: `verifier.clip_path` {cfg.verifier.clip_path!r} is "
+                                 "not a local checkpoint folder")
+            self.verifier = CLIPVerifier.from_pretrained(cfg.verifier.clip_path)
+            self.verifier.model.to(self.device)
+        self.ref_model = None
+        if cfg.loss.kl_coef > 0:
+            self.ref_model = copy.deepcopy(self.rollout_model).eval().requires_grad_(False)
+        self.metrics = MetricsLog(os.path.join(self.out, "metrics.jsonl"))
+        self.step = 0
+        self.evals: Dict[str, Dict[str, float]] = {}
+        self.warm_done = False
+        if state is not None:
+            self.dist.load_state(self.model, self.optimizer, state)
+            self.dist.sync_replica(self.model, self.rollout_model)
+            ckpt.set_rng_state(state["rng"])
+            self.step, self.evals, self.warm_done = state["step"], state["evals"], True
+            if self.dist.main:
+                self.metrics.truncate_after(self.step)
+
+    def _build_model(self, state: Optional[Dict[str, Any]]) -> None:
+        cfg = self.cfg
+        if cfg.model.path:
+            model, self.tokenizer = load_pretrained(cfg.model.path, self.device)
+        else:
+            from ..tasks.tokenizer import build_tokenizer
+            if state is not None and state.get("tokenizer"):
+                from tokenizers import Tokenizer
+                from transformers import PreTrainedTokenizerFast
+                from ..tasks.tokenizer import SPECIAL_TOKENS
+                self.tokenizer = PreTrainedTokenizerFast(
+                    tokenizer_object=Tokenizer.from_str(state["tokenizer"]), pad_token="<pad>",
+                    eos_token="<|im_end|>", additional_special_tokens=SPECIAL_TOKENS[1:])
+            else:
+                self.tokenizer = build_tokenizer(self.task.corpus(),
+                                                 vocab_size=cfg.model.vocab_size)
+            model = tiny_vl_model(cfg.model, self.tokenizer, seed=cfg.seed).to(self.device)
+        self.model = model
+        self.rollout_model = self.dist.shard(model)
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _hidden(self, batch: PolicyBatch, model: Any = None) -> Tensor:
+        with self._autocast():
+            return policy_hidden(self.model if model is None else model, batch)
+
+    def _head(self, hidden: Tensor) -> Tensor:
+        w = self.model.lm_head.weight
+        return w if w.dtype == hidden.dtype else w.to(hidden.dtype)
+
+    def _generate(self, samples: Sequence[Any], *, group_size: int, greedy: bool,
+                  seed: int) -> List[Trajectory]:
+        r = self.cfg.rollout
+        self.rollout_model.eval()
+        with self._autocast():
+            trajs = self.engine.generate(
+                [self.task.prompt(s) for s in samples], group_size=group_size,
+                max_new_tokens=r.max_new_tokens, temperature=0.0 if greedy else r.temperature,
+                top_p=1.0 if greedy else r.top_p, tools=self.runner, max_turns=r.max_turns,
+                observation_template=TEMPLATE, seed=seed)
+        self.engine.clear_prefix_cache()
+        return trajs
+
+    def _score(self, samples: Sequence[Any], trajs: Sequence[Trajectory]
+               ) -> Tuple[Tensor, Dict[str, Tensor], Tensor, Tensor]:
+        truths = [samples[t.group_id].answer for t in trajs]
+        rewards, parts = self.reward.batch([t.response_text for t in trajs], truths,
+                                           [t.spans for t in trajs])
+        if isinstance(self.verifier, OracleVerifier):
+            for t in trajs:
+                for turn in t.spans.turns:
+                    if turn.ok:
+                        turn.region = self.task.region_terms(samples[t.group_id], turn.box)
+        scores, turn_mask = self.verifier.score_trajectories(trajs)
+        return rewards, parts, scores, turn_mask
+
+    def _shard(self, start: int, n: int) -> Tuple[int, int]:
+        per = n // self.dist.world
+        return start + self.dist.rank * per, per
+
+    # ---- warm start ----------------------------------------------------------------------------
+    def expert_trajectory(self, sample: Any) -> Trajectory:
+        """The scripted expert's trajectory of ``sample`` as the engine would have produced
+        it: prompt, tool call, the crop's image tokens, description and answer."""
+        tok = self.tokenizer
+        prompt, images = render_chat(self.task.prompt(sample), tok, self.adapter)
+        call_text, answer_text = self.task.expert_turns(sample)
+        call = json.loads(call_text.split(">", 1)[1].rsplit("<", 1)[0])
+        ctx = ToolContext.for_images(images, self.adapter.factor, self.adapter.min_pixels,
+                                     self.adapter.max_pixels)
+        req = ZoomInTool().prepare(call["arguments"], ctx)
+        box = (req.image, *req.box)
+        _, grid = self.adapter.patches(images, [box])
+        pre, post = TEMPLATE.split("{}")
+        ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+        call_ids = ids(call_text)
+        obs = ids(pre) + self.adapter.placeholder(tuple(grid[0].tolist())) + ids(post)
+        ans = ids(answer_text) + [tok.eos_token_id]
+        tokens = prompt + call_ids + obs + ans
+        mask = [0] * len(prompt) + [1] * len(call_ids) + [0] * len(obs) + [1] * len(ans)
+        c0 = len(prompt)
+        turn = ToolTurn(call=Span(c0, c0 + len(call_ids)),
+                        observation=Span(c0 + len(call_ids), c0 + len(call_ids) + len(obs)),
+                        crop_index=0, box=box)
+        spans = TrajectorySpans(turns=[turn], prompt_len=len(prompt),
+                                answer=Span(len(tokens) - len(ans), len(tokens)))
+        return Trajectory(tokens, [0.0] * len(tokens), mask, spans, crops=[images[0]])
+
+    def warm_start(self) -> None:
+        """Supervised warm start on expert trajectories (built-in task; skipped for 0 steps
+        or a task without an expert)."""
+        ws = self.cfg.warm_start
+        if ws.steps == 0 or not hasattr(self.task, "expert_turns"):
+            return
+        opt = torch.optim.AdamW(self.model.parameters(), lr=ws.lr)
+        # linear warm-up over the first 5%, constant, cosine decay to a tenth over the last 30%
+        warm, flat = max(1, ws.steps // 20), int(ws.steps * 0.7)
+
+        def factor(i: int) -> float:
+            decay = max(0.0, (i - flat) / max(1, ws.steps - flat))
+            return min(1.0, (i + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * decay)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        log = MetricsLog(os.path.join(self.out, "warm_start.jsonl"))
+        bar = Progress(ws.steps, "warm start", enabled=self.progress)
+        self.model.train()
+        for i in range(ws.steps):
+            start, n = self._shard(10_000_000 + i * ws.batch_size, ws.batch_size)
+            samples = self.task.batch("train", start, n)
+            trajs = [self.expert_trajectory(s) for s in samples]
+            batch = collate(trajs, [self.task.images(s) for s in samples], self.adapter,
+                            self.tokenizer.pad_token_id)
+            hidden = self._hidden(batch)
+            targets = batch.input_ids[:, 1:].to(self.device)
+            mask = batch.loss_mask[:, 1:].to(self.device)
+            lp = token_logprobs(hidden[:, :-1], self._head(hidden), targets)
+            tokens = self.dist.sum(float(mask.sum()))
+            loss = -(lp.float() * mask).sum() / tokens * self.dist.world
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            opt.step()
+            sched.step()
+            rec = self.dist.mean({"step": i + 1, "nll": float(loss.detach()) / self.dist.world})
+            if self.dist.main:
+                log.append(rec)
+            bar.update(i + 1, rec, ("nll",))
+        bar.close()
+        self.dist.sync_replica(self.model, self.rollout_model)
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> Dict[str, float]:
+        """Greedy rollouts on the held-out split: accuracy, semantic score, tool use."""
+        n = self.cfg.task.eval_size - self.cfg.task.eval_size % self.dist.world
+        start, per = self._shard(0, n)
+        samples = self.task.batch("eval", start, per)
+        trajs = self._generate(samples, group_size=1, greedy=True, seed=0)
+        _, parts, scores, turn_mask = self._score(samples, trajs)
+        res = {"accuracy": float(parts["accuracy"].mean()),
+               "semantic_score": float(scores[turn_mask].mean()) if turn_mask.any() else 0.0,
+               "tool_use": float(sum(any(t.ok for t in x.spans.turns) for x in trajs)) / len(trajs),
+               "format": float(parts["format"].mean())}
+        res = self.dist.mean(res)
+        res["eval_size"] = n
+        return res
+
+    # ---- one MAPO step -------------------------------------------------------------------------
+    def train_step(self) -> Dict[str, Any]:
+        cfg, r = self.cfg, self.cfg.rollout
+        step = self.step + 1
+        t0 = time.perf_counter()
+        start, per = self._shard((step - 1) * r.prompts_per_step, r.prompts_per_step)
+        samples = self.task.batch("train", start, per)
+        trajs = self._generate(samples, group_size=r.group_size, greedy=False,
+                               seed=(cfg.seed * 1_000_003 + step * 7_919 + start * 131) % 2 ** 31)
+        t1 = time.perf_counter()
+        rewards, parts, scores, turn_mask = self._score(samples, trajs)
+        t2 = time.perf_counter()
+        images = [self.task.images(samples[t.group_id]) for t in trajs]
+        full = collate(trajs, images, self.adapter, self.tokenizer.pad_token_id)
+        adv = mapo_advantages(rewards, full.group_ids, scores, turn_mask, full.token_turn,
+                              algo=cfg.algo, semantic_coef=cfg.loss.semantic_coef,
+                              turn_discount=cfg.loss.turn_discount)
+        t3 = time.perf_counter()
+        B, T = full.input_ids.shape
+        tokens = self.dist.sum(float(full.loss_mask[:, 1:].sum()))
+        seqs = self.dist.sum(float(B))
+        self.model.train()
+        losses, stats = [], []
+        hidden_all = None
+        mb = cfg.optim.micro_batch_size
+        self.optimizer.zero_grad(set_to_none=True)
+        for epoch in range(cfg.optim.ppo_epochs):
+            for lo in range(0, B, mb):
+                rows = list(range(lo, min(B, lo + mb)))
+                batch = collate([trajs[i] for i in rows], [images[i] for i in rows],
+                                self.adapter, self.tokenizer.pad_token_id)
+                Tm = batch.input_ids.shape[1]
+                hidden = self._hidden(batch)
+                dev = hidden.device
+                ref = None
+                if self.ref_model is not None:
+                    with torch.no_grad():
+                        rh = self._hidden(batch, self.ref_model)
+                        ref = token_logprobs(rh[:, :-1], self.ref_model.lm_head.weight.to(
+                            rh.dtype), batch.input_ids[:, 1:].to(dev)).float()
+                loss, m = mapo_loss(
+                    hidden[:, :-1], self._head(hidden), batch.input_ids[:, 1:].to(dev),
+                    adv[rows, 1:Tm].to(dev), batch.loss_mask[:, 1:].to(dev),
+                    old_logprobs=batch.old_logprobs[:, 1:].to(dev), ref_logprobs=ref,
+                    clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
+                    kl_coef=cfg.loss.kl_coef, loss_agg=cfg.loss.loss_agg,
+                    global_tokens=tokens, global_seqs=seqs)
+                (loss * self.dist.world).backward()
+                losses.append(float(loss))
+                stats.append({k: float(v) for k, v in m.items()})
+                if epoch == 0:
+                    if hidden_all is None:
+                        hidden_all = torch.zeros(B, T - 1, hidden.shape[-1], dtype=hidden.dtype,
+                                                 device=dev)
+                    hidden_all[rows, :Tm - 1] = hidden[:, :-1].detach()
+            if epoch + 1 < cfg.optim.ppo_epochs:
+                self._optimizer_step()
+        t4 = time.perf_counter()
+        dev = hidden_all.device
+        gv = loss_gradient_variance(
+            hidden_all, self._head(hidden_all).detach(), full.input_ids[:, 1:].to(dev),
+            adv[:, 1:].to(dev), full.loss_mask[:, 1:].to(dev), full.group_ids.to(dev),
+            n_resamples=cfg.grad_var_resamples, seed=step,
+            old_logprobs=full.old_logprobs[:, 1:].to(dev), loss_agg=cfg.loss.loss_agg)
+        t5 = time.perf_counter()
+        grad_norm = self._optimizer_step()
+        t6 = time.perf_counter()
+        self.step = step
+        n_tok = sum(len(t.token_ids) for t in trajs)
+        rec = {
+            "step": step, "reward_mean": float(rewards.mean()),
+            "accuracy": float(parts["accuracy"].mean()),
+            "semantic_score": float(scores[turn_mask].mean()) if turn_mask.any() else 0.0,
+            "grad_var": gv["relative_var"], "grad_var_trace": gv["trace_var"],
+            "loss": float(sum(losses) / cfg.optim.ppo_epochs),
+            "tokens_per_s": n_tok / (t6 - t0), "grad_norm": grad_norm,
+            "tool_use": sum(any(t.ok for t in x.spans.turns) for x in trajs) / len(trajs),
+            "tool_errors": sum(x.stats.get("tool_errors", 0) for x in trajs) / len(trajs),
+            "response_tokens": sum(sum(x.loss_mask) for x in trajs) / len(trajs),
+            "entropy": sum(s["entropy"] for s in stats) / len(stats),
+            "clipfrac": sum(s["pg_clipfrac"] for s in stats) / len(stats),
+            "time_rollout": t1 - t0, "time_verifier": t2 - t1, "time_advantage": t3 - t2,
+            "time_loss": t4 - t3, "time_grad_var": t5 - t4, "time_optimizer": t6 - t5,
+        }
+        rec = self.dist.mean(rec)
+        rec["step"] = step
+        return rec
+
+    def _optimizer_step(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.dist.sync_replica(self.model, self.rollout_model)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save(self) -> Optional[str]:
+        state = self.dist.checkpoint_state(self.model, self.optimizer)
+        path = None
+        if self.dist.main:
+            tok = getattr(self.tokenizer, "backend_tokenizer", None)
+            path = ckpt.save(os.path.join(self.out, "checkpoints"), self.step, dict(
+                state, rng=ckpt.rng_state(), evals=self.evals, config=self.cfg.to_dict(),
+                tokenizer=tok.to_str() if tok is not None and not self.cfg.model.path else None),
+                keep=self.cfg.keep_checkpoints)
+        self.dist.barrier()
+        return path
+
+    # ---- the whole run -------------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        if not self.warm_done:
+            self.warm_start()
+            self.evals["warm_start"] = self.evaluate()
+            self._say(f"eval after warm start: {self._fmt_eval(self.evals['warm_start'])}")
+            self.save()
+        bar = Progress(cfg.steps, cfg.algo, initial=self.step, enabled=self.progress)
+        while self.step < cfg.steps:
+            rec = self.train_step()
+            if self.dist.main:
+                self.metrics.append(rec)
+            bar.update(self.step, rec, SHOWN)
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        self.evals["final"] = self.evaluate()
+        self._say(f"eval after {cfg.algo}: {self._fmt_eval(self.evals['final'])}")
+        summary = {"algo": cfg.algo, "steps": self.step, "evals": self.evals,
+                   "wall_s": time.perf_counter() - t_start, "world_size": self.dist.world,
+                   "parameter_checksums": self.dist.gather(self.checksum())}
+        if hasattr(self.task, "counts"):
+            summary["records"], summary["skipped_records"] = self.task.counts()
+        if self.dist.main:
+            records = self.metrics.read()
+            if records:
+                keys = [k for k in records[0] if k.startswith("time_")]
+                summary["mean_step_time"] = {k[5:]: sum(r[k] for r in records) / len(records)
+                                             for k in keys}
+                gv = [r["grad_var"] for r in records if r.get("grad_var") is not None]
+                summary["mean_grad_var"] = sum(gv) / len(gv) if gv else None
+                plot_curves(records, os.path.join(self.out, "curves.png"),
+                            title=f"{cfg.algo} on {cfg.task.name} (seed {cfg.seed})",
+                            evals={k: v["accuracy"] for k, v in self.evals.items()})
+            with open(os.path.join(self.out, "eval.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        return summary
+
+    def checksum(self) -> str:
+        """A hash of this rank's full rollout weights (equal on every rank when in sync)."""
+        import hashlib
+        h = hashlib.sha256()
+        for name, p in sorted(self.rollout_model.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def _say(self, text: str) -> None:
+        if self.dist.main and self.progress:
+            print(text, flush=True)
+
+    @staticmethod
+    def _fmt_eval(e: Dict[str, float]) -> str:
+        return (f"accuracy {e['accuracy']:.3f}, semantic {e['semantic_score']:.3f}, tool use "
+                f"{e['tool_use']:.2f} (n={e['eval_size']})")

@@ -1,0 +1,120 @@
+"""Run outputs a person reads: ``metrics.jsonl`` (one JSON object per step), a progress bar
+with live metrics on a terminal (plain lines otherwise), and ``curves.png``."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Any, Dict, Iterable, List, Optional
+
+#: Keys every step's record has (the trainer adds more).
+STEP_KEYS = ("step", "reward_mean", "accuracy", "semantic_score", "grad_var", "loss",
+             "tokens_per_s")
+CURVES = (("reward_mean", "reward"), ("accuracy", "accuracy"),
+          ("semantic_score", "semantic score"), ("grad_var", "relative gradient variance"))
+
+
+class MetricsLog:
+    """Appends records to ``path``; ``truncate_after(step)`` drops records of later steps (a
+    resumed run continues the interrupted curve without duplicates)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+    def read(self) -> List[Dict[str, Any]]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate_after(self, step: int) -> None:
+        keep = [r for r in self.read() if r.get("step", -1) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            for r in keep:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
+
+    def append(self, record: Dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(_clean(record)) + "\n")
+
+
+def _clean(record: Dict[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for k, v in record.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None  # JSON has no inf/nan
+        out[k] = v
+    return out
+
+
+class Progress:
+    """A tqdm bar with the latest metrics when stderr is a terminal, else one plain line per
+    update."""
+
+    def __init__(self, total: int, desc: str, *, initial: int = 0, enabled: bool = True):
+        self.enabled, self.desc, self.total = enabled, desc, total
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = None
+        if self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+    def update(self, step: int, metrics: Dict[str, Any], keys: Iterable[str]) -> None:
+        if not self.enabled:
+            return
+        shown = {k: metrics[k] for k in keys if k in metrics and metrics[k] is not None}
+        text = " ".join(f"{k}={_fmt(v)}" for k, v in shown.items())
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(1)
+        else:
+            print(f"[{self.desc}] {step}/{self.total} {text}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def plot_curves(records: List[Dict[str, Any]], path: str, *, title: Optional[str] = None,
+                evals: Optional[Dict[str, float]] = None) -> None:
+    """Reward, accuracy, semantic score and gradient variance over steps, one panel each;
+    ``evals`` (name -> accuracy) are drawn as horizontal lines on the accuracy panel."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    steps = [r["step"] for r in records]
+    for ax, (key, label) in zip(axes.flat, CURVES):
+        ys = [r.get(key) for r in records]
+        pts = [(s, y) for s, y in zip(steps, ys) if y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1)
+        if key == "grad_var" and pts and all(p[1] > 0 for p in pts):
+            ax.set_yscale("log")
+        if key == "accuracy" and evals:
+            for name, acc in evals.items():
+                ax.axhline(acc, ls="--", lw=1, color="grey")
+                ax.annotate(f"eval {name}: {acc:.2f}", (0.01, acc), xycoords=("axes fraction",
+                                                                               "data"),
+                            fontsize=8, va="bottom")
+        ax.set_title(label)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

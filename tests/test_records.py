@@ -1,0 +1,69 @@
+"""The real-data loader: good records load, and every bad one (path outside the root, a
+symlink leaving it, a missing file, a file that is not an image, an image over the pixel limit,
+no answer, a broken JSON line) is skipped with its counted reason, never raising."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from mapo_fast.tasks.records import RecordsTask, read_records
+
+PIL = pytest.importorskip("PIL.Image")
+
+
+@pytest.fixture()
+def dataset(tmp_path):
+    root = tmp_path / "data"
+    (root / "imgs").mkdir(parents=True)
+    img = torch.randint(0, 256, (30, 40, 3), dtype=torch.uint8).numpy()
+    PIL.fromarray(img).save(root / "imgs" / "ok.png")
+    PIL.fromarray(img).save(tmp_path / "outside.png")
+    PIL.new("RGB", (300, 300)).save(root / "imgs" / "big.png")
+    (root / "imgs" / "fake.png").write_text("not an image")
+    os.symlink(tmp_path / "outside.png", root / "imgs" / "link.png")
+    rows = [
+        {"image": "imgs/ok.png", "question": "What colour?", "answer": "red"},
+        {"image": "../outside.png", "question": "q", "answer": "a"},
+        {"image": "imgs/link.png", "question": "q", "answer": "a"},
+        {"image": "/etc/passwd", "question": "q", "answer": "a"},
+        {"image": "imgs/missing.png", "question": "q", "answer": "a"},
+        {"image": "imgs/fake.png", "question": "q", "answer": "a"},
+        {"image": "imgs/big.png", "question": "q", "answer": "a"},
+        {"images": ["imgs/ok.png"], "problem": "<image>Which one?", "solution": "B"},
+        {"image": "imgs/ok.png", "question": "q"},
+    ]
+    path = root / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{broken json\n")
+    return path, img
+
+
+def test_bad_records_are_skipped_counted_and_never_raise(dataset):
+    path, img = dataset
+    task = RecordsTask(str(path), seed=0, max_image_pixels=50_000, eval_size=1)
+    task.splits = {"train": list(range(len(task.records))), "eval": [0]}
+    got = task.batch("train", 0, 4)
+    assert [s.answer for s in got] == ["red", "B", "red", "B"]  # cycles over the good ones
+    assert got[1].question == "Which one?"
+    assert torch.equal(got[0].image, torch.from_numpy(img).permute(2, 0, 1))
+    assert dict(task.skipped) == {"outside_root": 3, "missing_image": 1, "not_an_image": 1,
+                                  "too_many_pixels": 1, "no_answer": 1, "bad_record": 1}
+    assert task.batch("train", 9, 1)[0].answer == "red"  # bad records are not retried
+    assert sum(task.skipped.values()) == 8
+
+
+def test_a_split_without_any_usable_record_is_named(dataset, tmp_path):
+    path, _ = dataset
+    task = RecordsTask(str(path), seed=0, eval_size=1)
+    task.splits = {"train": [1, 4], "eval": [0]}
+    with pytest.raises(ValueError, match="every record of the 'train' split is unusable"):
+        task.batch("train", 0, 1)
+
+
+def test_file_errors_are_named(tmp_path):
+    with pytest.raises(ValueError, match="`task.data_path` .* is not a file"):
+        read_records(str(tmp_path / "nope.jsonl"))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="must end in .jsonl or .parquet"):
+        read_records(str(tmp_path / "x.csv"))
