@@ -82,17 +82,18 @@ class DistContext:
                 dist.destroy_process_group()
 
     # ---- FSDP2 ---------------------------------------------------------------------------------
-    def shard(self, model: Any) -> Any:
-        """``fully_shard`` on every decoder layer and vision block, then on the whole model;
-        returns the rollout copy (unsharded), or the model itself with one process."""
+    def shard(self, wrapper: Any) -> Any:
+        """``fully_shard`` on every decoder layer and vision block of ``wrapper.policy``, then
+        on ``wrapper`` (the root, whose forward computes the loss); returns the rollout copy
+        of the policy (unsharded), or the policy itself with one process."""
         if not self.enabled:
-            return model
+            return wrapper.policy
         from torch.distributed.fsdp import fully_shard
-        replica = copy.deepcopy(model)
-        base = model.model
+        replica = copy.deepcopy(wrapper.policy)
+        base = wrapper.policy.model
         for layer in list(base.language_model.layers) + list(base.visual.blocks):
             fully_shard(layer)
-        fully_shard(model)
+        fully_shard(wrapper)
         return replica
 
     def full_state(self, model: Any) -> Dict[str, Tensor]:
@@ -103,10 +104,12 @@ class DistContext:
                                                              get_model_state_dict)
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
-    def sync_replica(self, model: Any, replica: Any) -> None:
-        """Copies the sharded policy's weights into the rollout copy."""
+    def sync_replica(self, wrapper: Any, replica: Any) -> None:
+        """Copies the sharded policy's weights (``wrapper.policy``) into the rollout copy."""
         if self.enabled:
-            replica.load_state_dict(self.full_state(model))
+            prefix = "policy."
+            replica.load_state_dict({k[len(prefix):]: v for k, v in
+                                     self.full_state(wrapper).items() if k.startswith(prefix)})
 
     def checkpoint_state(self, model: Any, opt: Any) -> Dict[str, Any]:
         """Full model and optimizer state (gathered to rank 0 when sharded)."""

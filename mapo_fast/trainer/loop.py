@@ -39,7 +39,7 @@ from .batch import PolicyBatch, collate
 from .config import TrainConfig
 from .distributed import DistContext
 from .metrics import MetricsLog, Progress, plot_curves
-from .model import load_pretrained, policy_hidden, tiny_vl_model
+from .model import PolicyWithLoss, load_pretrained, policy_hidden, tiny_vl_model
 
 Tensor = torch.Tensor
 TEMPLATE = "<tool_response>{}</tool_response>"
@@ -83,7 +83,7 @@ class Trainer:
                 raise ValueError(f"--resume: no checkpoint under {self.out}/checkpoints")
             state = ckpt.load(path)
         self._build_model(state)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optim.lr,
+        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
         pixels = cfg.task.view_size ** 2
         self.adapter = VisionAdapter(self.model, min_pixels=cfg.rollout.min_pixels or pixels,
@@ -113,8 +113,8 @@ class Trainer:
         self.evals: Dict[str, Dict[str, float]] = {}
         self.warm_done = False
         if state is not None:
-            self.dist.load_state(self.model, self.optimizer, state)
-            self.dist.sync_replica(self.model, self.rollout_model)
+            self.dist.load_state(self.policy, self.optimizer, state)
+            self.dist.sync_replica(self.policy, self.rollout_model)
             ckpt.set_rng_state(state["rng"])
             self.step, self.evals, self.warm_done = state["step"], state["evals"], True
             if self.dist.main:
@@ -138,7 +138,8 @@ class Trainer:
                                                  vocab_size=cfg.model.vocab_size)
             model = tiny_vl_model(cfg.model, self.tokenizer, seed=cfg.seed).to(self.device)
         self.model = model
-        self.rollout_model = self.dist.shard(model)
+        self.policy = PolicyWithLoss(model)
+        self.rollout_model = self.dist.shard(self.policy)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _autocast(self):
@@ -146,13 +147,10 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _hidden(self, batch: PolicyBatch, model: Any = None) -> Tensor:
+    def _policy(self, batch: PolicyBatch, fn: Any) -> Any:
+        """``fn(hidden, lm_head_weight)`` inside the policy's forward (see PolicyWithLoss)."""
         with self._autocast():
-            return policy_hidden(self.model if model is None else model, batch)
-
-    def _head(self, hidden: Tensor) -> Tensor:
-        w = self.model.lm_head.weight
-        return w if w.dtype == hidden.dtype else w.to(hidden.dtype)
+            return self.policy(batch, fn)
 
     def _generate(self, samples: Sequence[Any], *, group_size: int, greedy: bool,
                   seed: int) -> List[Trajectory]:
@@ -218,7 +216,7 @@ class Trainer:
         ws = self.cfg.warm_start
         if ws.steps == 0 or not hasattr(self.task, "expert_turns"):
             return
-        opt = torch.optim.AdamW(self.model.parameters(), lr=ws.lr)
+        opt = torch.optim.AdamW(self.policy.parameters(), lr=ws.lr)
         # linear warm-up over the first 5%, constant, cosine decay to a tenth over the last 30%
         warm, flat = max(1, ws.steps // 20), int(ws.steps * 0.7)
 
@@ -235,15 +233,14 @@ class Trainer:
             trajs = [self.expert_trajectory(s) for s in samples]
             batch = collate(trajs, [self.task.images(s) for s in samples], self.adapter,
                             self.tokenizer.pad_token_id)
-            hidden = self._hidden(batch)
             targets = batch.input_ids[:, 1:].to(self.device)
             mask = batch.loss_mask[:, 1:].to(self.device)
-            lp = token_logprobs(hidden[:, :-1], self._head(hidden), targets)
             tokens = self.dist.sum(float(mask.sum()))
-            loss = -(lp.float() * mask).sum() / tokens * self.dist.world
+            loss = self._policy(batch, lambda h, w: -(token_logprobs(
+                h[:, :-1], w, targets).float() * mask).sum() / tokens * self.dist.world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
             opt.step()
             sched.step()
             rec = self.dist.mean({"step": i + 1, "nll": float(loss.detach()) / self.dist.world})
@@ -251,7 +248,7 @@ class Trainer:
                 log.append(rec)
             bar.update(i + 1, rec, ("nll",))
         bar.close()
-        self.dist.sync_replica(self.model, self.rollout_model)
+        self.dist.sync_replica(self.policy, self.rollout_model)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
@@ -301,23 +298,27 @@ class Trainer:
                 batch = collate([trajs[i] for i in rows], [images[i] for i in rows],
                                 self.adapter, self.tokenizer.pad_token_id)
                 Tm = batch.input_ids.shape[1]
-                hidden = self._hidden(batch)
-                dev = hidden.device
+                dev = self.device
                 ref = None
                 if self.ref_model is not None:
-                    with torch.no_grad():
-                        rh = self._hidden(batch, self.ref_model)
+                    with torch.no_grad(), self._autocast():
+                        rh = policy_hidden(self.ref_model, batch)
                         ref = token_logprobs(rh[:, :-1], self.ref_model.lm_head.weight.to(
                             rh.dtype), batch.input_ids[:, 1:].to(dev)).float()
-                loss, m = mapo_loss(
-                    hidden[:, :-1], self._head(hidden), batch.input_ids[:, 1:].to(dev),
-                    adv[rows, 1:Tm].to(dev), batch.loss_mask[:, 1:].to(dev),
-                    old_logprobs=batch.old_logprobs[:, 1:].to(dev), ref_logprobs=ref,
-                    clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
-                    kl_coef=cfg.loss.kl_coef, loss_agg=cfg.loss.loss_agg,
-                    global_tokens=tokens, global_seqs=seqs)
+
+                def objective(h: Tensor, w: Tensor):
+                    loss, m = mapo_loss(
+                        h[:, :-1], w, batch.input_ids[:, 1:].to(dev),
+                        adv[rows, 1:Tm].to(dev), batch.loss_mask[:, 1:].to(dev),
+                        old_logprobs=batch.old_logprobs[:, 1:].to(dev), ref_logprobs=ref,
+                        clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
+                        kl_coef=cfg.loss.kl_coef, loss_agg=cfg.loss.loss_agg,
+                        global_tokens=tokens, global_seqs=seqs)
+                    return loss, m, h.detach()
+
+                loss, m, hidden = self._policy(batch, objective)
                 (loss * self.dist.world).backward()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 stats.append({k: float(v) for k, v in m.items()})
                 if epoch == 0:
                     if hidden_all is None:
@@ -328,8 +329,10 @@ class Trainer:
                 self._optimizer_step()
         t4 = time.perf_counter()
         dev = hidden_all.device
+        # the rollout copy holds the full weights of this step (synced after the last one)
+        head = self.rollout_model.lm_head.weight.detach().to(hidden_all.dtype)
         gv = loss_gradient_variance(
-            hidden_all, self._head(hidden_all).detach(), full.input_ids[:, 1:].to(dev),
+            hidden_all, head, full.input_ids[:, 1:].to(dev),
             adv[:, 1:].to(dev), full.loss_mask[:, 1:].to(dev), full.group_ids.to(dev),
             n_resamples=cfg.grad_var_resamples, seed=step,
             old_logprobs=full.old_logprobs[:, 1:].to(dev), loss_agg=cfg.loss.loss_agg)
@@ -358,15 +361,15 @@ class Trainer:
         return rec
 
     def _optimizer_step(self) -> float:
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.dist.sync_replica(self.model, self.rollout_model)
+        self.dist.sync_replica(self.policy, self.rollout_model)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def save(self) -> Optional[str]:
-        state = self.dist.checkpoint_state(self.model, self.optimizer)
+        state = self.dist.checkpoint_state(self.policy, self.optimizer)
         path = None
         if self.dist.main:
             tok = getattr(self.tokenizer, "backend_tokenizer", None)

@@ -72,3 +72,18 @@ def policy_hidden(model: Any, batch: PolicyBatch) -> Tensor:
                       mm_token_type_ids=(ids == model.config.image_token_id).int(),
                       use_cache=False)
     return out.last_hidden_state
+
+
+class PolicyWithLoss(torch.nn.Module):
+    """The policy with its loss computed inside ``forward``: ``fn(hidden [B, T, H], lm_head
+    weight [V, H])`` runs there. Under FSDP this module is the root, so its forward gathers
+    the LM head for the fused loss and its backward reduces the head's gradient."""
+
+    def __init__(self, policy: Any):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: PolicyBatch, fn: Any) -> Any:
+        hidden = policy_hidden(self.policy, batch)
+        w = self.policy.lm_head.weight
+        return fn(hidden, w if w.dtype == hidden.dtype else w.to(hidden.dtype))
