@@ -17,7 +17,8 @@ Public API:
     ToolRegistry, ToolRunner, ZoomInTool, parse_tool_calls
                             the tool-call protocol (mapo_fast.tools has the rest)
     RolloutEngine           batched generation over a paged KV cache shared by each group
-                            (text core so far; mapo_fast.rollout has the pieces)
+                            (Qwen2 and Qwen2.5-VL; mapo_fast.rollout has the pieces;
+                            mapo_fast.trainer the thin trainer behind `mapo-train`)
 """
 
 from .advantage import mapo_advantages
