@@ -95,7 +95,7 @@ class VisualSearchTask:
                              f"{index!r}")
         g = torch.Generator().manual_seed(
             (self.seed * 1_000_003 + SPLITS[split] * 7_919 + index * 2) % (2 ** 63))
-        S, half = self.image_size, self.image_size // 2
+        half = self.image_size // 2
 
         def randint(n: int) -> int:
             return int(torch.randint(n, (1,), generator=g))
