@@ -134,3 +134,22 @@ def test_two_gloo_ranks_end_with_identical_parameters(tmp_path):
     sums = summary["parameter_checksums"]
     assert len(sums) == 2 and sums[0] == sums[1]
     assert [r["step"] for r in records(tmp_path)] == [1]
+
+
+def test_micro_batch_select_equals_collating_its_rows(tmp_path):
+    import dataclasses
+    from mapo_fast.trainer.batch import collate
+    t = Trainer(parse_args(["--out", str(tmp_path), "--steps", "0"] + TOY), progress=False)
+    samples = t.task.batch("train", 0, 5)
+    trajs = [t.expert_trajectory(s) for s in samples]
+    ims = [t.task.images(s) for s in samples]
+    full = collate(trajs, ims, t.adapter, t.tokenizer.pad_token_id)
+    for rows in ([1, 3, 4], [2], [0, 1, 2, 3, 4]):
+        want = collate([trajs[i] for i in rows], [ims[i] for i in rows], t.adapter,
+                       t.tokenizer.pad_token_id)
+        got = full.select(rows)
+        for f in dataclasses.fields(want):
+            assert torch.equal(getattr(got, f.name), getattr(want, f.name)), f.name
+    # each expert trajectory's image-pad tokens match its images' patches
+    n_pad = int((full.input_ids == t.model.config.image_token_id).sum())
+    assert n_pad * 4 == int(full.image_grid_thw.prod(1).sum())

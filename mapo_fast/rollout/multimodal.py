@@ -92,6 +92,14 @@ class VisionAdapter:
                                merge_size=self.merge, min_pixels=self.min_pixels,
                                max_pixels=self.max_pixels)
 
+    def grid(self, box: Sequence[float]) -> Tuple[int, int, int]:
+        """The patch grid ``(1, gh, gw)`` of the crop ``(image_index, x1, y1, x2, y2)`` (what
+        ``patches`` would give it, without cutting it)."""
+        from ..tools.ops import smart_resize
+        _, x1, y1, x2, y2 = box
+        h, w = smart_resize(y2 - y1, x2 - x1, self.factor, self.min_pixels, self.max_pixels)
+        return 1, h // self.patch_size, w // self.patch_size
+
     @torch.no_grad()
     def encode(self, images: Sequence[Tensor], boxes: Sequence[Sequence[float]]
                ) -> List[Tuple[Tensor, Tuple[int, int, int]]]:
@@ -174,8 +182,7 @@ def render_chat(messages: Sequence[Dict[str, Any]], tokenizer: Any,
                     raise ValueError(f"RolloutEngine.generate: `{where}` message {m} part {j}: "
                                      f"an image must be a uint8 [3, H, W] tensor, got {desc}")
                 images.append(im)
-                h, w = _model_size(adapter, im)
-                tokens += adapter.placeholder((1, h // adapter.patch_size, w // adapter.patch_size))
+                tokens += adapter.placeholder(adapter.grid((0, 0, 0, im.shape[2], im.shape[1])))
             else:
                 raise ValueError(f"RolloutEngine.generate: `{where}` message {m} part {j} must be "
                                  f"{{'type': 'text', 'text': str}} or {{'type': 'image', "
@@ -184,8 +191,3 @@ def render_chat(messages: Sequence[Dict[str, Any]], tokenizer: Any,
     tokens += ids("<|im_start|>assistant\n")
     return tokens, images
 
-
-def _model_size(adapter: VisionAdapter, image: Tensor) -> Tuple[int, int]:
-    from ..tools.ops import smart_resize
-    return smart_resize(image.shape[1], image.shape[2], adapter.factor, adapter.min_pixels,
-                        adapter.max_pixels)

@@ -18,7 +18,8 @@ Tensor = torch.Tensor
 class PolicyBatch:
     """``input_ids``/``attention_mask``/``loss_mask``/``old_logprobs``/``token_turn [B, T]``
     (right-padded; ``token_turn`` -1 off tool turns), ``pixel_values [P, C]`` and
-    ``image_grid_thw [I, 3]`` of all images in row order, ``group_ids [B]``."""
+    ``image_grid_thw [I, 3]`` of all images in row order, ``image_rows [I]`` (each image's
+    row), ``group_ids [B]``."""
     input_ids: Tensor
     attention_mask: Tensor
     loss_mask: Tensor
@@ -26,11 +27,31 @@ class PolicyBatch:
     token_turn: Tensor
     pixel_values: Tensor
     image_grid_thw: Tensor
+    image_rows: Tensor
     group_ids: Tensor
 
     @property
     def tokens(self) -> int:
         return int(self.loss_mask.sum())
+
+    def select(self, rows: List[int]) -> "PolicyBatch":
+        """The sub-batch of ``rows`` (a micro-batch), trimmed to its longest row; its images'
+        patches are sliced out, not cut again."""
+        idx = torch.tensor(rows, dtype=torch.int64)
+        T = int(self.attention_mask[idx].sum(1).max())
+        keep = torch.isin(self.image_rows, idx)
+        counts = self.image_grid_thw.prod(1)
+        starts = torch.cumsum(counts, 0) - counts
+        patch_idx = torch.cat([torch.arange(int(a), int(a + n)) for a, n, k in
+                               zip(starts, counts, keep) if k] or [torch.empty(0, dtype=torch.int64)])
+        remap = {r: i for i, r in enumerate(rows)}
+        return PolicyBatch(*(x[idx, :T] for x in (self.input_ids, self.attention_mask,
+                                                   self.loss_mask, self.old_logprobs,
+                                                   self.token_turn)),
+                           self.pixel_values[patch_idx], self.image_grid_thw[keep],
+                           torch.tensor([remap[int(r)] for r in self.image_rows[keep]],
+                                        dtype=torch.int64),
+                           self.group_ids[idx])
 
 
 def collate(trajectories: Sequence[Trajectory], images: Sequence[Sequence[Tensor]],
@@ -49,6 +70,7 @@ def collate(trajectories: Sequence[Trajectory], images: Sequence[Sequence[Tensor
     old = torch.zeros(B, T, dtype=torch.float32)
     flat: List[Tensor] = []
     boxes: List[tuple] = []
+    owner: List[int] = []
     for b, (t, ims) in enumerate(zip(trajectories, images)):
         n = len(t.token_ids)
         ids[b, :n] = torch.tensor(t.token_ids)
@@ -59,6 +81,7 @@ def collate(trajectories: Sequence[Trajectory], images: Sequence[Sequence[Tensor
         flat += list(ims)
         boxes += [(base + k, 0, 0, im.shape[2], im.shape[1]) for k, im in enumerate(ims)]
         boxes += [(base + turn.box[0], *turn.box[1:]) for turn in t.spans.turns if turn.ok]
+        owner += [b] * (len(boxes) - len(owner))
     turn = token_turns([t.spans for t in trajectories], [len(t.token_ids) for t in trajectories],
                        pad_to=T)
     if boxes:
@@ -67,4 +90,5 @@ def collate(trajectories: Sequence[Trajectory], images: Sequence[Sequence[Tensor
         width = 3 * adapter.temporal_patch_size * adapter.patch_size ** 2
         pixel_values, grid = torch.empty(0, width), torch.empty(0, 3, dtype=torch.int64)
     return PolicyBatch(ids, attn, mask, old, turn, pixel_values, grid,
+                       torch.tensor(owner, dtype=torch.int64),
                        torch.tensor([t.group_id for t in trajectories]))

@@ -32,7 +32,7 @@ def set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def save(folder: str, step: int, payload: Dict[str, Any], *, keep: int = 2) -> str:
-    """Writes ``folder/step_XXXXXX.pt`` through a temporary file and an atomic rename, then
+    """Writes ``folder/step_<6-digit step>.pt`` through a temporary file and an atomic rename, then
     removes all but the newest ``keep`` checkpoints. Returns the path."""
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step_{step:06d}.pt")

@@ -194,11 +194,10 @@ class Trainer:
                                      self.adapter.max_pixels)
         req = ZoomInTool().prepare(call["arguments"], ctx)
         box = (req.image, *req.box)
-        _, grid = self.adapter.patches(images, [box])
         pre, post = TEMPLATE.split("{}")
         ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
         call_ids = ids(call_text)
-        obs = ids(pre) + self.adapter.placeholder(tuple(grid[0].tolist())) + ids(post)
+        obs = ids(pre) + self.adapter.placeholder(self.adapter.grid(box)) + ids(post)
         ans = ids(answer_text) + [tok.eos_token_id]
         tokens = prompt + call_ids + obs + ans
         mask = [0] * len(prompt) + [1] * len(call_ids) + [0] * len(obs) + [1] * len(ans)
@@ -295,8 +294,7 @@ class Trainer:
         for epoch in range(cfg.optim.ppo_epochs):
             for lo in range(0, B, mb):
                 rows = list(range(lo, min(B, lo + mb)))
-                batch = collate([trajs[i] for i in rows], [images[i] for i in rows],
-                                self.adapter, self.tokenizer.pad_token_id)
+                batch = full.select(rows)
                 Tm = batch.input_ids.shape[1]
                 dev = self.device
                 ref = None
