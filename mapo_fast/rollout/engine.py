@@ -550,7 +550,8 @@ class RolloutEngine:
         s.chunk_start = len(s.tokens) - 1
         stop = tok in cfg["stops"] or s.new_tokens >= cfg["max_new_tokens"]
         text = None
-        if cfg["tools"] is not None and len(s.turns) + 1 < cfg["max_turns"]:
+        if cfg["tools"] is not None and len(s.turns) + 1 < cfg["max_turns"] and \
+                ">" in self.tokenizer.decode([tok]):  # a call can only close on a '>'
             text = self.tokenizer.decode(s.tokens[s.turn_start:])
         if text is not None and text.rstrip().endswith("</tool_call>"):
             s.tool_text = text
