@@ -34,7 +34,8 @@ import torch
 
 from ..trajectory import DESCRIPTION_TAG, Span, ToolTurn, Trajectory, TrajectorySpans
 from .attention import paged_attention, write_kv
-from .multimodal import ImageInsert, VisionAdapter, image_key, is_vision_language, render_chat
+from .multimodal import (ImageInsert, VisionAdapter, crop_key, image_key, is_vision_language,
+                         render_chat)
 
 Tensor = torch.Tensor
 ATTN_IMPL = "mapo_paged"
@@ -426,6 +427,8 @@ class RolloutEngine:
                 # slot gets the same values it already holds)
                 cached -= 1
             logits = self._forward([(head, p, cached)])
+            for im, insert in zip(p.raw_images, p.images):  # hashed once, in _with_images
+                cfg["image_keys"][id(im)] = insert.key
             ctx = tool_contexts[i] if tool_contexts is not None else None
             if ctx is None and tools is not None and p.raw_images:
                 from ..tools import ToolContext
@@ -583,9 +586,9 @@ class RolloutEngine:
             self.stats["vision_images"] = self.stats.get("vision_images", 0) + len(encoded)
             for (s, r), (f, grid) in zip(crops, encoded):
                 im = s.ctx.images[r.box[0]]
-                if id(im) not in cfg["image_keys"]:
+                if id(im) not in cfg["image_keys"]:  # a tool context's own image
                     cfg["image_keys"][id(im)] = image_key(im)
-                feats[id(r)] = (f, grid, cfg["image_keys"][id(im)] ^ image_key(r.crop, r.box))
+                feats[id(r)] = (f, grid, crop_key(cfg["image_keys"][id(im)], r.box))
         for s, r in zip(todo, results):
             s.tool_text = None
             self._observe(s, r, feats.get(id(r)), cfg)

@@ -37,13 +37,19 @@ class ImageInsert:
         return self.start + self.features.shape[0]
 
 
-def image_key(image: Tensor, box: Optional[Sequence[float]] = None) -> int:
-    """A 62-bit content hash of a uint8 image (and of a crop box in it): equal pixels, equal
-    key; used so that cached KV is shared only between identical images."""
+def image_key(image: Tensor) -> int:
+    """A 62-bit content hash of a uint8 image: equal pixels, equal key; used so that cached KV
+    is shared only between identical images."""
     h = hashlib.blake2b(image.detach().contiguous().cpu().numpy().tobytes(), digest_size=8)
     h.update(repr(tuple(image.shape)).encode())
-    if box is not None:
-        h.update(repr(tuple(round(float(v), 4) for v in box)).encode())
+    return int.from_bytes(h.digest(), "little") & (2 ** 62 - 1)
+
+
+def crop_key(source_key: int, box: Sequence[float]) -> int:
+    """The key of a crop: its source image's ``image_key`` and the box (the crop's pixels are
+    a function of both under the engine's fixed resize rule)."""
+    h = hashlib.blake2b(repr((source_key, tuple(round(float(v), 4) for v in box))).encode(),
+                        digest_size=8)
     return int.from_bytes(h.digest(), "little") & (2 ** 62 - 1)
 
 

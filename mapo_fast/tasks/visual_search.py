@@ -23,9 +23,8 @@ ground truth of any box (for the ``OracleVerifier``).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Sequence, Set, Tuple
 
 import torch
 
@@ -197,7 +196,7 @@ class VisualSearchTask:
     def corpus(self, n: int = 64) -> List[str]:
         """Text for training the task's tokenizer: prompts and expert turns, with every box a
         model may write."""
-        texts = [self.question_text()]
+        texts = [QUESTION]
         for i in range(n):
             s = self.sample("train", i)
             texts += list(self.expert_turns(s))
@@ -209,16 +208,3 @@ class VisualSearchTask:
                   "Error: bbox_2d is outside the image"] + [str(i) for i in range(200)]
         return texts * 4
 
-    @staticmethod
-    def question_text() -> str:
-        return QUESTION
-
-
-def view_quadrant(box_view: Sequence[float], view_size: int) -> Optional[Tuple[int, int]]:
-    """The quadrant whose centre a view-pixel box contains (None when outside)."""
-    x1, y1, x2, y2 = box_view
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    if not (0 <= cx < view_size and 0 <= cy < view_size):
-        return None
-    h = view_size / 2
-    return int(math.floor(cy / h)), int(math.floor(cx / h))

@@ -30,10 +30,6 @@ class PolicyBatch:
     image_rows: Tensor
     group_ids: Tensor
 
-    @property
-    def tokens(self) -> int:
-        return int(self.loss_mask.sum())
-
     def select(self, rows: List[int]) -> "PolicyBatch":
         """The sub-batch of ``rows`` (a micro-batch), trimmed to its longest row; its images'
         patches are sliced out, not cut again."""

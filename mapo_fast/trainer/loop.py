@@ -31,7 +31,7 @@ from ..rewards import (AccuracyReward, CompositeReward, FormatReward, OracleVeri
                        ToolUseReward)
 from ..rollout import RolloutEngine
 from ..rollout.multimodal import VisionAdapter, render_chat
-from ..tools import ToolContext, ToolRunner, ZoomInTool
+from ..tools import ToolContext, ToolRunner, ZoomInTool, parse_tool_calls
 from ..trajectory import Span, ToolTurn, Trajectory, TrajectorySpans
 from ..variance import loss_gradient_variance
 from . import checkpoint as ckpt
@@ -189,10 +189,10 @@ class Trainer:
         tok = self.tokenizer
         prompt, images = render_chat(self.task.prompt(sample), tok, self.adapter)
         call_text, answer_text = self.task.expert_turns(sample)
-        call = json.loads(call_text.split(">", 1)[1].rsplit("<", 1)[0])
+        (call,), _ = parse_tool_calls(call_text)
         ctx = ToolContext.for_images(images, self.adapter.factor, self.adapter.min_pixels,
                                      self.adapter.max_pixels)
-        req = ZoomInTool().prepare(call["arguments"], ctx)
+        req = ZoomInTool().prepare(call.arguments, ctx)
         box = (req.image, *req.box)
         pre, post = TEMPLATE.split("{}")
         ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
