@@ -77,9 +77,12 @@ class _FixedObservation:
 
     def run(self, texts, contexts, sessions):
         from mapo_fast.tools import ToolResult
-        k = sessions[0].calls
-        sessions[0].calls += 1
-        return [ToolResult(ok=True, text=self.obs_texts[min(k, len(self.obs_texts) - 1)])]
+        out = []
+        for sess in sessions:
+            k = sess.calls
+            sess.calls += 1
+            out.append(ToolResult(ok=True, text=self.obs_texts[min(k, len(self.obs_texts) - 1)]))
+        return out
 
 
 class _EndTurnAt:
@@ -90,8 +93,8 @@ class _EndTurnAt:
         self.n, self.end_id, self.obs_end_id, self.prompt_len = n, end_id, obs_end_id, prompt_len
 
     def __call__(self, tokens, logits):
-        last_obs = max((i for i, t in enumerate(tokens) if t == self.obs_end_id),
-                       default=self.prompt_len - 1)
+        last_obs = next((i for i in range(len(tokens) - 1, self.prompt_len - 1, -1)
+                         if tokens[i] == self.obs_end_id), self.prompt_len - 1)
         if len(tokens) - last_obs == self.n:
             out = torch.full_like(logits, float("-inf"))
             out[self.end_id] = 0.0

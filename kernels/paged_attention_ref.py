@@ -34,25 +34,56 @@ def gather_kv(cache: Tensor, block_table: Tensor, length: int) -> Tensor:
     return cache.index_select(0, blocks).reshape(-1, *cache.shape[2:])[:length]
 
 
+def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
+    """``q [S, n, H, D]`` against ``k``/``v [S, L, kv_heads, D]`` where ``allowed [S, n, L]``.
+    GQA: the ``H // kv_heads`` query heads of each KV head form one batched matmul against
+    a strided view of that head's keys (K/V are never copied per query head). Returns
+    ``[S, n, H, D]`` in ``q``'s dtype."""
+    S, n, H, D = q.shape
+    kv_heads, L = k.shape[2], k.shape[1]
+    group = H // kv_heads
+    out = q.new_empty(S, n, kv_heads, group, D)
+    for h in range(kv_heads):
+        qh = q[:, :, h * group:(h + 1) * group].reshape(S, n * group, D)
+        scores = torch.bmm(qh, k[:, :, h].transpose(1, 2)).view(S, n, group, L) * scale
+        scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(S, n * group, L)
+        out[:, :, h] = torch.bmm(probs, v[:, :, h]).view(S, n, group, D)
+    return out.view(S, n, H, D)
+
+
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     context_lens: Tensor, cu_q: Tensor, scale: float) -> Tensor:
-    """``[total_q, heads, head_dim]`` in ``q``'s dtype; see the module doc."""
-    heads, kv_heads = q.shape[1], k_cache.shape[2]
-    group = heads // kv_heads
+    """``[total_q, heads, head_dim]`` in ``q``'s dtype; see the module doc.
+
+    Sequences with one query (decode) are attended together: their pages gathered into a
+    padded ``[S, max_len]`` batch, the padding masked. Longer chunks (prefill) go one
+    sequence at a time."""
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q)
     starts, lens = cu_q.tolist(), context_lens.tolist()
-    for s, L in enumerate(lens):
-        q0, q1 = starts[s], starts[s + 1]
-        if q1 == q0:
+    n_q = [b - a for a, b in zip(starts, starts[1:])]
+    single = [s for s, n in enumerate(n_q) if n == 1]
+    if single:
+        bs, dev = k_cache.shape[1], q.device
+        idx = torch.tensor(single, device=dev)
+        nb = (max(lens[s] for s in single) + bs - 1) // bs
+        blocks = block_tables.index_select(0, idx)[:, :nb].reshape(-1).to(torch.int64)
+        kv_shape = (len(single), nb * bs, *k_cache.shape[2:])          # whole blocks
+        k = k_cache.index_select(0, blocks).view(kv_shape).to(cd)      # [S1, L, Hkv, D]
+        v = v_cache.index_select(0, blocks).view(kv_shape).to(cd)
+        t = torch.arange(nb * bs, device=dev)
+        allowed = (t[None, :] < context_lens.index_select(0, idx)[:, None])[:, None, :]
+        rows = cu_q.index_select(0, idx)
+        out[rows] = _attend(q[rows].to(cd)[:, None], k, v, allowed, scale)[:, 0].to(q.dtype)
+    for s, n in enumerate(n_q):
+        if n <= 1:
             continue
-        k = gather_kv(k_cache, block_tables[s], L).to(cd).repeat_interleave(group, dim=1)
-        v = gather_kv(v_cache, block_tables[s], L).to(cd).repeat_interleave(group, dim=1)
-        qs = q[q0:q1].to(cd)                                          # [n, H, D]
-        scores = torch.einsum("nhd,lhd->hnl", qs, k) * scale          # [H, n, L]
-        pos = L - (q1 - q0) + torch.arange(q1 - q0, device=q.device)
+        L, q0 = lens[s], starts[s]
+        k = gather_kv(k_cache, block_tables[s], L).to(cd)[None]
+        v = gather_kv(v_cache, block_tables[s], L).to(cd)[None]
+        pos = L - n + torch.arange(n, device=q.device)
         allowed = torch.arange(L, device=q.device)[None, :] <= pos[:, None]
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        out[q0:q1] = torch.einsum("hnl,lhd->nhd", probs, v).to(q.dtype)
+        out[q0:q0 + n] = _attend(q[q0:q0 + n].to(cd)[None], k, v, allowed[None], scale)[0] \
+            .to(q.dtype)
     return out

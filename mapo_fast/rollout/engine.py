@@ -264,9 +264,13 @@ class RolloutEngine:
             drop = cum - torch.softmax(sorted_l, -1) > top_p
             scaled = scaled.scatter(1, idx, sorted_l.masked_fill(drop, float("-inf")))
         logp = torch.log_softmax(scaled, -1)
-        probs = logp.exp().cpu()
-        toks = [int(torch.multinomial(probs[i], 1, generator=g)) for i, g in enumerate(gens)]
-        return toks, [float(logp[i, t]) for i, t in enumerate(toks)]
+        # inverse-CDF sampling, one uniform per sample from its own generator: the draw does
+        # not depend on the batch; ``right=True`` never lands on a zero-probability token
+        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
+        cdf = logp.double().exp().cumsum(-1)
+        x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+        tok = torch.searchsorted(cdf, x, right=True).clamp_(max=logits.shape[-1] - 1)
+        return tok[:, 0].tolist(), logp.gather(1, tok)[:, 0].tolist()
 
     # ---- generation ------------------------------------------------------------------------
     def _encode(self, prompt: Any, i: int) -> _Prompt:
@@ -407,14 +411,15 @@ class RolloutEngine:
             video = getattr(self.model.config, "video_token_id", None)
             banned += [int(video)] if video is not None else []
 
-        def pick(s: _Seq, row_logits: Tensor):
+        def pick(batch: Sequence[_Seq], logits: Tensor):
+            """Each sample's next token and log-prob from its row of ``logits [n, V]``."""
             if banned is not None:
-                row_logits = row_logits.clone()
-                row_logits[:, banned] = float("-inf")
+                logits = logits.clone()
+                logits[:, banned] = float("-inf")
             if logits_processor is not None:
-                row_logits = logits_processor(list(s.tokens), row_logits[0])[None]
-            t, lp = self._sample(row_logits, [s.generator], temperature, top_k, top_p)
-            return t[0], lp[0]
+                logits = torch.stack([logits_processor(list(s.tokens), row)
+                                      for s, row in zip(batch, logits)])
+            return self._sample(logits, [s.generator for s in batch], temperature, top_k, top_p)
 
         seqs: List[_Seq] = []
         for i, p in enumerate(encoded):
@@ -447,9 +452,10 @@ class RolloutEngine:
                 if tools is not None:
                     from ..tools import ToolSession
                     s.session = ToolSession(max_calls=max_tool_calls)
-                tok, lp = pick(s, logits)
-                self._emit(s, tok, lp, cfg)
                 seqs.append(s)
+            group = seqs[started:]
+            for s, tok, lp in zip(group, *pick(group, logits.repeat(len(group), 1))):
+                self._emit(s, tok, lp, cfg)
             self._run_tools(seqs[started:], cfg)
             for s in seqs[started:]:
                 if s.done:  # finished at its first token
@@ -471,9 +477,8 @@ class RolloutEngine:
             # the chunk is an observation or a recomputed prefix (prefill)
             self.stats["decode_tokens"] += len(step)
             self.stats["prefill_tokens"] += sum(len(s.tokens) - s.chunk_start - 1 for s in step)
-            for row, s in enumerate(step):  # one generator per sample: batching-independent
+            for s, t, lp in zip(step, *pick(step, logits)):  # one generator per sample
                 s.pending = []
-                t, lp = pick(s, logits[row:row + 1])
                 self._emit(s, t, lp, cfg)
             self._run_tools(step, cfg)
             for s in step:
@@ -569,8 +574,11 @@ class RolloutEngine:
         todo = [s for s in batch if s.tool_text is not None]
         if not todo:
             return
-        results = cfg["tools"].run([s.tool_text for s in todo], [s.ctx for s in todo],
-                                   [s.session for s in todo])
+        results = list(cfg["tools"].run([s.tool_text for s in todo], [s.ctx for s in todo],
+                                        [s.session for s in todo]))
+        if len(results) != len(todo):
+            raise RuntimeError(f"RolloutEngine: `tools.run` returned {len(results)} result(s) "
+                               f"for {len(todo)} tool call text(s); it must return one per text")
         feats: Dict[int, Any] = {}
         crops = [(s, r) for s, r in zip(todo, results)
                  if r is not None and r.ok and r.crop is not None]

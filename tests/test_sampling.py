@@ -1,0 +1,55 @@
+"""The engine's sampler: draws follow the (temperature, top-k, top-p) distribution, never land
+on excluded tokens, report that distribution's log-probs, and do not depend on the batch."""
+
+import math
+
+import torch
+
+from mapo_fast.rollout import RolloutEngine
+
+LOGITS = torch.tensor([2.0, 0.5, -1.0, 1.0, float("-inf"), 0.0, -3.0])
+
+
+def draw(logits, n, temperature=1.0, top_k=0, top_p=1.0, seed=0):
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    return RolloutEngine._sample(logits.expand(n, -1).clone(), gens, temperature, top_k, top_p)
+
+
+def test_frequencies_match_the_distribution_within_five_sigma():
+    n = 20000
+    toks, lps = draw(LOGITS, n, temperature=0.8)
+    p = torch.softmax(LOGITS / 0.8, -1)
+    counts = torch.bincount(torch.tensor(toks), minlength=len(LOGITS)).double()
+    sigma = (n * p * (1 - p)).sqrt()
+    assert counts[4] == 0  # probability 0 is never drawn
+    assert bool(((counts - n * p).abs() <= 5 * sigma + 1).all()), (counts, n * p)
+    for t, lp in zip(toks[:50], lps[:50]):
+        assert math.isclose(lp, math.log(float(p[t])), rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_top_k_and_top_p_exclude_tokens_and_renormalise():
+    toks, lps = draw(LOGITS, 3000, top_k=2)
+    assert set(toks) == {0, 3}
+    p2 = torch.softmax(LOGITS[[0, 3]], -1)
+    assert math.isclose(lps[toks.index(0)], math.log(float(p2[0])), rel_tol=1e-5)
+    p = torch.softmax(LOGITS, -1)  # sorted: 0 (.56), 3 (.21), 1 (.13), ...: top_p 0.7 keeps 0, 3
+    assert float(p[0]) < 0.7 < float(p[0] + p[3])
+    toks, _ = draw(LOGITS, 3000, top_p=0.7)
+    assert set(toks) == {0, 3}
+
+
+def test_a_sample_draws_the_same_alone_or_in_a_batch():
+    batch = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
+    gens = [torch.Generator().manual_seed(100 + i) for i in range(6)]
+    together, lp_together = RolloutEngine._sample(batch, gens, 1.0, 0, 0.95)
+    for i in range(6):
+        alone, lp_alone = RolloutEngine._sample(batch[i:i + 1],
+                                                [torch.Generator().manual_seed(100 + i)],
+                                                1.0, 0, 0.95)
+        assert alone[0] == together[i] and lp_alone[0] == lp_together[i]
+
+
+def test_greedy_takes_the_argmax_with_its_log_prob():
+    toks, lps = draw(LOGITS, 3, temperature=0.0)
+    assert toks == [0, 0, 0]
+    assert math.isclose(lps[0], float(torch.log_softmax(LOGITS, -1)[0]), rel_tol=1e-6)
