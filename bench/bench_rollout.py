@@ -18,16 +18,27 @@ from pathlib import Path
 import torch
 
 try:
+    import rollout_image
     from harness import device_info, main as bench_main, measure, write_report
 except ImportError:  # imported as bench.bench_rollout
+    from . import rollout_image
     from .harness import device_info, main as bench_main, measure, write_report
 
+IMAGE = {"quick": dict(prompts=1, group=2, image=224, crop=112, turns=1, new=40, layers=2,
+                       hidden=128, vision_hidden=64, vision_layers=1, min_pixels=56 * 56,
+                       max_pixels=1280 * 28 * 28),
+         "cpu": dict(prompts=4, group=8, image=896, crop=448, turns=3, new=64, layers=8,
+                     hidden=512, vision_hidden=256, vision_layers=4, min_pixels=56 * 56,
+                     max_pixels=1280 * 28 * 28),
+         "gpu": dict(prompts=4, group=8, image=896, crop=448, turns=3, new=64, layers=16,
+                     hidden=2048, vision_hidden=1024, vision_layers=8, min_pixels=56 * 56,
+                     max_pixels=1280 * 28 * 28)}
 SCALES = {"quick": dict(prompts=2, group=2, prompt_len=128, turns=1, new=16, obs=32,
-                        layers=2, hidden=128),
+                        layers=2, hidden=128, image=IMAGE["quick"]),
           "cpu": dict(prompts=4, group=8, prompt_len=1024, turns=3, new=64, obs=256,
-                      layers=4, hidden=512),
+                      layers=4, hidden=512, image=IMAGE["cpu"]),
           "gpu": dict(prompts=4, group=8, prompt_len=1024, turns=3, new=64, obs=256,
-                      layers=16, hidden=2048)}
+                      layers=16, hidden=2048, image=IMAGE["gpu"])}
 VOCAB = 32000
 
 
@@ -215,6 +226,8 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
         results.append({"workload": f"text single turn: {len(prompts)} x G={G}, "
                                     f"{cfg['prompt_len']}-token prompt, {N} new tokens",
                         "cases": single})
+    image_rows, image_desc = run_image(cfg["image"], device, counts)
+    results.append({"workload": image_desc, "cases": image_rows})
     params = sum(p.numel() for p in model.parameters()) / 1e6
     desc = (f"Qwen2 of {params:.0f}M parameters from a config, random weights, "
             f"{next(model.parameters()).dtype}; one run each (minutes on a CPU). Ratios are "
@@ -222,8 +235,52 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
     extra = {name: counts[name] for name in counts}
     return write_report(f"rollout-{tag}", "Multi-turn rollouts", results, info, out_dir,
                         baseline="mapo_fast RolloutEngine", description=desc,
-                        extra={k: {"prefill_tokens": v[0], "peak_kv_bytes": v[1]}
-                               for k, v in extra.items()})
+                        extra={k: dict(zip(("prefill_tokens", "peak_kv_bytes",
+                                            "vision_patches"), v)) for k, v in extra.items()})
+
+
+def run_image(cfg, device, counts):
+    """The image workload (``rollout_image``): the naive HF loop and mapo_fast, side by side.
+    Adds each case's (prefill tokens, peak KV bytes, vision patches) to ``counts``."""
+    R = rollout_image
+    tok = R.make_tokenizer(cfg)
+    model = R.make_model(cfg, tok, device)
+    images = R.make_images(cfg)
+    per_token = kv_bytes(model.model.language_model, 1)
+
+    def naive():
+        seqs, c = R.naive(model, tok, images, cfg, temperature=1.0)
+        counts["image: naive HF loop"] = (c["prefill_tokens"],
+                                          per_token * max(map(len, seqs)), c["vision_patches"])
+
+    def ours():
+        trajs, eng = R.ours(model, tok, images, cfg, temperature=1.0)
+        assert all(len(t.spans.turns) == cfg["turns"] and t.stats["tool_errors"] == 0
+                   for t in trajs), "every sample makes its scripted calls"
+        counts["image: mapo_fast RolloutEngine"] = (
+            eng.stats["prefill_tokens"], per_token * eng.stats["peak_blocks"] * eng.block_size,
+            eng.stats["vision_patches"])
+
+    rows = []
+    for name, fn, notes in [("naive HF loop", naive, "PIL + HF processor, re-prefills history"),
+                            ("mapo_fast RolloutEngine", ours, "paged KV, shared prompts")]:
+        print(f"  image rollout: {name} ...", flush=True)
+        r = measure(name, fn, device, repeats=1, warmup=0)
+        prefill, kv, patches = counts[f"image: {name}"]
+        r.extra = {"prefill_tokens": prefill, "peak_kv_mib": kv / 2 ** 20,
+                   "vision_patches": patches}
+        r.notes = (f"{notes}; prefill {prefill} tokens; vision {patches} patches; "
+                   f"peak KV {kv / 2 ** 20:.0f} MiB")
+        print(f"    {r.median_ms / 1e3:.1f} s, {r.notes}", flush=True)
+        rows.append(r)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    tokens = (cfg["image"] // 28) ** 2
+    crop_tokens = (cfg["crop"] // 28) ** 2
+    desc = (f"image: {cfg['prompts']} prompts x G={cfg['group']}, a {cfg['image']}px image "
+            f"({tokens} image tokens), {cfg['turns']} zoom-in turns of {cfg['new']} tokens, "
+            f"each returning a {cfg['crop']}px crop ({crop_tokens} tokens), final "
+            f"{cfg['new']}; Qwen2.5-VL of {params:.0f}M parameters")
+    return rows, desc
 
 
 def main(argv=None):

@@ -98,3 +98,41 @@ def test_errors_name_the_argument():
         paged_attention(q[:, :3], kc, vc, tables, L, cu_q)
     with pytest.raises(ValueError, match="`slots`"):
         write_kv(kc, vc, q[:1, :2], q[:1, :2], torch.tensor([10 ** 6]))
+
+
+def fake_flash_attn_with_kvcache(q, k_cache, v_cache, *, cache_seqlens, block_table,
+                                 softmax_scale, causal):
+    """flash-attn's documented semantics for paged KV, written out in torch: ``q [B, n, H, D]``,
+    pages ``[num_blocks, page, Hkv, D]``, int32 ``cache_seqlens [B]`` and ``block_table``;
+    causal queries aligned to the end of each context."""
+    assert q.dim() == 4 and cache_seqlens.dtype == torch.int32 and block_table.dtype == torch.int32
+    assert causal and k_cache.shape[1] % 256 == 0
+    B, n, H, D = q.shape
+    page = k_cache.shape[1]
+    out = torch.empty_like(q)
+    for b in range(B):
+        L = int(cache_seqlens[b])
+        t = torch.arange(L)
+        blocks = block_table[b].long()[t // page]
+        k, v = k_cache[blocks, t % page], v_cache[blocks, t % page]   # [L, Hkv, D]
+        k = k.repeat_interleave(H // k.shape[1], 1)
+        v = v.repeat_interleave(H // v.shape[1], 1)
+        for i in range(n):
+            s = torch.einsum("hd,lhd->hl", q[b, i], k[:L - n + i + 1]) * softmax_scale
+            out[b, i] = torch.einsum("hl,lhd->hd", torch.softmax(s, -1), v[:L - n + i + 1])
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_flash_attn_adapter_passes_flash_layout(n):
+    """The flash-attn path (used on CUDA when flash-attn imports) hands the cache, block table
+    and lengths over in flash-attn's layout: through a torch model of flash_attn_with_kvcache
+    it equals the dense reference."""
+    from mapo_fast.rollout.attention import attention_path, flash_paged_attention
+    lens = [300, 37, 513]
+    q, kc, vc, tables, L, cu_q, dense = make_batch(lens, [n] * 3, block_size=256)
+    got = flash_paged_attention(fake_flash_attn_with_kvcache, q, kc, vc, tables, L, 0.25)
+    want = dense_reference(q, dense, lens, [n] * 3, 0.25)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    if not q.is_cuda:
+        assert attention_path(q, kc, cu_q) == "torch"

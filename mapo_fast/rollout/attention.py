@@ -1,12 +1,17 @@
 """Attention over the paged KV cache, for decode and chunked prefill: validation and device
-dispatch, once. Triton on CUDA (``kernels/paged_attention.py``), the torch path that gathers
-pages elsewhere (``kernels/paged_attention_ref.py``). Layout and semantics are documented in
-the latter."""
+dispatch, once. On CUDA: flash-attn's ``flash_attn_with_kvcache`` with a block table when it is
+importable and the batch fits it (every sequence the same number of queries, e.g. a decode
+step; fp16/bf16; blocks of a multiple of 256 tokens, flash-attn's page size rule), else the
+Triton kernel (``kernels/paged_attention.py``). Elsewhere the torch path that gathers pages
+(``kernels/paged_attention_ref.py``). Layout and semantics are documented in the latter; they
+are flash-attn's (``[num_blocks, block_size, kv_heads, head_dim]`` pages, causal queries
+aligned to the end of each sequence's context)."""
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -16,6 +21,47 @@ from ..kernels import paged_attention_ref
 
 Tensor = torch.Tensor
 KERNEL = "paged_attention"
+
+
+FLASH_PAGE_MULTIPLE = 256  # flash-attn's paged KV needs page sizes divisible by this
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def flash_kvcache_fn() -> Optional[Callable]:
+    """flash-attn's ``flash_attn_with_kvcache``, or None when flash-attn does not import."""
+    try:
+        from flash_attn import flash_attn_with_kvcache
+    except Exception:  # not installed, or built for another torch / CUDA
+        return None
+    return flash_attn_with_kvcache
+
+
+def attention_path(q: Tensor, k_cache: Tensor, cu_q: Tensor) -> str:
+    """Which implementation ``paged_attention`` uses for these inputs: ``"flash_attn"``,
+    ``"triton"`` or ``"torch"``."""
+    if backend_for(q, KERNEL) != "triton":
+        return "torch"
+    if q.is_cuda and q.dtype in FLASH_DTYPES and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
+        n_q = cu_q[1:] - cu_q[:-1]
+        if n_q.numel() and bool((n_q == n_q[0]).all()) and int(n_q[0]) > 0 and \
+                flash_kvcache_fn() is not None:
+            return "flash_attn"
+    return "triton"
+
+
+def flash_paged_attention(fn: Callable, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                          block_tables: Tensor, context_lens: Tensor, scale: float) -> Tensor:
+    """``paged_attention`` through ``fn`` = ``flash_attn_with_kvcache`` for a batch whose
+    ``S`` sequences all have ``n = total_q / S`` queries: ``q`` viewed ``[S, n, heads,
+    head_dim]``, ``cache_seqlens = context_lens`` (the queries' keys already written), int32
+    block table, ``causal=True`` (query ``i`` sees positions up to ``context_len - n + i``)."""
+    S = context_lens.shape[0]
+    out = fn(q.reshape(S, q.shape[0] // S, *q.shape[1:]), k_cache, v_cache,
+             cache_seqlens=context_lens.to(torch.int32),
+             block_table=block_tables.to(torch.int32).contiguous(),
+             softmax_scale=scale, causal=True)
+    return out.reshape(q.shape)
 
 
 def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None:
@@ -78,7 +124,11 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         chk.fail(fn, "block_tables", f"must be [S={S}, >= {need}] for context_lens "
                                      f"{context_lens.tolist()}, got {tuple(block_tables.shape)}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    if backend_for(q, KERNEL) == "triton":
+    path = attention_path(q, k_cache, cu_q)
+    if path == "flash_attn":
+        return flash_paged_attention(flash_kvcache_fn(), q, k_cache, v_cache, block_tables,
+                                     context_lens, scale)
+    if path == "triton":
         return triton_module(KERNEL).paged_attention(q, k_cache, v_cache, block_tables,
                                                      context_lens, cu_q, scale)
     return paged_attention_ref.paged_attention(q, k_cache, v_cache, block_tables,

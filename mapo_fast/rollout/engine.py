@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..trajectory import DESCRIPTION_TAG, Span, ToolTurn, Trajectory, TrajectorySpans
-from .attention import paged_attention, write_kv
+from .attention import attention_path, paged_attention, write_kv
 from .multimodal import (ImageInsert, VisionAdapter, crop_key, image_key, is_vision_language,
                          render_chat)
 
@@ -50,6 +50,7 @@ class _Step:
     block_tables: Tensor
     context_lens: Tensor
     cu_q: Tensor
+    path: str = ""  # the attention implementation this step used (attention_path)
 
 
 _STEP: Optional[_Step] = None
@@ -65,7 +66,9 @@ def _paged_attention_forward(module, query, key, value, attention_mask, scaling=
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
     write_kv(step.k_caches[layer], step.v_caches[layer], k, v, step.slots)
-    out = paged_attention(query[0].transpose(0, 1).contiguous(), step.k_caches[layer],
+    q = query[0].transpose(0, 1).contiguous()
+    step.path = step.path or attention_path(q, step.k_caches[layer], step.cu_q)
+    out = paged_attention(q, step.k_caches[layer],
                           step.v_caches[layer], step.block_tables, step.context_lens, step.cu_q,
                           scale=scaling)
     return out.unsqueeze(0), None
@@ -100,6 +103,7 @@ class _Seq:
     session: Any = None
     stats: Dict[str, int] = field(default_factory=dict)
     chunk_start: int = 0           # first token of the next forward's chunk for this sample
+    chunk_end: int = 0             # end of this step's chunk (< len(tokens): more to prefill)
     preempted: bool = False
     ctx: Any = None                # the prompt's ToolContext
     positions: Optional[List[tuple]] = None  # M-RoPE (t, h, w) per token (vision-language)
@@ -134,11 +138,15 @@ class RolloutEngine:
         memory_budget_mb: KV-cache memory when ``num_blocks`` is not given (default 256).
         min_pixels, max_pixels: vision-language models: the area bounds of the resize rule for
             prompt images and crops (the Qwen2-VL processor's defaults).
+        prefill_chunk: most tokens of one sequence in one forward pass. Longer prompts are
+            prefilled in chunks (bounding activation and attention-score memory); a long
+            observation is prefilled over several steps, while the other samples keep decoding.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, block_size: int = 16,
                  num_blocks: Optional[int] = None, memory_budget_mb: float = 256.0,
-                 min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280):
+                 min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
+                 prefill_chunk: int = 2048):
         from ..kernels._block_manager import BlockManager
         cfg = getattr(model, "config", None)
         base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
@@ -156,6 +164,11 @@ class RolloutEngine:
         if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"RolloutEngine: `block_size` must be a power of two >= 16, got "
                              f"{block_size!r}")
+        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or \
+                prefill_chunk < 1:
+            raise ValueError(f"RolloutEngine: `prefill_chunk` must be an int >= 1, got "
+                             f"{prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
         _register()
         self.model, self.tokenizer = model, tokenizer
         self.layers = cfg.num_hidden_layers
@@ -198,16 +211,15 @@ class RolloutEngine:
             self.text_config._attn_implementation = previous
 
     def _forward(self, chunks: Sequence[tuple]) -> Tensor:
-        """One forward pass over packed new tokens. ``chunks``: ``(sid, owner, start)`` per
-        sequence: the owner's (a ``_Seq`` or ``_Prompt``) tokens from ``start`` on, already
-        appended in the block manager. Returns the logits of each chunk's last token,
-        ``[len(chunks), V]`` float32."""
+        """One forward pass over packed new tokens. ``chunks``: ``(sid, owner, start, end)`` per
+        sequence: the owner's (a ``_Seq`` or ``_Prompt``) tokens ``[start, end)``, already
+        appended in the block manager (the sequence's context is its first ``end`` tokens).
+        Returns the logits of each chunk's last token, ``[len(chunks), V]`` float32."""
         ids, pos, slots, tables, lens, cu = [], [], [], [], [], [0]
         inserts = []  # (row in the packed batch, features) of image tokens in the chunks
         bs = self.block_size
-        for sid, owner, start in chunks:
+        for sid, owner, start, end in chunks:
             table = self.blocks.block_table(sid)
-            end = len(owner.tokens)
             for im in owner.images:
                 a, b = max(start, im.start), min(end, im.end)
                 if a < b:
@@ -236,6 +248,8 @@ class RolloutEngine:
             last = hidden[torch.tensor(cu[1:], device=dev) - 1]
             logits = self.model.lm_head(last).float()
         self.stats["forward_passes"] += 1
+        key = f"attention_{step.path}_passes"
+        self.stats[key] = self.stats.get(key, 0) + 1
         return logits
 
     def _copy_blocks(self, copies) -> None:
@@ -301,7 +315,7 @@ class RolloutEngine:
         v = self.vision
         feats = v.encode(p.raw_images, [(k, 0, 0, im.shape[2], im.shape[1])
                                         for k, im in enumerate(p.raw_images)])
-        self.stats["vision_images"] = self.stats.get("vision_images", 0) + len(feats)
+        self._count_vision(feats)
         try:
             p.positions, p.next_pos = v.positions(p.tokens, [g for _, g in feats], 0)
         except ValueError:
@@ -315,6 +329,12 @@ class RolloutEngine:
         p.images = [ImageInsert(k, f, image_key(im))
                     for k, (f, _), im in zip(runs, feats, p.raw_images)]
         return p
+
+    def _count_vision(self, encoded: Sequence[tuple]) -> None:
+        """Counts images and patches that went through the vision tower."""
+        self.stats["vision_images"] = self.stats.get("vision_images", 0) + len(encoded)
+        self.stats["vision_patches"] = self.stats.get("vision_patches", 0) + sum(
+            t * h * w for _, (t, h, w) in encoded)
 
     @staticmethod
     def _keys(owner: Any, start: int = 0, end: Optional[int] = None) -> List[int]:
@@ -431,7 +451,8 @@ class RolloutEngine:
                 # the whole prompt is cached: recompute its last token for the logits (its KV
                 # slot gets the same values it already holds)
                 cached -= 1
-            logits = self._forward([(head, p, cached)])
+            for a in range(cached, len(toks), self.prefill_chunk):  # nothing runs between
+                logits = self._forward([(head, p, a, min(len(toks), a + self.prefill_chunk))])
             for im, insert in zip(p.raw_images, p.images):  # hashed once, in _with_images
                 cfg["image_keys"][id(im)] = insert.key
             ctx = tool_contexts[i] if tool_contexts is not None else None
@@ -472,33 +493,44 @@ class RolloutEngine:
             step = self._make_room(live)
             used = self.num_blocks - self.blocks.num_free
             self.stats["peak_blocks"] = max(self.stats.get("peak_blocks", 0), used)
-            logits = self._forward([(s.sid, s, s.chunk_start) for s in step])
-            # each chunk ends with the sample's newest token (decode); anything before it in
-            # the chunk is an observation or a recomputed prefix (prefill)
-            self.stats["decode_tokens"] += len(step)
-            self.stats["prefill_tokens"] += sum(len(s.tokens) - s.chunk_start - 1 for s in step)
-            for s, t, lp in zip(step, *pick(step, logits)):  # one generator per sample
-                s.pending = []
-                self._emit(s, t, lp, cfg)
-            self._run_tools(step, cfg)
+            logits = self._forward([(s.sid, s, s.chunk_start, s.chunk_end) for s in step])
+            # a chunk that reaches the sample's newest token ends with a decode; anything
+            # before it is an observation or a recomputed prefix (prefill); a chunk that
+            # stops short of it is prefill only, and the sample goes on next step
+            ready = [r for r, s in enumerate(step) if s.chunk_end == len(s.tokens)]
+            self.stats["decode_tokens"] += len(ready)
+            self.stats["prefill_tokens"] += sum(s.chunk_end - s.chunk_start for s in step) - \
+                len(ready)
             for s in step:
+                s.chunk_start = s.chunk_end
+            sampled = [step[r] for r in ready]
+            if ready:
+                rows = logits[torch.tensor(ready, device=logits.device)]
+                for s, t, lp in zip(sampled, *pick(sampled, rows)):  # one generator per sample
+                    s.pending = []
+                    self._emit(s, t, lp, cfg)
+            self._run_tools(sampled, cfg)
+            for s in sampled:
                 if s.done:  # finished: its blocks go back at once (the prefix index keeps them
                     self.blocks.free_seq(s.sid)  # findable until they are reused)
         return [self._trajectory(s, group_size) for s in sorted(seqs, key=lambda s: s.traj)]
 
     # ---- memory pressure ---------------------------------------------------------------------
     def _make_room(self, live: List[_Seq]) -> List[_Seq]:
-        """Appends every live sample's pending tokens to its blocks (copy-on-write copies done
-        at once); when the pool runs out, preempts the most recently started other sample (or
-        this one, if it is alone). Returns the samples that take part in this step."""
+        """Appends the tokens of every live sample's next chunk (at most ``prefill_chunk`` of
+        its pending tokens) to its blocks, copy-on-write copies done at once; when the pool runs
+        out, preempts the most recently started other sample (or this one, if it is alone).
+        Only tokens computed in this step enter the blocks (and the prefix index). Returns the
+        samples that take part in this step."""
         step: List[_Seq] = []
         for s in live:
             if s.preempted:
                 continue
             appended = self.blocks.num_tokens(s.sid)  # tokens already in its blocks
+            s.chunk_end = min(len(s.tokens), s.chunk_start + self.prefill_chunk)
             while not s.preempted:
                 try:
-                    for t in self._keys(s, appended):
+                    for t in self._keys(s, appended, s.chunk_end):
                         self._copy_blocks(self.blocks.append_tokens([s.sid], [t])[1])
                         appended += 1
                     step.append(s)
@@ -532,17 +564,29 @@ class RolloutEngine:
         self.stats["preemptions"] = self.stats.get("preemptions", 0) + 1
 
     def _resume(self, seqs: List[_Seq]) -> None:
-        """Re-adds preempted samples, oldest first, while the pool holds them: their tokens go
-        back through the prefix index (cached blocks are not recomputed) and the rest becomes
-        the sample's next chunk."""
+        """Re-adds preempted samples, oldest first, while the pool holds them: the leading
+        blocks of their tokens still in the prefix index are taken back as they are; the rest
+        is recomputed in chunks (``_make_room`` appends each as it is computed)."""
         for s in seqs:
             if not s.preempted:
                 continue
             if self.blocks.blocks_for(len(s.tokens)) + 1 > self.blocks.num_free:
                 break
-            s.sid, cached = self.blocks.add(self._keys(s, 0, len(s.tokens) - len(s.pending)))
+            keys = self._keys(s, 0, len(s.tokens) - len(s.pending))
+            s.sid, cached = self.blocks.add(keys[:self._cached_prefix(keys)])
             s.chunk_start = cached
             s.preempted = False
+
+    def _cached_prefix(self, keys: List[int]) -> int:
+        """How many leading tokens of ``keys`` the prefix index holds (whole blocks)."""
+        from ..kernels._block_manager import block_hash
+        bs, h, n = self.block_size, 0, 0  # 0: the chain's start (no previous block)
+        while n + bs <= len(keys):
+            h = block_hash(h, keys[n:n + bs], 0, bs)
+            if self.blocks.lookup(h) < 0:
+                break
+            n += bs
+        return n
 
     def _emit(self, s: _Seq, tok: int, lp: float, cfg: Dict[str, Any]) -> None:
         """Records a sampled token; ends the turn on a stop token, the turn's token limit or a
@@ -591,7 +635,7 @@ class RolloutEngine:
                     images.append(im)
                 boxes.append((where[id(im)], *r.box[1:]))
             encoded = self.vision.encode(images, boxes)
-            self.stats["vision_images"] = self.stats.get("vision_images", 0) + len(encoded)
+            self._count_vision(encoded)
             for (s, r), (f, grid) in zip(crops, encoded):
                 im = s.ctx.images[r.box[0]]
                 if id(im) not in cfg["image_keys"]:  # a tool context's own image
