@@ -32,13 +32,21 @@ def device_slug(device: torch.device) -> str:
     return m.group(1).replace(" ", "") if m else "cuda"
 
 
+def reports(out: Path):
+    """``(path, data)`` of every benchmark report in ``out`` (JSON files written by
+    ``harness.write_report``; other JSON there, such as training results, is skipped)."""
+    for js in sorted(out.glob("*.json")):
+        data = json.loads(js.read_text())
+        if isinstance(data, dict) and "benchmark" in data and "info" in data:
+            yield js, data
+
+
 def write_index(out: Path) -> Path:
     """RESULTS.md: every report found in ``out``, newest figures per file, with provenance."""
     lines = ["# Benchmark results", "",
              "Each row links the report it comes from; every JSON file records the device, "
              "versions and all timings.", ""]
-    for js in sorted(out.glob("*.json")):
-        data = json.loads(js.read_text())
+    for js, data in reports(out):
         info = data["info"]
         lines.append(f"- [{data['title']}]({js.with_suffix('.md').name}) — "
                      f"{info.get('device_name')} ({info['device']}), torch {info['torch']}")
@@ -58,8 +66,7 @@ def _ms(v: float) -> str:
 def readme_table(out: Path) -> str:
     """Markdown tables of every JSON report in ``out``, each saying where it was measured."""
     parts = []
-    for js in sorted(out.glob("*.json")):
-        data = json.loads(js.read_text())
+    for js, data in reports(out):
         info = data["info"]
         parts.append(f"**{data['title']}** — measured on {info.get('device_name')} "
                      f"({info['device']}), torch {info['torch']}; source: "

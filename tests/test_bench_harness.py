@@ -26,6 +26,7 @@ def test_report_and_readme_table(tmp_path):
     assert [c["name"] for c in data["workloads"][0]["cases"]] == ["baseline", "mapo_fast"]
     assert "**extra**" in paths["md"].read_text() and paths["png"].stat().st_size > 0
 
+    (tmp_path / "train-cpu.json").write_text(json.dumps({"runs": {}}))  # not a report
     readme = tmp_path / "README.md"
     readme.write_text(f"# title\\nbefore\\n{run.BEGIN}\\nold table\\n{run.END}\\nafter\\n")
     assert run.update_readme(tmp_path, readme)
@@ -35,3 +36,5 @@ def test_report_and_readme_table(tmp_path):
     assert run.update_readme(tmp_path, readme)  # idempotent
     assert readme.read_text() == text
     assert not run.update_readme(tmp_path, tmp_path / "missing.md")
+    index = run.write_index(tmp_path).read_text()
+    assert "demo-cpu.md" in index and "train-cpu" not in index
