@@ -13,8 +13,7 @@ through the model (prefill), and the peak KV-cache memory.
 The image workload (``rollout_image``) is the same shape with a Qwen2.5-VL: a 1024-image-token
 prompt, 3 zoom-in calls each answered with a 256-token crop, the naive loop re-running the HF
 processor and ``generate`` on the whole history each turn. HF ``generate`` on its own cache is
-measured on the text workload only (its continuation would need each new crop's M-RoPE
-positions computed by hand).
+measured on the text workload only.
 """
 
 from __future__ import annotations
