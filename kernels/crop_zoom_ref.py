@@ -19,7 +19,6 @@ Values are rounded half up to uint8, as PIL does. ``patchify`` lays a normalised
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Sequence, Tuple
@@ -89,9 +88,11 @@ def round_levels_(x: Tensor) -> Tensor:
 
 
 def _each(fn, n: int) -> list:
-    """``[fn(k) for k in range(n)]`` on a few threads: each crop is a chain of small torch ops
-    (which release the GIL), and crops are independent, so the results do not depend on it."""
-    workers = min(n, os.cpu_count() or 1, 4)
+    """``[fn(k) for k in range(n)]`` on as many threads as torch's intra-op pool has (more
+    oversubscribes the cores: each op also runs on that pool): each crop is a chain of torch
+    ops (which release the GIL), and crops are independent, so the results do not depend
+    on it."""
+    workers = min(n, torch.get_num_threads())
     if workers <= 1:
         return [fn(k) for k in range(n)]
     with ThreadPoolExecutor(workers) as pool:
