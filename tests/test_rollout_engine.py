@@ -268,3 +268,53 @@ def test_chunked_observation_prefill_continues_like_one_pass(chat):
 def test_bad_prefill_chunk_is_named(model):
     with pytest.raises(ValueError, match="`prefill_chunk` must be an int >= 1, got 0"):
         RolloutEngine(model, None, prefill_chunk=0)
+
+
+def test_stop_strings_end_the_turn_where_the_text_first_contains_them(chat):
+    """A stop string split over several tokens ends the turn at the token that completes it
+    (tokens kept); the trajectory is otherwise what the free run wrote."""
+    model, tok = chat
+    prompt = tok("Say it: ")["input_ids"]
+    script = tok("one two STOP three four")["input_ids"]
+    kw = dict(group_size=2, max_new_tokens=len(script) + 5, temperature=0.0,
+              stop_token_ids=[], logits_processor=_Forced(len(prompt), script))
+    eng = RolloutEngine(model, tok, block_size=16, num_blocks=64)
+    free = eng.generate([prompt], **kw)
+    got = eng.generate([prompt], stop_strings=["xyz", "STOP"], **kw)
+    for f, t in zip(free, got):
+        text = tok.decode(t.token_ids[len(prompt):])
+        assert text.endswith("STOP") and text == "one two STOP"
+        assert t.token_ids == f.token_ids[:len(t.token_ids)] and sum(t.loss_mask) < sum(f.loss_mask)
+    assert eng.blocks.num_free == 64
+
+
+def test_max_trajectory_tokens_caps_all_turns_together(chat):
+    """With a 2-turn tool script, a trajectory cap of (first turn + 3) tokens lets the first
+    turn and its observation through and ends the second turn after 3 tokens."""
+    model, tok = chat
+    prompt = tok("What colour is the small square? ")["input_ids"]
+    call = '<tool_call>{"name": "lookup", "arguments": {"key": "a"}}</tool_call>'
+    script = tok(call)["input_ids"]
+    kw = dict(group_size=2, max_new_tokens=len(script) + 4, temperature=0.0,
+              tools=lookup_runner(), max_turns=2, stop_token_ids=[], max_observation_tokens=32,
+              logits_processor=_Forced(len(prompt), script))
+    eng = RolloutEngine(model, tok, block_size=16, num_blocks=128)
+    full = eng.generate([prompt], **kw)
+    capped = eng.generate([prompt], max_trajectory_tokens=len(script) + 3, **kw)
+    for f, c in zip(full, capped):
+        assert sum(c.loss_mask) == len(script) + 3 and c.stats["truncated"] == 1
+        assert c.token_ids == f.token_ids[:len(c.token_ids)]
+        assert len(c.spans.turns) == 1 and "truncated" not in f.stats
+    # a cap inside the first turn ends it before its tool call is run
+    short = eng.generate([prompt], max_trajectory_tokens=5, **kw)
+    assert all(sum(t.loss_mask) == 5 and not t.spans.turns for t in short)
+    assert eng.blocks.num_free == 128
+
+
+def test_bad_stop_options_are_named(model):
+    eng = RolloutEngine(model, None, block_size=16, num_blocks=64)
+    with pytest.raises(ValueError, match="`max_trajectory_tokens` must be an int >= 1 or None, "
+                                         "got 0"):
+        eng.generate(PROMPTS[:1], max_trajectory_tokens=0)
+    with pytest.raises(ValueError, match="`stop_strings` must be a list of non-empty strings"):
+        eng.generate(PROMPTS[:1], stop_strings=["x"])  # no tokenizer

@@ -94,6 +94,7 @@ class _Seq:
     prompt_len: int
     pending: List[int] = field(default_factory=list)  # tokens whose KV is not yet in the cache
     new_tokens: int = 0            # generated tokens in this turn
+    generated: int = 0             # generated tokens in the whole trajectory
     logprobs: List[float] = field(default_factory=list)  # aligned with tokens[prompt_len:]
     loss_mask: List[int] = field(default_factory=list)   # likewise
     generator: Optional[torch.Generator] = None
@@ -356,14 +357,20 @@ class RolloutEngine:
                  tool_contexts: Optional[Sequence[Any]] = None, max_tool_calls: int = 4,
                  max_observation_tokens: int = 256,
                  observation_template: str = "<tool_response>{}</tool_response>",
-                 logits_processor: Optional[Any] = None) -> List[Trajectory]:
+                 logits_processor: Optional[Any] = None,
+                 stop_strings: Optional[Sequence[str]] = None,
+                 max_trajectory_tokens: Optional[int] = None) -> List[Trajectory]:
         """``len(prompts) x group_size`` trajectories, grouped (the samples of prompt ``i`` are
         ``[i * group_size, (i + 1) * group_size)``). A prompt is a string, token ids, or a chat
         message list (``{"role", "content"}`` dicts; content parts ``{"type": "text"}`` or
         ``{"type": "image", "image": uint8 [3, H, W]}``, vision-language models only), rendered
         in Qwen's chat format up to the opened assistant turn. ``temperature=0`` is greedy.
         Sample ``j`` of the batch draws from its own generator, seeded ``seed + j`` (so results
-        do not depend on batching). ``max_new_tokens`` bounds each assistant turn.
+        do not depend on batching). ``max_new_tokens`` bounds each assistant turn,
+        ``max_trajectory_tokens`` (optional) the model-written tokens of a whole trajectory (a
+        sample that reaches it ends there, even on a tool call; ``stats["truncated"] = 1``).
+        A turn also ends on a token of ``stop_token_ids`` (default: the tokenizer's EOS) or
+        when its text comes to contain one of ``stop_strings`` (the tokens are kept).
 
         With ``tools`` (a ``ToolRunner``) and ``max_turns > 1``, a turn that closes a
         ``</tool_call>`` is handed to the runner; the observation is inserted as
@@ -395,6 +402,15 @@ class RolloutEngine:
         if tool_contexts is not None and len(tool_contexts) != len(prompts):
             raise ValueError(f"{fn}: `tool_contexts` has {len(tool_contexts)} entries for "
                              f"{len(prompts)} prompts")
+        if stop_strings is not None and (self.tokenizer is None or isinstance(stop_strings, str)
+                                         or not all(isinstance(x, str) and x
+                                                    for x in stop_strings)):
+            raise ValueError(f"{fn}: `stop_strings` must be a list of non-empty strings and the "
+                             f"engine needs a tokenizer for them, got {stop_strings!r}")
+        if max_trajectory_tokens is not None and (
+                not isinstance(max_trajectory_tokens, int) or max_trajectory_tokens < 1):
+            raise ValueError(f"{fn}: `max_trajectory_tokens` must be an int >= 1 or None, got "
+                             f"{max_trajectory_tokens!r}")
         if tools is not None and "{}" not in observation_template:
             raise ValueError(f"{fn}: `observation_template` must contain '{{}}', got "
                              f"{observation_template!r}")
@@ -420,7 +436,11 @@ class RolloutEngine:
             tools = dataclasses.replace(tools, crop_kwargs={
                 **tools.crop_kwargs, "factor": self.vision.factor,
                 "min_pixels": self.vision.min_pixels, "max_pixels": self.vision.max_pixels})
+        stop_strings = tuple(stop_strings or ())
         cfg = dict(stops=stops, max_new_tokens=max_new_tokens, max_turns=max_turns, tools=tools,
+                   stop_strings=stop_strings, max_trajectory_tokens=max_trajectory_tokens,
+                   # a stop string of n characters spans at most 4n tokens (byte-level BPE)
+                   stop_window=4 * max(map(len, stop_strings), default=0) + 4,
                    max_observation_tokens=max_observation_tokens, template=observation_template,
                    image_keys={})
 
@@ -589,8 +609,9 @@ class RolloutEngine:
         return n
 
     def _emit(self, s: _Seq, tok: int, lp: float, cfg: Dict[str, Any]) -> None:
-        """Records a sampled token; ends the turn on a stop token, the turn's token limit or a
-        closed tool call (marked in ``tool_text``; ``_run_tools`` runs it)."""
+        """Records a sampled token; ends the turn on a stop token or string, the turn's token
+        limit or a closed tool call (marked in ``tool_text``; ``_run_tools`` runs it), and the
+        trajectory at its token limit."""
         s.tokens.append(tok)
         s.logprobs.append(lp)
         s.loss_mask.append(1)
@@ -601,15 +622,25 @@ class RolloutEngine:
         s.pending = [tok]
         s.chunk_start = len(s.tokens) - 1
         stop = tok in cfg["stops"] or s.new_tokens >= cfg["max_new_tokens"]
+        if not stop and cfg["stop_strings"]:
+            tail = self.tokenizer.decode(s.tokens[max(s.turn_start,
+                                                      len(s.tokens) - cfg["stop_window"]):])
+            stop = any(x in tail for x in cfg["stop_strings"])
         text = None
         if cfg["tools"] is not None and len(s.turns) + 1 < cfg["max_turns"] and \
                 ">" in self.tokenizer.decode([tok]):  # a call can only close on a '>'
             text = self.tokenizer.decode(s.tokens[s.turn_start:])
-        if text is not None and text.rstrip().endswith("</tool_call>"):
+        s.generated += 1
+        cap = cfg["max_trajectory_tokens"]
+        if cap is not None and s.generated >= cap:
+            s.stats["truncated"] = 1
+            s.done = True
+            s.pending = []  # nothing follows its last token: its KV is never needed
+        elif text is not None and text.rstrip().endswith("</tool_call>"):
             s.tool_text = text
         elif stop:
             s.done = True
-            s.pending = []  # nothing follows its last token: its KV is never needed
+            s.pending = []
 
     def _run_tools(self, batch: Sequence[_Seq], cfg: Dict[str, Any]) -> None:
         """Runs the tool calls that closed this step, all together: one runner call, and for
