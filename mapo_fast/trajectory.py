@@ -105,7 +105,11 @@ class Trajectory:
     ``loss_mask`` aligned with them (the sampler's log-prob of each generated token, 0 for
     prompt and observation tokens; mask 1 on model-written tokens), ``spans``, ``crops``
     (uint8 ``[3, h, w]`` tensors), ``stats`` (counters), plus the group id and the text of the
-    response."""
+    response. ``RolloutEngine`` fills ``stats`` with ``tool_calls``, ``tool_errors``,
+    ``new_tokens`` (model-written), ``decode_tokens`` and ``prefill_tokens`` (what this sample
+    pushed through the model: its observations and any recomputation; the prompt, prefilled
+    once for the group, is in the engine's stats), and ``preemptions`` / ``truncated`` when
+    they happened."""
     token_ids: List[int]
     logprobs: List[float]
     loss_mask: List[int]

@@ -179,6 +179,12 @@ def test_tool_turn_continues_like_a_naive_loop(chat, call, observation, errors):
     # the prompt once (one group), each sample's observation once: no history re-prefilled
     obs_len = len(traj[0].spans.turns[0].observation)
     assert eng.stats["prefill_tokens"] == len(prompt) + 2 * obs_len
+    # per sample: its observation prefilled, every token but the first (from the prompt's
+    # logits) decoded
+    for t in traj:
+        assert t.stats["prefill_tokens"] == obs_len
+        assert t.stats["decode_tokens"] == sum(t.loss_mask) - 1
+    assert sum(t.stats["decode_tokens"] for t in traj) == eng.stats["decode_tokens"]
 
 
 def test_preemption_under_a_tiny_pool_gives_the_same_greedy_results(model):

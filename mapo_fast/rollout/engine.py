@@ -486,9 +486,10 @@ class RolloutEngine:
                 gen = None
                 if temperature > 0:
                     gen = torch.Generator().manual_seed((seed if seed is not None else 0) + j)
+                stats = {"tool_calls": 0, "tool_errors": 0, "prefill_tokens": 0,
+                         "decode_tokens": 0}  # the group's prompt prefill: engine stats only
                 s = _Seq(self.blocks.fork_seq(head), j, list(toks), len(toks), generator=gen,
-                         turn_start=len(toks), stats={"tool_calls": 0, "tool_errors": 0},
-                         ctx=ctx, images=list(p.images), next_pos=p.next_pos,
+                         turn_start=len(toks), stats=stats, ctx=ctx, images=list(p.images), next_pos=p.next_pos,
                          positions=None if p.positions is None else list(p.positions))
                 if tools is not None:
                     from ..tools import ToolSession
@@ -521,7 +522,9 @@ class RolloutEngine:
             self.stats["decode_tokens"] += len(ready)
             self.stats["prefill_tokens"] += sum(s.chunk_end - s.chunk_start for s in step) - \
                 len(ready)
-            for s in step:
+            for r, s in enumerate(step):
+                s.stats["prefill_tokens"] += s.chunk_end - s.chunk_start - (r in ready)
+                s.stats["decode_tokens"] += r in ready
                 s.chunk_start = s.chunk_end
             sampled = [step[r] for r in ready]
             if ready:
