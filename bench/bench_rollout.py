@@ -120,6 +120,21 @@ class _EndTurnAt:
         return out
 
 
+def engine_block_size(device: torch.device) -> int:
+    """256-token blocks where flash-attn's paged decode can run (CUDA, flash-attn importable),
+    else 16."""
+    from mapo_fast.rollout.attention import FLASH_PAGE_MULTIPLE, flash_kvcache_fn
+    return FLASH_PAGE_MULTIPLE if device.type == "cuda" and flash_kvcache_fn() else 16
+
+
+def attention_paths(eng, into: dict) -> None:
+    """Adds the engine's forward passes per attention path to ``into``."""
+    for k, v in eng.stats.items():
+        if k.startswith("attention_"):
+            key = k[len("attention_"):-len("_passes")]
+            into[key] = into.get(key, 0) + v
+
+
 def kv_bytes(model, tokens: int) -> int:
     c = model.config
     head_dim = c.hidden_size // c.num_attention_heads
@@ -139,7 +154,7 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
     obs_ids = [tok(template.format(t), add_special_tokens=False)["input_ids"] for t in obs_texts]
     end_id, obs_end = VOCAB + 2, VOCAB + 4
     G, T, N = cfg["group"], cfg["turns"], cfg["new"]
-    counts = {}
+    counts, paths = {}, {}  # paths: RolloutEngine forward passes per attention path
 
     def naive(own_cache: bool):
         from transformers import DynamicCache
@@ -169,7 +184,7 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
         return prefill, kv_bytes(model, peak) * live
 
     def ours():
-        eng = RolloutEngine(model, tok, block_size=16,
+        eng = RolloutEngine(model, tok, block_size=engine_block_size(device),
                             memory_budget_mb=max(64, 2 * kv_bytes(model, 1) *
                                                  (len(prompts) * G + 1) *
                                                  (cfg["prompt_len"] + T * (N + cfg["obs"] + 2)
@@ -179,6 +194,7 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
                      max_observation_tokens=cfg["obs"] + 2, observation_template=template,
                      logits_processor=_EndTurnAt(N, end_id, obs_end, cfg["prompt_len"]))
         per_block = kv_bytes(model, eng.block_size)
+        attention_paths(eng, paths)
         assert eng.stats["decode_tokens"] > 0
         return eng.stats["prefill_tokens"], eng.stats["peak_blocks"] * per_block
 
@@ -213,9 +229,10 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
                              generation_config=gc, progress_bar=False)
 
     def ours_single():
-        eng = RolloutEngine(model, tok, block_size=16)
+        eng = RolloutEngine(model, tok, block_size=engine_block_size(device))
         eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
                      stop_token_ids=[])
+        attention_paths(eng, paths)
     for name, fn, notes in [("transformers generate_batch", gen_batch, "continuous batching"),
                             ("mapo_fast RolloutEngine", ours_single, "shared prompts")]:
         print(f"  single turn: {name} ...", flush=True)
@@ -231,22 +248,25 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
         results.append({"workload": f"text single turn: {len(prompts)} x G={G}, "
                                     f"{cfg['prompt_len']}-token prompt, {N} new tokens",
                         "cases": single})
-    image_rows, image_desc = run_image(cfg["image"], device, counts)
+    image_rows, image_desc = run_image(cfg["image"], device, counts, paths)
     results.append({"workload": image_desc, "cases": image_rows})
     params = sum(p.numel() for p in model.parameters()) / 1e6
     desc = (f"Qwen2 of {params:.0f}M parameters from a config, random weights, "
             f"{next(model.parameters()).dtype}; one run each (minutes on a CPU). Ratios are "
-            "against mapo_fast.")
+            "against mapo_fast. RolloutEngine forward passes per attention path: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) + ".")
     extra = {name: counts[name] for name in counts}
     return write_report(f"rollout-{tag}", "Multi-turn rollouts", results, info, out_dir,
                         baseline="mapo_fast RolloutEngine", description=desc,
-                        extra={k: dict(zip(("prefill_tokens", "peak_kv_bytes",
-                                            "vision_patches"), v)) for k, v in extra.items()})
+                        extra={**{k: dict(zip(("prefill_tokens", "peak_kv_bytes",
+                                               "vision_patches"), v))
+                                  for k, v in extra.items()}, "attention_paths": paths})
 
 
-def run_image(cfg, device, counts):
+def run_image(cfg, device, counts, paths):
     """The image workload (``rollout_image``): the naive HF loop and mapo_fast, side by side.
-    Adds each case's (prefill tokens, peak KV bytes, vision patches) to ``counts``."""
+    Adds each case's (prefill tokens, peak KV bytes, vision patches) to ``counts`` and the
+    engine's attention paths to ``paths``."""
     R = rollout_image
     tok = R.make_tokenizer(cfg)
     model = R.make_model(cfg, tok, device)
@@ -259,7 +279,9 @@ def run_image(cfg, device, counts):
                                           per_token * max(map(len, seqs)), c["vision_patches"])
 
     def ours():
-        trajs, eng = R.ours(model, tok, images, cfg, temperature=1.0)
+        trajs, eng = R.ours(model, tok, images, cfg, temperature=1.0,
+                            block_size=engine_block_size(device))
+        attention_paths(eng, paths)
         assert all(len(t.spans.turns) == cfg["turns"] and t.stats["tool_errors"] == 0
                    for t in trajs), "every sample makes its scripted calls"
         counts["image: mapo_fast RolloutEngine"] = (
