@@ -15,6 +15,8 @@ Scores use ``scale``; softmax in float32 (float64 for float64 inputs).
 
 from __future__ import annotations
 
+from typing import Dict, List, Optional
+
 import torch
 
 Tensor = torch.Tensor
@@ -34,48 +36,108 @@ def gather_kv(cache: Tensor, block_table: Tensor, length: int) -> Tensor:
     return cache.index_select(0, blocks).reshape(-1, *cache.shape[2:])[:length]
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Tensor, scale: float) -> Tensor:
-    """``q [S, n, H, D]`` against ``k``/``v [S, L, kv_heads, D]`` where ``allowed [S, n, L]``.
-    GQA: the ``H // kv_heads`` query heads of each KV head form one batched matmul against
-    a strided view of that head's keys (K/V are never copied per query head). Returns
-    ``[S, n, H, D]`` in ``q``'s dtype."""
+def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: float,
+            with_lse: bool = False):
+    """``q [S, n, H, D]`` against ``k``/``v [S, L, kv_heads, D]`` where ``allowed [S, n, L]``
+    (None: everything). GQA: the ``H // kv_heads`` query heads of each KV head form one
+    batched matmul against a strided view of that head's keys (K/V are never copied per query
+    head). Returns ``[S, n, H, D]`` in ``q``'s dtype, and with ``with_lse`` also the
+    log-sum-exp of each row's scores, ``[S, n, H]``."""
     S, n, H, D = q.shape
     kv_heads, L = k.shape[2], k.shape[1]
     group = H // kv_heads
     out = q.new_empty(S, n, kv_heads, group, D)
+    lse = q.new_empty(S, n, kv_heads, group) if with_lse else None
     for h in range(kv_heads):
         qh = q[:, :, h * group:(h + 1) * group].reshape(S, n * group, D)
         scores = torch.bmm(qh, k[:, :, h].transpose(1, 2)).view(S, n, group, L) * scale
-        scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).view(S, n * group, L)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed[:, :, None], float("-inf"))
+        if with_lse:
+            m = torch.logsumexp(scores, dim=-1, keepdim=True)
+            lse[:, :, h] = m[..., 0]
+            probs = (scores - m).exp_().view(S, n * group, L)
+        else:
+            probs = torch.softmax(scores, dim=-1).view(S, n * group, L)
         out[:, :, h] = torch.bmm(probs, v[:, :, h]).view(S, n, group, D)
-    return out.view(S, n, H, D)
+    out = out.view(S, n, H, D)
+    return (out, lse.view(S, n, H)) if with_lse else out
+
+
+def shared_prefixes(tables: List[List[int]], lens: List[int], block_size: int) -> List[int]:
+    """For each sequence, how many leading blocks it shares with all the others that start
+    with the same block (0 when none does): the group's common prompt after a fork. Only
+    blocks wholly before every member's last token count (those are complete and, being
+    shared, never written)."""
+    groups: Dict[int, List[int]] = {}
+    for r, t in enumerate(tables):
+        groups.setdefault(t[0], []).append(r)
+    shared = [0] * len(tables)
+    for rows in groups.values():
+        if len(rows) < 2:
+            continue
+        first, limit, p = tables[rows[0]], min((lens[r] - 1) // block_size for r in rows), 0
+        while p < limit and all(tables[r][p] == first[p] for r in rows):
+            p += 1
+        for r in rows:
+            shared[r] = p
+    return shared
+
+
+def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]],
+            lens: List[int], scale: float) -> Tensor:
+    """One query per sequence (``q [S, H, D]``, compute dtype), as a cascade: the blocks a
+    group of sequences shares (``shared_prefixes``) are gathered once and attended by all
+    the group's queries together; each sequence's own blocks are gathered into one padded
+    batch; the two parts merge by their log-sum-exps. Returns ``[S, H, D]``."""
+    S, bs, dev, cd = len(tables), k_cache.shape[1], q.device, q.dtype
+    kv_shape = k_cache.shape[2:]
+    shared = shared_prefixes(tables, lens, bs)
+    own = [t[p:(L + bs - 1) // bs] for t, p, L in zip(tables, shared, lens)]
+    nb = max(map(len, own))
+    blocks = torch.tensor([b + [0] * (nb - len(b)) for b in own], device=dev).view(-1)
+    k = k_cache.index_select(0, blocks).view(S, nb * bs, *kv_shape).to(cd)   # whole blocks
+    v = v_cache.index_select(0, blocks).view(S, nb * bs, *kv_shape).to(cd)
+    own_len = torch.tensor([L - p * bs for L, p in zip(lens, shared)], device=dev)
+    allowed = (torch.arange(nb * bs, device=dev)[None, :] < own_len[:, None])[:, None, :]
+    if not any(shared):
+        return _attend(q[:, None], k, v, allowed, scale)[:, 0]
+    out, lse = _attend(q[:, None], k, v, allowed, scale, with_lse=True)
+    out, lse = out[:, 0], lse[:, 0]                                   # [S, H, D], [S, H]
+    groups: Dict[tuple, List[int]] = {}
+    for r, p in enumerate(shared):
+        if p:
+            groups.setdefault((tables[r][0], p), []).append(r)
+    for (_, p), rows in groups.items():
+        common = torch.tensor(tables[rows[0]][:p], device=dev)
+        kp = k_cache.index_select(0, common).view(1, p * bs, *kv_shape).to(cd)
+        vp = v_cache.index_select(0, common).view(1, p * bs, *kv_shape).to(cd)
+        idx = torch.tensor(rows, device=dev)
+        o_p, l_p = _attend(q[idx][None], kp, vp, None, scale, with_lse=True)
+        m = torch.maximum(lse[idx], l_p[0])
+        w_own, w_p = (lse[idx] - m).exp()[..., None], (l_p[0] - m).exp()[..., None]
+        out[idx] = (out[idx] * w_own + o_p[0] * w_p) / (w_own + w_p)
+    return out
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     context_lens: Tensor, cu_q: Tensor, scale: float) -> Tensor:
     """``[total_q, heads, head_dim]`` in ``q``'s dtype; see the module doc.
 
-    Sequences with one query (decode) are attended together: their pages gathered into a
-    padded ``[S, max_len]`` batch, the padding masked. Longer chunks (prefill) go one
-    sequence at a time."""
+    Sequences with one query (decode) are attended together (``_decode``: the blocks a group
+    shares once, each sequence's own blocks in one padded batch). Longer chunks (prefill) go
+    one sequence at a time."""
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q)
     starts, lens = cu_q.tolist(), context_lens.tolist()
     n_q = [b - a for a, b in zip(starts, starts[1:])]
     single = [s for s, n in enumerate(n_q) if n == 1]
     if single:
-        bs, dev = k_cache.shape[1], q.device
-        idx = torch.tensor(single, device=dev)
-        nb = (max(lens[s] for s in single) + bs - 1) // bs
-        blocks = block_tables.index_select(0, idx)[:, :nb].reshape(-1).to(torch.int64)
-        kv_shape = (len(single), nb * bs, *k_cache.shape[2:])          # whole blocks
-        k = k_cache.index_select(0, blocks).view(kv_shape).to(cd)      # [S1, L, Hkv, D]
-        v = v_cache.index_select(0, blocks).view(kv_shape).to(cd)
-        t = torch.arange(nb * bs, device=dev)
-        allowed = (t[None, :] < context_lens.index_select(0, idx)[:, None])[:, None, :]
+        idx = torch.tensor(single, device=q.device)
         rows = cu_q.index_select(0, idx)
-        out[rows] = _attend(q[rows].to(cd)[:, None], k, v, allowed, scale)[:, 0].to(q.dtype)
+        tables = block_tables.index_select(0, idx).tolist()
+        out[rows] = _decode(q[rows].to(cd), k_cache, v_cache, tables,
+                            [lens[s] for s in single], scale).to(q.dtype)
     for s, n in enumerate(n_q):
         if n <= 1:
             continue
