@@ -123,8 +123,9 @@ def test_yaml_config_and_overrides(tmp_path):
 
 def test_two_gloo_ranks_end_with_identical_parameters(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29533", "-m", "mapo_fast.trainer", "--out", str(tmp_path),
+    # --standalone: a free port for the rendezvous (a fixed one can be taken)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mapo_fast.trainer", "--out", str(tmp_path),
            "--steps", "1", "--device", "cpu"] + TOY
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

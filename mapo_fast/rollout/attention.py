@@ -77,7 +77,13 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tens
     if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= k_cache.shape[0] * k_cache.shape[1]):
         chk.fail(fn, "slots", f"must lie in [0, {k_cache.shape[0] * k_cache.shape[1]}), found "
                               f"{int(slots.min()) if int(slots.min()) < 0 else int(slots.max())}")
-    paged_attention_ref.write_kv(k_cache, v_cache, k, v, slots.to(torch.int64))
+    store_kv(k_cache, v_cache, k, v, slots.to(torch.int64))
+
+
+def store_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None:
+    """``write_kv`` without validation (no host synchronisation), for callers that computed
+    ``slots`` (int64) themselves, such as ``RolloutEngine`` in every layer."""
+    paged_attention_ref.write_kv(k_cache, v_cache, k, v, slots)
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
@@ -124,7 +130,16 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         chk.fail(fn, "block_tables", f"must be [S={S}, >= {need}] for context_lens "
                                      f"{context_lens.tolist()}, got {tuple(block_tables.shape)}")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    path = attention_path(q, k_cache, cu_q)
+    return run_paged_attention(attention_path(q, k_cache, cu_q), q, k_cache, v_cache,
+                               block_tables, context_lens, cu_q, scale)
+
+
+def run_paged_attention(path: str, q: Tensor, k_cache: Tensor, v_cache: Tensor,
+                        block_tables: Tensor, context_lens: Tensor, cu_q: Tensor,
+                        scale: float) -> Tensor:
+    """``paged_attention`` through ``path`` (from ``attention_path``) without validation (no
+    host synchronisation on CUDA), for callers that built the metadata themselves, such as
+    ``RolloutEngine``, which picks the path once per forward pass and calls this per layer."""
     if path == "flash_attn":
         return flash_paged_attention(flash_kvcache_fn(), q, k_cache, v_cache, block_tables,
                                      context_lens, scale)

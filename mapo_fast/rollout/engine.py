@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..trajectory import DESCRIPTION_TAG, Span, ToolTurn, Trajectory, TrajectorySpans
-from .attention import attention_path, paged_attention, write_kv
+from .attention import attention_path, run_paged_attention, store_kv
 from .multimodal import (ImageInsert, VisionAdapter, crop_key, image_key, is_vision_language,
                          render_chat)
 
@@ -65,12 +65,12 @@ def _paged_attention_forward(module, query, key, value, attention_mask, scaling=
     layer = module.layer_idx
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    write_kv(step.k_caches[layer], step.v_caches[layer], k, v, step.slots)
+    store_kv(step.k_caches[layer], step.v_caches[layer], k, v, step.slots)
     q = query[0].transpose(0, 1).contiguous()
     step.path = step.path or attention_path(q, step.k_caches[layer], step.cu_q)
-    out = paged_attention(q, step.k_caches[layer],
-                          step.v_caches[layer], step.block_tables, step.context_lens, step.cu_q,
-                          scale=scaling)
+    scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
+    out = run_paged_attention(step.path, q, step.k_caches[layer], step.v_caches[layer],
+                              step.block_tables, step.context_lens, step.cu_q, scale)
     return out.unsqueeze(0), None
 
 
@@ -489,7 +489,8 @@ class RolloutEngine:
                 stats = {"tool_calls": 0, "tool_errors": 0, "prefill_tokens": 0,
                          "decode_tokens": 0}  # the group's prompt prefill: engine stats only
                 s = _Seq(self.blocks.fork_seq(head), j, list(toks), len(toks), generator=gen,
-                         turn_start=len(toks), stats=stats, ctx=ctx, images=list(p.images), next_pos=p.next_pos,
+                         turn_start=len(toks), stats=stats, ctx=ctx, images=list(p.images),
+                         next_pos=p.next_pos,
                          positions=None if p.positions is None else list(p.positions))
                 if tools is not None:
                     from ..tools import ToolSession
@@ -519,12 +520,13 @@ class RolloutEngine:
             # before it is an observation or a recomputed prefix (prefill); a chunk that
             # stops short of it is prefill only, and the sample goes on next step
             ready = [r for r, s in enumerate(step) if s.chunk_end == len(s.tokens)]
+            decoded = set(ready)
             self.stats["decode_tokens"] += len(ready)
             self.stats["prefill_tokens"] += sum(s.chunk_end - s.chunk_start for s in step) - \
                 len(ready)
             for r, s in enumerate(step):
-                s.stats["prefill_tokens"] += s.chunk_end - s.chunk_start - (r in ready)
-                s.stats["decode_tokens"] += r in ready
+                s.stats["prefill_tokens"] += s.chunk_end - s.chunk_start - (r in decoded)
+                s.stats["decode_tokens"] += r in decoded
                 s.chunk_start = s.chunk_end
             sampled = [step[r] for r in ready]
             if ready:
