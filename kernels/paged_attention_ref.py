@@ -64,11 +64,17 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: f
     return (out, lse.view(S, n, H)) if with_lse else out
 
 
-def shared_prefixes(tables: List[List[int]], lens: List[int], block_size: int) -> List[int]:
+#: a group's shared blocks are attended once only when that saves gathering at least this
+#: many tokens (below it the extra small matmuls cost more than the gathers they save)
+CASCADE_MIN_SAVED = 512
+
+
+def shared_prefixes(tables: List[List[int]], lens: List[int], block_size: int,
+                    min_saved: int = CASCADE_MIN_SAVED) -> List[int]:
     """For each sequence, how many leading blocks it shares with all the others that start
-    with the same block (0 when none does): the group's common prompt after a fork. Only
-    blocks wholly before every member's last token count (those are complete and, being
-    shared, never written)."""
+    with the same block (0 when none does, or when sharing them saves gathering fewer than
+    ``min_saved`` tokens): the group's common prompt after a fork. Only blocks wholly before
+    every member's last token count (those are complete and, being shared, never written)."""
     groups: Dict[int, List[int]] = {}
     for r, t in enumerate(tables):
         groups.setdefault(t[0], []).append(r)
@@ -79,6 +85,8 @@ def shared_prefixes(tables: List[List[int]], lens: List[int], block_size: int) -
         first, limit, p = tables[rows[0]], min((lens[r] - 1) // block_size for r in rows), 0
         while p < limit and all(tables[r][p] == first[p] for r in rows):
             p += 1
+        if p * block_size * (len(rows) - 1) < min_saved:
+            continue
         for r in rows:
             shared[r] = p
     return shared
@@ -92,7 +100,7 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]]
     batch; the two parts merge by their log-sum-exps. Returns ``[S, H, D]``."""
     S, bs, dev, cd = len(tables), k_cache.shape[1], q.device, q.dtype
     kv_shape = k_cache.shape[2:]
-    shared = shared_prefixes(tables, lens, bs)
+    shared = shared_prefixes(tables, lens, bs, CASCADE_MIN_SAVED)
     own = [t[p:(L + bs - 1) // bs] for t, p, L in zip(tables, shared, lens)]
     nb = max(map(len, own))
     blocks = torch.tensor([b + [0] * (nb - len(b)) for b in own], device=dev).view(-1)

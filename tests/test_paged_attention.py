@@ -139,7 +139,7 @@ def test_flash_attn_adapter_passes_flash_layout(n):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_decode_cascade_over_shared_blocks_matches_dense(dtype):
+def test_decode_cascade_over_shared_blocks_matches_dense(dtype, monkeypatch):
     """Decode rows whose block tables share leading blocks, as the samples of a group do
     after a fork (four share their first 3 blocks and then have 1 to 3 of their own, one
     shares nothing; lengths not block multiples; one more sequence is a prefill chunk): the cascade (shared blocks once, own blocks batched, merged by
@@ -155,7 +155,8 @@ def test_decode_cascade_over_shared_blocks_matches_dense(dtype):
               [33, 34]]
     lens = [70, 50, 89, 20, 63, 29]
     n_q = [1, 1, 1, 1, 1, 4]
-    assert shared_prefixes(tables[:5], lens[:5], bs) == [3, 3, 3, 0, 3]
+    assert shared_prefixes(tables[:5], lens[:5], bs, min_saved=0) == [3, 3, 3, 0, 3]
+    assert shared_prefixes(tables[:5], lens[:5], bs, min_saved=145) == [0] * 5  # saves 144
     width = max(map(len, tables))
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     cu_q = torch.tensor([0] + list(torch.tensor(n_q).cumsum(0)))
@@ -166,6 +167,7 @@ def test_decode_cascade_over_shared_blocks_matches_dense(dtype):
         dense.append((k_cache[blocks].reshape(-1, kv_heads, d)[:L],
                       v_cache[blocks].reshape(-1, kv_heads, d)[:L]))
     want = dense_reference(q, dense, lens, n_q, 0.2)
+    monkeypatch.setattr(R, "CASCADE_MIN_SAVED", 0)
     got = R.paged_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), bt,
                             torch.tensor(lens), cu_q, 0.2)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
