@@ -141,8 +141,22 @@ def lookup_runner():
     return ToolRunner(registry=ToolRegistry([Lookup()]))
 
 
+LOOKUP_CALL = '<tool_call>{"name": "lookup", "arguments": {"key": "a"}}</tool_call>'
+
+
+def lookup_turn(tok, call=LOOKUP_CALL):
+    """A question prompt, the tokens of ``call``, and ``generate`` options under which two
+    greedy samples write ``call`` as their first turn (then 4 free tokens per turn)."""
+    prompt = tok("What colour is the small square? ")["input_ids"]
+    script = tok(call)["input_ids"]
+    kw = dict(group_size=2, max_new_tokens=len(script) + 4, temperature=0.0,
+              tools=lookup_runner(), max_turns=2, stop_token_ids=[], max_observation_tokens=32,
+              logits_processor=_Forced(len(prompt), script))
+    return prompt, script, kw
+
+
 @pytest.mark.parametrize("call, observation, errors", [
-    ('<tool_call>{"name": "lookup", "arguments": {"key": "a"}}</tool_call>',
+    (LOOKUP_CALL,
      "<tool_response>value of a is 42</tool_response>", 0),
     ('<tool_call>{"name": "lookup", "arguments": {"key": </tool_call>',
      "<tool_response>Error: tool call is not valid JSON", 1),
@@ -151,12 +165,9 @@ def test_tool_turn_continues_like_a_naive_loop(chat, call, observation, errors):
     """A (forced) tool call ends the turn; the observation is inserted and prefilled alone;
     the model's free continuation equals HF generate re-run on the whole history."""
     model, tok = chat
-    prompt = tok("What colour is the small square? ")["input_ids"]
-    script = tok(call)["input_ids"]
+    prompt, script, kw = lookup_turn(tok, call)
     eng = RolloutEngine(model, tok, block_size=16, num_blocks=128)
-    traj = eng.generate([prompt], group_size=2, max_new_tokens=len(script) + 4, temperature=0.0,
-                        tools=lookup_runner(), max_turns=2, stop_token_ids=[],
-                        max_observation_tokens=32, logits_processor=_Forced(len(prompt), script))
+    traj = eng.generate([prompt], **kw)
     for t in traj:
         turn, = t.spans.turns
         assert tok.decode(t.token_ids[turn.call.start:turn.call.end]) == call
@@ -252,12 +263,7 @@ def test_chunked_observation_prefill_continues_like_one_pass(chat):
     """A tool observation prefilled 3 tokens per step (its sample waits, without sampling,
     until the whole observation is in the cache) continues exactly as with one pass."""
     model, tok = chat
-    prompt = tok("What colour is the small square? ")["input_ids"]
-    call = '<tool_call>{"name": "lookup", "arguments": {"key": "a"}}</tool_call>'
-    script = tok(call)["input_ids"]
-    kw = dict(group_size=2, max_new_tokens=len(script) + 4, temperature=0.0,
-              tools=lookup_runner(), max_turns=2, stop_token_ids=[], max_observation_tokens=32,
-              logits_processor=_Forced(len(prompt), script))
+    prompt, script, kw = lookup_turn(tok)
     one = RolloutEngine(model, tok, block_size=16, num_blocks=128)
     want = one.generate([prompt], **kw)
     eng = RolloutEngine(model, tok, block_size=16, num_blocks=128, prefill_chunk=3)
@@ -298,12 +304,7 @@ def test_max_trajectory_tokens_caps_all_turns_together(chat):
     """With a 2-turn tool script, a trajectory cap of (first turn + 3) tokens lets the first
     turn and its observation through and ends the second turn after 3 tokens."""
     model, tok = chat
-    prompt = tok("What colour is the small square? ")["input_ids"]
-    call = '<tool_call>{"name": "lookup", "arguments": {"key": "a"}}</tool_call>'
-    script = tok(call)["input_ids"]
-    kw = dict(group_size=2, max_new_tokens=len(script) + 4, temperature=0.0,
-              tools=lookup_runner(), max_turns=2, stop_token_ids=[], max_observation_tokens=32,
-              logits_processor=_Forced(len(prompt), script))
+    prompt, script, kw = lookup_turn(tok)
     eng = RolloutEngine(model, tok, block_size=16, num_blocks=128)
     full = eng.generate([prompt], **kw)
     capped = eng.generate([prompt], max_trajectory_tokens=len(script) + 3, **kw)
