@@ -142,14 +142,15 @@ def patchify(x: Tensor, patch_size: int, temporal_patch_size: int, merge_size: i
 def crop_to_patches(images: Sequence[Tensor], image_index: Sequence[int],
                     boxes: Sequence[Sequence[float]], sizes: Sequence[Tuple[int, int]],
                     mode: str, antialias: bool, mean: Tensor, std: Tensor, patch_size: int,
-                    temporal_patch_size: int, merge_size: int) -> Tensor:
+                    temporal_patch_size: int, merge_size: int, out: Tensor = None) -> Tensor:
     """float32 ``pixel_values [sum of patches, C * temporal * patch^2]``: each crop rounded to
     uint8 levels (as the processor's PIL resize does), rescaled by 1/255, normalised, and
-    written straight into its rows of one preallocated output."""
+    written straight into its rows of one preallocated output (``out``, when given)."""
     C = images[0].shape[0]
     counts = [(h // patch_size) * (w // patch_size) for h, w in sizes]
-    out = torch.empty(sum(counts), C * temporal_patch_size * patch_size ** 2,
-                      dtype=torch.float32, device=images[0].device)
+    if out is None:
+        out = torch.empty(sum(counts), C * temporal_patch_size * patch_size ** 2,
+                          dtype=torch.float32, device=images[0].device)
     scale = (1.0 / (255.0 * std)).to(out.device)[:, None, None]
     shift = (mean / std).to(out.device)[:, None, None]
     starts = [sum(counts[:k]) for k in range(len(counts))]

@@ -205,3 +205,30 @@ def test_public_ops_dispatch_to_the_kernel(monkeypatch):
     b, gb = mapo_fast.crop_to_patches(im, box)
     assert torch.equal(ga, gb)
     assert ((a - b).abs() * torch.tensor(CLIP_STD, device=DEV).repeat_interleave(392) * 255).max() <= 1.0 + 1e-3
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_crop_to_patches_writes_a_given_out_buffer(monkeypatch, backend):
+    """``out``: a poisoned buffer (or a row slice of a larger one) is filled with exactly the
+    patches a fresh call returns, and returned as is; a wrong buffer is named."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("MAPO_FAST_BACKEND", backend)
+    g = torch.Generator().manual_seed(6)
+    images = [rand_image(70, 95, g).to(DEV), rand_image(61, 44, g).to(DEV)]
+    boxes = [(0, 3, 4, 60, 50), (1, 0.5, 2.0, 40.0, 61.0)]
+    want, grid = crop_to_patches(images, boxes)
+    buf = torch.full((want.shape[0] + 5, want.shape[1]), float("nan"), device=DEV)
+    got, grid2 = crop_to_patches(images, boxes, out=buf[:want.shape[0]])
+    assert got.data_ptr() == buf.data_ptr() and torch.equal(got, want)
+    assert torch.equal(grid, grid2) and torch.isnan(buf[want.shape[0]:]).all()
+    shape = tuple(want.shape)
+    for bad, text in [(torch.empty(shape[0] + 1, shape[1], device=DEV),
+                       rf"got \({shape[0] + 1}, {shape[1]}\) torch.float32"),
+                      (torch.empty(shape, dtype=torch.float64, device=DEV), "torch.float64"),
+                      (torch.empty(shape[1], shape[0], device=DEV).t(), ", not contiguous"),
+                      ("buffer", "got str")]:
+        with pytest.raises(ValueError, match=rf"crop_to_patches: `out` must be a contiguous "
+                                             rf"float32 tensor of shape \({shape[0]}, "
+                                             rf"{shape[1]}\) on .*{text}"):
+            crop_to_patches(images, boxes, out=bad)

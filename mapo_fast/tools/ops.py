@@ -6,7 +6,7 @@ Triton on CUDA (``kernels/crop_zoom.py``), the same math in torch elsewhere
 from __future__ import annotations
 
 import math
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -190,7 +190,8 @@ def crop_to_patches(images: ImagesArg, boxes, *, patch_size: int = 14,
                     temporal_patch_size: int = 2, merge_size: int = 2,
                     mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                     min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
-                    mode: str = "bicubic", antialias: bool = True) -> Tuple[Tensor, Tensor]:
+                    mode: str = "bicubic", antialias: bool = True,
+                    out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The crops of ``boxes``, resized by ``smart_resize`` (factor ``patch_size *
     merge_size``), rescaled by 1/255, normalised with ``mean``/``std`` and laid out exactly as
     ``transformers``' ``Qwen2VLImageProcessor`` emits them, ready for a Qwen2/2.5-VL vision
@@ -199,6 +200,10 @@ def crop_to_patches(images: ImagesArg, boxes, *, patch_size: int = 14,
     Returns ``(pixel_values [sum_m gh_m * gw_m, 3 * temporal_patch_size * patch_size**2]``
     float32, ``image_grid_thw [M, 3]`` int64 with rows ``(1, gh_m, gw_m)``), on the images'
     device. Defaults are the processor's (``min_pixels`` 56*56, ``max_pixels`` 28*28*1280).
+
+    ``out`` (optional): a contiguous float32 tensor of exactly that shape on the images'
+    device, written and returned as ``pixel_values``. Reusing one across calls (a slice of a
+    larger buffer works) saves allocating, and on CPU first-touching, fresh memory each time.
     """
     fn = "crop_to_patches"
     ims = _images(fn, images)
@@ -217,11 +222,20 @@ def crop_to_patches(images: ImagesArg, boxes, *, patch_size: int = 14,
     dev = ims[0].device
     grid = torch.tensor([[1, h // patch_size, w // patch_size] for h, w in sizes],
                         dtype=torch.int64).reshape(-1, 3).to(dev)
+    width = 3 * temporal_patch_size * patch_size ** 2
+    shape = (sum((h // patch_size) * (w // patch_size) for h, w in sizes), width)
+    if out is not None and (not isinstance(out, Tensor) or tuple(out.shape) != shape or
+                            out.dtype != torch.float32 or out.device != dev or
+                            not out.is_contiguous()):
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}"
+               f"{'' if out.is_contiguous() else ', not contiguous'}"
+               if isinstance(out, Tensor) else type(out).__name__)
+        raise ValueError(f"{fn}: `out` must be a contiguous float32 tensor of shape {shape} on "
+                         f"{dev}, got {got}")
     args = (ims, index, bx, sizes, mode, antialias, mean_t.to(dev), std_t.to(dev), patch_size,
             temporal_patch_size, merge_size)
     if not bx:
-        width = 3 * temporal_patch_size * patch_size ** 2
-        return torch.empty(0, width, device=dev), grid
+        return (torch.empty(0, width, device=dev) if out is None else out), grid
     if backend_for(ims[0], KERNEL) == "triton":
-        return triton_module(KERNEL).crop_to_patches(*args), grid
-    return crop_zoom_ref.crop_to_patches(*args).to(dev), grid
+        return triton_module(KERNEL).crop_to_patches(*args, out=out), grid
+    return crop_zoom_ref.crop_to_patches(*args, out=out), grid
