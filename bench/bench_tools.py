@@ -48,6 +48,13 @@ def make_workload(n_images: int, side: int, n_boxes: int, device, seed: int = 0)
     return [im.to(device) for im in images], boxes
 
 
+def patch_count(boxes) -> int:
+    """Patch rows of the crops of ``boxes`` at the processor's default resize rule."""
+    return sum((h // 14) * (w // 14) for h, w in
+               (smart_resize(y2 - y1, x2 - x1, 28, 56 * 56, 28 * 28 * 1280)
+                for _, x1, y1, x2, y2 in boxes))
+
+
 def cases(images, boxes, device) -> List[Tuple[str, Callable[[], None], str]]:
     from PIL import Image
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -82,10 +89,7 @@ def cases(images, boxes, device) -> List[Tuple[str, Callable[[], None], str]]:
         return mapo_fast.crop_to_patches(images, boxes)
     out.append(("mapo_fast crop_to_patches", ours,
                 "Triton" if device.type == "cuda" else "torch path, one batched call"))
-    n = sum((h // 14) * (w // 14) for h, w in (smart_resize(y2 - y1, x2 - x1, 28, 56 * 56,
-                                                            28 * 28 * 1280)
-                                                for _, x1, y1, x2, y2 in boxes))
-    buf = torch.empty(n, 3 * 2 * 14 * 14, device=device)
+    buf = torch.empty(patch_count(boxes), 3 * 2 * 14 * 14, device=device)
     buf.zero_()  # touched once, before timing
 
     def ours_reused():
@@ -100,9 +104,7 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str)
     results = []
     for i, (n_images, side, n_boxes) in enumerate(SCALES[scale]):
         images, boxes = make_workload(n_images, side, n_boxes, device)
-        patches = sum((h // 14) * (w // 14) for h, w in
-                      (smart_resize(y2 - y1, x2 - x1, 28, 56 * 56, 28 * 28 * 1280)
-                       for _, x1, y1, x2, y2 in boxes))
+        patches = patch_count(boxes)
         workload = f"{n_boxes} boxes over {n_images} images of {side}x{side} -> {patches} patches"
         rows = []
         for name, fn, notes in cases(images, boxes, device):
