@@ -47,30 +47,16 @@ def make_tokenizer(cfg: Dict):
 
 
 def make_model(cfg: Dict, tok, device: torch.device):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from mapo_fast.tasks.tokenizer import vision_token_ids
-    h, heads = cfg["hidden"], max(4, cfg["hidden"] // 64)
-    head_dim = h // heads
-    section = [head_dim // 8, 3 * head_dim // 16, head_dim // 2 - head_dim // 8 - 3 * head_dim // 16]
-    vh = cfg["vision_hidden"]
-    conf = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=h, intermediate_size=int(h * 2.75),
-                         num_hidden_layers=cfg["layers"], num_attention_heads=heads,
-                         num_key_value_heads=2, max_position_embeddings=8192, bos_token_id=None,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         rope_scaling={"type": "mrope", "mrope_section": section}),
-        vision_config=dict(depth=cfg["vision_layers"], hidden_size=vh, intermediate_size=2 * vh,
-                           num_heads=max(1, vh // 64), out_hidden_size=h, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           fullatt_block_indexes=[cfg["vision_layers"] - 1]),
-        bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        **vision_token_ids(tok))
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(conf).eval().to(device)
+    """The trainer's tiny Qwen2.5-VL (``tiny_vl_model``) at the workload's sizes."""
+    from mapo_fast.trainer.config import ModelConfig
+    from mapo_fast.trainer.model import tiny_vl_model
+    h = cfg["hidden"]
+    sizes = ModelConfig(hidden_size=h, layers=cfg["layers"], heads=max(4, h // 64), kv_heads=2,
+                        intermediate_size=int(h * 2.75), vision_hidden_size=cfg["vision_hidden"],
+                        vision_depth=cfg["vision_layers"])
+    model = tiny_vl_model(sizes, tok, seed=0, max_positions=8192).eval().to(device)
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
-    model.config._attn_implementation = "sdpa"
     return model
 
 

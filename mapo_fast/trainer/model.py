@@ -14,9 +14,11 @@ from .config import ModelConfig
 Tensor = torch.Tensor
 
 
-def tiny_vl_model(cfg: ModelConfig, tokenizer: Any, *, seed: int = 0) -> Any:
+def tiny_vl_model(cfg: ModelConfig, tokenizer: Any, *, seed: int = 0,
+                  max_positions: int = 2048) -> Any:
     """A Qwen2.5-VL with ``cfg``'s sizes, random weights drawn from ``seed``, whose vocabulary
-    and vision markers are ``tokenizer``'s."""
+    and vision markers are ``tokenizer``'s (``max_positions``: the text model's
+    ``max_position_embeddings``)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from ..tasks.tokenizer import vision_token_ids
@@ -27,7 +29,7 @@ def tiny_vl_model(cfg: ModelConfig, tokenizer: Any, *, seed: int = 0) -> Any:
         text_config=dict(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.layers,
                          num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-                         max_position_embeddings=2048, bos_token_id=None, eos_token_id=eos,
+                         max_position_embeddings=max_positions, bos_token_id=None, eos_token_id=eos,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
                          rope_scaling={"type": "mrope", "mrope_section": section}),
         vision_config=dict(depth=cfg.vision_depth, hidden_size=cfg.vision_hidden_size,
