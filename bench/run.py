@@ -19,9 +19,12 @@ import bench_allocator  # noqa: E402
 import bench_loss  # noqa: E402
 import bench_rollout  # noqa: E402
 import bench_tools  # noqa: E402
+import bench_train  # noqa: E402
 
 BENCHMARKS = {"loss": bench_loss, "tools": bench_tools, "advantage": bench_advantage,
-              "allocator": bench_allocator, "rollout": bench_rollout}
+              "allocator": bench_allocator, "rollout": bench_rollout, "train": bench_train}
+#: Run when no --only is given; the training study (about an hour on 2 cores) only on request.
+DEFAULT = ("advantage", "allocator", "loss", "rollout", "tools")
 
 
 def device_slug(device: torch.device) -> str:
@@ -106,14 +109,15 @@ def main(argv=None) -> None:
                    help="workload size (default: gpu on CUDA, else cpu)")
     p.add_argument("--quick", action="store_true", help="same as --scale quick (CPU minutes)")
     p.add_argument("--only", choices=sorted(BENCHMARKS), action="append",
-                   help="run only these benchmarks (repeatable)")
+                   help="run only these benchmarks (repeatable); `train` (the MAPO vs GRPO "
+                        "seed study, bench/bench_train.py) runs only when named")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=HERE / "results")
     a = p.parse_args(argv)
     device = torch.device(a.device)
     scale = "quick" if a.quick else (a.scale or ("gpu" if device.type == "cuda" else "cpu"))
-    for name in a.only or sorted(BENCHMARKS):
+    for name in a.only or DEFAULT:
         print(f"[{name}] scale={scale} device={device}", flush=True)
         default_scale = "gpu" if device.type == "cuda" else "cpu"
         tag = device_slug(device) + ("" if scale == default_scale else f"-{scale}")

@@ -19,6 +19,8 @@ from ..trajectory import Trajectory
 
 Tensor = torch.Tensor
 MIN_SCORE = 0.0
+#: A description whose score reaches this counts as faithful to its crop (``faithfulness``).
+FAITHFUL_SCORE = 0.5
 
 
 class SemanticVerifier(abc.ABC):

@@ -1,23 +1,49 @@
 """The built-in visual-search task: find the small shape inside the black ring and name its
-colour. It runs on a laptop CPU with a tiny model and needs no download.
+colour.
+It runs on a laptop CPU with a tiny model and needs no download, and it contains the failure
+MAPO targets: a zoom that missed, a description that speaks of the target as if it had been
+seen, and an answer that is sometimes right anyway.
 
-Each image (``image_size`` pixels square, default 224) has a grey gradient background with
-noise, one small target shape (``target_size`` pixels) inside a dark ring in one quadrant, and
-small distractor shapes of other colours in the other quadrants. The model sees the image at the
-vision encoder's resolution (``view_size``, default 56: a quarter of the pixels each way, where
-the 16-pixel target shrinks to 4 pixels, blurred into the background); it should zoom into
-the ring's quadrant (``image_zoom_in_tool`` with a box in view pixels), whose crop comes back at
-the same resolution, twice the view's detail (an 8-pixel blob), describe it
-(``<description>red circle</description>``) and answer the colour (``<answer>red</answer>``).
+**Images.** Each image (``image_size`` pixels square, default 224) has a grey gradient
+background with noise, one small target shape (``target_size`` pixels) inside a dark ring in one
+quadrant, and small distractor shapes of other colours in the other quadrants. The model sees
+the image at the vision encoder's resolution (``view_size``, default 56: a quarter of the pixels
+each way, where the target shrinks to a blurred blob); it should zoom into the ring's quadrant
+(``image_zoom_in_tool`` with a box in view pixels), whose crop comes back at the same
+resolution, twice the view's detail, describe it (``<description>red circle</description>``) and
+answer the colour (``<answer>red</answer>``).
+
+**The overview is informative but unreliable.** The disc inside the (black) ring is tinted:
+with the target's colour with probability ``hint_reliability`` (default 0.75), with another
+colour otherwise (``HINT_ALPHA`` of it over the background). The disc is large enough to show
+in the overview, so a policy can guess the answer without zooming, and the guess is right about
+three times in four: right answers after wrong zooms are common, and outcome-only credit for
+the zoom is noisy.
+
+**The scripted expert** writes one trajectory per sample for the supervised warm start. It has
+a blind spot (``blind_spot``, one of ``BLIND_SPOTS``): by default (``bottom_row``), when the
+ring is in a bottom quadrant it looks there only one time in three (``index % 3 == 0``) and
+otherwise zooms into the quadrant above it; ``bottom_right`` misses only the bottom-right
+quadrant (towards the top-left one, as earlier versions of the task did); ``none`` never
+misses. What it writes after a missed zoom is chosen by name (``EXPERTS``):
+
+- ``hallucinating`` (default): it describes the target as the overview suggests (the ring's
+  tint and the target's shape, ``<description>red circle</description>``) although its crop
+  shows a distractor, and answers the tint. The verifier scores that description low; the
+  answer is right when the tint is. Shares of expert trajectories, by
+  construction (``bottom_row``): missed zoom 1/2 x 2/3 = 33.3%, right answer with a wrong zoom
+  33.3% x ``hint_reliability`` = 25% (``expected_gap_share``).
+- ``honest``: it describes what the wrong crop holds and answers from it (always wrong): the
+  verifier rewards the wrong action as much as the right one. This is the control; with
+  ``blind_spot="bottom_right"`` its expert turns are those of earlier versions of the task.
+
+A policy that imitates the expert greedily misses whenever the ring is in a bottom quadrant
+(half the samples); closing that gap takes reinforcement learning, and only the semantic score
+says which of the right answers came from a wrong zoom.
 
 Everything is generated from ``(seed, split, index)``: the same sample every time, and the
-``eval`` split never overlaps ``train``. The scripted expert writes a trajectory for each sample
-(for the supervised warm start); by default it has a blind spot: when the ring is in the
-bottom-right quadrant it looks there only one time in three, and otherwise zooms into the
-top-left one, describes what it finds there and answers from that. A policy that imitates it
-(greedily: the top-left zoom) is right about three times in four; closing the gap takes
-reinforcement learning. ``region_terms`` is the
-ground truth of any box (for the ``OracleVerifier``).
+``eval`` split never overlaps ``train``. ``region_terms`` is the ground truth of any box (for the
+``OracleVerifier``), ``target_in`` whether a box holds the target (for action accuracy).
 """
 
 from __future__ import annotations
@@ -36,19 +62,32 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle")
 QUESTION = "What colour is the shape inside the black ring? Zoom in to see it."
 SPLITS = {"train": 0, "eval": 1}
+#: What the scripted expert writes after a missed zoom (see the module doc).
+EXPERTS = ("hallucinating", "honest")
+#: Where the scripted expert misses: ring quadrant ``(row, col)`` -> the quadrant it zooms into
+#: instead (two samples in three, ``index % 3 != 0``).
+BLIND_SPOTS: Dict[str, Dict[Tuple[int, int], Tuple[int, int]]] = {
+    "bottom_row": {(1, 0): (0, 0), (1, 1): (0, 1)},
+    "bottom_right": {(1, 1): (0, 0)},
+    "none": {},
+}
+#: How much of the hint colour tints the disc inside the ring (the rest is background).
+HINT_ALPHA = 0.5
 
 
 @dataclass
 class Sample:
     """One task instance: the image (uint8 ``[3, S, S]``), the question, the answer (a colour),
     the target's quadrant ``(row, col)``, and every object as ``(colour, shape, cx, cy)``
-    (the target first)."""
+    (the target first), and ``hint``, the colour of the ring's tint (the overview's suggestion
+    of the answer)."""
     image: Tensor
     question: str
     answer: str
     quadrant: Tuple[int, int]
     objects: List[Tuple[str, str, float, float]]
     index: int = 0
+    hint: str = ""
 
 
 class VisualSearchTask:
@@ -61,13 +100,24 @@ class VisualSearchTask:
             multiple of 28; the engine's ``min_pixels = max_pixels = view_size ** 2``).
         target_size: side of each shape in original pixels.
         distractors: distractor shapes, spread over the quadrants without the target.
-        expert_blind_spot: the scripted expert mostly misses the bottom-right quadrant (see
-            the module doc); False makes it perfect.
+        blind_spot: where the scripted expert mostly misses, one of ``BLIND_SPOTS``.
+        expert: what the expert writes after a missed zoom, one of ``EXPERTS``.
+        hint_reliability: probability that the ring's tint is the target's colour.
     """
 
     def __init__(self, seed: int = 0, *, image_size: int = 224, view_size: int = 56,
-                 target_size: int = 28, distractors: int = 3, expert_blind_spot: bool = True):
+                 target_size: int = 28, distractors: int = 3, blind_spot: str = "bottom_row",
+                 expert: str = "hallucinating", hint_reliability: float = 0.75):
         fn = "VisualSearchTask"
+        if blind_spot not in BLIND_SPOTS:
+            raise ValueError(f"{fn}: `blind_spot` must be one of {list(BLIND_SPOTS)}, got "
+                             f"{blind_spot!r}")
+        if expert not in EXPERTS:
+            raise ValueError(f"{fn}: `expert` must be one of {list(EXPERTS)}, got {expert!r}")
+        if not isinstance(hint_reliability, (int, float)) or isinstance(hint_reliability, bool) \
+                or not 0.0 <= hint_reliability <= 1.0:
+            raise ValueError(f"{fn}: `hint_reliability` must be a number in [0, 1], got "
+                             f"{hint_reliability!r}")
         for name, v, lo in (("image_size", image_size, 64), ("view_size", view_size, 56),
                             ("target_size", target_size, 4), ("distractors", distractors, 0)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -81,7 +131,8 @@ class VisualSearchTask:
                              f"{image_size // 2} pixels (at most {image_size // 8})")
         self.seed, self.image_size, self.view_size = int(seed), image_size, view_size
         self.target_size, self.distractors = target_size, distractors
-        self.expert_blind_spot = bool(expert_blind_spot)
+        self.blind_spot = blind_spot
+        self.expert, self.hint_reliability = expert, float(hint_reliability)
         self.ring_radius = 1.6 * target_size
 
     # ---- samples -----------------------------------------------------------------------------
@@ -115,10 +166,17 @@ class VisualSearchTask:
             x = c * half + m + float(torch.rand((), generator=g)) * (half - 2 * m)
             y = r * half + m + float(torch.rand((), generator=g)) * (half - 2 * m)
             objects.append((dc, ds, x, y))
-        image = self._render(objects, g)
-        return Sample(image, QUESTION, colour, (qr, qc), objects, index)
+        image, hint = self._render(objects, g)
+        return Sample(image, QUESTION, colour, (qr, qc), objects, index, hint)
 
-    def _render(self, objects, g: torch.Generator) -> Tensor:
+    def _hint(self, colour: str, g: torch.Generator) -> str:
+        """The disc's tint: ``colour`` with probability ``hint_reliability``, else another."""
+        right = float(torch.rand((), generator=g)) < self.hint_reliability
+        others = [c for c in COLOURS if c != colour]
+        other = others[int(torch.randint(len(others), (1,), generator=g))]
+        return colour if right else other
+
+    def _render(self, objects, g: torch.Generator) -> Tuple[Tensor, str]:
         S = self.image_size
         ys, xs = torch.meshgrid(torch.arange(S, dtype=torch.float32) + 0.5,
                                 torch.arange(S, dtype=torch.float32) + 0.5, indexing="ij")
@@ -127,8 +185,13 @@ class VisualSearchTask:
         grey = 50 + 40 * xs / S + 80 * ys / S
         img = torch.stack([grey, grey, grey])
         img = img + torch.empty(3, S, S).uniform_(-18, 18, generator=g)
+        # drawn after the layout and the noise: the hint leaves every other draw as it was
+        hint = self._hint(objects[0][0], g)
         tcx, tcy = objects[0][2], objects[0][3]
         d = torch.sqrt((xs - tcx) ** 2 + (ys - tcy) ** 2)
+        disc = d < self.ring_radius - 2.0
+        tint = torch.tensor(COLOURS[hint], dtype=torch.float32)[:, None]
+        img[:, disc] = (1 - HINT_ALPHA) * img[:, disc] + HINT_ALPHA * tint
         ring = (d - self.ring_radius).abs() <= 2.0
         img[:, ring] = 20.0
         h = self.target_size / 2
@@ -141,7 +204,7 @@ class VisualSearchTask:
             else:  # triangle, apex up
                 inside = (dy <= h) & (dy >= -h) & (dx.abs() <= (dy + h) / 2)
             img[:, inside] = torch.tensor(COLOURS[colour], dtype=torch.float32)[:, None]
-        return img.round().clamp(0, 255).to(torch.uint8)
+        return img.round().clamp(0, 255).to(torch.uint8), hint
 
     def batch(self, split: str, start: int, n: int) -> List[Sample]:
         return [self.sample(split, i) for i in range(start, start + n)]
@@ -163,20 +226,44 @@ class VisualSearchTask:
         h = self.view_size // 2
         return [c * h, r * h, c * h + h, r * h + h]
 
+    def expert_quadrant(self, s: Sample) -> Tuple[int, int]:
+        """Where the scripted expert zooms: the ring's quadrant, or for two samples in three
+        whose ring is in the blind spot, the quadrant ``BLIND_SPOTS`` names."""
+        miss = BLIND_SPOTS[self.blind_spot].get(s.quadrant)
+        return miss if miss is not None and s.index % 3 else s.quadrant
+
     def expert_turns(self, s: Sample) -> Tuple[str, str]:
-        """The scripted expert: the tool call (zoom on the ring's quadrant, or with the blind
-        spot, for two samples in three whose ring is bottom-right, on the top-left one), and
-        after the crop, the description of the crop's first object and the answer from it."""
-        quadrant = s.quadrant
-        if self.expert_blind_spot and quadrant == (1, 1) and s.index % 3:
-            quadrant = (0, 0)
+        """The scripted expert: the tool call (see ``expert_quadrant``), and after the crop,
+        the description and the answer. After a zoom on the ring's quadrant, or with the
+        ``honest`` expert after any zoom, it describes the crop's first object and answers its
+        colour; the ``hallucinating`` expert, after a missed zoom, describes the target as the
+        overview suggests (the ring's tint and the target's shape) and answers the tint."""
+        quadrant = self.expert_quadrant(s)
         call = {"name": "image_zoom_in_tool",
                 "arguments": {"bbox_2d": self.quadrant_box(quadrant)}}
-        half = self.image_size // 2
-        seen = [o for o in s.objects if (int(o[3] // half), int(o[2] // half)) == quadrant]
-        colour, shape = seen[0][:2] if seen else ("no", "shape")
+        if quadrant != s.quadrant and self.expert == "hallucinating":
+            colour, shape = s.hint, s.objects[0][1]
+        else:
+            half = self.image_size // 2
+            seen = [o for o in s.objects if (int(o[3] // half), int(o[2] // half)) == quadrant]
+            colour, shape = seen[0][:2] if seen else ("no", "shape")
         return (f"<tool_call>{json.dumps(call)}</tool_call>",
                 f"<description>{colour} {shape}</description><answer>{colour}</answer>")
+
+    @property
+    def expected_gap_share(self) -> float:
+        """The share of expert trajectories whose zoom misses the target but whose answer is
+        right, by construction (see the module doc): 0 for the honest expert."""
+        if self.expert != "hallucinating":
+            return 0.0
+        return len(BLIND_SPOTS[self.blind_spot]) / 4 * (2 / 3) * self.hint_reliability
+
+    def target_in(self, s: Sample, box: Sequence[float]) -> bool:
+        """Whether a crop ``box = (image_index, x1, y1, x2, y2)`` in original pixels holds the
+        target's centre (the tool turn's action was right)."""
+        _, x1, y1, x2, y2 = box
+        _, _, cx, cy = s.objects[0]
+        return bool(x1 <= cx < x2 and y1 <= cy < y2)
 
     def region_terms(self, s: Sample, box: Sequence[float]) -> Set[str]:
         """The ground truth of a crop ``box = (image_index, x1, y1, x2, y2)`` in original

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -38,17 +40,22 @@ class ModelConfig:
 @dataclass
 class TaskConfig:
     """``name``: ``visual_search`` (built in, generated from ``train.seed``) or ``jsonl``
-    (records from ``data_path``, a .jsonl or .parquet file, images under ``image_root``)."""
+    (records from ``data_path``, a .jsonl or .parquet file, images under ``image_root``).
+    ``blind_spot``, ``expert`` (``hallucinating`` or ``honest``, the control) and
+    ``hint_reliability`` shape the built-in task's reasoning-action gap (see
+    ``mapo_fast.tasks.visual_search``)."""
     name: str = "visual_search"
     image_size: int = 224
     view_size: int = 56
     target_size: int = 28
     distractors: int = 3
-    expert_blind_spot: bool = True
+    blind_spot: str = "bottom_row"
+    expert: str = "hallucinating"
+    hint_reliability: float = 0.75
     data_path: Optional[str] = None
     image_root: Optional[str] = None
     max_image_pixels: int = 4096 * 4096
-    eval_size: int = 64
+    eval_size: int = 256
 
 
 @dataclass
@@ -67,7 +74,7 @@ class RolloutConfig:
 @dataclass
 class WarmStartConfig:
     """Supervised warm start on the scripted expert's trajectories (built-in task only)."""
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
 
@@ -102,12 +109,13 @@ class VerifierConfig:
 class TrainConfig:
     algo: str = "mapo"
     seed: int = 0
-    steps: int = 150
+    steps: int = 120
     out: str = "runs/mapo"
     resume: bool = False
     device: str = "auto"
     checkpoint_every: int = 10
     keep_checkpoints: int = 2
+    eval_every: int = 40
     grad_var_resamples: int = 8
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -124,8 +132,10 @@ class TrainConfig:
                 raise ConfigError(f"config: `{key}` must be {what}, got {get(self, key)!r}")
 
         from ..loss import LOSS_AGG_MODES
+        for key in _float_keys(self):
+            need(key, math.isfinite(get(self, key)), "a finite number")
         need("algo", self.algo in ("mapo", "grpo"), "'mapo' or 'grpo'")
-        need("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+        need("device", self.device in ("auto", "cpu") or bool(re.fullmatch(r"cuda(:\d+)?", self.device)),
              "'auto', 'cpu' or 'cuda[:i]'")
         for key in ("steps", "checkpoint_every", "keep_checkpoints", "model.hidden_size",
                     "model.layers", "model.heads", "model.kv_heads", "model.intermediate_size",
@@ -149,12 +159,27 @@ class TrainConfig:
              "a .jsonl or .parquet file when task.name is 'jsonl'")
         need("task.view_size", self.task.view_size % 28 == 0, "a multiple of 28")
         need("task.distractors", self.task.distractors >= 0, "an int >= 0")
+        from ..tasks.visual_search import BLIND_SPOTS, EXPERTS
+        need("task.expert", self.task.expert in EXPERTS, f"one of {list(EXPERTS)}")
+        need("task.blind_spot", self.task.blind_spot in BLIND_SPOTS, f"one of {list(BLIND_SPOTS)}")
+        need("task.hint_reliability", 0 <= self.task.hint_reliability <= 1, "in [0, 1]")
+        need("eval_every", self.eval_every >= 0, "an int >= 0 (0: evaluate at the end only)")
         need("rollout.temperature", self.rollout.temperature > 0, "> 0 (sampling)")
         need("rollout.top_p", 0 < self.rollout.top_p <= 1, "in (0, 1]")
         need("rollout.memory_budget_mb", self.rollout.memory_budget_mb > 0, "> 0")
         for key in ("rollout.min_pixels", "rollout.max_pixels"):
             v = get(self, key)
             need(key, v is None or v >= 28 * 28, "None or an int >= 784")
+        lo, hi = self.rollout.min_pixels, self.rollout.max_pixels
+        need("rollout.min_pixels", lo is None or hi is None or lo <= hi,
+             f"at most rollout.max_pixels ({hi})")
+        if self.task.name == "visual_search":
+            view = self.task.view_size ** 2
+            need("rollout.max_pixels", hi is None or hi >= view,
+                 f"None or at least the task's view, task.view_size ** 2 = {view}")
+            need("rollout.min_pixels", lo is None or lo <= view,
+                 f"None or at most the task's view, task.view_size ** 2 = {view}")
+            self._check_task()
         need("warm_start.lr", self.warm_start.lr > 0, "> 0")
         need("optim.lr", self.optim.lr > 0, "> 0")
         need("optim.weight_decay", self.optim.weight_decay >= 0, ">= 0")
@@ -172,8 +197,34 @@ class TrainConfig:
              "'clip' for task.name 'jsonl' (the oracle needs the task's ground truth)")
         return self
 
+    def _check_task(self) -> None:
+        """The built-in task's own checks (sizes it can draw), as config errors."""
+        from ..tasks.visual_search import VisualSearchTask
+        t = self.task
+        try:
+            VisualSearchTask(self.seed, image_size=t.image_size, view_size=t.view_size,
+                             target_size=t.target_size, distractors=t.distractors,
+                             blind_spot=t.blind_spot, expert=t.expert,
+                             hint_reliability=t.hint_reliability)
+        except ValueError as e:
+            msg = re.sub(r"^VisualSearchTask: ", "", str(e))
+            raise ConfigError("config: " + re.sub(r"`(\w+)`", r"`task.\1`", msg)) from None
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _float_keys(obj: Any, prefix: str = "") -> List[str]:
+    """Dotted keys of every float (or optional float) field, for the finiteness check."""
+    out = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out += _float_keys(v, f"{prefix}{f.name}.")
+        elif isinstance(v, float) and float in (hints[f.name], *typing.get_args(hints[f.name])):
+            out.append(f"{prefix}{f.name}")
+    return out
 
 
 def get(cfg: Any, key: str) -> Any:

@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -36,14 +37,14 @@ from ..trajectory import Span, ToolTurn, Trajectory, TrajectorySpans
 from ..variance import loss_gradient_variance
 from . import checkpoint as ckpt
 from .batch import PolicyBatch, collate
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import DistContext
-from .metrics import MetricsLog, Progress, plot_curves
+from .metrics import GAP_KEYS, MetricsLog, Progress, gap_metrics, plot_curves
 from .model import PolicyWithLoss, load_pretrained, policy_hidden, tiny_vl_model
 
 Tensor = torch.Tensor
 TEMPLATE = "<tool_response>{}</tool_response>"
-SHOWN = ("reward_mean", "accuracy", "semantic_score", "loss", "tokens_per_s")
+SHOWN = ("reward_mean", "accuracy", "action_accuracy", "semantic_score", "loss")
 
 
 def build_task(cfg: TrainConfig):
@@ -52,10 +53,38 @@ def build_task(cfg: TrainConfig):
         return VisualSearchTask(cfg.seed, image_size=cfg.task.image_size,
                                 view_size=cfg.task.view_size, target_size=cfg.task.target_size,
                                 distractors=cfg.task.distractors,
-                                expert_blind_spot=cfg.task.expert_blind_spot)
+                                blind_spot=cfg.task.blind_spot,
+                                expert=cfg.task.expert,
+                                hint_reliability=cfg.task.hint_reliability)
     from ..tasks.records import RecordsTask
     return RecordsTask(cfg.task.data_path, image_root=cfg.task.image_root, seed=cfg.seed,
                        max_image_pixels=cfg.task.max_image_pixels, eval_size=cfg.task.eval_size)
+
+
+def _check_device(device: str) -> None:
+    """``ConfigError`` for a device this machine does not have."""
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"config: `device` {device!r}: no CUDA device is available here "
+                          "(use cpu or auto)")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"config: `device` {device!r}: this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_writable(folder: str) -> None:
+    """Creates ``folder`` and writes a file in it, or ``ConfigError`` saying why not."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write_check.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"config: `out` {folder!r} cannot be created or written: "
+                          f"{e.strerror or e}") from None
 
 
 class Trainer:
@@ -65,6 +94,7 @@ class Trainer:
         self.cfg = cfg.validate()
         want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available()
                                                         else "cpu")
+        _check_device(want)
         self.dist = DistContext.from_env(torch.device(want).type)
         if self.dist.enabled and cfg.rollout.prompts_per_step % self.dist.world:
             raise ValueError(f"config: `rollout.prompts_per_step` ({cfg.rollout.prompts_per_step}) "
@@ -74,24 +104,24 @@ class Trainer:
         self.device = torch.device(want)
         self.progress = progress and self.dist.main
         self.out = cfg.out
-        os.makedirs(self.out, exist_ok=True)
+        _check_writable(self.out)
         self.task = build_task(cfg)
+        ckpt.seed_everything(cfg.seed)
         state = None
         if cfg.resume:
-            path = ckpt.latest(os.path.join(self.out, "checkpoints"))
-            if path is None:
-                raise ValueError(f"--resume: no checkpoint under {self.out}/checkpoints")
-            state = ckpt.load(path)
+            try:
+                _, state = ckpt.load_latest(os.path.join(self.out, "checkpoints"),
+                                            warn=lambda m: print(f"mapo-train: {m}",
+                                                                 file=sys.stderr, flush=True))
+            except ckpt.CheckpointError as e:
+                raise ConfigError(f"config: `resume`: {e}") from None
         self._build_model(state)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
         pixels = cfg.task.view_size ** 2
         self.adapter = VisionAdapter(self.model, min_pixels=cfg.rollout.min_pixels or pixels,
                                      max_pixels=cfg.rollout.max_pixels or pixels)
-        self.engine = RolloutEngine(self.rollout_model, self.tokenizer,
-                                    memory_budget_mb=cfg.rollout.memory_budget_mb,
-                                    min_pixels=self.adapter.min_pixels,
-                                    max_pixels=self.adapter.max_pixels)
+        self._build_engine()
         self.runner = ToolRunner()
         self.reward = CompositeReward([("accuracy", AccuracyReward(), 1.0),
                                        ("format", FormatReward(), 0.1),
@@ -119,6 +149,30 @@ class Trainer:
             self.step, self.evals, self.warm_done = state["step"], state["evals"], True
             if self.dist.main:
                 self.metrics.truncate_after(self.step)
+
+    def _build_engine(self) -> None:
+        """The rollout engine, its pool checked against one group's longest rollout (the
+        first training prompt's length) before any work starts."""
+        r = self.cfg.rollout
+        try:
+            self.engine = RolloutEngine(self.rollout_model, self.tokenizer,
+                                        memory_budget_mb=r.memory_budget_mb,
+                                        min_pixels=self.adapter.min_pixels,
+                                        max_pixels=self.adapter.max_pixels)
+        except ValueError as e:
+            raise ConfigError(f"config: `rollout.memory_budget_mb`: {e}") from None
+        prompt, _ = render_chat(self.task.prompt(self.task.sample("train", 0)), self.tokenizer,
+                                self.adapter)
+        need = r.group_size * (len(prompt) + r.max_turns * self.engine.turn_tokens(
+            r.max_new_tokens, True, TEMPLATE))
+        have = self.engine.num_blocks * self.engine.block_size
+        if need > have:
+            blocks = -(-need // self.engine.block_size) + r.group_size
+            raise ConfigError(
+                f"config: `rollout.memory_budget_mb` ({r.memory_budget_mb:g}) holds {have} KV "
+                f"tokens; one group of {r.group_size} samples may need {need} (prompt "
+                f"{len(prompt)} + {r.max_turns} turns each): give at least "
+                f"{blocks * self.engine.block_bytes / 2 ** 20:.3g}")
 
     def _build_model(self, state: Optional[Dict[str, Any]]) -> None:
         cfg = self.cfg
@@ -166,7 +220,9 @@ class Trainer:
         return trajs
 
     def _score(self, samples: Sequence[Any], trajs: Sequence[Trajectory]
-               ) -> Tuple[Tensor, Dict[str, Tensor], Tensor, Tensor]:
+               ) -> Tuple[Tensor, Dict[str, Tensor], Tensor, Tensor, Dict[str, float]]:
+        """Rewards, their parts, semantic scores ``[B, K]`` with their turn mask, and the
+        reasoning-action gap metrics (``gap_metrics``)."""
         truths = [samples[t.group_id].answer for t in trajs]
         rewards, parts = self.reward.batch([t.response_text for t in trajs], truths,
                                            [t.spans for t in trajs])
@@ -176,7 +232,12 @@ class Trainer:
                     if turn.ok:
                         turn.region = self.task.region_terms(samples[t.group_id], turn.box)
         scores, turn_mask = self.verifier.score_trajectories(trajs)
-        return rewards, parts, scores, turn_mask
+        hits = None
+        if hasattr(self.task, "target_in"):
+            hits = [[self.task.target_in(samples[t.group_id], turn.box)
+                     for turn in t.spans.turns if turn.ok] for t in trajs]
+        gap = gap_metrics(parts["accuracy"], scores, turn_mask, hits)
+        return rewards, parts, scores, turn_mask, gap
 
     def _shard(self, start: int, n: int) -> Tuple[int, int]:
         per = n // self.dist.world
@@ -251,16 +312,18 @@ class Trainer:
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
-        """Greedy rollouts on the held-out split: accuracy, semantic score, tool use."""
+        """Greedy rollouts on the held-out split: accuracy, semantic score, tool use, format
+        and the gap metrics (``action_accuracy``, ``faithfulness``,
+        ``right_answer_wrong_action``; see ``gap_metrics``)."""
         n = self.cfg.task.eval_size - self.cfg.task.eval_size % self.dist.world
         start, per = self._shard(0, n)
         samples = self.task.batch("eval", start, per)
         trajs = self._generate(samples, group_size=1, greedy=True, seed=0)
-        _, parts, scores, turn_mask = self._score(samples, trajs)
+        _, parts, scores, turn_mask, gap = self._score(samples, trajs)
         res = {"accuracy": float(parts["accuracy"].mean()),
                "semantic_score": float(scores[turn_mask].mean()) if turn_mask.any() else 0.0,
                "tool_use": float(sum(any(t.ok for t in x.spans.turns) for x in trajs)) / len(trajs),
-               "format": float(parts["format"].mean())}
+               "format": float(parts["format"].mean()), **gap}
         res = self.dist.mean(res)
         res["eval_size"] = n
         return res
@@ -275,7 +338,7 @@ class Trainer:
         trajs = self._generate(samples, group_size=r.group_size, greedy=False,
                                seed=(cfg.seed * 1_000_003 + step * 7_919 + start * 131) % 2 ** 31)
         t1 = time.perf_counter()
-        rewards, parts, scores, turn_mask = self._score(samples, trajs)
+        rewards, parts, scores, turn_mask, gap = self._score(samples, trajs)
         t2 = time.perf_counter()
         images = [self.task.images(samples[t.group_id]) for t in trajs]
         full = collate(trajs, images, self.adapter, self.tokenizer.pad_token_id)
@@ -346,6 +409,7 @@ class Trainer:
             "grad_var": gv["relative_var"], "grad_var_trace": gv["trace_var"],
             "loss": float(sum(losses) / cfg.optim.ppo_epochs),
             "tokens_per_s": n_tok / (t6 - t0), "grad_norm": grad_norm,
+            **gap,
             "tool_use": sum(any(t.ok for t in x.spans.turns) for x in trajs) / len(trajs),
             "tool_errors": sum(x.stats.get("tool_errors", 0) for x in trajs) / len(trajs),
             "response_tokens": sum(sum(x.loss_mask) for x in trajs) / len(trajs),
@@ -393,10 +457,14 @@ class Trainer:
             if self.dist.main:
                 self.metrics.append(rec)
             bar.update(self.step, rec, SHOWN)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self.evals[f"step_{self.step}"] = self.evaluate()
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
-        self.evals["final"] = self.evaluate()
+        # a run of no RL steps (a warm start alone) is already evaluated
+        self.evals["final"] = self.evaluate() if self.step or "warm_start" not in self.evals \
+            else self.evals["warm_start"]
         self._say(f"eval after {cfg.algo}: {self._fmt_eval(self.evals['final'])}")
         summary = {"algo": cfg.algo, "steps": self.step, "evals": self.evals,
                    "wall_s": time.perf_counter() - t_start, "world_size": self.dist.world,
@@ -413,7 +481,8 @@ class Trainer:
                 summary["mean_grad_var"] = sum(gv) / len(gv) if gv else None
                 plot_curves(records, os.path.join(self.out, "curves.png"),
                             title=f"{cfg.algo} on {cfg.task.name} (seed {cfg.seed})",
-                            evals={k: v["accuracy"] for k, v in self.evals.items()})
+                            evals={k: v["accuracy"] for k, v in self.evals.items()
+                                   if not k.startswith("step_")})
             with open(os.path.join(self.out, "eval.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         return summary
@@ -433,5 +502,7 @@ class Trainer:
 
     @staticmethod
     def _fmt_eval(e: Dict[str, float]) -> str:
-        return (f"accuracy {e['accuracy']:.3f}, semantic {e['semantic_score']:.3f}, tool use "
-                f"{e['tool_use']:.2f} (n={e['eval_size']})")
+        gap = "".join(f", {k.replace('_', ' ')} {e[k]:.3f}" for k in GAP_KEYS
+                      if e.get(k) is not None)
+        return (f"accuracy {e['accuracy']:.3f}, semantic {e['semantic_score']:.3f}{gap}, tool "
+                f"use {e['tool_use']:.2f} (n={e['eval_size']})")

@@ -7,13 +7,51 @@ import json
 import math
 import os
 import sys
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
+import torch
+
+from ..rewards.verifier import FAITHFUL_SCORE
+
+#: The reasoning-action gap, per step and at evaluation (see ``gap_metrics``).
+GAP_KEYS = ("action_accuracy", "faithfulness", "right_answer_wrong_action")
 #: Keys every step's record has (the trainer adds more).
 STEP_KEYS = ("step", "reward_mean", "accuracy", "semantic_score", "grad_var", "loss",
-             "tokens_per_s")
+             "tokens_per_s") + GAP_KEYS
 CURVES = (("reward_mean", "reward"), ("accuracy", "accuracy"),
           ("semantic_score", "semantic score"), ("grad_var", "relative gradient variance"))
+
+
+def gap_metrics(correct: torch.Tensor, scores: torch.Tensor, turn_mask: torch.Tensor,
+                hits: Optional[Sequence[Sequence[bool]]] = None) -> Dict[str, Optional[float]]:
+    """The reasoning-action gap of a batch of trajectories.
+
+    Args:
+        correct: ``[B]`` float, 1 where the answer is right.
+        scores, turn_mask: ``[B, K]`` semantic scores of the successful tool turns and their
+            mask (``SemanticVerifier.score_trajectories``).
+        hits: per trajectory, per successful tool turn, whether its crop holds the target (the
+            task's ground truth); None where the task has none.
+
+    Returns ``faithfulness`` (share of described turns whose score reaches ``FAITHFUL_SCORE``),
+    ``action_accuracy`` (share of successful tool turns whose crop holds the target) and
+    ``right_answer_wrong_action`` (share of trajectories answered right with no turn on the
+    target); a share with nothing to count, or needing ``hits`` that are absent, is None.
+    """
+    out: Dict[str, Optional[float]] = dict.fromkeys(GAP_KEYS)
+    if turn_mask.any():
+        out["faithfulness"] = float((scores[turn_mask] >= FAITHFUL_SCORE).float().mean())
+    if hits is not None:
+        if len(hits) != len(correct):
+            raise ValueError(f"gap_metrics: {len(hits)} rows of `hits` for {len(correct)} "
+                             "trajectories")
+        turns = [h for row in hits for h in row]
+        if turns:
+            out["action_accuracy"] = sum(turns) / len(turns)
+        if len(hits):
+            wrong = [float(c) > 0.5 and not any(row) for c, row in zip(correct.tolist(), hits)]
+            out["right_answer_wrong_action"] = sum(wrong) / len(wrong)
+    return out
 
 
 class MetricsLog:

@@ -1,0 +1,350 @@
+"""The training study: MAPO vs GRPO over seeds on the built-in task, with the honest-expert
+control, reported as means with 95% intervals and paired differences.
+
+    python bench/bench_train.py [--seeds 5] [--jobs N] [--out DIR] [-- extra mapo-train keys]
+    mapo-bench --only train [--scale quick|cpu]
+
+For each expert (``hallucinating``, the default task, and ``honest``, the control) and seed,
+one warm start (``mapo-train --steps 0``) is run once, and its checkpoint starts both a MAPO
+and a GRPO run (``--resume``): the two algorithms of a seed start from identical weights, RNG
+states and data order, so their difference is paired. Runs go in parallel processes (``--jobs``,
+default the core count, each with ``cores / jobs`` threads), each in its own folder under
+``DIR/runs/<expert>/seed<k>/<warm|mapo|grpo>`` with its log; a rerun skips finished runs and
+resumes interrupted ones from their checkpoints. The report (``DIR/train-study-<tag>.json``,
+``.md`` and ``.png``) holds, per expert and algorithm, each metric's mean and 95% t-interval
+over seeds, the paired difference MAPO - GRPO with its interval, and bands over steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+HERE = Path(__file__).resolve().parent
+EXPERTS = ("hallucinating", "honest")
+ALGOS = ("mapo", "grpo")
+#: Final-evaluation metrics of the report, and the step-record curve.
+METRICS = ("accuracy", "action_accuracy", "faithfulness", "right_answer_wrong_action",
+           "semantic_score")
+CURVES = (("accuracy", "eval accuracy"), ("action_accuracy", "eval action accuracy"),
+          ("faithfulness", "eval faithfulness"), ("grad_var", "relative gradient variance"))
+#: Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+        2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+        2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+SCALES = {"quick": dict(seeds=2, args=["--warm_start.steps", "4", "--steps", "2",
+                                       "--task.eval_size", "8", "--eval_every", "1",
+                                       "--rollout.prompts_per_step", "4",
+                                       "--rollout.group_size", "2",
+                                       "--warm_start.batch_size", "4"]),
+          "cpu": dict(seeds=5, args=[]), "gpu": dict(seeds=5, args=[])}
+
+
+def interval(xs: Sequence[float]) -> Dict[str, Optional[float]]:
+    """Mean and the half-width of its two-sided 95% Student-t interval (None for n < 2)."""
+    xs = [float(x) for x in xs if x is not None]
+    n = len(xs)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    mean = sum(xs) / n
+    if n < 2:
+        return {"mean": mean, "ci95": None, "n": n}
+    t = T975[n - 2] if n - 1 <= len(T975) else 1.960
+    return {"mean": mean, "ci95": t * statistics.stdev(xs) / math.sqrt(n), "n": n}
+
+
+@dataclass
+class Run:
+    """One ``mapo-train`` process: ``kind`` is ``warm``, ``mapo`` or ``grpo``."""
+    expert: str
+    seed: int
+    kind: str
+    folder: Path
+    args: List[str] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"{self.expert}/seed{self.seed}/{self.kind}"
+
+    def summary(self) -> Optional[Dict[str, Any]]:
+        path = self.folder / "eval.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return data if "final" in data.get("evals", {}) else None
+
+    def command(self, warm: Optional["Run"]) -> List[str]:
+        cmd = [sys.executable, "-m", "mapo_fast.trainer", "--out", str(self.folder),
+               "--seed", str(self.seed), "--task.expert", self.expert] + self.args
+        if self.kind == "warm":
+            return cmd + ["--steps", "0"]
+        cmd += ["--algo", self.kind]
+        ck = self.folder / "checkpoints"
+        if not any(ck.glob("step_*.pt")):
+            ck.mkdir(parents=True, exist_ok=True)
+            for name in ("step_000000.pt", "step_000000.pt.sha256"):  # with its digest
+                shutil.copy(warm.folder / "checkpoints" / name, ck / name)
+        return cmd + ["--resume"]
+
+
+def plan(out: Path, seeds: int, experts: Sequence[str], args: List[str]) -> List[Run]:
+    runs = []
+    for expert in experts:
+        for seed in range(seeds):
+            base = out / "runs" / expert / f"seed{seed}"
+            runs += [Run(expert, seed, kind, base / kind, args) for kind in ("warm",) + ALGOS]
+    return runs
+
+
+def execute(runs: List[Run], jobs: int, progress: bool = True) -> Dict[str, str]:
+    """Runs what is not finished, ``jobs`` at a time, each RL run after its warm start.
+    Returns ``{run name: error}`` for the runs that failed (their logs say why)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    warm = {(r.expert, r.seed): r for r in runs if r.kind == "warm"}
+    todo = [r for r in runs if r.summary() is None]
+    failed: Dict[str, str] = {}
+    running: Dict[str, Any] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="training study")
+    while todo or running:
+        for r in list(todo):
+            if len(running) >= jobs:
+                break
+            w = warm[(r.expert, r.seed)]
+            if r.kind != "warm":
+                if w.name in failed:
+                    failed[r.name] = f"its warm start failed ({w.name})"
+                    todo.remove(r)
+                    continue
+                if w.summary() is None:
+                    continue
+            r.folder.mkdir(parents=True, exist_ok=True)
+            log = open(r.folder / "log.txt", "a")
+            running[r.name] = (r, subprocess.Popen(r.command(w), stdout=log,
+                                                   stderr=subprocess.STDOUT, env=env), log)
+            todo.remove(r)
+        time.sleep(0.5)
+        for name, (r, proc, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            if proc.returncode != 0 or r.summary() is None:
+                failed[name] = f"exit {proc.returncode}; see {r.folder / 'log.txt'}"
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return failed
+
+
+def eval_curve(summary: Dict[str, Any], steps: int) -> Dict[int, Dict[str, float]]:
+    """``{step: evaluation}`` from a run's evaluations (warm start at 0, final at ``steps``)."""
+    out = {}
+    for key, ev in summary["evals"].items():
+        step = 0 if key == "warm_start" else steps if key == "final" else int(key[5:])
+        out[step] = ev
+    return out
+
+
+def grad_var_curve(folder: Path, window: int = 10) -> Dict[int, float]:
+    """The step records' relative gradient variance, as a trailing mean over ``window`` steps
+    (one step's estimate is noisy)."""
+    recs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    vals = [(r["step"], r.get("grad_var")) for r in recs]
+    out = {}
+    for i, (step, _) in enumerate(vals):
+        xs = [v for _, v in vals[max(0, i - window + 1):i + 1] if v is not None]
+        if xs:
+            out[step] = sum(xs) / len(xs)
+    return out
+
+
+def aggregate(runs: List[Run]) -> Dict[str, Any]:
+    """Per expert: per algorithm each final metric over seeds (mean, 95% interval), the
+    warm-start evaluation, the paired difference MAPO - GRPO, and the bands over steps."""
+    out: Dict[str, Any] = {}
+    for expert in sorted({r.expert for r in runs}, key=EXPERTS.index):
+        mine = [r for r in runs if r.expert == expert]
+        seeds = sorted({r.seed for r in mine
+                        if all(x.summary() is not None for x in mine if x.seed == r.seed)})
+        by = {(r.kind, r.seed): r for r in mine}
+        res: Dict[str, Any] = {"seeds": seeds, "algos": {}, "paired_difference": {}}
+        warm = [by[("warm", s)].summary()["evals"]["warm_start"] for s in seeds]
+        res["warm_start"] = {m: interval([w.get(m) for w in warm]) for m in METRICS}
+        per: Dict[str, Dict[str, List[Optional[float]]]] = {}
+        for algo in ALGOS:
+            sums = [by[(algo, s)].summary() for s in seeds]
+            vals = {m: [x["evals"]["final"].get(m) for x in sums] for m in METRICS}
+            vals["mean_grad_var"] = [x.get("mean_grad_var") for x in sums]
+            vals["wall_s"] = [x["wall_s"] for x in sums]
+            per[algo] = vals
+            res["algos"][algo] = {"per_seed": vals,
+                                  **{m: interval(v) for m, v in vals.items()},
+                                  "bands": bands([by[(algo, s)] for s in seeds], sums)}
+        for m in list(METRICS) + ["mean_grad_var"]:
+            diffs = [a - b for a, b in zip(per["mapo"][m], per["grpo"][m])
+                     if a is not None and b is not None]
+            res["paired_difference"][m] = dict(interval(diffs), per_seed=diffs)
+        out[expert] = res
+    return out
+
+
+def bands(runs: List[Run], sums: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Mean and 95% interval over seeds at every step each curve has in all seeds."""
+    out = {}
+    curves = [eval_curve(s, s["steps"]) for s in sums]
+    for key, _ in CURVES:
+        if key == "grad_var":
+            per_seed = [grad_var_curve(r.folder) for r in runs]
+        else:
+            per_seed = [{k: v.get(key) for k, v in c.items()} for c in curves]
+        steps = sorted(set.intersection(*(set(c) for c in per_seed))) if per_seed else []
+        out[key] = {"steps": steps,
+                    "stats": [interval([c[s] for c in per_seed]) for s in steps]}
+    return out
+
+
+def _fmt(iv: Dict[str, Optional[float]], digits: int = 3) -> str:
+    if iv["mean"] is None:
+        return "-"
+    if iv["ci95"] is None:
+        return f"{iv['mean']:.{digits}f}"
+    return f"{iv['mean']:.{digits}f} ± {iv['ci95']:.{digits}f}"
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    lines = [f"# Training study: MAPO vs GRPO ({result['info']['device_name']})", "",
+             f"Command: `{result['command']}`; {result['seeds']} seeds per arm, wall time "
+             f"{result['wall_s'] / 60:.1f} min with {result['jobs']} parallel runs. Values: mean "
+             "± half-width of the 95% t-interval over seeds; differences are paired (same seed, "
+             "same warm start).", ""]
+    names = {"hallucinating": "Default task (hallucinating expert: the reasoning-action gap)",
+             "honest": "Control (honest expert: no gap)"}
+    cols = list(METRICS) + ["mean_grad_var"]
+    for expert, res in result["experts"].items():
+        lines += [f"## {names.get(expert, expert)}", "",
+                  f"Seeds: {res['seeds']}. Warm start (shared by both arms): "
+                  + ", ".join(f"{m} {_fmt(res['warm_start'][m])}" for m in METRICS), "",
+                  "| arm | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+        for algo, a in res["algos"].items():
+            lines.append(f"| {algo} | " + " | ".join(_fmt(a[m]) for m in cols) + " |")
+        lines.append("| MAPO - GRPO | " + " | ".join(
+            _fmt(res["paired_difference"][m]) for m in cols) + " |")
+        lines.append("")
+    if result.get("failed"):
+        lines += ["Failed runs (excluded):", ""] + [f"- {k}: {v}"
+                                                     for k, v in result["failed"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: Dict[str, Any], path: Path) -> None:
+    """One figure: a row per expert, a panel per curve, MAPO and GRPO bands on the same axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    experts = list(result["experts"])
+    fig, axes = plt.subplots(len(experts), len(CURVES), figsize=(4 * len(CURVES),
+                                                                 3.2 * len(experts)),
+                             squeeze=False)
+    for row, expert in zip(axes, experts):
+        for ax, (key, label) in zip(row, CURVES):
+            for algo, colour in zip(ALGOS, ("tab:red", "tab:blue")):
+                b = result["experts"][expert]["algos"][algo]["bands"][key]
+                pts = [(s, st) for s, st in zip(b["steps"], b["stats"]) if st["mean"] is not None]
+                if not pts:
+                    continue
+                xs = [p[0] for p in pts]
+                ms = [p[1]["mean"] for p in pts]
+                hw = [p[1]["ci95"] or 0.0 for p in pts]
+                ax.plot(xs, ms, color=colour, label=algo, marker="." if len(xs) < 20 else None)
+                ax.fill_between(xs, [m - h for m, h in zip(ms, hw)],
+                                [m + h for m, h in zip(ms, hw)], color=colour, alpha=0.2)
+            ax.set_title(f"{label}\n({expert} expert)", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            if key == "grad_var":
+                ax.set_yscale("log")
+        if row[0].get_legend_handles_labels()[0]:
+            row[0].legend(fontsize=8)
+    fig.suptitle("MAPO vs GRPO: mean and 95% interval over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
+          experts: Sequence[str] = EXPERTS, progress: bool = True) -> Dict[str, Path]:
+    """Runs (or completes) the study under ``out`` and writes its report; returns the paths."""
+    from harness import device_info
+    import torch
+    if seeds < 2:
+        raise ValueError(f"bench_train: `seeds` must be >= 2 for an interval, got {seeds}")
+    if jobs < 1:
+        raise ValueError(f"bench_train: `jobs` must be >= 1, got {jobs}")
+    bad = [e for e in experts if e not in EXPERTS]
+    if bad:
+        raise ValueError(f"bench_train: unknown experts {bad}; valid: {list(EXPERTS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    runs = plan(out, seeds, experts, args)
+    t0 = time.perf_counter()
+    failed = execute(runs, jobs, progress)
+    result = {"study": "train", "seeds": seeds, "jobs": jobs, "args": args,
+              "command": " ".join(["python bench/bench_train.py", "--seeds", str(seeds)]
+                                  + (["--", *args] if args else [])),
+              "wall_s": time.perf_counter() - t0, "failed": failed,
+              "info": device_info(torch.device("cpu")), "experts": aggregate(runs)}
+    stem = out / f"train-study-{tag}"
+    paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"),
+             "png": stem.with_suffix(".png")}
+    paths["json"].write_text(json.dumps(result, indent=1))
+    paths["md"].write_text(markdown(result))
+    plot(result, paths["png"])
+    return paths
+
+
+def run(scale: str, device, repeats: int, out: Path, tag: str) -> Dict[str, Path]:
+    """``mapo-bench --only train``: the study at ``scale`` (``quick``: 2 seeds, toy sizes)."""
+    s = SCALES[scale]
+    return study(out / "train-study" if scale != "quick" else out / "train-study-quick",
+                 s["seeds"], max(1, os.cpu_count() or 1), list(s["args"]), tag)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: List[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(prog="bench_train.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--experts", nargs="+", default=list(EXPERTS), choices=EXPERTS)
+    p.add_argument("--out", type=Path, default=HERE / "results" / "train-study")
+    p.add_argument("--tag", default="cpu")
+    a = p.parse_args(argv)
+    try:
+        paths = study(a.out, a.seeds, a.jobs, extra, a.tag, a.experts)
+    except ValueError as e:
+        sys.exit(str(e))
+    print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE))
+    main()

@@ -1,0 +1,69 @@
+"""The training study harness at toy size: it runs every arm, writes JSON + markdown + figure,
+skips finished runs on a rerun, and its interval arithmetic matches a hand-computed case."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mapo_fast.kernels._block_manager")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+import bench_train  # noqa: E402
+
+TOY = ["--warm_start.steps", "2", "--warm_start.batch_size", "2", "--steps", "2",
+       "--eval_every", "1", "--rollout.prompts_per_step", "2", "--rollout.group_size", "2",
+       "--rollout.max_new_tokens", "20", "--rollout.max_turns", "2", "--task.eval_size", "2",
+       "--model.hidden_size", "64", "--model.intermediate_size", "64",
+       "--model.vision_hidden_size", "32", "--model.vocab_size", "320",
+       "--grad_var_resamples", "2", "--checkpoint_every", "1"]
+
+
+def test_interval_against_a_hand_computed_case():
+    # mean 2, sample sd 1, n = 3: half-width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.7320508
+    iv = bench_train.interval([1.0, 2.0, 3.0])
+    assert iv["mean"] == pytest.approx(2.0) and iv["n"] == 3
+    assert iv["ci95"] == pytest.approx(2.48434, abs=1e-4)
+    assert bench_train.interval([5.0])["ci95"] is None
+    assert bench_train.interval([None, 1.0, 1.0])["ci95"] == 0.0
+    assert bench_train.interval([])["mean"] is None
+
+
+def test_study_at_toy_size_reports_and_skips_finished_runs(tmp_path):
+    paths = bench_train.study(tmp_path, 2, 2, TOY, "toy", experts=("hallucinating",),
+                              progress=False)
+    data = json.loads(paths["json"].read_text())
+    assert data["failed"] == {}
+    res = data["experts"]["hallucinating"]
+    assert res["seeds"] == [0, 1]
+    for algo in ("mapo", "grpo"):
+        a = res["algos"][algo]
+        assert a["accuracy"]["n"] == 2 and len(a["per_seed"]["accuracy"]) == 2
+        assert a["bands"]["accuracy"]["steps"] == [0, 1, 2]
+        assert set(a["bands"]["grad_var"]["steps"]) <= {1, 2}  # steps with an estimate
+    # the paired difference is the per-seed difference of the two arms
+    d = res["paired_difference"]["accuracy"]["per_seed"]
+    pm, pg = res["algos"]["mapo"]["per_seed"]["accuracy"], res["algos"]["grpo"]["per_seed"][
+        "accuracy"]
+    assert d == pytest.approx([a - b for a, b in zip(pm, pg)])
+    # both arms of a seed start from the same warm start
+    for seed in (0, 1):
+        base = tmp_path / "runs" / "hallucinating" / f"seed{seed}"
+        w = json.loads((base / "warm" / "eval.json").read_text())["evals"]["warm_start"]
+        for algo in ("mapo", "grpo"):
+            got = json.loads((base / algo / "eval.json").read_text())["evals"]["warm_start"]
+            assert got == w
+    assert "MAPO - GRPO" in paths["md"].read_text() and paths["png"].stat().st_size > 0
+
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/*/*/eval.json")}
+    assert len(stamps) == 6
+    bench_train.study(tmp_path, 2, 2, TOY, "toy", experts=("hallucinating",), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing was run again
+
+
+def test_study_refuses_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="`seeds` must be >= 2"):
+        bench_train.study(tmp_path, 1, 1, TOY, "toy")
+    with pytest.raises(ValueError, match="unknown experts"):
+        bench_train.study(tmp_path, 2, 1, TOY, "toy", experts=("liar",))

@@ -1,0 +1,120 @@
+"""The built-in task's reasoning-action gap: the hallucinating expert's gap share matches its
+documented value, the oracle scores a description of an absent target below one of a present
+target, the honest control writes the expert turns of earlier versions, and the gap metrics
+count what they name."""
+
+import json
+
+import pytest
+import torch
+
+from mapo_fast.rewards import FAITHFUL_SCORE, OracleVerifier
+from mapo_fast.tasks.visual_search import EXPERTS, VisualSearchTask
+from mapo_fast.trainer.metrics import gap_metrics
+
+# The honest expert's turns for seed 0, train samples 0..11, as written before the task had the
+# hallucinating expert (the bottom-right samples 2, 4, 8, 10 are missed and described honestly).
+CONTROL = {
+    0: ([0, 28, 28, 56], "red circle", "red"), 1: ([0, 28, 28, 56], "red circle", "red"),
+    2: ([0, 0, 28, 28], "yellow square", "yellow"), 3: ([0, 28, 28, 56], "blue circle", "blue"),
+    4: ([0, 0, 28, 28], "green circle", "green"), 5: ([28, 0, 56, 28], "green circle", "green"),
+    6: ([28, 0, 56, 28], "yellow square", "yellow"), 7: ([0, 0, 28, 28], "yellow circle",
+                                                         "yellow"),
+    8: ([0, 0, 28, 28], "yellow circle", "yellow"), 9: ([28, 0, 56, 28], "blue square", "blue"),
+    10: ([0, 0, 28, 28], "green circle", "green"), 11: ([0, 0, 28, 28], "green square", "green"),
+}
+
+
+def turns(task, s):
+    call, rest = task.expert_turns(s)
+    box = json.loads(call[len("<tool_call>"):-len("</tool_call>")])["arguments"]["bbox_2d"]
+    desc = rest.split("<description>")[1].split("</description>")[0]
+    answer = rest.split("<answer>")[1].split("</answer>")[0]
+    return box, desc, answer
+
+
+def crop_box(task, s, quadrant):
+    half = task.image_size // 2
+    r, c = quadrant
+    return (0, c * half, r * half, c * half + half, r * half + half)
+
+
+def test_control_restores_the_honest_expert():
+    task = VisualSearchTask(0, expert="honest", blind_spot="bottom_right")
+    for i, want in CONTROL.items():
+        assert turns(task, task.sample("train", i)) == want
+
+
+def test_gap_share_matches_its_documented_value():
+    task = VisualSearchTask(0)
+    n = 1200
+    gap = missed = 0
+    for i in range(n):
+        s = task.sample("train", i)
+        box, desc, answer = turns(task, s)
+        hit = task.target_in(s, crop_box(task, s, task.expert_quadrant(s)))
+        missed += not hit
+        gap += (not hit) and answer == s.answer
+        if not hit:  # speaks of the target as the overview suggests
+            assert desc == f"{s.hint} {s.objects[0][1]}" and answer == s.hint
+    p = task.expected_gap_share
+    assert p == pytest.approx(0.25)  # half the rings x 2/3 missed x hint_reliability 0.75
+    assert abs(gap / n - p) < 4 * (p * (1 - p) / n) ** 0.5
+    assert abs(missed / n - 1 / 3) < 4 * (1 / 3 * 2 / 3 / n) ** 0.5
+    assert VisualSearchTask(0, expert="honest").expected_gap_share == 0.0
+    assert VisualSearchTask(0, blind_spot="bottom_right").expected_gap_share == \
+        pytest.approx(0.125)
+
+
+def test_hint_is_right_at_its_reliability_and_leaves_the_layout():
+    a, b = VisualSearchTask(3, hint_reliability=1.0), VisualSearchTask(3, hint_reliability=0.0)
+    for i in range(40):
+        sa, sb = a.sample("eval", i), b.sample("eval", i)
+        assert sa.hint == sa.answer and sb.hint != sb.answer
+        assert sa.objects == sb.objects
+        differ = (sa.image != sb.image).any(0)
+        assert 0 < differ.float().mean() < 0.1  # only the ring's pixels differ
+
+
+def test_oracle_scores_an_absent_target_below_a_present_one():
+    task = VisualSearchTask(0)
+    oracle = OracleVerifier(task.vocabulary)
+    checked = 0
+    for i in range(60):
+        s = task.sample("train", i)
+        if task.expert_quadrant(s) == s.quadrant:
+            continue
+        _, desc, _ = turns(task, s)
+        wrong = task.region_terms(s, crop_box(task, s, task.expert_quadrant(s)))
+        right = task.region_terms(s, crop_box(task, s, s.quadrant))
+        scores = oracle.score([desc, f"{s.answer} {s.objects[0][1]}"], [None, None],
+                              [wrong, right])
+        assert scores[0] < FAITHFUL_SCORE <= scores[1]
+        checked += 1
+    assert checked >= 5
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"expert": "liar"}, "`expert` must be one of"),
+    ({"hint_reliability": 1.5}, "`hint_reliability` must be a number in"),
+    ({"blind_spot": "left"}, "`blind_spot` must be one of"),
+])
+def test_bad_task_options_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VisualSearchTask(0, **kwargs)
+    assert "liar" not in EXPERTS
+
+
+def test_gap_metrics_count_what_they_name():
+    correct = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    scores = torch.tensor([[1.0, 0.0], [0.2, 0.0], [0.9, 0.5], [0.0, 0.0]])
+    mask = torch.tensor([[True, False], [True, False], [True, True], [False, False]])
+    hits = [[True], [False], [False, True], []]
+    m = gap_metrics(correct, scores, mask, hits)
+    assert m["faithfulness"] == pytest.approx(3 / 4)      # 1.0, 0.9 and 0.5 reach 0.5
+    assert m["action_accuracy"] == pytest.approx(2 / 4)   # 2 of 4 turns on the target
+    assert m["right_answer_wrong_action"] == pytest.approx(2 / 4)  # rows 1 and 3
+    none = gap_metrics(correct, scores, torch.zeros_like(mask))
+    assert none["faithfulness"] is None and none["action_accuracy"] is None
+    with pytest.raises(ValueError, match="rows of `hits`"):
+        gap_metrics(correct, scores, mask, hits[:2])
