@@ -128,6 +128,7 @@ def _per_token(fn: str, arg: str, x: Optional[Tensor], bt: Tuple[int, int],
         chk.fail(fn, arg, f"must have shape {bt} (one value per token, like `targets`), "
                           f"got {tuple(x.shape)}")
     chk.same_device(fn, "hidden", hidden, **{arg: x})
+    chk.finite_tensor(fn, arg, x)
     return x.reshape(bt)
 
 
@@ -191,7 +192,8 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
     m = mask.reshape(bt).to(cdtype)
     if bool((m < 0).any()) or not bool(torch.isfinite(m).all()):
         chk.fail(fn, "mask", "must hold finite, non-negative values (0/1)")
-    adv = advantages.reshape(bt[0], -1).to(cdtype).expand(bt)
+    # per token or per sequence; an empty batch (B = 0) has nothing to infer -1 from
+    adv = advantages.reshape(bt[0], -1 if bt[0] else 1).to(cdtype).expand(bt)
     c = aggregation_weights(m, cfg.loss_agg, cfg.loss_scale_factor, g_tokens, g_seqs)
 
     flat_m = m.reshape(-1)

@@ -14,9 +14,11 @@ Tokens after the last turn (final reasoning, the answer) belong to no turn (``-1
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -27,8 +29,35 @@ Tensor = torch.Tensor
 DESCRIPTION_TAG = "description"
 TOOL_CALL_TAG = "tool_call"
 ANSWER_TAG = "answer"
-IMAGE_PATTERN = r"<\|vision_start\|>.*?<\|vision_end\|>"
-TEXT_RESPONSE_PATTERN = r"<tool_response>(.*?)</tool_response>"
+#: ``(open, close)`` markers; ``spans_from_text`` also takes a regex in their place.
+IMAGE_PATTERN = ("<|vision_start|>", "<|vision_end|>")
+TEXT_RESPONSE_PATTERN = ("<tool_response>", "</tool_response>")
+
+Block = Tuple[int, int, int, int]
+
+
+def find_blocks(text: str, open_: str, close: str) -> List[Block]:
+    """Every ``open_ ... close`` block of ``text``, left to right, not overlapping, as
+    ``(start, end, body_start, body_end)`` character offsets; a block's body runs to the first
+    ``close`` after its ``open_`` (what the lazy regex ``open_(.*?)close`` matches). One linear
+    pass: model output is untrusted, and a text of many unclosed ``open_`` costs no more than
+    any other text of its length."""
+    out: List[Block] = []
+    pos = 0
+    while True:
+        a = text.find(open_, pos)
+        if a < 0:
+            return out
+        b = text.find(close, a + len(open_))
+        if b < 0:
+            return out
+        out.append((a, b + len(close), a + len(open_), b))
+        pos = b + len(close)
+
+
+def find_tags(text: str, tag: str) -> List[Block]:
+    """``find_blocks`` of ``<tag>...</tag>``."""
+    return find_blocks(text, f"<{tag}>", f"</{tag}>")
 
 
 @dataclass(frozen=True)
@@ -130,13 +159,13 @@ class Trajectory:
         return self.spans.token_turn(len(self.token_ids))
 
 
-def _char_spans(pattern: str, text: str) -> List[Tuple[int, int, str]]:
-    return [(m.start(), m.end(), m.group(0)) for m in re.finditer(pattern, text, re.DOTALL)]
-
-
-def _tag_pattern(tag: str) -> str:
-    t = re.escape(tag)
-    return rf"<{t}>(.*?)</{t}>"
+def _blocks(pattern: Union[str, Tuple[str, str]], text: str) -> List[Tuple[int, int, str]]:
+    """``(start, end, body)`` of each block of an ``(open, close)`` pair (linear) or of each
+    match of a regex (its first group, or the whole match, as the body)."""
+    if isinstance(pattern, tuple):
+        return [(a, b, text[c:d]) for a, b, c, d in find_blocks(text, *pattern)]
+    return [(m.start(), m.end(), m.group(1) if m.re.groups else m.group(0))
+            for m in re.finditer(pattern, text, re.DOTALL)]
 
 
 def _offsets(tokenizer: Any, text: str) -> Tuple[List[int], List[Tuple[int, int]]]:
@@ -158,17 +187,34 @@ def _offsets(tokenizer: Any, text: str) -> Tuple[List[int], List[Tuple[int, int]
     return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
 
-def _to_tokens(offsets: Sequence[Tuple[int, int]], start: int, end: int) -> Span:
-    """Smallest token span covering characters ``[start, end)``."""
-    first = next((i for i, (a, b) in enumerate(offsets) if b > start), len(offsets))
-    last = next((i for i in range(len(offsets) - 1, -1, -1) if offsets[i][0] < end), first - 1)
-    return Span(first, max(first, last + 1))
+class _TokenIndex:
+    """Character ranges to token spans in O(log n) each (the offsets are read once)."""
+
+    def __init__(self, offsets: Sequence[Tuple[int, int]]):
+        # running max of the ends, suffix min of the starts: monotone even where a tokenizer
+        # gives a special token an empty or out-of-order offset
+        self.ends = list(itertools.accumulate((b for _, b in offsets), max))
+        self.starts = list(itertools.accumulate((a for a, _ in reversed(offsets)), min))[::-1]
+
+    def span(self, start: int, end: int) -> Span:
+        """Smallest token span covering characters ``[start, end)``."""
+        first = bisect.bisect_right(self.ends, start)
+        last = bisect.bisect_left(self.starts, end) - 1
+        return Span(first, max(first, last + 1))
+
+
+def _first_from(blocks: Sequence[Tuple[int, int, Any]], starts: Sequence[int], lo: int,
+                hi: int) -> Optional[Tuple[int, int, Any]]:
+    """The first of ``blocks`` (sorted by start) starting in ``[lo, hi)``, or None."""
+    i = bisect.bisect_left(starts, lo)
+    return blocks[i] if i < len(blocks) and blocks[i][0] < hi else None
 
 
 def spans_from_text(text: str, tokenizer: Any, *, prompt_chars: int = 0,
                     description_tag: str = DESCRIPTION_TAG, tool_call_tag: str = TOOL_CALL_TAG,
-                    answer_tag: str = ANSWER_TAG, image_pattern: str = IMAGE_PATTERN,
-                    text_response_pattern: str = TEXT_RESPONSE_PATTERN
+                    answer_tag: str = ANSWER_TAG,
+                    image_pattern: Union[str, Tuple[str, str]] = IMAGE_PATTERN,
+                    text_response_pattern: Union[str, Tuple[str, str]] = TEXT_RESPONSE_PATTERN
                     ) -> Tuple[List[int], TrajectorySpans]:
     """Builds the spans of a trajectory from its full text (prompt and response).
 
@@ -181,37 +227,40 @@ def spans_from_text(text: str, tokenizer: Any, *, prompt_chars: int = 0,
     calls in it are ignored). Returns ``(token_ids, spans)``.
     """
     ids, offsets = _offsets(tokenizer, text)
-    calls = [c for c in _char_spans(_tag_pattern(tool_call_tag), text) if c[0] >= prompt_chars]
+    index = _TokenIndex(offsets)
+    calls = [c for c in find_tags(text, tool_call_tag) if c[0] >= prompt_chars]
     observations = sorted(
-        [(a, b, None) for a, b, _ in _char_spans(image_pattern, text)]
-        + [(m.start(), m.end(), m.group(1).strip())
-           for m in re.finditer(text_response_pattern, text, re.DOTALL)])
-    descriptions = [(m.start(), m.end(), m.group(1).strip())
-                    for m in re.finditer(_tag_pattern(description_tag), text, re.DOTALL)]
-    spans = TrajectorySpans(prompt_len=_to_tokens(offsets, prompt_chars, prompt_chars).start
+        [(a, b, None) for a, b, _ in _blocks(image_pattern, text)]
+        + [(a, b, body.strip()) for a, b, body in _blocks(text_response_pattern, text)],
+        key=lambda o: o[:2])
+    obs_starts = [o[0] for o in observations]
+    descriptions = [(a, b, text[c:d].strip()) for a, b, c, d in find_tags(text, description_tag)]
+    desc_starts = [d[0] for d in descriptions]
+    spans = TrajectorySpans(prompt_len=index.span(prompt_chars, prompt_chars).start
                             if prompt_chars else 0)
     n_crops = 0
-    for i, (c0, c1, _) in enumerate(calls):
+    for i, (c0, c1, _, _) in enumerate(calls):
         limit = calls[i + 1][0] if i + 1 < len(calls) else len(text)
-        obs = next(((a, b, err) for a, b, err in observations if c1 <= a < limit), None)
-        turn = ToolTurn(call=_to_tokens(offsets, c0, c1))
+        obs = _first_from(observations, obs_starts, c1, limit)
+        turn = ToolTurn(call=index.span(c0, c1))
         if obs is None:
             turn.error = "no observation followed the call"
         else:
-            turn.observation = _to_tokens(offsets, obs[0], obs[1])
+            turn.observation = index.span(obs[0], obs[1])
             if obs[2] is not None:
                 turn.error = obs[2] or "tool error"
             else:
                 turn.crop_index, n_crops = n_crops, n_crops + 1
-                desc = next(((a, b, t) for a, b, t in descriptions if obs[1] <= a < limit), None)
+                desc = _first_from(descriptions, desc_starts, obs[1], limit)
                 if desc is not None:
-                    turn.description = _to_tokens(offsets, desc[0], desc[1])
+                    turn.description = index.span(desc[0], desc[1])
                     turn.description_text = desc[2]
         spans.turns.append(turn)
-    answers = list(re.finditer(_tag_pattern(answer_tag), text, re.DOTALL))
+    answers = find_tags(text, answer_tag)
     if answers:
-        spans.answer = _to_tokens(offsets, answers[-1].start(), answers[-1].end())
-        spans.answer_text = answers[-1].group(1).strip()
+        a, b, c, d = answers[-1]
+        spans.answer = index.span(a, b)
+        spans.answer_text = text[c:d].strip()
     return ids, spans
 
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..trajectory import ANSWER_TAG, DESCRIPTION_TAG, TOOL_CALL_TAG, TrajectorySpans
+from ..trajectory import ANSWER_TAG, DESCRIPTION_TAG, TOOL_CALL_TAG, TrajectorySpans, find_tags
 
 RewardFn = Callable[[str, Any, Optional[TrajectorySpans]], float]
 ACCURACY_MODES = ("auto", "exact", "normalized", "numeric", "choice")
@@ -24,10 +24,9 @@ ACCURACY_MODES = ("auto", "exact", "normalized", "numeric", "choice")
 def extract_answer(text: str, tag: str = ANSWER_TAG) -> Optional[str]:
     """The content of the last ``<tag>...</tag>``, else of the last ``\\boxed{...}``, else
     None."""
-    t = re.escape(tag)
-    found = re.findall(rf"<{t}>(.*?)</{t}>", text, re.DOTALL)
+    found = find_tags(text, tag)
     if found:
-        return found[-1].strip()
+        return text[found[-1][2]:found[-1][3]].strip()
     boxed = re.findall(r"\\boxed\{([^{}]*)\}", text)
     return boxed[-1].strip() if boxed else None
 
@@ -131,7 +130,7 @@ class FormatReward:
     tool_call_tag: str = TOOL_CALL_TAG
 
     def checks(self, text: str, spans: Optional[TrajectorySpans] = None) -> Dict[str, bool]:
-        out = {"answer": len(re.findall(rf"<{re.escape(self.answer_tag)}>", text)) == 1
+        out = {"answer": text.count(f"<{self.answer_tag}>") == 1
                and extract_answer(text, self.answer_tag) is not None}
         out["tags_closed"] = all(
             text.count(f"<{tag}>") == text.count(f"</{tag}>")

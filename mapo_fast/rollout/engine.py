@@ -25,7 +25,10 @@ vision-tower pass over all their crops.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -72,6 +75,21 @@ def _paged_attention_forward(module, query, key, value, attention_mask, scaling=
     out = run_paged_attention(step.path, q, step.k_caches[layer], step.v_caches[layer],
                               step.block_tables, step.context_lens, step.cu_q, scale)
     return out.unsqueeze(0), None
+
+
+def _processed(processor: Any, tokens: List[int], row: Tensor) -> Tensor:
+    """``processor(tokens, row)``, checked: a float tensor of the row's shape with at least one
+    finite logit (else nothing could be sampled)."""
+    out = processor(tokens, row)
+    name = getattr(processor, "__name__", type(processor).__name__)
+    if not isinstance(out, Tensor) or out.shape != row.shape or not out.is_floating_point():
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"RolloutEngine.generate: `logits_processor` ({name}) must return float "
+                         f"logits of shape {tuple(row.shape)}, got {got}")
+    if not bool(torch.isfinite(out).any()) or bool(torch.isnan(out).any()):
+        raise ValueError(f"RolloutEngine.generate: `logits_processor` ({name}) returned logits "
+                         "with no finite value or with NaN: nothing can be sampled")
+    return out
 
 
 def _out_of_blocks(e: Exception) -> bool:
@@ -172,6 +190,8 @@ class RolloutEngine:
         self.prefill_chunk = prefill_chunk
         _register()
         self.model, self.tokenizer = model, tokenizer
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.vocab_size = int(getattr(emb, "num_embeddings", None) or head.weight.shape[0])
         self.layers = cfg.num_hidden_layers
         self.kv_heads = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -180,7 +200,17 @@ class RolloutEngine:
         per_block = 2 * self.layers * block_size * self.kv_heads * self.head_dim * \
             param.element_size()
         if num_blocks is None:
-            num_blocks = max(1, int(memory_budget_mb * 2 ** 20) // per_block)
+            if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \
+                    or not math.isfinite(memory_budget_mb) or memory_budget_mb <= 0:
+                raise ValueError(f"RolloutEngine: `memory_budget_mb` must be a finite number > 0, "
+                                 f"got {memory_budget_mb!r}")
+            num_blocks = int(memory_budget_mb * 2 ** 20) // per_block
+            if num_blocks < 1:
+                raise ValueError(f"RolloutEngine: `memory_budget_mb` {memory_budget_mb!r} holds no "
+                                 f"KV block (one block of {block_size} tokens takes "
+                                 f"{per_block / 2 ** 20:.4g} MiB)")
+        elif not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
+            raise ValueError(f"RolloutEngine: `num_blocks` must be an int >= 1, got {num_blocks!r}")
         self.block_size, self.num_blocks = block_size, num_blocks
         shape = (num_blocks, block_size, self.kv_heads, self.head_dim)
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -189,6 +219,30 @@ class RolloutEngine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.stats: Dict[str, int] = {"prefill_tokens": 0, "cached_prompt_tokens": 0,
                                       "decode_tokens": 0, "forward_passes": 0}
+
+    def turn_tokens(self, max_new_tokens: int, tools: bool,
+                    observation_template: str = "<tool_response>{}</tool_response>",
+                    max_observation_tokens: int = 256) -> int:
+        """The most KV tokens one turn of one sample can take: its ``max_new_tokens`` and, with
+        tools, the longest observation (a crop's image tokens in the template, or a text)."""
+        if not tools:
+            return max_new_tokens
+        obs = max_observation_tokens
+        if self.vision is not None:
+            obs = max(obs, self.vision.max_image_tokens + 2 + len(self.tokenizer(
+                observation_template, add_special_tokens=False)["input_ids"]))
+        return max_new_tokens + obs + 8
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one KV block (keys and values of every layer)."""
+        k = self.k_caches[0]
+        return 2 * self.layers * k[0].numel() * k.element_size()
+
+    def _release_all(self) -> None:
+        """Every block back to the pool and an empty prefix index (after a failed call)."""
+        from ..kernels._block_manager import BlockManager
+        self.blocks = BlockManager(self.num_blocks, self.block_size)
 
     def clear_prefix_cache(self) -> None:
         """Forgets every cached block. Call it after the model's weights change (each
@@ -295,17 +349,25 @@ class RolloutEngine:
             if self.tokenizer is None:
                 raise ValueError(f"{fn}: `prompts[{i}]` is text but the engine has no tokenizer")
             if isinstance(prompt, str):
-                return self._with_images(_Prompt(
-                    list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])), i)
+                toks = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                if not toks:
+                    raise ValueError(f"{fn}: `prompts[{i}]` is empty (no tokens)")
+                return self._with_images(_Prompt(toks), i)
             toks, ims = render_chat(prompt, self.tokenizer, self.vision, where=f"prompts[{i}]")
             return self._with_images(_Prompt(toks, raw_images=ims), i)
-        try:
-            toks = [int(t) for t in prompt]
-        except (TypeError, ValueError):
-            raise ValueError(f"{fn}: `prompts[{i}]` must be a string, token ids or a chat "
-                             f"message list, got {type(prompt).__name__}") from None
+        if not isinstance(prompt, (list, tuple, torch.Tensor)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) or
+                isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point()
+                for t in prompt):
+            raise ValueError(f"{fn}: `prompts[{i}]` must be a string, a list of int token ids "
+                             f"or a chat message list, got {type(prompt).__name__}")
+        toks = [int(t) for t in prompt]
         if not toks:
             raise ValueError(f"{fn}: `prompts[{i}]` is empty")
+        bad = next((t for t in toks if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"{fn}: `prompts[{i}]` holds token id {bad}, outside the model's "
+                             f"vocabulary [0, {self.vocab_size})")
         return self._with_images(_Prompt(toks), i)
 
     def _with_images(self, p: _Prompt, i: int) -> _Prompt:
@@ -387,6 +449,23 @@ class RolloutEngine:
         next-token logits ``[V]`` (float32) given its tokens so far, before sampling; the
         recorded log-probs are those of the processed distribution (what was sampled from)."""
         fn = "RolloutEngine.generate"
+        if isinstance(prompts, (str, bytes, dict)) or not isinstance(prompts, Sequence):
+            raise ValueError(f"{fn}: `prompts` must be a list of prompts, got "
+                             f"{type(prompts).__name__} (wrap a single prompt in a list)")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"{fn}: `seed` must be an int or None, got {seed!r}")
+        for name, v in (("temperature", temperature), ("top_p", top_p)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{fn}: `{name}` must be a finite number, got {v!r}")
+        if not isinstance(top_k, int) or isinstance(top_k, bool):
+            raise ValueError(f"{fn}: `top_k` must be an int >= 0, got {top_k!r}")
+        if stop_token_ids is not None and not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in stop_token_ids):
+            raise ValueError(f"{fn}: `stop_token_ids` must be a list of ints, got "
+                             f"{stop_token_ids!r}")
+        if logits_processor is not None and not callable(logits_processor):
+            raise ValueError(f"{fn}: `logits_processor` must be callable, got "
+                             f"{type(logits_processor).__name__}")
         if not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"{fn}: `group_size` must be an int >= 1, got {group_size!r}")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -414,131 +493,133 @@ class RolloutEngine:
         if tools is not None and "{}" not in observation_template:
             raise ValueError(f"{fn}: `observation_template` must contain '{{}}', got "
                              f"{observation_template!r}")
-        encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
-        obs_tokens = max_observation_tokens
-        if self.vision is not None:
-            obs_tokens = max(obs_tokens, self.vision.max_image_tokens + 2 + len(self.tokenizer(
-                observation_template, add_special_tokens=False)["input_ids"]))
-        per_turn = max_new_tokens + (obs_tokens + 8 if tools is not None else 0)
-        longest = [len(p.tokens) + max_turns * per_turn for p in encoded]
-        capacity = self.num_blocks * self.block_size
-        for i, n in enumerate(longest):
-            if n > capacity:
-                raise ValueError(f"{fn}: `prompts[{i}]` ({len(encoded[i].tokens)} tokens) plus "
-                                 f"{max_turns} turn(s) of up to {per_turn} tokens exceeds the KV "
-                                 f"budget of {capacity} tokens")
-        stops = set(stop_token_ids or [])
-        eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
-        if stop_token_ids is None and eos is not None:
-            stops.add(int(eos))
-        if tools is not None and self.vision is not None:
-            # crops are cut by the model's resize rule (the runner's stats stay shared)
-            tools = dataclasses.replace(tools, crop_kwargs={
-                **tools.crop_kwargs, "factor": self.vision.factor,
-                "min_pixels": self.vision.min_pixels, "max_pixels": self.vision.max_pixels})
-        stop_strings = tuple(stop_strings or ())
-        cfg = dict(stops=stops, max_new_tokens=max_new_tokens, max_turns=max_turns, tools=tools,
-                   stop_strings=stop_strings, max_trajectory_tokens=max_trajectory_tokens,
-                   # a stop string of n characters spans at most 4n tokens (byte-level BPE)
-                   stop_window=4 * max(map(len, stop_strings), default=0) + 4,
-                   max_observation_tokens=max_observation_tokens, template=observation_template,
-                   image_keys={})
+        # from here on blocks are held: a failure anywhere gives every block back, so a
+        # failed call leaves the engine as usable as before (the prefix cache is emptied)
+        try:
+            encoded = [self._encode(p, i) for i, p in enumerate(prompts)]
+            per_turn = self.turn_tokens(max_new_tokens, tools is not None, observation_template,
+                                        max_observation_tokens)
+            capacity = self.num_blocks * self.block_size
+            for i, p in enumerate(encoded):
+                if len(p.tokens) + max_turns * per_turn > capacity:
+                    raise ValueError(f"{fn}: `prompts[{i}]` ({len(p.tokens)} tokens) plus "
+                                     f"{max_turns} turn(s) of up to {per_turn} tokens exceeds the KV "
+                                     f"budget of {capacity} tokens")
+            stops = set(stop_token_ids or [])
+            eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+            if stop_token_ids is None and eos is not None:
+                stops.add(int(eos))
+            if tools is not None and self.vision is not None:
+                # crops are cut by the model's resize rule (the runner's stats stay shared)
+                tools = dataclasses.replace(tools, crop_kwargs={
+                    **tools.crop_kwargs, "factor": self.vision.factor,
+                    "min_pixels": self.vision.min_pixels, "max_pixels": self.vision.max_pixels})
+            stop_strings = tuple(stop_strings or ())
+            cfg = dict(stops=stops, max_new_tokens=max_new_tokens, max_turns=max_turns, tools=tools,
+                       stop_strings=stop_strings, max_trajectory_tokens=max_trajectory_tokens,
+                       # a stop string of n characters spans at most 4n tokens (byte-level BPE)
+                       stop_window=4 * max(map(len, stop_strings), default=0) + 4,
+                       max_observation_tokens=max_observation_tokens, template=observation_template,
+                       image_keys={})
 
-        banned = None
-        if self.vision is not None:  # the model never writes image placeholders itself
-            v = self.vision
-            banned = [v.image_token_id, v.vision_start_id, v.vision_end_id]
-            video = getattr(self.model.config, "video_token_id", None)
-            banned += [int(video)] if video is not None else []
+            banned = None
+            if self.vision is not None:  # the model never writes image placeholders itself
+                v = self.vision
+                banned = [v.image_token_id, v.vision_start_id, v.vision_end_id]
+                video = getattr(self.model.config, "video_token_id", None)
+                banned += [int(video)] if video is not None else []
 
-        def pick(batch: Sequence[_Seq], logits: Tensor):
-            """Each sample's next token and log-prob from its row of ``logits [n, V]``."""
-            if banned is not None:
-                logits = logits.clone()
-                logits[:, banned] = float("-inf")
-            if logits_processor is not None:
-                logits = torch.stack([logits_processor(list(s.tokens), row)
-                                      for s, row in zip(batch, logits)])
-            return self._sample(logits, [s.generator for s in batch], temperature, top_k, top_p)
+            def pick(batch: Sequence[_Seq], logits: Tensor):
+                """Each sample's next token and log-prob from its row of ``logits [n, V]``."""
+                if banned is not None:
+                    logits = logits.clone()
+                    logits[:, banned] = float("-inf")
+                if logits_processor is not None:
+                    logits = torch.stack([_processed(logits_processor, list(s.tokens), row)
+                                          for s, row in zip(batch, logits)])
+                return self._sample(logits, [s.generator for s in batch], temperature, top_k, top_p)
 
-        seqs: List[_Seq] = []
-        for i, p in enumerate(encoded):
-            toks = p.tokens
-            head, cached = self._add_prompt(self._keys(p), seqs)
-            self.stats["cached_prompt_tokens"] += cached
-            self.stats["prefill_tokens"] += len(toks) - cached
-            if cached == len(toks):
-                # the whole prompt is cached: recompute its last token for the logits (its KV
-                # slot gets the same values it already holds)
-                cached -= 1
-            for a in range(cached, len(toks), self.prefill_chunk):  # nothing runs between
-                logits = self._forward([(head, p, a, min(len(toks), a + self.prefill_chunk))])
-            for im, insert in zip(p.raw_images, p.images):  # hashed once, in _with_images
-                cfg["image_keys"][id(im)] = insert.key
-            ctx = tool_contexts[i] if tool_contexts is not None else None
-            if ctx is None and tools is not None and p.raw_images:
-                from ..tools import ToolContext
-                ctx = ToolContext.for_images(p.raw_images, self.vision.factor,
-                                             self.vision.min_pixels, self.vision.max_pixels)
-            started = len(seqs)
-            for g in range(group_size):
-                j = i * group_size + g
-                gen = None
-                if temperature > 0:
-                    gen = torch.Generator().manual_seed((seed if seed is not None else 0) + j)
-                stats = {"tool_calls": 0, "tool_errors": 0, "prefill_tokens": 0,
-                         "decode_tokens": 0}  # the group's prompt prefill: engine stats only
-                s = _Seq(self.blocks.fork_seq(head), j, list(toks), len(toks), generator=gen,
-                         turn_start=len(toks), stats=stats, ctx=ctx, images=list(p.images),
-                         next_pos=p.next_pos,
-                         positions=None if p.positions is None else list(p.positions))
-                if tools is not None:
-                    from ..tools import ToolSession
-                    s.session = ToolSession(max_calls=max_tool_calls)
-                seqs.append(s)
-            group = seqs[started:]
-            for s, tok, lp in zip(group, *pick(group, logits.repeat(len(group), 1))):
-                self._emit(s, tok, lp, cfg)
-            self._run_tools(seqs[started:], cfg)
-            for s in seqs[started:]:
-                if s.done:  # finished at its first token
-                    self.blocks.free_seq(s.sid)
-            self.blocks.free_seq(head)
-        while True:
-            self._resume(seqs)
-            live = [s for s in seqs if s.pending and not s.preempted]
-            if not live:
-                if any(s.preempted for s in seqs):
-                    raise RuntimeError("RolloutEngine: a preempted sample cannot be resumed in "
-                                       "an empty pool")  # excluded by the capacity check
-                break
-            step = self._make_room(live)
-            used = self.num_blocks - self.blocks.num_free
-            self.stats["peak_blocks"] = max(self.stats.get("peak_blocks", 0), used)
-            logits = self._forward([(s.sid, s, s.chunk_start, s.chunk_end) for s in step])
-            # a chunk that reaches the sample's newest token ends with a decode; anything
-            # before it is an observation or a recomputed prefix (prefill); a chunk that
-            # stops short of it is prefill only, and the sample goes on next step
-            ready = [r for r, s in enumerate(step) if s.chunk_end == len(s.tokens)]
-            decoded = set(ready)
-            self.stats["decode_tokens"] += len(ready)
-            self.stats["prefill_tokens"] += sum(s.chunk_end - s.chunk_start for s in step) - \
-                len(ready)
-            for r, s in enumerate(step):
-                s.stats["prefill_tokens"] += s.chunk_end - s.chunk_start - (r in decoded)
-                s.stats["decode_tokens"] += r in decoded
-                s.chunk_start = s.chunk_end
-            sampled = [step[r] for r in ready]
-            if ready:
-                rows = logits[torch.tensor(ready, device=logits.device)]
-                for s, t, lp in zip(sampled, *pick(sampled, rows)):  # one generator per sample
-                    s.pending = []
-                    self._emit(s, t, lp, cfg)
-            self._run_tools(sampled, cfg)
-            for s in sampled:
-                if s.done:  # finished: its blocks go back at once (the prefix index keeps them
-                    self.blocks.free_seq(s.sid)  # findable until they are reused)
-        return [self._trajectory(s, group_size) for s in sorted(seqs, key=lambda s: s.traj)]
+            seqs: List[_Seq] = []
+            for i, p in enumerate(encoded):
+                toks = p.tokens
+                head, cached = self._add_prompt(self._keys(p), seqs)
+                self.stats["cached_prompt_tokens"] += cached
+                self.stats["prefill_tokens"] += len(toks) - cached
+                if cached == len(toks):
+                    # the whole prompt is cached: recompute its last token for the logits (its KV
+                    # slot gets the same values it already holds)
+                    cached -= 1
+                for a in range(cached, len(toks), self.prefill_chunk):  # nothing runs between
+                    logits = self._forward([(head, p, a, min(len(toks), a + self.prefill_chunk))])
+                for im, insert in zip(p.raw_images, p.images):  # hashed once, in _with_images
+                    cfg["image_keys"][id(im)] = insert.key
+                ctx = tool_contexts[i] if tool_contexts is not None else None
+                if ctx is None and tools is not None and p.raw_images:
+                    from ..tools import ToolContext
+                    ctx = ToolContext.for_images(p.raw_images, self.vision.factor,
+                                                 self.vision.min_pixels, self.vision.max_pixels)
+                started = len(seqs)
+                for g in range(group_size):
+                    j = i * group_size + g
+                    gen = None
+                    if temperature > 0:
+                        gen = torch.Generator().manual_seed((seed if seed is not None else 0) + j)
+                    stats = {"tool_calls": 0, "tool_errors": 0, "prefill_tokens": 0,
+                             "decode_tokens": 0}  # the group's prompt prefill: engine stats only
+                    s = _Seq(self.blocks.fork_seq(head), j, list(toks), len(toks), generator=gen,
+                             turn_start=len(toks), stats=stats, ctx=ctx, images=list(p.images),
+                             next_pos=p.next_pos,
+                             positions=None if p.positions is None else list(p.positions))
+                    if tools is not None:
+                        from ..tools import ToolSession
+                        s.session = ToolSession(max_calls=max_tool_calls)
+                    seqs.append(s)
+                group = seqs[started:]
+                for s, tok, lp in zip(group, *pick(group, logits.repeat(len(group), 1))):
+                    self._emit(s, tok, lp, cfg)
+                self._run_tools(seqs[started:], cfg)
+                for s in seqs[started:]:
+                    if s.done:  # finished at its first token
+                        self.blocks.free_seq(s.sid)
+                self.blocks.free_seq(head)
+            while True:
+                self._resume(seqs)
+                live = [s for s in seqs if s.pending and not s.preempted]
+                if not live:
+                    if any(s.preempted for s in seqs):
+                        raise RuntimeError("RolloutEngine: a preempted sample cannot be resumed in "
+                                           "an empty pool")  # excluded by the capacity check
+                    break
+                step = self._make_room(live)
+                used = self.num_blocks - self.blocks.num_free
+                self.stats["peak_blocks"] = max(self.stats.get("peak_blocks", 0), used)
+                logits = self._forward([(s.sid, s, s.chunk_start, s.chunk_end) for s in step])
+                # a chunk that reaches the sample's newest token ends with a decode; anything
+                # before it is an observation or a recomputed prefix (prefill); a chunk that
+                # stops short of it is prefill only, and the sample goes on next step
+                ready = [r for r, s in enumerate(step) if s.chunk_end == len(s.tokens)]
+                decoded = set(ready)
+                self.stats["decode_tokens"] += len(ready)
+                self.stats["prefill_tokens"] += sum(s.chunk_end - s.chunk_start for s in step) - \
+                    len(ready)
+                for r, s in enumerate(step):
+                    s.stats["prefill_tokens"] += s.chunk_end - s.chunk_start - (r in decoded)
+                    s.stats["decode_tokens"] += r in decoded
+                    s.chunk_start = s.chunk_end
+                sampled = [step[r] for r in ready]
+                if ready:
+                    rows = logits[torch.tensor(ready, device=logits.device)]
+                    for s, t, lp in zip(sampled, *pick(sampled, rows)):  # one generator per sample
+                        s.pending = []
+                        self._emit(s, t, lp, cfg)
+                self._run_tools(sampled, cfg)
+                for s in sampled:
+                    if s.done:  # finished: its blocks go back at once (the prefix index keeps them
+                        self.blocks.free_seq(s.sid)  # findable until they are reused)
+            return [self._trajectory(s, group_size) for s in sorted(seqs, key=lambda s: s.traj)]
+        except BaseException:
+            self._release_all()
+            raise
 
     # ---- memory pressure ---------------------------------------------------------------------
     def _make_room(self, live: List[_Seq]) -> List[_Seq]:
@@ -729,14 +810,14 @@ class RolloutEngine:
         s.new_tokens = 0
 
     def _find(self, s: _Seq, start: int, marker: str) -> int:
-        """First token index >= start whose prefix of the turn's text contains ``marker``
-        (the token where it begins), or ``start``."""
-        for i in range(start, len(s.tokens)):
-            if marker in self.tokenizer.decode(s.tokens[start:i + 1]):
-                for j in range(i, start - 1, -1):
-                    if marker in self.tokenizer.decode(s.tokens[j:i + 1]):
-                        return j
-        return start
+        """The token index >= start where ``marker`` (ASCII) first begins in the text of
+        ``s.tokens[start:]``, or ``start``. Linear: each token is decoded once."""
+        pieces = [self.tokenizer.decode([t]) for t in s.tokens[start:]]
+        at = "".join(pieces).find(marker)
+        if at < 0:
+            return start
+        ends = list(itertools.accumulate(len(p) for p in pieces))
+        return start + bisect.bisect_right(ends, at)
 
     def _trajectory(self, s: _Seq, group_size: int) -> Trajectory:
         text = self.tokenizer.decode(s.tokens[s.prompt_len:]) if self.tokenizer is not None \

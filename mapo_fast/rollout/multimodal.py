@@ -101,9 +101,9 @@ class VisionAdapter:
     def grid(self, box: Sequence[float]) -> Tuple[int, int, int]:
         """The patch grid ``(1, gh, gw)`` of the crop ``(image_index, x1, y1, x2, y2)`` (what
         ``patches`` would give it, without cutting it)."""
-        from ..tools.ops import smart_resize
+        from ..tools.ops import zoom_size
         _, x1, y1, x2, y2 = box
-        h, w = smart_resize(y2 - y1, x2 - x1, self.factor, self.min_pixels, self.max_pixels)
+        h, w = zoom_size(y2 - y1, x2 - x1, self.factor, self.min_pixels, self.max_pixels)
         return 1, h // self.patch_size, w // self.patch_size
 
     @torch.no_grad()

@@ -35,10 +35,16 @@ def _fmt(v: float) -> str:
 
 
 def check_box(box: Sequence[float], width: float, height: float, *, min_size: float = 0.0,
-              name: str = "box") -> Tuple[float, float, float, float]:
-    """Validates ``(x1, y1, x2, y2)`` against a ``width x height`` image; raises ``BoxError``
-    whose message names ``name`` and the values."""
-    x1, y1, x2, y2 = (float(v) for v in box)
+              name: str = "box", max_aspect: Optional[float] = MAX_ASPECT
+              ) -> Tuple[float, float, float, float]:
+    """Validates ``(x1, y1, x2, y2)`` against a ``width x height`` image (and, unless
+    ``max_aspect`` is None, its aspect ratio); raises ``BoxError`` whose message names
+    ``name`` and the values. A number too large for a float is ``bbox_not_finite``."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except OverflowError:
+        raise BoxError("bbox_not_finite", f"{name} has a coordinate too large to represent "
+                                          f"(at most about 1.8e308)") from None
     shown = "[" + ", ".join(_fmt(v) for v in (x1, y1, x2, y2)) + "]"
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
         raise BoxError("bbox_not_finite", f"{name} {shown} has a non-finite coordinate")
@@ -50,9 +56,22 @@ def check_box(box: Sequence[float], width: float, height: float, *, min_size: fl
     if x2 - x1 < min_size or y2 - y1 < min_size:
         raise BoxError("bbox_too_small", f"{name} {shown} is smaller than the minimum of "
                                          f"{_fmt(min_size)} x {_fmt(min_size)} pixels")
-    if max(x2 - x1, y2 - y1) / min(x2 - x1, y2 - y1) > MAX_ASPECT:
-        raise BoxError("bbox_aspect", f"{name} {shown} has an aspect ratio above {MAX_ASPECT}")
+    if max_aspect is not None and max(x2 - x1, y2 - y1) / min(x2 - x1, y2 - y1) > max_aspect:
+        raise BoxError("bbox_aspect", f"{name} {shown} has an aspect ratio above {max_aspect:g}")
     return x1, y1, x2, y2
+
+
+def zoom_size(height: float, width: float, factor: int = 28, min_pixels: int = 56 * 56,
+              max_pixels: int = 1024 * 28 * 28) -> Tuple[int, int]:
+    """The output size of a crop of ``height x width`` original pixels: ``smart_resize`` with
+    the aspect ratio first clamped to ``MAX_ASPECT`` (a box drawn within the limit on the
+    resized image the model sees can be thinner in original pixels; its crop is stretched to
+    the limit rather than refused)."""
+    if height > width * MAX_ASPECT:
+        height = width * MAX_ASPECT
+    elif width > height * MAX_ASPECT:
+        width = height * MAX_ASPECT
+    return smart_resize(height, width, factor, min_pixels, max_pixels)
 
 
 def smart_resize(height: float, width: float, factor: int = 28, min_pixels: int = 56 * 56,
@@ -101,7 +120,17 @@ def _images(fn: str, images: ImagesArg) -> List[Tensor]:
 
 
 def _boxes(fn: str, boxes, images: List[Tensor]) -> Tuple[List[int], List[Tuple[float, ...]]]:
-    b = torch.as_tensor(boxes, dtype=torch.float64).detach().cpu()
+    if isinstance(boxes, (str, bytes)) or boxes is None:
+        raise ValueError(f"{fn}: `boxes` must be an [M, 5] tensor or a sequence of "
+                         f"(image_index, x1, y1, x2, y2) rows, got {type(boxes).__name__}")
+    if not isinstance(boxes, Tensor) and len(boxes) == 0:
+        return [], []
+    try:
+        b = torch.as_tensor(boxes, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        raise ValueError(f"{fn}: `boxes` must be an [M, 5] tensor or a sequence of "
+                         "(image_index, x1, y1, x2, y2) rows of numbers, got "
+                         f"{_describe(boxes)}") from None
     if b.dim() != 2 or b.shape[1] != 5:
         raise ValueError(f"{fn}: `boxes` must have shape [M, 5] (image_index, x1, y1, x2, y2), "
                          f"got {tuple(b.shape)}")
@@ -112,16 +141,27 @@ def _boxes(fn: str, boxes, images: List[Tensor]) -> Tuple[List[int], List[Tuple[
             raise ValueError(f"{fn}: `boxes[{m}]` has image_index {i:g}, but there are "
                              f"{len(images)} images")
         H, W = images[int(i)].shape[1:]
-        try:
-            out.append(check_box(row[1:], W, H, name=f"`boxes[{m}]`"))
+        try:  # any aspect ratio: zoom_size clamps the output's
+            out.append(check_box(row[1:], W, H, name=f"`boxes[{m}]`", max_aspect=None))
         except BoxError as e:
             raise BoxError(e.code, f"{fn}: {e} (image {int(i)})") from None
         index.append(int(i))
     return index, out
 
 
+def _describe(v) -> str:
+    text = repr(v)
+    return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
 def _size(fn: str, arg: str, size) -> Tuple[int, int]:
-    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if isinstance(size, int) and not isinstance(size, bool):
+        hw = (size, size)
+    elif isinstance(size, (tuple, list, Tensor)):
+        hw = tuple(size)
+    else:
+        raise ValueError(f"{fn}: `{arg}` must be a positive int or (height, width), got "
+                         f"{size!r}")
     if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                for v in hw):
         raise ValueError(f"{fn}: `{arg}` must be a positive int or (height, width), got {size!r}")
@@ -142,7 +182,7 @@ def _sizes(fn: str, boxes, size, factor, min_pixels, max_pixels) -> List[Tuple[i
     if min_pixels > max_pixels:
         raise ValueError(f"{fn}: `min_pixels` ({min_pixels}) must not exceed `max_pixels` "
                          f"({max_pixels})")
-    return [smart_resize(y2 - y1, x2 - x1, factor, min_pixels, max_pixels)
+    return [zoom_size(y2 - y1, x2 - x1, factor, min_pixels, max_pixels)
             for x1, y1, x2, y2 in boxes]
 
 
@@ -163,10 +203,11 @@ def crop_and_zoom(images: ImagesArg, boxes, *,
             such tensor, or a ``[N, 3, H, W]`` batch.
         boxes: ``[M, 5]`` float (tensor or nested sequence): ``(image_index, x1, y1, x2, y2)``
             in pixel coordinates of the original image (fractional boxes sample at their
-            exact position).
+            exact position). Any aspect ratio (the output's is clamped, ``zoom_size``); an
+            empty sequence gives ``[]``.
         size: output ``(h, w)`` (or an int for squares) for every crop, or a list of one
-            ``(h, w)`` per box; default: Qwen2-VL's ``smart_resize`` of each box with
-            ``factor``, ``min_pixels``, ``max_pixels``.
+            ``(h, w)`` per box; default: ``zoom_size`` of each box (Qwen2-VL's
+            ``smart_resize``) with ``factor``, ``min_pixels``, ``max_pixels``.
         mode: ``"bicubic"`` (PIL's, a = -0.5) or ``"bilinear"``; ``antialias`` widens the
             filter when shrinking, as PIL does.
 

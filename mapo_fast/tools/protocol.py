@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import abc
 import json
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ..trajectory import TOOL_CALL_TAG, find_tags
 from .ops import BoxError, check_box, crop_and_zoom, smart_resize
 
 Tensor = torch.Tensor
-TOOL_CALL_TAG = "tool_call"
 
 #: Every error code the protocol can produce, with what it means.
 ERROR_CODES = {
@@ -123,6 +122,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _fits_float(v: Any) -> bool:
+    """An int of any size is valid JSON; only those a float holds can be a coordinate."""
+    return not isinstance(v, int) or v.bit_length() <= 1023
+
+
 class ZoomInTool(Tool):
     """``image_zoom_in_tool``: crop ``bbox_2d = [x1, y1, x2, y2]``, given in pixels of the image
     *as the model sees it*, out of the original image (so zooming adds real detail).
@@ -150,18 +154,22 @@ class ZoomInTool(Tool):
         if not isinstance(bbox, list) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
             raise ToolArgumentError("bbox_not_numeric", "bbox_2d must be 4 numbers "
                                                         f"[x1, y1, x2, y2], got {_short(bbox)}")
+        if not all(_fits_float(v) for v in bbox):
+            raise ToolArgumentError("bbox_not_finite", f"bbox_2d {_short(bbox)} has a "
+                                                       "coordinate too large to represent")
         index = arguments.get("image_index", 0)
         if not (isinstance(index, int) and not isinstance(index, bool)
                 and 0 <= index < len(context.images)):
             raise ToolArgumentError("bad_image_index", f"image_index {_short(index)} names no "
                                                        f"image; there are {len(context.images)}")
         mh, mw = context.model_sizes[index]
-        try:
+        try:  # every rule in the pixels the model sees, and the message in them
             x1, y1, x2, y2 = check_box(bbox, mw, mh, min_size=self.min_box_size, name="bbox_2d")
         except BoxError as e:
             raise ToolArgumentError(e.code, str(e)) from None
         H, W = context.images[index].shape[1:]
         sx, sy = W / mw, H / mh
+        # inside, non-empty and finite in original pixels too; any aspect ratio is cropped
         box = (x1 * sx, y1 * sy, min(x2 * sx, W), min(y2 * sy, H))
         label = arguments.get("label")
         return CropRequest(index, box, label if isinstance(label, str) else None)
@@ -215,8 +223,7 @@ def parse_tool_calls(text: str, *, tag: str = TOOL_CALL_TAG, max_chars: int = 40
     calls: List[ToolCall] = []
     errors: List[ToolResult] = []
     try:
-        t = re.escape(tag)
-        bodies = re.findall(rf"<{t}>(.*?)</{t}>", text, re.DOTALL)
+        bodies = [text[c:d] for _, _, c, d in find_tags(text, tag)]
         if text.count(f"<{tag}>") > len(bodies):
             errors.append(ToolResult.error("unclosed_tag", f"unclosed <{tag}> tag: end the call "
                                                            f"with </{tag}>"))
@@ -315,20 +322,24 @@ class ToolRunner:
         return req, call
 
     def _crop(self, pending, contexts, results) -> None:
-        # one crop_and_zoom call over every image of every pending trajectory
-        images, boxes, where = [], [], {}
-        for i, req, _ in pending:
+        """One ``crop_and_zoom`` call over every image of every pending call whose request
+        holds in original pixels; a request that does not (a user tool's) becomes that call's
+        error alone, so one call never changes another's result."""
+        images, boxes, where, ok = [], [], {}, []
+        for i, req, call in pending:
+            im = contexts[i].images[req.image]
+            try:
+                check_box(req.box, im.shape[2], im.shape[1], name="crop box", max_aspect=None)
+            except BoxError as e:
+                results[i] = ToolResult.error(e.code, str(e), call)
+                continue
             key = (i, req.image)
             if key not in where:
                 where[key] = len(images)
-                images.append(contexts[i].images[req.image])
+                images.append(im)
             boxes.append((where[key], *req.box))
-        try:
-            crops = crop_and_zoom(images, boxes, **self.crop_kwargs)
-        except ValueError as e:  # e.g. a box that maps to a too-thin crop: fail each call
-            for i, req, call in pending:
-                results[i] = ToolResult.error(getattr(e, "code", "tool_failed"), str(e), call)
-            return
-        for (i, req, call), crop, box in zip(pending, crops, boxes):
+            ok.append((i, req, call))
+        crops = crop_and_zoom(images, boxes, **self.crop_kwargs) if ok else []
+        for (i, req, call), crop, box in zip(ok, crops, boxes):
             results[i] = ToolResult(ok=True, crop=crop, box=(req.image, *box[1:]), call=call,
                                     label=req.label)

@@ -1,18 +1,34 @@
-"""Checkpoints: atomic writes (a kill during a save leaves the previous checkpoint intact) and
-everything needed to continue a run exactly: model and optimizer state, the step, the RNG
-states, the config and the tokenizer."""
+"""Checkpoints: atomic writes (a kill during a save leaves the previous checkpoint intact),
+a SHA-256 of every file checked before it is loaded (``step_<step>.pt`` with its digest in
+``step_<step>.pt.sha256``: a bit flip or a truncation is found, never loaded), and everything
+needed to continue a run exactly: model and optimizer state, the step, the RNG states, the
+config and the tokenizer."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 PATTERN = re.compile(r"^step_(\d{6})\.pt$")
+DIGEST = ".sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and why."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds every global RNG the trainer or a model could draw from (torch on every device,
+    numpy, Python), so their checkpointed states are the same in every run of a seed."""
+    torch.manual_seed(seed)  # all devices
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
 
 
 def rng_state() -> Dict[str, Any]:
@@ -31,23 +47,40 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(folder: str, step: int, payload: Dict[str, Any], *, keep: int = 2) -> str:
-    """Writes ``folder/step_<6-digit step>.pt`` through a temporary file and an atomic rename, then
-    removes all but the newest ``keep`` checkpoints. Returns the path."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"step_{step:06d}.pt")
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_atomic(path: str, write: Callable[[Any], None]) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
-            torch.save(dict(payload, step=step), f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save(folder: str, step: int, payload: Dict[str, Any], *, keep: int = 2) -> str:
+    """Writes ``folder/step_<6-digit step>.pt`` and then its digest, each through a temporary
+    file and an atomic rename (a checkpoint without its digest is incomplete), then removes all
+    but the newest ``keep`` checkpoints. Returns the path."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"step_{step:06d}.pt")
+    _write_atomic(path, lambda f: torch.save(dict(payload, step=step), f))
+    digest = _sha256(path)
+    _write_atomic(path + DIGEST, lambda f: f.write(digest.encode()))
     for old in list_checkpoints(folder)[:-keep]:
         os.remove(old)
+        if os.path.exists(old + DIGEST):
+            os.remove(old + DIGEST)
     return path
 
 
@@ -64,5 +97,44 @@ def latest(folder: str) -> Optional[str]:
     return found[-1] if found else None
 
 
+def verify(path: str) -> Optional[str]:
+    """Why the checkpoint at ``path`` cannot be used (no digest, a digest that does not match,
+    unreadable), or None when it is intact."""
+    try:
+        with open(path + DIGEST) as f:
+            want = f.read().strip()
+    except OSError:
+        return "it has no digest file (the save did not complete)"
+    try:
+        got = _sha256(path)
+    except OSError as e:
+        return f"it cannot be read ({e.strerror})"
+    if got != want:
+        return "its SHA-256 does not match its digest (the file is corrupt or truncated)"
+    return None
+
+
 def load(path: str) -> Dict[str, Any]:
+    """The payload of an intact checkpoint; ``CheckpointError`` naming the file otherwise."""
+    why = verify(path)
+    if why is not None:
+        raise CheckpointError(f"checkpoint {path}: {why}")
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_latest(folder: str, warn: Callable[[str], None] = print
+                ) -> Tuple[str, Dict[str, Any]]:
+    """``(path, payload)`` of the newest intact checkpoint in ``folder``; each newer one that
+    is not intact is reported through ``warn`` by name and skipped. ``CheckpointError`` when
+    there is none."""
+    found = list_checkpoints(folder)
+    if not found:
+        raise CheckpointError(f"no checkpoint under {folder}")
+    bad = []
+    for path in reversed(found):
+        why = verify(path)
+        if why is None:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+        warn(f"checkpoint {path} is skipped: {why}")
+        bad.append(f"{os.path.basename(path)}: {why}")
+    raise CheckpointError(f"no intact checkpoint under {folder} ({'; '.join(bad)})")

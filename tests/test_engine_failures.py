@@ -1,0 +1,99 @@
+"""A bad call to RolloutEngine.generate is refused before any work with an error naming the
+argument, and a call that fails midway (a logits processor that raises, returns the wrong
+shape or nothing finite) gives every KV block back: the engine then works exactly as a fresh
+one, and the trainer's clear_prefix_cache() succeeds."""
+
+import pytest
+import torch
+
+pytest.importorskip("mapo_fast.kernels._block_manager")
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from mapo_fast.rollout.engine import RolloutEngine  # noqa: E402
+
+PROMPTS = [list(range(1, 40)), list(range(50, 70))]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512)
+    m = Qwen2ForCausalLM(cfg).eval()
+    m.config._attn_implementation = "eager"
+    return m
+
+
+def reference(model):
+    eng = RolloutEngine(model, None, block_size=16, num_blocks=64)
+    return [t.token_ids for t in eng.generate(PROMPTS, group_size=2, max_new_tokens=8,
+                                              temperature=1.0, seed=5)]
+
+
+def raises(exc):
+    def proc(tokens, logits):
+        raise exc
+    return proc
+
+
+def wrong_shape(tokens, logits):
+    return logits[:-1]
+
+
+def all_masked(tokens, logits):
+    return torch.full_like(logits, float("-inf"))
+
+
+def returns_list(tokens, logits):
+    return logits.tolist()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prompts="hello"), "`prompts` must be a list of prompts, got str"),
+    (dict(prompts=[[1, 2, 256]]), r"`prompts\[0\]` holds token id 256, outside"),
+    (dict(prompts=[[1, -3]]), r"`prompts\[0\]` holds token id -3"),
+    (dict(prompts=[[]]), r"`prompts\[0\]` is empty"),
+    (dict(prompts=[[1.5, 2]]), r"`prompts\[0\]` must be a string, a list of int token ids"),
+    (dict(seed="3"), "`seed` must be an int or None, got '3'"),
+    (dict(seed=1.0), "`seed` must be an int or None"),
+    (dict(temperature=float("nan")), "`temperature` must be a finite number, got nan"),
+    (dict(top_p=float("inf")), "`top_p` must be a finite number"),
+    (dict(top_k=1.5), "`top_k` must be an int >= 0"),
+    (dict(stop_token_ids=["a"]), "`stop_token_ids` must be a list of ints"),
+    (dict(logits_processor=3), "`logits_processor` must be callable"),
+])
+def test_bad_arguments_are_refused_before_any_work(model, kwargs, match):
+    eng = RolloutEngine(model, None, block_size=16, num_blocks=64)
+    args = dict(prompts=PROMPTS, group_size=2, max_new_tokens=8, temperature=1.0, seed=5)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        eng.generate(args.pop("prompts"), **args)
+    assert eng.blocks.num_free == eng.num_blocks and eng.stats["forward_passes"] == 0
+
+
+@pytest.mark.parametrize("proc, exc, match", [
+    (raises(RuntimeError("boom")), RuntimeError, "boom"),
+    (raises(KeyError("k")), KeyError, "k"),
+    (wrong_shape, ValueError, r"\(wrong_shape\) must return float logits of shape \(256,\)"),
+    (returns_list, ValueError, "got list"),
+    (all_masked, ValueError, r"\(all_masked\) returned logits with no finite value"),
+])
+def test_a_failed_call_leaves_the_engine_as_usable_as_before(model, proc, exc, match):
+    want = reference(model)
+    eng = RolloutEngine(model, None, block_size=16, num_blocks=64)
+    with pytest.raises(exc, match=match):
+        eng.generate(PROMPTS, group_size=2, max_new_tokens=8, temperature=1.0, seed=5,
+                     logits_processor=proc)
+    assert eng.blocks.num_free == eng.num_blocks  # nothing leaked
+    eng.clear_prefix_cache()  # what the trainer calls after every optimizer step
+    got = eng.generate(PROMPTS, group_size=2, max_new_tokens=8, temperature=1.0, seed=5)
+    assert [t.token_ids for t in got] == want
+
+
+def test_a_pool_that_holds_no_block_is_refused(model):
+    for budget in (0, -5, float("nan"), 1e-6):
+        with pytest.raises(ValueError, match="`memory_budget_mb`"):
+            RolloutEngine(model, None, memory_budget_mb=budget)
+    with pytest.raises(ValueError, match="`num_blocks` must be an int >= 1, got 0"):
+        RolloutEngine(model, None, num_blocks=0)
