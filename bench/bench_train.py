@@ -97,10 +97,13 @@ class Run:
         return cmd + ["--resume"]
 
 
-def plan(out: Path, seeds: int, experts: Sequence[str], args: List[str]) -> List[Run]:
+def plan(out: Path, seeds: int, experts: Sequence[str], args: List[str],
+         control_seeds: Optional[int] = None) -> List[Run]:
+    """Every run of the study, in the order they start: the default task's seeds first."""
     runs = []
     for expert in experts:
-        for seed in range(seeds):
+        n = seeds if expert != "honest" or control_seeds is None else control_seeds
+        for seed in range(n):
             base = out / "runs" / expert / f"seed{seed}"
             runs += [Run(expert, seed, kind, base / kind, args) for kind in ("warm",) + ALGOS]
     return runs
@@ -229,8 +232,9 @@ def _fmt(iv: Dict[str, Optional[float]], digits: int = 3) -> str:
 
 def markdown(result: Dict[str, Any]) -> str:
     lines = [f"# Training study: MAPO vs GRPO ({result['info']['device_name']})", "",
-             f"Command: `{result['command']}`; {result['seeds']} seeds per arm, wall time "
-             f"{result['wall_s'] / 60:.1f} min with {result['jobs']} parallel runs. Values: mean "
+             f"Command: `{result['command']}`; {result['jobs']} runs in parallel; "
+             f"{result['span_s'] / 60:.0f} min from the first run's start to the last one's end "
+             f"({result['run_s_total'] / 60:.0f} min of runs in all). Values: mean "
              "± half-width of the 95% t-interval over seeds; differences are paired (same seed, "
              "same warm start).", ""]
     names = {"hallucinating": "Default task (hallucinating expert: the reasoning-action gap)",
@@ -288,26 +292,38 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 
 
 def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
-          experts: Sequence[str] = EXPERTS, progress: bool = True) -> Dict[str, Path]:
-    """Runs (or completes) the study under ``out`` and writes its report; returns the paths."""
+          experts: Sequence[str] = EXPERTS, progress: bool = True,
+          control_seeds: Optional[int] = None) -> Dict[str, Path]:
+    """Runs (or completes) the study under ``out`` and writes its report; returns the paths.
+    ``control_seeds``: seeds of the honest-expert control (default ``seeds``)."""
     from harness import device_info
     import torch
-    if seeds < 2:
-        raise ValueError(f"bench_train: `seeds` must be >= 2 for an interval, got {seeds}")
+    for name, n in (("seeds", seeds), ("control_seeds", control_seeds)):
+        if n is not None and (not isinstance(n, int) or n < 2):
+            raise ValueError(f"bench_train: `{name}` must be an int >= 2 for an interval, got "
+                             f"{n!r}")
     if jobs < 1:
         raise ValueError(f"bench_train: `jobs` must be >= 1, got {jobs}")
     bad = [e for e in experts if e not in EXPERTS]
     if bad:
         raise ValueError(f"bench_train: unknown experts {bad}; valid: {list(EXPERTS)}")
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan(out, seeds, experts, args)
+    runs = plan(out, seeds, experts, args, control_seeds)
     t0 = time.perf_counter()
     failed = execute(runs, jobs, progress)
-    result = {"study": "train", "seeds": seeds, "jobs": jobs, "args": args,
-              "command": " ".join(["python bench/bench_train.py", "--seeds", str(seeds)]
+    flags = ["--seeds", str(seeds)] + ([] if control_seeds is None else
+                                        ["--control-seeds", str(control_seeds)])
+    result = {"study": "train", "seeds": seeds, "control_seeds": control_seeds or seeds,
+              "jobs": jobs, "args": args,
+              "command": " ".join(["python bench/bench_train.py", *flags]
                                   + (["--", *args] if args else [])),
               "wall_s": time.perf_counter() - t0, "failed": failed,
               "info": device_info(torch.device("cpu")), "experts": aggregate(runs)}
+    done = [(r.folder / "eval.json", r.summary()) for r in runs if r.summary() is not None]
+    ends = [p.stat().st_mtime for p, _ in done]
+    result["span_s"] = max(ends) - min(e - x["wall_s"] for e, (_, x) in zip(ends, done)) \
+        if done else 0.0  # from the first run's start to the last run's end, over invocations
+    result["run_s_total"] = sum(x["wall_s"] for _, x in done)
     stem = out / f"train-study-{tag}"
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"),
              "png": stem.with_suffix(".png")}
@@ -333,13 +349,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="bench_train.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--control-seeds", type=int, default=None,
+                   help="seeds of the honest-expert control (default: --seeds)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--experts", nargs="+", default=list(EXPERTS), choices=EXPERTS)
     p.add_argument("--out", type=Path, default=HERE / "results" / "train-study")
     p.add_argument("--tag", default="cpu")
     a = p.parse_args(argv)
     try:
-        paths = study(a.out, a.seeds, a.jobs, extra, a.tag, a.experts)
+        paths = study(a.out, a.seeds, a.jobs, extra, a.tag, a.experts,
+                      control_seeds=a.control_seeds)
     except ValueError as e:
         sys.exit(str(e))
     print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")

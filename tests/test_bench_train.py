@@ -63,7 +63,14 @@ def test_study_at_toy_size_reports_and_skips_finished_runs(tmp_path):
 
 
 def test_study_refuses_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="`seeds` must be >= 2"):
+    with pytest.raises(ValueError, match="`seeds` must be an int >= 2"):
         bench_train.study(tmp_path, 1, 1, TOY, "toy")
     with pytest.raises(ValueError, match="unknown experts"):
         bench_train.study(tmp_path, 2, 1, TOY, "toy", experts=("liar",))
+
+
+def test_control_seeds_plan_fewer_control_runs(tmp_path):
+    runs = bench_train.plan(tmp_path, 5, bench_train.EXPERTS, [], control_seeds=3)
+    count = {e: sum(r.expert == e for r in runs) for e in bench_train.EXPERTS}
+    assert count == {"hallucinating": 15, "honest": 9}
+    assert [r.expert for r in runs[:15]] == ["hallucinating"] * 15  # the default task first

@@ -7,22 +7,10 @@ import pytest
 import torch
 
 pytest.importorskip("mapo_fast.kernels._block_manager")
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-
 from mapo_fast.rollout.engine import RolloutEngine  # noqa: E402
+from test_rollout_engine import model  # noqa: E402,F401  (the tiny Qwen2 fixture)
 
 PROMPTS = [list(range(1, 40)), list(range(50, 70))]
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512)
-    m = Qwen2ForCausalLM(cfg).eval()
-    m.config._attn_implementation = "eager"
-    return m
 
 
 def reference(model):
@@ -97,3 +85,13 @@ def test_a_pool_that_holds_no_block_is_refused(model):
             RolloutEngine(model, None, memory_budget_mb=budget)
     with pytest.raises(ValueError, match="`num_blocks` must be an int >= 1, got 0"):
         RolloutEngine(model, None, num_blocks=0)
+
+
+def test_an_empty_text_prompt_is_refused(model):
+    from transformers import PreTrainedTokenizerFast
+    from tokenizer_util import bpe_tokenizer
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe_tokenizer(), eos_token="</s>")
+    eng = RolloutEngine(model, tok, block_size=16, num_blocks=64)
+    with pytest.raises(ValueError, match=r"`prompts\[1\]` is empty \(no tokens\)"):
+        eng.generate(["a red circle", ""], max_new_tokens=4)
+    assert eng.blocks.num_free == eng.num_blocks

@@ -141,6 +141,19 @@ def test_all_masked_batch_gives_zero_loss_and_zero_grads(mode):
     assert metrics["tokens"].item() == 0
 
 
+@pytest.mark.parametrize("B, T", [(0, 5), (3, 0), (0, 0)])
+def test_empty_batch_gives_zero_loss_and_zero_grads(B, T):
+    """No sequence (B = 0) is handled like no token (T = 0): loss 0, zero gradients."""
+    h = torch.randn(B, T, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(11, 8, dtype=torch.float64, requires_grad=True)
+    z = torch.zeros(B, T, dtype=torch.float64)
+    loss, metrics = mapo_fast.mapo_loss(h, w, torch.zeros(B, T, dtype=torch.long), z, z,
+                                        old_logprobs=z)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(w.grad) == 0
+    assert metrics["tokens"].item() == 0
+
+
 def test_fully_masked_sequence_contributes_nothing():
     """A fully masked sequence (and its garbage advantages) changes neither loss nor grads."""
     case = make_case(B=4, seed=51, empty_seq=True)

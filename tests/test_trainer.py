@@ -88,6 +88,78 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch
     assert torch.equal(ckpt.load(ckpt.latest(str(folder)))["x"], torch.arange(3))
 
 
+def corrupt(path, how):
+    data = bytearray(open(path, "rb").read())
+    if how == "flip":
+        data[len(data) // 2] ^= 0x10
+    else:
+        data = data[:len(data) // 2]
+    open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_corrupt_checkpoint_is_never_loaded_and_resume_falls_back(tmp_path, how, capsys):
+    folder = str(tmp_path / "ck")
+    ckpt.save(folder, 1, {"x": torch.arange(3)})
+    ckpt.save(folder, 2, {"x": torch.arange(5)})
+    corrupt(os.path.join(folder, "step_000002.pt"), how)
+    with pytest.raises(ckpt.CheckpointError, match="step_000002.pt: its SHA-256 does not match"):
+        ckpt.load(os.path.join(folder, "step_000002.pt"))
+    warned = []
+    path, state = ckpt.load_latest(folder, warn=warned.append)
+    assert path.endswith("step_000001.pt") and torch.equal(state["x"], torch.arange(3))
+    assert len(warned) == 1 and "step_000002.pt is skipped" in warned[0]
+    corrupt(os.path.join(folder, "step_000001.pt"), how)
+    with pytest.raises(ckpt.CheckpointError, match="no intact checkpoint under .*step_000002.pt"
+                                                   ".*step_000001.pt"):
+        ckpt.load_latest(folder, warn=warned.append)
+
+
+def test_resume_skips_a_corrupt_latest_checkpoint(tmp_path, capsys):
+    full, _, _ = run(tmp_path / "full", 3)
+    run(tmp_path / "cut", 3)
+    corrupt(str(tmp_path / "cut" / "checkpoints" / "step_000003.pt"), "flip")
+    resumed, _, _ = run(tmp_path / "cut", 3, "--resume")  # from step 2, redoing step 3
+    assert "step_000003.pt is skipped" in capsys.readouterr().err
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in os.listdir(tmp_path / "cut" / "checkpoints"):
+        os.remove(tmp_path / "cut" / "checkpoints" / name)
+    with pytest.raises(ConfigError, match="`resume`: no checkpoint under"):
+        run(tmp_path / "cut", 3, "--resume")
+
+
+def test_every_global_rng_is_seeded(tmp_path):
+    import random
+
+    import numpy as np
+    states = []
+    for name in ("a", "b"):
+        torch.manual_seed(123 if name == "a" else 456)  # what ran before must not matter
+        np.random.seed(7 if name == "a" else 8)
+        random.seed(name)
+        Trainer(parse_args(["--out", str(tmp_path / name)] + TOY), progress=False)
+        states.append(ckpt.rng_state())
+    a, b = states
+    assert torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"]
+    assert all(np.array_equal(x, y) for x, y in zip(a["numpy"][1:3], b["numpy"][1:3]))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rollout.memory_budget_mb", "1e-6"], "`rollout.memory_budget_mb`"),
+    (["--rollout.memory_budget_mb", "0.05"], "one group of 2 samples may need"),
+    (["--out", "/proc/nope"], "`out` '/proc/nope' cannot be created or written"),
+] + ([] if torch.cuda.is_available() else
+     [(["--device", "cuda"], "`device` 'cuda': no CUDA device is available")]))
+def test_trainer_refuses_bad_values_before_any_work(tmp_path, args, message, monkeypatch):
+    def no_warm_start(self):
+        raise AssertionError("the warm start ran before the configuration was checked")
+    monkeypatch.setattr(Trainer, "warm_start", no_warm_start)
+    with pytest.raises(ConfigError) as e:
+        Trainer(parse_args(["--out", str(tmp_path)] + TOY + args), progress=False)
+    assert message in str(e.value)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--rollout.group_sise", "4"], "unknown key `rollout.group_sise`; did you mean "
                                     "`rollout.group_size`"),
@@ -102,6 +174,16 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch
     (["--steps"], "`--steps` needs a value"),
     (["steps=3"], "expected `--key value`"),
     (["--task.name", "jsonl"], "`task.data_path` must be a .jsonl or .parquet file"),
+    (["--optim.lr", "inf"], "`optim.lr` must be a finite number, got inf"),
+    (["--loss.clip_high", "nan"], "`loss.clip_high` must be a finite number, got nan"),
+    (["--task.target_size", "500"], "`task.target_size` 500 is too large for a quadrant"),
+    (["--rollout.max_pixels", "800"], "`rollout.max_pixels` must be None or at least the "
+                                      "task's view"),
+    (["--task.expert", "liar"], "`task.expert` must be one of ['hallucinating', 'honest']"),
+    (["--task.blind_spot", "left"], "`task.blind_spot` must be one of"),
+    (["--task.hint_reliability", "2"], "`task.hint_reliability` must be in [0, 1]"),
+    (["--device", "cuda:x"], "`device` must be 'auto', 'cpu' or 'cuda[:i]'"),
+    (["--eval_every", "-1"], "`eval_every` must be an int >= 0"),
 ])
 def test_config_errors_name_the_key(args, message):
     with pytest.raises(ConfigError, match=None) as e:

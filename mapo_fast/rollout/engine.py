@@ -447,7 +447,14 @@ class RolloutEngine:
         (only observations insert them). ``logits_processor(token_ids, logits) -> logits``
         (optional) edits each sample's
         next-token logits ``[V]`` (float32) given its tokens so far, before sampling; the
-        recorded log-probs are those of the processed distribution (what was sampled from)."""
+        recorded log-probs are those of the processed distribution (what was sampled from); it
+        must return float logits of the row's shape with at least one finite value and no NaN.
+
+        Every argument is checked before any work (``ValueError`` naming it: ``prompts`` must
+        be a list, token ids within the vocabulary, ``seed`` an int, ``temperature`` and
+        ``top_p`` finite, ...). A call that fails midway, for whatever reason (a logits
+        processor or a tool that raises, an interrupt), gives every KV block back before the
+        error propagates: the engine stays as usable as before (its prefix cache is emptied)."""
         fn = "RolloutEngine.generate"
         if isinstance(prompts, (str, bytes, dict)) or not isinstance(prompts, Sequence):
             raise ValueError(f"{fn}: `prompts` must be a list of prompts, got "

@@ -2,5 +2,6 @@
 
 from .config import ConfigError, TrainConfig, parse_args
 from .loop import Trainer
+from .metrics import GAP_KEYS, gap_metrics
 
-__all__ = ["TrainConfig", "ConfigError", "parse_args", "Trainer"]
+__all__ = ["TrainConfig", "ConfigError", "parse_args", "Trainer", "GAP_KEYS", "gap_metrics"]
