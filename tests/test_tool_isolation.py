@@ -126,6 +126,21 @@ def test_crop_and_zoom_names_the_bad_argument(boxes, size, match):
         crop_and_zoom([im], boxes, size=size)
 
 
+@pytest.mark.parametrize("images, match", [(None, "got NoneType"), ("img", "got str")])
+def test_crop_ops_name_bad_images(images, match):
+    from mapo_fast.tools import crop_to_patches
+    for op in (crop_and_zoom, crop_to_patches):
+        with pytest.raises(ValueError, match=f"`images` must be .* {match}"):
+            op(images, [[0, 0, 0, 4, 4]])
+
+
+def test_smart_resize_names_bad_sizes():
+    from mapo_fast.tools import smart_resize
+    for bad in ("a", float("nan"), 0, None):
+        with pytest.raises(ValueError, match="`height` and `width` must be finite numbers > 0"):
+            smart_resize(bad, 3)
+
+
 def test_crop_and_zoom_of_no_boxes_is_empty():
     im = torch.zeros(3, 16, 16, dtype=torch.uint8)
     assert crop_and_zoom([im], []) == [] and crop_and_zoom([im], torch.zeros(0, 5)) == []

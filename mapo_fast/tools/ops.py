@@ -79,8 +79,10 @@ def smart_resize(height: float, width: float, factor: int = 28, min_pixels: int 
     """Qwen2-VL's resize rule: sides multiples of ``factor``, area within
     ``[min_pixels, max_pixels]``, aspect ratio preserved as closely as possible (small inputs
     are zoomed up). Raises ``ValueError`` for an aspect ratio above 200."""
-    if not (height > 0 and width > 0):
-        raise ValueError(f"smart_resize: `height` and `width` must be > 0, got {height}, {width}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+               and v > 0 for v in (height, width)):
+        raise ValueError(f"smart_resize: `height` and `width` must be finite numbers > 0, got "
+                         f"{height!r}, {width!r}")
     if max(height, width) / min(height, width) > MAX_ASPECT:
         raise ValueError(f"smart_resize: aspect ratio must be at most {MAX_ASPECT}, got "
                          f"{max(height, width) / min(height, width):g}")
@@ -101,6 +103,9 @@ ImagesArg = Union[Tensor, Sequence[Tensor]]
 
 
 def _images(fn: str, images: ImagesArg) -> List[Tensor]:
+    if not isinstance(images, (Tensor, list, tuple)):
+        raise ValueError(f"{fn}: `images` must be a uint8 tensor or a list of uint8 [3, H, W] "
+                         f"tensors, got {type(images).__name__}")
     if isinstance(images, Tensor):
         images = list(images) if images.dim() == 4 else [images]
     images = list(images)
