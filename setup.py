@@ -52,9 +52,9 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.6", "pillow>=10",
-                 "transformers>=4.45"],
+                 "transformers>=5.24"],
         "bench": ["pytest-benchmark>=4", "liger-kernel>=0.6", "matplotlib>=3.7", "pillow>=10",
-                  "transformers>=4.45", "psutil"],
+                  "transformers>=5.24", "psutil"],
         "train": ["transformers>=5.24", "tokenizers>=0.22", "pyyaml>=6", "tqdm>=4.60",
                   "matplotlib>=3.7", "pillow>=10"],
         "dev": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.6", "pytest-benchmark>=4",

@@ -19,7 +19,9 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-TEMPLATE = "<tool_response>{}</tool_response>"
+from mapo_fast.trajectory import OBSERVATION_TEMPLATE
+
+TEMPLATE = OBSERVATION_TEMPLATE
 
 
 def call_text(box: Sequence[int]) -> str:

@@ -185,7 +185,8 @@ def fused_linear_objective(hidden2d: Tensor, weight: Tensor, bias: Optional[Tens
                            targets: Tensor, rows: Optional[Tensor], inv_temp: float,
                            objective: TokenObjective) -> Tuple[Tensor, Tensor, Tensor]:
     """``(value, logp, entropy)`` for the tokens ``rows`` of ``hidden2d`` (all when None):
-    ``value = sum_n objective(n, logp_n, entropy_n)``, differentiable w.r.t. hidden, weight and
+    ``value = sum over chunks of objective(sl, logp[sl], entropy[sl]).sum()``, where ``sl`` is
+    the slice of the selected tokens a chunk covers; differentiable w.r.t. hidden, weight and
     bias. Inputs are already validated; this is the building block of every fused loss."""
     h, w, b = _flat(hidden2d, weight, bias)
     return _FusedLinearObjective.apply(h, w, b, targets, rows, inv_temp, backend_for(h, KERNEL),

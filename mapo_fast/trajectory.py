@@ -32,6 +32,8 @@ ANSWER_TAG = "answer"
 #: ``(open, close)`` markers; ``spans_from_text`` also takes a regex in their place.
 IMAGE_PATTERN = ("<|vision_start|>", "<|vision_end|>")
 TEXT_RESPONSE_PATTERN = ("<tool_response>", "</tool_response>")
+#: How a tool's result is inserted after its call (``{}``: the crop's image tokens or a text).
+OBSERVATION_TEMPLATE = "{}".join(TEXT_RESPONSE_PATTERN)
 
 Block = Tuple[int, int, int, int]
 

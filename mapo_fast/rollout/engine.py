@@ -35,7 +35,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..trajectory import DESCRIPTION_TAG, Span, ToolTurn, Trajectory, TrajectorySpans
+from ..tools.ops import MAX_PIXELS, MIN_PIXELS
+from ..trajectory import (DESCRIPTION_TAG, OBSERVATION_TEMPLATE, Span, ToolTurn, Trajectory,
+                          TrajectorySpans)
 from .attention import attention_path, run_paged_attention, store_kv
 from .multimodal import (ImageInsert, VisionAdapter, crop_key, image_key, is_vision_language,
                          render_chat)
@@ -164,7 +166,7 @@ class RolloutEngine:
 
     def __init__(self, model: Any, tokenizer: Any = None, *, block_size: int = 16,
                  num_blocks: Optional[int] = None, memory_budget_mb: float = 256.0,
-                 min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
+                 min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  prefill_chunk: int = 2048):
         from ..kernels._block_manager import BlockManager
         cfg = getattr(model, "config", None)
@@ -221,7 +223,7 @@ class RolloutEngine:
                                       "decode_tokens": 0, "forward_passes": 0}
 
     def turn_tokens(self, max_new_tokens: int, tools: bool,
-                    observation_template: str = "<tool_response>{}</tool_response>",
+                    observation_template: str = OBSERVATION_TEMPLATE,
                     max_observation_tokens: int = 256) -> int:
         """The most KV tokens one turn of one sample can take: its ``max_new_tokens`` and, with
         tools, the longest observation (a crop's image tokens in the template, or a text)."""
@@ -418,7 +420,7 @@ class RolloutEngine:
                  seed: Optional[int] = None, tools: Any = None, max_turns: int = 1,
                  tool_contexts: Optional[Sequence[Any]] = None, max_tool_calls: int = 4,
                  max_observation_tokens: int = 256,
-                 observation_template: str = "<tool_response>{}</tool_response>",
+                 observation_template: str = OBSERVATION_TEMPLATE,
                  logits_processor: Optional[Any] = None,
                  stop_strings: Optional[Sequence[str]] = None,
                  max_trajectory_tokens: Optional[int] = None) -> List[Trajectory]:

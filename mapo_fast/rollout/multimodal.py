@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..tools.ops import crop_to_patches
+from ..tools.ops import MAX_PIXELS, MIN_PIXELS, crop_to_patches, zoom_size
 
 Tensor = torch.Tensor
 Position = Tuple[int, int, int]
@@ -70,8 +70,8 @@ class VisionAdapter:
             given to the vision tower (the processor's defaults: 56*56 and 28*28*1280).
     """
 
-    def __init__(self, model: Any, *, min_pixels: int = 56 * 56,
-                 max_pixels: int = 28 * 28 * 1280):
+    def __init__(self, model: Any, *, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS):
         cfg, vcfg = model.config, model.config.vision_config
         self.base = model.model
         self.image_token_id = int(cfg.image_token_id)
@@ -101,7 +101,6 @@ class VisionAdapter:
     def grid(self, box: Sequence[float]) -> Tuple[int, int, int]:
         """The patch grid ``(1, gh, gw)`` of the crop ``(image_index, x1, y1, x2, y2)`` (what
         ``patches`` would give it, without cutting it)."""
-        from ..tools.ops import zoom_size
         _, x1, y1, x2, y2 = box
         h, w = zoom_size(y2 - y1, x2 - x1, self.factor, self.min_pixels, self.max_pixels)
         return 1, h // self.patch_size, w // self.patch_size

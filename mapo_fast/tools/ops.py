@@ -19,6 +19,11 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MODES = tuple(crop_zoom_ref.FILTERS)
 MAX_ASPECT = 200
+#: Qwen2-VL's resize rule: sides are multiples of FACTOR, areas within [MIN_PIXELS, MAX_PIXELS]
+#: (the processor's defaults); every op, tool context, adapter and engine defaults to these.
+FACTOR = 28
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 28 * 28 * 1280
 
 
 class BoxError(ValueError):
@@ -61,8 +66,8 @@ def check_box(box: Sequence[float], width: float, height: float, *, min_size: fl
     return x1, y1, x2, y2
 
 
-def zoom_size(height: float, width: float, factor: int = 28, min_pixels: int = 56 * 56,
-              max_pixels: int = 1024 * 28 * 28) -> Tuple[int, int]:
+def zoom_size(height: float, width: float, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,
+              max_pixels: int = MAX_PIXELS) -> Tuple[int, int]:
     """The output size of a crop of ``height x width`` original pixels: ``smart_resize`` with
     the aspect ratio first clamped to ``MAX_ASPECT`` (a box drawn within the limit on the
     resized image the model sees can be thinner in original pixels; its crop is stretched to
@@ -74,8 +79,8 @@ def zoom_size(height: float, width: float, factor: int = 28, min_pixels: int = 5
     return smart_resize(height, width, factor, min_pixels, max_pixels)
 
 
-def smart_resize(height: float, width: float, factor: int = 28, min_pixels: int = 56 * 56,
-                 max_pixels: int = 1024 * 28 * 28) -> Tuple[int, int]:
+def smart_resize(height: float, width: float, factor: int = FACTOR,
+                 min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> Tuple[int, int]:
     """Qwen2-VL's resize rule: sides multiples of ``factor``, area within
     ``[min_pixels, max_pixels]``, aspect ratio preserved as closely as possible (small inputs
     are zoomed up). Raises ``ValueError`` for an aspect ratio above 200."""
@@ -199,7 +204,7 @@ def _mode(fn: str, mode: str) -> str:
 
 def crop_and_zoom(images: ImagesArg, boxes, *,
                   size: Union[int, Tuple[int, int], List[Tuple[int, int]], None] = None,
-                  factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 1024 * 28 * 28,
+                  factor: int = FACTOR, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                   mode: str = "bicubic", antialias: bool = True) -> List[Tensor]:
     """Crops boxes out of images and resizes them, batched, on the images' device.
 
@@ -235,7 +240,7 @@ def crop_and_zoom(images: ImagesArg, boxes, *,
 def crop_to_patches(images: ImagesArg, boxes, *, patch_size: int = 14,
                     temporal_patch_size: int = 2, merge_size: int = 2,
                     mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
-                    min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
+                    min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                     mode: str = "bicubic", antialias: bool = True,
                     out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The crops of ``boxes``, resized by ``smart_resize`` (factor ``patch_size *

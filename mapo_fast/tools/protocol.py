@@ -5,7 +5,7 @@ one ``crop_and_zoom`` call).
 
 Nothing from the model's text is ever evaluated: it is read with ``json.loads`` alone, length-
 capped. Every malformed call becomes a ``ToolResult`` with ``ok=False``, an error ``code`` (counted
-by ``ToolSession.stats``) and a short, specific ``text`` to return to the model; the parser and
+by ``ToolRunner.stats``) and a short, specific ``text`` to return to the model; the parser and
 the executor never raise on model output.
 """
 
@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..trajectory import TOOL_CALL_TAG, find_tags
-from .ops import BoxError, check_box, crop_and_zoom, smart_resize
+from .ops import (FACTOR, MAX_PIXELS, MIN_PIXELS, BoxError, check_box, crop_and_zoom,
+                  smart_resize)
 
 Tensor = torch.Tensor
 
@@ -78,8 +79,8 @@ class ToolContext:
     model_sizes: List[Tuple[int, int]]
 
     @classmethod
-    def for_images(cls, images: Sequence[Tensor], factor: int = 28, min_pixels: int = 56 * 56,
-                   max_pixels: int = 28 * 28 * 1280) -> "ToolContext":
+    def for_images(cls, images: Sequence[Tensor], factor: int = FACTOR,
+                   min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> "ToolContext":
         """Model sizes by Qwen2-VL's ``smart_resize`` of each image."""
         return cls(list(images), [smart_resize(im.shape[1], im.shape[2], factor, min_pixels,
                                                max_pixels) for im in images])
@@ -95,7 +96,7 @@ class CropRequest:
 
 class Tool(abc.ABC):
     """A tool the model can call. ``prepare`` validates the arguments against the context and
-    returns either a ``CropRequest`` (run batched by ``run_tool_calls``) or a finished
+    returns either a ``CropRequest`` (run batched by ``ToolRunner.run``) or a finished
     ``ToolResult``; it raises ``ToolArgumentError`` for bad arguments."""
     name: str = ""
     description: str = ""

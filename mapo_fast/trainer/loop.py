@@ -33,7 +33,7 @@ from ..rewards import (AccuracyReward, CompositeReward, FormatReward, OracleVeri
 from ..rollout import RolloutEngine
 from ..rollout.multimodal import VisionAdapter, render_chat
 from ..tools import ToolContext, ToolRunner, ZoomInTool, parse_tool_calls
-from ..trajectory import Span, ToolTurn, Trajectory, TrajectorySpans
+from ..trajectory import OBSERVATION_TEMPLATE, Span, ToolTurn, Trajectory, TrajectorySpans
 from ..variance import loss_gradient_variance
 from . import checkpoint as ckpt
 from .batch import PolicyBatch, collate
@@ -43,7 +43,7 @@ from .metrics import GAP_KEYS, MetricsLog, Progress, gap_metrics, plot_curves
 from .model import PolicyWithLoss, load_pretrained, policy_hidden, tiny_vl_model
 
 Tensor = torch.Tensor
-TEMPLATE = "<tool_response>{}</tool_response>"
+TEMPLATE = OBSERVATION_TEMPLATE
 SHOWN = ("reward_mean", "accuracy", "action_accuracy", "semantic_score", "loss")
 
 
