@@ -1,18 +1,20 @@
 """The training study: MAPO vs GRPO over seeds on the built-in task, with the honest-expert
 control, reported as means with 95% intervals and paired differences.
 
-    python bench/bench_train.py [--seeds 5] [--jobs N] [--out DIR] [-- extra mapo-train keys]
-    mapo-bench --only train [--scale quick|cpu]
+    python bench/bench_train.py [--seeds 5] [--control-seeds N] [--jobs N] [--out RUNS]
+                                [--report DIR] [-- extra mapo-train keys]
+    mapo-bench --only train [--quick]
 
 For each expert (``hallucinating``, the default task, and ``honest``, the control) and seed,
 one warm start (``mapo-train --steps 0``) is run once, and its checkpoint starts both a MAPO
 and a GRPO run (``--resume``): the two algorithms of a seed start from identical weights, RNG
 states and data order, so their difference is paired. Runs go in parallel processes (``--jobs``,
 default the core count, each with ``cores / jobs`` threads), each in its own folder under
-``DIR/runs/<expert>/seed<k>/<warm|mapo|grpo>`` with its log; a rerun skips finished runs and
-resumes interrupted ones from their checkpoints. The report (``DIR/train-study-<tag>.json``,
-``.md`` and ``.png``) holds, per expert and algorithm, each metric's mean and 95% t-interval
-over seeds, the paired difference MAPO - GRPO with its interval, and bands over steps.
+``RUNS/runs/<expert>/seed<k>/<warm|mapo|grpo>`` (default ``runs/train-study``) with its log;
+a rerun skips finished runs and resumes interrupted ones from their checkpoints. The report
+(``DIR/train-study-<tag>.json``, ``.md`` and ``.png``, default ``bench/results``) holds, per
+expert and algorithm, each metric's mean and 95% t-interval over seeds, the paired difference
+MAPO - GRPO with its interval, and bands over steps.
 """
 
 from __future__ import annotations
@@ -293,9 +295,11 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 
 def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
           experts: Sequence[str] = EXPERTS, progress: bool = True,
-          control_seeds: Optional[int] = None) -> Dict[str, Path]:
-    """Runs (or completes) the study under ``out`` and writes its report; returns the paths.
-    ``control_seeds``: seeds of the honest-expert control (default ``seeds``)."""
+          control_seeds: Optional[int] = None, report: Optional[Path] = None
+          ) -> Dict[str, Path]:
+    """Runs (or completes) the study's runs under ``out`` and writes its report to ``report``
+    (default ``out``); returns the report's paths. ``control_seeds``: seeds of the
+    honest-expert control (default ``seeds``)."""
     from harness import device_info
     import torch
     for name, n in (("seeds", seeds), ("control_seeds", control_seeds)):
@@ -324,7 +328,9 @@ def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
     result["span_s"] = max(ends) - min(e - x["wall_s"] for e, (_, x) in zip(ends, done)) \
         if done else 0.0  # from the first run's start to the last run's end, over invocations
     result["run_s_total"] = sum(x["wall_s"] for _, x in done)
-    stem = out / f"train-study-{tag}"
+    report = out if report is None else report
+    report.mkdir(parents=True, exist_ok=True)
+    stem = report / f"train-study-{tag}"
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md"),
              "png": stem.with_suffix(".png")}
     paths["json"].write_text(json.dumps(result, indent=1))
@@ -334,10 +340,12 @@ def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
 
 
 def run(scale: str, device, repeats: int, out: Path, tag: str) -> Dict[str, Path]:
-    """``mapo-bench --only train``: the study at ``scale`` (``quick``: 2 seeds, toy sizes)."""
+    """``mapo-bench --only train``: the study at ``scale`` (``quick``: 2 seeds, toy sizes),
+    its runs under ``runs/``, its report in ``out``."""
     s = SCALES[scale]
-    return study(out / "train-study" if scale != "quick" else out / "train-study-quick",
-                 s["seeds"], max(1, os.cpu_count() or 1), list(s["args"]), tag)
+    runs = HERE.parent / "runs" / ("train-study" if scale != "quick" else "train-study-quick")
+    return study(runs, s["seeds"], max(1, os.cpu_count() or 1), list(s["args"]), tag,
+                 report=out)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -353,12 +361,15 @@ def main(argv: Optional[List[str]] = None) -> None:
                    help="seeds of the honest-expert control (default: --seeds)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--experts", nargs="+", default=list(EXPERTS), choices=EXPERTS)
-    p.add_argument("--out", type=Path, default=HERE / "results" / "train-study")
+    p.add_argument("--out", type=Path, default=HERE.parent / "runs" / "train-study",
+                   help="folder of the runs (checkpoints, logs)")
+    p.add_argument("--report", type=Path, default=HERE / "results",
+                   help="folder of the report (JSON, markdown, figure)")
     p.add_argument("--tag", default="cpu")
     a = p.parse_args(argv)
     try:
         paths = study(a.out, a.seeds, a.jobs, extra, a.tag, a.experts,
-                      control_seeds=a.control_seeds)
+                      control_seeds=a.control_seeds, report=a.report)
     except ValueError as e:
         sys.exit(str(e))
     print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")
