@@ -202,8 +202,9 @@ class RolloutEngine:
         per_block = 2 * self.layers * block_size * self.kv_heads * self.head_dim * \
             param.element_size()
         if num_blocks is None:
-            if isinstance(memory_budget_mb, bool) or not isinstance(memory_budget_mb, (int, float)) \
-                    or not math.isfinite(memory_budget_mb) or memory_budget_mb <= 0:
+            budget = memory_budget_mb
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)) or \
+                    not math.isfinite(budget) or budget <= 0:
                 raise ValueError(f"RolloutEngine: `memory_budget_mb` must be a finite number > 0, "
                                  f"got {memory_budget_mb!r}")
             num_blocks = int(memory_budget_mb * 2 ** 20) // per_block
@@ -512,10 +513,11 @@ class RolloutEngine:
             for i, p in enumerate(encoded):
                 if len(p.tokens) + max_turns * per_turn > capacity:
                     raise ValueError(f"{fn}: `prompts[{i}]` ({len(p.tokens)} tokens) plus "
-                                     f"{max_turns} turn(s) of up to {per_turn} tokens exceeds the KV "
-                                     f"budget of {capacity} tokens")
+                                     f"{max_turns} turn(s) of up to {per_turn} tokens exceeds "
+                                     f"the KV budget of {capacity} tokens")
             stops = set(stop_token_ids or [])
-            eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer is not None else None
+            eos = None if self.tokenizer is None else getattr(self.tokenizer, "eos_token_id",
+                                                                  None)
             if stop_token_ids is None and eos is not None:
                 stops.add(int(eos))
             if tools is not None and self.vision is not None:

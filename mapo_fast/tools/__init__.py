@@ -8,6 +8,7 @@ from .protocol import (ERROR_CODES, CropRequest, Tool, ToolArgumentError, ToolCa
                        parse_tool_calls)
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "BoxError", "check_box", "crop_and_zoom", "crop_to_patches",
-           "smart_resize", "zoom_size", "MAX_ASPECT", "ERROR_CODES", "CropRequest", "Tool", "ToolArgumentError", "ToolCall",
+           "smart_resize", "zoom_size", "MAX_ASPECT", "ERROR_CODES", "CropRequest", "Tool",
+           "ToolArgumentError", "ToolCall",
            "ToolContext", "ToolRegistry", "ToolResult", "ToolRunner", "ToolSession",
            "ZoomInTool", "parse_tool_calls"]

@@ -135,7 +135,8 @@ class TrainConfig:
         for key in _float_keys(self):
             need(key, math.isfinite(get(self, key)), "a finite number")
         need("algo", self.algo in ("mapo", "grpo"), "'mapo' or 'grpo'")
-        need("device", self.device in ("auto", "cpu") or bool(re.fullmatch(r"cuda(:\d+)?", self.device)),
+        need("device", self.device in ("auto", "cpu") or
+             bool(re.fullmatch(r"cuda(:\d+)?", self.device)),
              "'auto', 'cpu' or 'cuda[:i]'")
         for key in ("steps", "checkpoint_every", "keep_checkpoints", "model.hidden_size",
                     "model.layers", "model.heads", "model.kv_heads", "model.intermediate_size",
