@@ -295,11 +295,12 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 
 def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
           experts: Sequence[str] = EXPERTS, progress: bool = True,
-          control_seeds: Optional[int] = None, report: Optional[Path] = None
-          ) -> Dict[str, Path]:
+          control_seeds: Optional[int] = None, report: Optional[Path] = None,
+          launch: bool = True) -> Dict[str, Path]:
     """Runs (or completes) the study's runs under ``out`` and writes its report to ``report``
     (default ``out``); returns the report's paths. ``control_seeds``: seeds of the
-    honest-expert control (default ``seeds``)."""
+    honest-expert control (default ``seeds``). ``launch=False`` reports what is finished
+    without starting any run."""
     from harness import device_info
     import torch
     for name, n in (("seeds", seeds), ("control_seeds", control_seeds)):
@@ -314,7 +315,7 @@ def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
     out.mkdir(parents=True, exist_ok=True)
     runs = plan(out, seeds, experts, args, control_seeds)
     t0 = time.perf_counter()
-    failed = execute(runs, jobs, progress)
+    failed = execute(runs, jobs, progress) if launch else {}
     flags = ["--seeds", str(seeds)] + ([] if control_seeds is None else
                                         ["--control-seeds", str(control_seeds)])
     result = {"study": "train", "seeds": seeds, "control_seeds": control_seeds or seeds,
@@ -366,10 +367,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--report", type=Path, default=HERE / "results",
                    help="folder of the report (JSON, markdown, figure)")
     p.add_argument("--tag", default="cpu")
+    p.add_argument("--report-only", action="store_true",
+                   help="report the seeds whose runs are finished; start no run")
     a = p.parse_args(argv)
     try:
         paths = study(a.out, a.seeds, a.jobs, extra, a.tag, a.experts,
-                      control_seeds=a.control_seeds, report=a.report)
+                      control_seeds=a.control_seeds, report=a.report,
+                      launch=not a.report_only)
     except ValueError as e:
         sys.exit(str(e))
     print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")

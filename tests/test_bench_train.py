@@ -56,6 +56,15 @@ def test_study_at_toy_size_reports_and_skips_finished_runs(tmp_path):
             assert got == w
     assert "MAPO - GRPO" in paths["md"].read_text() and paths["png"].stat().st_size > 0
 
+    # a report of what is finished starts nothing: remove a run and report only
+    gone = tmp_path / "runs" / "hallucinating" / "seed1" / "grpo"
+    saved = gone.with_name("grpo.bak")
+    gone.rename(saved)
+    only = bench_train.study(tmp_path, 2, 2, TOY, "toy", experts=("hallucinating",),
+                             progress=False, launch=False)
+    assert json.loads(only["json"].read_text())["experts"]["hallucinating"]["seeds"] == [0]
+    assert not gone.exists()
+    saved.rename(gone)
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("runs/*/*/*/eval.json")}
     assert len(stamps) == 6
     bench_train.study(tmp_path, 2, 2, TOY, "toy", experts=("hallucinating",), progress=False)

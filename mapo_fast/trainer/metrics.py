@@ -19,7 +19,8 @@ GAP_KEYS = ("action_accuracy", "faithfulness", "right_answer_wrong_action")
 STEP_KEYS = ("step", "reward_mean", "accuracy", "semantic_score", "grad_var", "loss",
              "tokens_per_s") + GAP_KEYS
 CURVES = (("reward_mean", "reward"), ("accuracy", "accuracy"),
-          ("semantic_score", "semantic score"), ("grad_var", "relative gradient variance"))
+          ("semantic_score", "semantic score"), ("action_accuracy", "action accuracy"),
+          ("faithfulness", "faithfulness"), ("grad_var", "relative gradient variance"))
 
 
 def gap_metrics(correct: torch.Tensor, scores: torch.Tensor, turn_mask: torch.Tensor,
@@ -126,12 +127,13 @@ def _fmt(v: Any) -> str:
 
 def plot_curves(records: List[Dict[str, Any]], path: str, *, title: Optional[str] = None,
                 evals: Optional[Dict[str, float]] = None) -> None:
-    """Reward, accuracy, semantic score and gradient variance over steps, one panel each;
+    """Reward, accuracy, semantic score, action accuracy, faithfulness and gradient variance
+    over steps, one panel each;
     ``evals`` (name -> accuracy) are drawn as horizontal lines on the accuracy panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7))
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     steps = [r["step"] for r in records]
     for ax, (key, label) in zip(axes.flat, CURVES):
         ys = [r.get(key) for r in records]
