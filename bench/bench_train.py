@@ -278,13 +278,17 @@ def plot(result: Dict[str, Any], path: Path) -> None:
                 ms = [p[1]["mean"] for p in pts]
                 hw = [p[1]["ci95"] or 0.0 for p in pts]
                 ax.plot(xs, ms, color=colour, label=algo, marker="." if len(xs) < 20 else None)
-                ax.fill_between(xs, [m - h for m, h in zip(ms, hw)],
-                                [m + h for m, h in zip(ms, hw)], color=colour, alpha=0.2)
+                # shares stay in [0, 1]; a variance band stays above a tenth of its mean
+                lo = [max(m - h, 0.0 if key != "grad_var" else m / 10) for m, h in zip(ms, hw)]
+                hi = [min(m + h, 1.0) if key != "grad_var" else m + h for m, h in zip(ms, hw)]
+                ax.fill_between(xs, lo, hi, color=colour, alpha=0.2)
             ax.set_title(f"{label}\n({expert} expert)", fontsize=9)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
             if key == "grad_var":
                 ax.set_yscale("log")
+            else:
+                ax.set_ylim(-0.02, 1.02)
         if row[0].get_legend_handles_labels()[0]:
             row[0].legend(fontsize=8)
     fig.suptitle("MAPO vs GRPO: mean and 95% interval over seeds")
