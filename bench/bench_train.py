@@ -251,6 +251,16 @@ def markdown(result: Dict[str, Any]) -> str:
             lines.append(f"| {algo} | " + " | ".join(_fmt(a[m]) for m in cols) + " |")
         lines.append("| MAPO - GRPO | " + " | ".join(
             _fmt(res["paired_difference"][m]) for m in cols) + " |")
+        lines += ["", "Per seed (final evaluation; accuracy / action accuracy / faithfulness):",
+                  "", "| seed | " + " | ".join(res["algos"]) + " |",
+                  "|---:|" + "---|" * len(res["algos"])]
+        for k, seed in enumerate(res["seeds"]):
+            cells = []
+            for a in res["algos"].values():
+                v = [a["per_seed"][m][k] for m in ("accuracy", "action_accuracy",
+                                                   "faithfulness")]
+                cells.append(" / ".join("-" if x is None else f"{x:.3f}" for x in v))
+            lines.append(f"| {seed} | " + " | ".join(cells) + " |")
         lines.append("")
     if result.get("failed"):
         lines += ["Failed runs (excluded):", ""] + [f"- {k}: {v}"
