@@ -161,8 +161,8 @@ class Trainer:
                                         max_pixels=self.adapter.max_pixels)
         except ValueError as e:
             raise ConfigError(f"config: `rollout.memory_budget_mb`: {e}") from None
-        prompt, _ = render_chat(self.task.prompt(self.task.sample("train", 0)), self.tokenizer,
-                                self.adapter)
+        first = self.task.batch("train", 0, 1)[0]  # the built-in task's prompts are all alike
+        prompt, _ = render_chat(self.task.prompt(first), self.tokenizer, self.adapter)
         need = r.group_size * (len(prompt) + r.max_turns * self.engine.turn_tokens(
             r.max_new_tokens, True, TEMPLATE))
         have = self.engine.num_blocks * self.engine.block_size
@@ -172,7 +172,7 @@ class Trainer:
                 f"config: `rollout.memory_budget_mb` ({r.memory_budget_mb:g}) holds {have} KV "
                 f"tokens; one group of {r.group_size} samples may need {need} (prompt "
                 f"{len(prompt)} + {r.max_turns} turns each): give at least "
-                f"{blocks * self.engine.block_bytes / 2 ** 20:.3g}")
+                f"{blocks * self.engine.block_bytes / 2 ** 20:.3g} MiB")
 
     def _build_model(self, state: Optional[Dict[str, Any]]) -> None:
         cfg = self.cfg
