@@ -415,49 +415,14 @@ class RolloutEngine:
                 keys[j - start] = -1 - ((im.key * 1000003 + j - im.start) & (2 ** 62 - 1))
         return keys
 
-    def generate(self, prompts: Sequence[Any], *, group_size: int = 1,
-                 max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, stop_token_ids: Optional[Sequence[int]] = None,
-                 seed: Optional[int] = None, tools: Any = None, max_turns: int = 1,
-                 tool_contexts: Optional[Sequence[Any]] = None, max_tool_calls: int = 4,
-                 max_observation_tokens: int = 256,
-                 observation_template: str = OBSERVATION_TEMPLATE,
-                 logits_processor: Optional[Any] = None,
-                 stop_strings: Optional[Sequence[str]] = None,
-                 max_trajectory_tokens: Optional[int] = None) -> List[Trajectory]:
-        """``len(prompts) x group_size`` trajectories, grouped (the samples of prompt ``i`` are
-        ``[i * group_size, (i + 1) * group_size)``). A prompt is a string, token ids, or a chat
-        message list (``{"role", "content"}`` dicts; content parts ``{"type": "text"}`` or
-        ``{"type": "image", "image": uint8 [3, H, W]}``, vision-language models only), rendered
-        in Qwen's chat format up to the opened assistant turn. ``temperature=0`` is greedy.
-        Sample ``j`` of the batch draws from its own generator, seeded ``seed + j`` (so results
-        do not depend on batching). ``max_new_tokens`` bounds each assistant turn,
-        ``max_trajectory_tokens`` (optional) the model-written tokens of a whole trajectory (a
-        sample that reaches it ends there, even on a tool call; ``stats["truncated"] = 1``).
-        A turn also ends on a token of ``stop_token_ids`` (default: the tokenizer's EOS) or
-        when its text comes to contain one of ``stop_strings`` (the tokens are kept).
-
-        With ``tools`` (a ``ToolRunner``) and ``max_turns > 1``, a turn that closes a
-        ``</tool_call>`` is handed to the runner; the observation is inserted as
-        ``observation_template`` with ``{}`` replaced by the result: the crop's image tokens
-        (vision-language models), else the text (a text tool's result or an error, at most
-        ``max_observation_tokens`` tokens). Observation tokens have loss mask 0 and only they
-        are prefilled, batched with the other samples' decoding, before the model continues.
-        ``tool_contexts[i]`` is prompt ``i``'s ``ToolContext`` (default: the prompt's images).
-        A text-only model is answered with an error observation when a tool returns a crop.
-
-        Vision-language models never sample the image-placeholder and vision marker tokens
-        (only observations insert them). ``logits_processor(token_ids, logits) -> logits``
-        (optional) edits each sample's
-        next-token logits ``[V]`` (float32) given its tokens so far, before sampling; the
-        recorded log-probs are those of the processed distribution (what was sampled from); it
-        must return float logits of the row's shape with at least one finite value and no NaN.
-
-        Every argument is checked before any work (``ValueError`` naming it: ``prompts`` must
-        be a list, token ids within the vocabulary, ``seed`` an int, ``temperature`` and
-        ``top_p`` finite, ...). A call that fails midway, for whatever reason (a logits
-        processor or a tool that raises, an interrupt), gives every KV block back before the
-        error propagates: the engine stays as usable as before (its prefix cache is emptied)."""
+    def _check_generate_args(self, *, prompts: Any, group_size: Any, max_new_tokens: Any,
+                             temperature: Any, top_k: Any, top_p: Any,
+                             stop_token_ids: Any, seed: Any, tools: Any, max_turns: Any,
+                             tool_contexts: Any, observation_template: Any,
+                             logits_processor: Any, stop_strings: Any,
+                             max_trajectory_tokens: Any) -> None:
+        """``generate``'s arguments, each checked before any work; ``ValueError``
+        naming the first bad one."""
         fn = "RolloutEngine.generate"
         if isinstance(prompts, (str, bytes, dict)) or not isinstance(prompts, Sequence):
             raise ValueError(f"{fn}: `prompts` must be a list of prompts, got "
@@ -503,6 +468,57 @@ class RolloutEngine:
         if tools is not None and "{}" not in observation_template:
             raise ValueError(f"{fn}: `observation_template` must contain '{{}}', got "
                              f"{observation_template!r}")
+
+    def generate(self, prompts: Sequence[Any], *, group_size: int = 1,
+                 max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, stop_token_ids: Optional[Sequence[int]] = None,
+                 seed: Optional[int] = None, tools: Any = None, max_turns: int = 1,
+                 tool_contexts: Optional[Sequence[Any]] = None, max_tool_calls: int = 4,
+                 max_observation_tokens: int = 256,
+                 observation_template: str = OBSERVATION_TEMPLATE,
+                 logits_processor: Optional[Any] = None,
+                 stop_strings: Optional[Sequence[str]] = None,
+                 max_trajectory_tokens: Optional[int] = None) -> List[Trajectory]:
+        """``len(prompts) x group_size`` trajectories, grouped (the samples of prompt ``i`` are
+        ``[i * group_size, (i + 1) * group_size)``). A prompt is a string, token ids, or a chat
+        message list (``{"role", "content"}`` dicts; content parts ``{"type": "text"}`` or
+        ``{"type": "image", "image": uint8 [3, H, W]}``, vision-language models only), rendered
+        in Qwen's chat format up to the opened assistant turn. ``temperature=0`` is greedy.
+        Sample ``j`` of the batch draws from its own generator, seeded ``seed + j`` (so results
+        do not depend on batching). ``max_new_tokens`` bounds each assistant turn,
+        ``max_trajectory_tokens`` (optional) the model-written tokens of a whole trajectory (a
+        sample that reaches it ends there, even on a tool call; ``stats["truncated"] = 1``).
+        A turn also ends on a token of ``stop_token_ids`` (default: the tokenizer's EOS) or
+        when its text comes to contain one of ``stop_strings`` (the tokens are kept).
+
+        With ``tools`` (a ``ToolRunner``) and ``max_turns > 1``, a turn that closes a
+        ``</tool_call>`` is handed to the runner; the observation is inserted as
+        ``observation_template`` with ``{}`` replaced by the result: the crop's image tokens
+        (vision-language models), else the text (a text tool's result or an error, at most
+        ``max_observation_tokens`` tokens). Observation tokens have loss mask 0 and only they
+        are prefilled, batched with the other samples' decoding, before the model continues.
+        ``tool_contexts[i]`` is prompt ``i``'s ``ToolContext`` (default: the prompt's images).
+        A text-only model is answered with an error observation when a tool returns a crop.
+
+        Vision-language models never sample the image-placeholder and vision marker tokens
+        (only observations insert them). ``logits_processor(token_ids, logits) -> logits``
+        (optional) edits each sample's
+        next-token logits ``[V]`` (float32) given its tokens so far, before sampling; the
+        recorded log-probs are those of the processed distribution (what was sampled from); it
+        must return float logits of the row's shape with at least one finite value and no NaN.
+
+        Every argument is checked before any work (``ValueError`` naming it: ``prompts`` must
+        be a list, token ids within the vocabulary, ``seed`` an int, ``temperature`` and
+        ``top_p`` finite, ...). A call that fails midway, for whatever reason (a logits
+        processor or a tool that raises, an interrupt), gives every KV block back before the
+        error propagates: the engine stays as usable as before (its prefix cache is emptied)."""
+        self._check_generate_args(
+            prompts=prompts, group_size=group_size, max_new_tokens=max_new_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop_token_ids=stop_token_ids,
+            seed=seed, tools=tools, max_turns=max_turns, tool_contexts=tool_contexts,
+            observation_template=observation_template, logits_processor=logits_processor,
+            stop_strings=stop_strings, max_trajectory_tokens=max_trajectory_tokens)
+        fn = "RolloutEngine.generate"
         # from here on blocks are held: a failure anywhere gives every block back, so a
         # failed call leaves the engine as usable as before (the prefix cache is emptied)
         try:
