@@ -53,6 +53,13 @@ def write_index(out: Path) -> Path:
         info = data["info"]
         lines.append(f"- [{data['title']}]({js.with_suffix('.md').name}) — "
                      f"{info.get('device_name')} ({info['device']}), torch {info['torch']}")
+    for js in sorted(out.glob("train-study-*.json")):  # bench_train.py's seed studies
+        data = json.loads(js.read_text())
+        if isinstance(data, dict) and data.get("study") == "train":
+            info = data["info"]
+            lines.append(f"- [Training study: MAPO vs GRPO over seeds]"
+                         f"({js.with_suffix('.md').name}) — {info.get('device_name')} "
+                         f"({info['device']}), torch {info['torch']}")
     path = out / "RESULTS.md"
     path.write_text("\n".join(lines) + "\n")
     return path
