@@ -87,13 +87,19 @@ def round_levels_(x: Tensor) -> Tensor:
     return x.clamp_(0.0, 255.0).add_(0.5).floor_()
 
 
-def _each(fn, n: int) -> list:
-    """``[fn(k) for k in range(n)]`` on as many threads as torch's intra-op pool has (more
-    oversubscribes the cores: each op also runs on that pool): each crop is a chain of torch
-    ops (which release the GIL), and crops are independent, so the results do not depend
-    on it."""
+#: Below this many output pixels in all, crops run one after another: starting threads costs
+#: more than small crops (a rollout step's 56x56 zooms took 20 ms a call on threads, ~1 ms
+#: without).
+PARALLEL_MIN_PIXELS = 512 * 512
+
+
+def _each(fn, n: int, pixels: int) -> list:
+    """``[fn(k) for k in range(n)]``; for ``pixels >= PARALLEL_MIN_PIXELS`` of output on as
+    many threads as torch's intra-op pool has (more oversubscribes the cores: each op also
+    runs on that pool): each crop is a chain of torch ops (which release the GIL), and crops
+    are independent, so the results do not depend on it."""
     workers = min(n, torch.get_num_threads())
-    if workers <= 1:
+    if workers <= 1 or pixels < PARALLEL_MIN_PIXELS:
         return [fn(k) for k in range(n)]
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(fn, range(n)))
@@ -107,7 +113,7 @@ def crop_and_zoom(images: Sequence[Tensor], image_index: Sequence[int],
         h, w = sizes[k]
         x = crop_resize(images[image_index[k]], boxes[k], h, w, mode, antialias)
         return round_levels_(x).to(torch.uint8).contiguous()
-    return _each(one, len(boxes))
+    return _each(one, len(boxes), sum(h * w for h, w in sizes))
 
 
 def patch_view(rows: Tensor, C: int, H: int, W: int, patch_size: int, temporal_patch_size: int,
@@ -162,5 +168,5 @@ def crop_to_patches(images: Sequence[Tensor], image_index: Sequence[int],
         patch_view(out[starts[k]:starts[k] + counts[k]], C, h, w, patch_size,
                    temporal_patch_size, merge_size).copy_(
             image_as_patches(x, patch_size, temporal_patch_size, merge_size))
-    _each(one, len(boxes))
+    _each(one, len(boxes), sum(h * w for h, w in sizes))
     return out
