@@ -124,33 +124,40 @@ def execute(runs: List[Run], jobs: int, progress: bool = True) -> Dict[str, str]
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="training study")
-    while todo or running:
-        for r in list(todo):
-            if len(running) >= jobs:
-                break
-            w = warm[(r.expert, r.seed)]
-            if r.kind != "warm":
-                if w.name in failed:
-                    failed[r.name] = f"its warm start failed ({w.name})"
-                    todo.remove(r)
+    try:
+        while todo or running:
+            for r in list(todo):
+                if len(running) >= jobs:
+                    break
+                w = warm[(r.expert, r.seed)]
+                if r.kind != "warm":
+                    if w.name in failed:
+                        failed[r.name] = f"its warm start failed ({w.name})"
+                        todo.remove(r)
+                        continue
+                    if w.summary() is None:
+                        continue
+                r.folder.mkdir(parents=True, exist_ok=True)
+                log = open(r.folder / "log.txt", "a")
+                running[r.name] = (r, subprocess.Popen(r.command(w), stdout=log,
+                                                       stderr=subprocess.STDOUT, env=env), log)
+                todo.remove(r)
+            time.sleep(0.5)
+            for name, (r, proc, log) in list(running.items()):
+                if proc.poll() is None:
                     continue
-                if w.summary() is None:
-                    continue
-            r.folder.mkdir(parents=True, exist_ok=True)
-            log = open(r.folder / "log.txt", "a")
-            running[r.name] = (r, subprocess.Popen(r.command(w), stdout=log,
-                                                   stderr=subprocess.STDOUT, env=env), log)
-            todo.remove(r)
-        time.sleep(0.5)
-        for name, (r, proc, log) in list(running.items()):
-            if proc.poll() is None:
-                continue
+                log.close()
+                del running[name]
+                if proc.returncode != 0 or r.summary() is None:
+                    failed[name] = f"exit {proc.returncode}; see {r.folder / 'log.txt'}"
+                if bar is not None:
+                    bar.update(1)
+    except BaseException:  # interrupted: stop the runs (they resume from their
+        for _, proc, log in running.values():  # checkpoints on the next call)
+            proc.terminate()
+            proc.wait()
             log.close()
-            del running[name]
-            if proc.returncode != 0 or r.summary() is None:
-                failed[name] = f"exit {proc.returncode}; see {r.folder / 'log.txt'}"
-            if bar is not None:
-                bar.update(1)
+        raise
     if bar is not None:
         bar.close()
     return failed

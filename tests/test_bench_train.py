@@ -83,3 +83,21 @@ def test_control_seeds_plan_fewer_control_runs(tmp_path):
     count = {e: sum(r.expert == e for r in runs) for e in bench_train.EXPERTS}
     assert count == {"hallucinating": 15, "honest": 9}
     assert [r.expert for r in runs[:15]] == ["hallucinating"] * 15  # the default task first
+
+
+def test_an_interrupted_study_stops_its_runs(tmp_path, monkeypatch):
+    started = []
+    real_popen = bench_train.subprocess.Popen
+
+    def popen(*a, **k):
+        started.append(real_popen(*a, **k))
+        return started[-1]
+
+    def interrupt(_):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench_train.subprocess, "Popen", popen)
+    monkeypatch.setattr(bench_train.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        bench_train.study(tmp_path, 2, 2, TOY, "toy", experts=("hallucinating",),
+                          progress=False)
+    assert len(started) == 2 and all(p.poll() is not None for p in started)
