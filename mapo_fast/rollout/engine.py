@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import itertools
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -838,13 +837,17 @@ class RolloutEngine:
 
     def _find(self, s: _Seq, start: int, marker: str) -> int:
         """The token index >= start where ``marker`` (ASCII) first begins in the text of
-        ``s.tokens[start:]``, or ``start``. Linear: each token is decoded once."""
-        pieces = [self.tokenizer.decode([t]) for t in s.tokens[start:]]
-        at = "".join(pieces).find(marker)
-        if at < 0:
-            return start
-        ends = list(itertools.accumulate(len(p) for p in pieces))
-        return start + bisect.bisect_right(ends, at)
+        ``s.tokens[start:]``, or ``start``. Linear: each token is decoded once, up to the one
+        that completes the marker, and only the new text (with an overlap) is searched."""
+        text, ends = "", []
+        for t in s.tokens[start:]:
+            seen = len(text)
+            text += self.tokenizer.decode([t])
+            ends.append(len(text))
+            at = text.find(marker, max(0, seen - len(marker) + 1))
+            if at >= 0:
+                return start + bisect.bisect_right(ends, at)
+        return start
 
     def _trajectory(self, s: _Seq, group_size: int) -> Trajectory:
         text = self.tokenizer.decode(s.tokens[s.prompt_len:]) if self.tokenizer is not None \
