@@ -198,8 +198,9 @@ class RolloutEngine:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        per_block = 2 * self.layers * block_size * self.kv_heads * self.head_dim * \
-            param.element_size()
+        #: bytes of one KV block (keys and values of every layer)
+        self.block_bytes = per_block = 2 * self.layers * block_size * self.kv_heads * \
+            self.head_dim * param.element_size()
         if num_blocks is None:
             budget = memory_budget_mb
             if isinstance(budget, bool) or not isinstance(budget, (int, float)) or \
@@ -235,12 +236,6 @@ class RolloutEngine:
                 observation_template, add_special_tokens=False)["input_ids"]))
         return max_new_tokens + obs + 8
 
-    @property
-    def block_bytes(self) -> int:
-        """Bytes of one KV block (keys and values of every layer)."""
-        k = self.k_caches[0]
-        return 2 * self.layers * k[0].numel() * k.element_size()
-
     def _release_all(self) -> None:
         """Every block back to the pool and an empty prefix index (after a failed call)."""
         from ..kernels._block_manager import BlockManager
@@ -249,10 +244,9 @@ class RolloutEngine:
     def clear_prefix_cache(self) -> None:
         """Forgets every cached block. Call it after the model's weights change (each
         optimizer step): the cached keys and values were computed with the old weights."""
-        from ..kernels._block_manager import BlockManager
         if self.blocks.num_free != self.num_blocks:
             raise RuntimeError("RolloutEngine.clear_prefix_cache: sequences still hold blocks")
-        self.blocks = BlockManager(self.num_blocks, self.block_size)
+        self._release_all()
 
     # ---- model steps ---------------------------------------------------------------------
     @contextmanager

@@ -119,6 +119,10 @@ def load(path: str) -> Dict[str, Any]:
     why = verify(path)
     if why is not None:
         raise CheckpointError(f"checkpoint {path}: {why}")
+    return _read(path)
+
+
+def _read(path: str) -> Dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -134,7 +138,7 @@ def load_latest(folder: str, warn: Callable[[str], None] = print
     for path in reversed(found):
         why = verify(path)
         if why is None:
-            return path, torch.load(path, map_location="cpu", weights_only=False)
+            return path, _read(path)
         warn(f"checkpoint {path} is skipped: {why}")
         bad.append(f"{os.path.basename(path)}: {why}")
     raise CheckpointError(f"no intact checkpoint under {folder} ({'; '.join(bad)})")

@@ -198,15 +198,19 @@ class TrainConfig:
              "'clip' for task.name 'jsonl' (the oracle needs the task's ground truth)")
         return self
 
-    def _check_task(self) -> None:
-        """The built-in task's own checks (sizes it can draw), as config errors."""
+    def visual_search_task(self) -> Any:
+        """The built-in ``VisualSearchTask`` this config describes (``train.seed``, ``task.*``)."""
         from ..tasks.visual_search import VisualSearchTask
         t = self.task
+        return VisualSearchTask(self.seed, image_size=t.image_size, view_size=t.view_size,
+                                target_size=t.target_size, distractors=t.distractors,
+                                blind_spot=t.blind_spot, expert=t.expert,
+                                hint_reliability=t.hint_reliability)
+
+    def _check_task(self) -> None:
+        """The built-in task's own checks (sizes it can draw), as config errors."""
         try:
-            VisualSearchTask(self.seed, image_size=t.image_size, view_size=t.view_size,
-                             target_size=t.target_size, distractors=t.distractors,
-                             blind_spot=t.blind_spot, expert=t.expert,
-                             hint_reliability=t.hint_reliability)
+            self.visual_search_task()
         except ValueError as e:
             msg = re.sub(r"^VisualSearchTask: ", "", str(e))
             raise ConfigError("config: " + re.sub(r"`(\w+)`", r"`task.\1`", msg)) from None

@@ -49,13 +49,7 @@ SHOWN = ("reward_mean", "accuracy", "action_accuracy", "semantic_score", "loss")
 
 def build_task(cfg: TrainConfig):
     if cfg.task.name == "visual_search":
-        from ..tasks.visual_search import VisualSearchTask
-        return VisualSearchTask(cfg.seed, image_size=cfg.task.image_size,
-                                view_size=cfg.task.view_size, target_size=cfg.task.target_size,
-                                distractors=cfg.task.distractors,
-                                blind_spot=cfg.task.blind_spot,
-                                expert=cfg.task.expert,
-                                hint_reliability=cfg.task.hint_reliability)
+        return cfg.visual_search_task()
     from ..tasks.records import RecordsTask
     return RecordsTask(cfg.task.data_path, image_root=cfg.task.image_root, seed=cfg.seed,
                        max_image_pixels=cfg.task.max_image_pixels, eval_size=cfg.task.eval_size)
