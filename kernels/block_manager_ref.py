@@ -59,23 +59,49 @@ class BlockManager:
     def lookup(self, h: int) -> int:
         return self._index.get(h, -1)
 
-    def allocate_prompt(self, tokens: Sequence[int]) -> Tuple[List[int], int]:
-        n, bs = len(tokens), self.block_size
-        need = self.blocks_for(n)
-        hashes, h = [], NO_HASH
-        for i in range(0, n - bs + 1, bs):
+    def prompt_hashes(self, tokens: Sequence[int]) -> List[int]:
+        bs, hashes, h = self.block_size, [], NO_HASH
+        for i in range(0, len(tokens) - bs + 1, bs):
             h = block_hash(h, tokens, i, i + bs)
             hashes.append(h)
+        return hashes
+
+    def add_cost(self, tokens: Sequence[int]) -> int:
         hits = revived = 0
-        for hh in hashes:
+        for hh in self.prompt_hashes(tokens):
             b = self.lookup(hh)
             if b < 0:
                 break
             hits += 1
             revived += self._ref[b] == 0
-        if need - hits + revived > self.num_free:
-            raise RuntimeError(f"out of KV blocks: need {need - hits + revived}, "
-                               f"free {self.num_free}")
+        return self.blocks_for(len(tokens)) - hits + revived
+
+    def append_cost(self, ids: Sequence[int], counts: Sequence[int]) -> int:
+        if len(ids) != len(counts):
+            raise ValueError(f"append_cost: {len(ids)} ids, {len(counts)} counts")
+        total: Dict[int, int] = {}
+        for sid, c in zip(ids, counts):
+            if c < 0:
+                raise ValueError(f"append_cost: negative count {c}")
+            self._seq(sid)
+            total[sid] = total.get(sid, 0) + c
+        need = 0
+        for sid, c in total.items():
+            if c == 0:
+                continue
+            table, toks, _ = self._seqs[sid]
+            n, k = len(toks), len(toks) // self.block_size
+            need += max(0, self.blocks_for(n + c) - len(table))
+            need += k < len(table) and self._ref[table[k]] > 1
+        return need
+
+    def allocate_prompt(self, tokens: Sequence[int]) -> Tuple[List[int], int]:
+        bs = self.block_size
+        need = self.blocks_for(len(tokens))
+        hashes = self.prompt_hashes(tokens)
+        cost = self.add_cost(tokens)
+        if cost > self.num_free:
+            raise RuntimeError(f"out of KV blocks: need {cost}, free {self.num_free}")
         table, cached, hitting = [], 0, True
         for k in range(need):
             b = -1
@@ -158,11 +184,7 @@ class BlockManager:
                       ) -> Tuple[List[int], List[Tuple[int, int]]]:
         if len(ids) != len(tokens):
             raise ValueError(f"append_tokens: {len(ids)} ids, {len(tokens)} tokens")
-        bs, need = self.block_size, 0
-        for sid in ids:
-            table, toks, _ = self._seq(sid)
-            k = len(toks) // bs
-            need += k == len(table) or self._ref[table[k]] > 1
+        bs, need = self.block_size, self.append_cost(ids, [1] * len(ids))
         if need > self.num_free:
             raise RuntimeError(f"out of KV blocks: need {need}, free {self.num_free}")
         slots, copies = [], []

@@ -164,9 +164,35 @@ def crop_to_patches(images: Sequence[Tensor], image_index: Sequence[int],
     def one(k: int) -> None:
         h, w = sizes[k]
         x = round_levels_(crop_resize(images[image_index[k]], boxes[k], h, w, mode, antialias))
-        x.mul_(scale).sub_(shift)                                   # (x / 255 - mean) / std
-        patch_view(out[starts[k]:starts[k] + counts[k]], C, h, w, patch_size,
-                   temporal_patch_size, merge_size).copy_(
-            image_as_patches(x, patch_size, temporal_patch_size, merge_size))
+        write_patches(x, out[starts[k]:starts[k] + counts[k]], scale, shift, patch_size,
+                      temporal_patch_size, merge_size)
     _each(one, len(boxes), sum(h * w for h, w in sizes))
+    return out
+
+
+def write_patches(x: Tensor, rows: Tensor, scale: Tensor, shift: Tensor, patch_size: int,
+                  temporal_patch_size: int, merge_size: int) -> None:
+    """``x [C, h, w]`` float32 grey levels, normalised in place (``x * scale - shift`` =
+    ``(x / 255 - mean) / std``) and written into its ``rows`` of ``pixel_values``."""
+    C, h, w = x.shape
+    x.mul_(scale).sub_(shift)
+    patch_view(rows, C, h, w, patch_size, temporal_patch_size, merge_size).copy_(
+        image_as_patches(x, patch_size, temporal_patch_size, merge_size))
+
+
+def crops_to_patches(crops: Sequence[Tensor], mean: Tensor, std: Tensor, patch_size: int,
+                     temporal_patch_size: int, merge_size: int) -> Tensor:
+    """float32 ``pixel_values`` of uint8 crops already at their patch-grid size (no resample):
+    what ``crop_to_patches`` gives for the boxes the crops were cut from, bit for bit."""
+    C = crops[0].shape[0]
+    counts = [(c.shape[1] // patch_size) * (c.shape[2] // patch_size) for c in crops]
+    out = torch.empty(sum(counts), C * temporal_patch_size * patch_size ** 2,
+                      dtype=torch.float32, device=crops[0].device)
+    scale = (1.0 / (255.0 * std)).to(out.device)[:, None, None]
+    shift = (mean / std).to(out.device)[:, None, None]
+    start = 0
+    for c, n in zip(crops, counts):
+        write_patches(c.to(torch.float32), out[start:start + n], scale, shift, patch_size,
+                      temporal_patch_size, merge_size)
+        start += n
     return out

@@ -140,7 +140,10 @@ class Trajectory:
     ``new_tokens`` (model-written), ``decode_tokens`` and ``prefill_tokens`` (what this sample
     pushed through the model: its observations and any recomputation; the prompt, prefilled
     once for the group, is in the engine's stats), and ``preemptions`` / ``truncated`` when
-    they happened."""
+    they happened. ``vision_inputs``: for vision-language rollouts, the vision tower's input of
+    each image the tokens hold, in order (prompt images, then each turn's crop):
+    ``(pixel_values [patches, C] float32, (t, gh, gw))``, made once by the engine and reused by
+    the trainer (empty otherwise)."""
     token_ids: List[int]
     logprobs: List[float]
     loss_mask: List[int]
@@ -149,6 +152,7 @@ class Trajectory:
     stats: Dict[str, int] = field(default_factory=dict)
     group_id: int = 0
     response_text: str = ""
+    vision_inputs: List[Tuple[Tensor, Tuple[int, int, int]]] = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.token_ids)

@@ -167,14 +167,23 @@ def run_seq_ops(seed, num_blocks, block_size, steps):
         op = rng.choice(["add", "fork", "append", "append", "free"])
         if op == "add":
             tokens = base[:rng.randrange(1, len(base) + 1)]
+            cost = {k: m.add_cost(tokens) for k, m in mgrs.items()}
+            assert cost["cpp"] == cost["py"]
+            free = mgrs["py"].num_free
             res = {k: outcome(m.add, tokens) for k, m in mgrs.items()}
+            assert (res["py"][0] == "ok") == (cost["py"] <= free)  # the query is exact
         elif op == "fork" and live:
             sid = rng.choice(live)
             res = {k: outcome(m.fork_seq, sid) for k, m in mgrs.items()}
         elif op == "append" and live:
-            ids = rng.sample(live, rng.randrange(1, len(live) + 1))
+            # several tokens of one sequence in one call (a prefill chunk), in any order
+            ids = [rng.choice(live) for _ in range(rng.randrange(1, 2 * len(live) + 1))]
             toks = [rng.randrange(4) for _ in ids]
+            cost = {k: m.append_cost(ids, [1] * len(ids)) for k, m in mgrs.items()}
+            assert cost["cpp"] == cost["py"]
+            free = mgrs["py"].num_free
             res = {k: outcome(m.append_tokens, ids, toks) for k, m in mgrs.items()}
+            assert (res["py"][0] == "ok") == (cost["py"] <= free)  # all or nothing
         elif op == "free" and live:
             sid = live.pop(rng.randrange(len(live)))
             res = {k: outcome(m.free_seq, sid) for k, m in mgrs.items()}
@@ -223,3 +232,31 @@ def test_batched_append_is_all_or_nothing_and_gives_slots(impl):
     assert m.num_tokens(s) == 8 and (m.block_table(s), m.block_table(f)) == tables
     with pytest.raises(IndexError, match="sequence id 99"):
         m.free_seq(99)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_capacity_queries(impl):
+    """``add_cost`` counts fresh blocks and revived cached ones, not live shared ones;
+    ``append_cost`` counts new blocks past the table and one copy of a shared partial block,
+    adding up the counts of a repeated id; bad arguments are named."""
+    m = IMPLS[impl].BlockManager(8, 4)
+    prompt = list(range(10))                      # 2 full blocks + 2 tokens
+    assert m.add_cost(prompt) == 3
+    sid, _ = m.add(prompt)
+    assert m.add_cost(prompt) == 1                # the two full blocks are shared
+    fork = m.fork_seq(sid)
+    assert m.append_cost([fork], [1]) == 1        # copy of the shared partial block
+    assert m.append_cost([fork], [3]) == 2        # ... and a new block for tokens 12-13
+    assert m.append_cost([fork, fork, fork], [1, 1, 1]) == 2
+    assert m.append_cost([sid, fork], [2, 2]) == 2
+    assert m.append_cost([fork], [0]) == 0
+    m.free_seq(fork)
+    m.free_seq(sid)
+    assert m.add_cost(prompt) == 3                # cached but free: revived blocks count
+    with pytest.raises(ValueError, match="append_cost: 1 ids, 2 counts"):
+        m.append_cost([0], [1, 2])
+    sid, _ = m.add(prompt)
+    with pytest.raises(ValueError, match="negative count -1"):
+        m.append_cost([sid], [-1])
+    with pytest.raises(IndexError, match="sequence id 99"):
+        m.append_cost([99], [1])

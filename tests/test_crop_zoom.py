@@ -232,3 +232,26 @@ def test_crop_to_patches_writes_a_given_out_buffer(monkeypatch, backend):
                                              rf"float32 tensor of shape \({shape[0]}, "
                                              rf"{shape[1]}\) on .*{text}"):
             crop_to_patches(images, boxes, out=bad)
+
+
+def test_patches_of_the_crops_equal_cutting_the_boxes_again():
+    """A crop cut once by ``crop_and_zoom`` at the patch grid, laid out by ``crops_to_patches``
+    (no resample), equals ``crop_to_patches`` of its box from the original, bit for bit
+    (awkward fractional boxes, shrinking and enlarging, two images)."""
+    from mapo_fast.tools import crops_to_patches
+    g = torch.Generator().manual_seed(7)
+    images = [torch.randint(0, 256, (3, 97, 131), dtype=torch.uint8, generator=g),
+              torch.randint(0, 256, (3, 300, 250), dtype=torch.uint8, generator=g)]
+    boxes = [(0, 3.5, 2.25, 90.0, 60.75), (1, 10, 20, 240, 290), (1, 0, 0, 29, 31),
+             (0, 50, 40, 131, 97)]
+    kw = dict(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+    crops = crop_and_zoom(images, boxes, factor=28, **kw)
+    got, grid = crops_to_patches(crops)
+    want, want_grid = crop_to_patches(images, boxes, **kw)
+    assert torch.equal(grid, want_grid)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match=r"`crops\[1\]` must be a uint8 \[3, h, w\] tensor with "
+                                         r"h and w multiples of 28, got torch.uint8 \(3, 30, 28\)"):
+        crops_to_patches([crops[0], torch.zeros(3, 30, 28, dtype=torch.uint8)])
+    empty, empty_grid = crops_to_patches([])
+    assert empty.shape == (0, 3 * 2 * 14 ** 2) and empty_grid.shape == (0, 3)

@@ -5,14 +5,14 @@ import math
 
 import torch
 
-from mapo_fast.rollout import RolloutEngine
+from mapo_fast.rollout.sampler import sample
 
 LOGITS = torch.tensor([2.0, 0.5, -1.0, 1.0, float("-inf"), 0.0, -3.0])
 
 
 def draw(logits, n, temperature=1.0, top_k=0, top_p=1.0, seed=0):
     gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
-    return RolloutEngine._sample(logits.expand(n, -1).clone(), gens, temperature, top_k, top_p)
+    return sample(logits.expand(n, -1).clone(), gens, temperature, top_k, top_p)
 
 
 def test_frequencies_match_the_distribution_within_five_sigma():
@@ -41,9 +41,9 @@ def test_top_k_and_top_p_exclude_tokens_and_renormalise():
 def test_a_sample_draws_the_same_alone_or_in_a_batch():
     batch = torch.randn(6, 50, generator=torch.Generator().manual_seed(3))
     gens = [torch.Generator().manual_seed(100 + i) for i in range(6)]
-    together, lp_together = RolloutEngine._sample(batch, gens, 1.0, 0, 0.95)
+    together, lp_together = sample(batch, gens, 1.0, 0, 0.95)
     for i in range(6):
-        alone, lp_alone = RolloutEngine._sample(batch[i:i + 1],
+        alone, lp_alone = sample(batch[i:i + 1],
                                                 [torch.Generator().manual_seed(100 + i)],
                                                 1.0, 0, 0.95)
         assert alone[0] == together[i] and lp_alone[0] == lp_together[i]

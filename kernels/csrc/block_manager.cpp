@@ -15,6 +15,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <stdexcept>
@@ -68,6 +69,63 @@ class BlockManager {
     return it == index_.end() ? -1 : it->second;
   }
 
+  // Chained hashes of the full blocks of `tokens`.
+  std::vector<uint64_t> prompt_hashes(const std::vector<int64_t>& tokens) const {
+    std::vector<uint64_t> hashes;
+    uint64_t h = kNoHash;
+    for (int64_t i = 0; i + block_size_ <= static_cast<int64_t>(tokens.size()); i += block_size_) {
+      h = block_hash(h, tokens, i, i + block_size_);
+      hashes.push_back(h);
+    }
+    return hashes;
+  }
+
+  // Capacity query: free blocks that add(tokens) / allocate_prompt(tokens) would take (leading
+  // blocks found in the prefix index are shared; a cached block that is free still counts, as
+  // it leaves the free queue). Those calls succeed exactly when this is <= num_free.
+  int64_t add_cost(const std::vector<int64_t>& tokens) const {
+    int64_t hits = 0, revived = 0;
+    for (uint64_t hh : prompt_hashes(tokens)) {
+      const int64_t b = lookup(hh);
+      if (b < 0) break;
+      ++hits;
+      if (ref_[b] == 0) ++revived;
+    }
+    return blocks_for(static_cast<int64_t>(tokens.size())) - hits + revived;
+  }
+
+  // Capacity query: free blocks that appending counts[i] tokens to sequence ids[i] would take
+  // (an id may repeat: its counts add up): the new blocks past each table's end, plus one
+  // copy-on-write per sequence whose partly filled last block is shared. An upper bound,
+  // exact unless two of the sequences share that block (the second write needs no copy).
+  // append_tokens succeeds whenever this is <= num_free.
+  int64_t append_cost(const std::vector<int64_t>& ids, const std::vector<int64_t>& counts) const {
+    if (ids.size() != counts.size())
+      throw std::invalid_argument("append_cost: " + std::to_string(ids.size()) + " ids, " +
+                                  std::to_string(counts.size()) + " counts");
+    std::unordered_map<int64_t, int64_t> total;
+    std::vector<int64_t> order;
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (counts[i] < 0)
+        throw std::invalid_argument("append_cost: negative count " + std::to_string(counts[i]));
+      seq(ids[i]);  // unknown ids raise
+      if (total.emplace(ids[i], 0).second) order.push_back(ids[i]);
+      total[ids[i]] += counts[i];
+    }
+    int64_t need = 0;
+    for (int64_t id : order) {
+      const int64_t c = total[id];
+      if (c == 0) continue;
+      const Seq& s = seq(id);
+      const int64_t n = static_cast<int64_t>(s.tokens.size());
+      const int64_t len = static_cast<int64_t>(s.table.size());
+      const int64_t k = n / block_size_;
+      need += std::max<int64_t>(0, blocks_for(n + c) - len);
+      if (k < len && ref_[s.table[k]] > 1) ++need;
+    }
+    return need;
+  }
+
   // Blocks and cached-token count for a prompt: leading full blocks found in the prefix index
   // are shared (their tokens need no prefill); the rest are fresh. Full fresh blocks are
   // registered in the index (their KV is about to be written by the prefill).
@@ -76,25 +134,14 @@ class BlockManager {
     const int64_t need = blocks_for(n);
     std::vector<int64_t> table;
     table.reserve(need);
-    uint64_t h = kNoHash;
     int64_t cached = 0;
     bool hitting = true;
     // count the cache hits first so that running out of blocks changes nothing
-    std::vector<uint64_t> hashes;
-    for (int64_t i = 0; i + block_size_ <= n; i += block_size_) {
-      h = block_hash(h, tokens, i, i + block_size_);
-      hashes.push_back(h);
-    }
-    int64_t hits = 0, revived = 0;
-    for (uint64_t hh : hashes) {
-      int64_t b = lookup(hh);
-      if (b < 0) break;
-      ++hits;
-      if (ref_[b] == 0) ++revived;
-    }
-    if (need - hits + revived > num_free())
-      throw std::runtime_error("out of KV blocks: need " + std::to_string(need - hits + revived) +
-                               ", free " + std::to_string(num_free()));
+    const std::vector<uint64_t> hashes = prompt_hashes(tokens);
+    const int64_t cost = add_cost(tokens);
+    if (cost > num_free())
+      throw std::runtime_error("out of KV blocks: need " + std::to_string(cost) + ", free " +
+                               std::to_string(num_free()));
     for (int64_t k = 0; k < need; ++k) {
       int64_t b = -1;
       if (hitting && k < static_cast<int64_t>(hashes.size())) {
@@ -201,13 +248,7 @@ class BlockManager {
     if (ids.size() != tokens.size())
       throw std::invalid_argument("append_tokens: " + std::to_string(ids.size()) + " ids, " +
                                   std::to_string(tokens.size()) + " tokens");
-    int64_t need = 0;
-    for (int64_t id : ids) {
-      const Seq& s = seq(id);
-      const int64_t pos = static_cast<int64_t>(s.tokens.size());
-      const int64_t k = pos / block_size_;
-      if (k == static_cast<int64_t>(s.table.size()) || ref_[s.table[k]] > 1) ++need;
-    }
+    const int64_t need = append_cost(ids, std::vector<int64_t>(ids.size(), 1));
     if (need > num_free())
       throw std::runtime_error("out of KV blocks: need " + std::to_string(need) + ", free " +
                                std::to_string(num_free()));
@@ -317,6 +358,8 @@ PYBIND11_MODULE(_block_manager, m) {
       .def("blocks_for", &BlockManager::blocks_for)
       .def("can_allocate", &BlockManager::can_allocate)
       .def("lookup", &BlockManager::lookup)
+      .def("add_cost", &BlockManager::add_cost, py::arg("tokens"))
+      .def("append_cost", &BlockManager::append_cost, py::arg("ids"), py::arg("counts"))
       .def("allocate_prompt", &BlockManager::allocate_prompt)
       .def("fork", &BlockManager::fork)
       .def("append", &BlockManager::append)

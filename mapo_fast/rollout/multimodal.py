@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..tools.ops import MAX_PIXELS, MIN_PIXELS, crop_to_patches, zoom_size
+from ..tools.ops import MAX_PIXELS, MIN_PIXELS, crop_to_patches, crops_to_patches, zoom_size
 
 Tensor = torch.Tensor
 Position = Tuple[int, int, int]
@@ -84,6 +84,12 @@ class VisionAdapter:
         self.min_pixels, self.max_pixels = int(min_pixels), int(max_pixels)
 
     @property
+    def crop_kwargs(self) -> Dict[str, int]:
+        """``crop_and_zoom`` keywords that cut crops at this vision tower's patch grid."""
+        return {"factor": self.factor, "min_pixels": self.min_pixels,
+                "max_pixels": self.max_pixels}
+
+    @property
     def max_image_tokens(self) -> int:
         """Image-pad tokens of the largest image the resize rule allows."""
         return self.max_pixels // self.factor ** 2
@@ -105,18 +111,47 @@ class VisionAdapter:
         h, w = zoom_size(y2 - y1, x2 - x1, self.factor, self.min_pixels, self.max_pixels)
         return 1, h // self.patch_size, w // self.patch_size
 
+    def full_patches(self, images: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+        """``patches`` of whole images (a prompt's)."""
+        if not images:
+            width = 3 * self.temporal_patch_size * self.patch_size ** 2
+            return torch.empty(0, width), torch.empty(0, 3, dtype=torch.int64)
+        return self.patches(images, [(k, 0, 0, im.shape[2], im.shape[1])
+                                     for k, im in enumerate(images)])
+
+    def crop_patches(self, crops: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+        """``crops_to_patches`` of uint8 crops that ``crop_and_zoom`` cut with this adapter's
+        ``factor`` and pixel bounds: their vision input without resampling them again."""
+        return crops_to_patches(list(crops), patch_size=self.patch_size,
+                                temporal_patch_size=self.temporal_patch_size,
+                                merge_size=self.merge)
+
+    @staticmethod
+    def split_patches(pixel_values: Tensor, grid: Tensor
+                      ) -> List[Tuple[Tensor, Tuple[int, int, int]]]:
+        """``(pixel_values rows, (t, gh, gw))`` per image (views, no copy)."""
+        grids = [tuple(int(x) for x in g) for g in grid.tolist()]
+        rows = [t * h * w for t, h, w in grids]
+        return list(zip(pixel_values.split(rows), grids))
+
     @torch.no_grad()
-    def encode(self, images: Sequence[Tensor], boxes: Sequence[Sequence[float]]
-               ) -> List[Tuple[Tensor, Tuple[int, int, int]]]:
-        """Runs the vision tower once over all crops ``boxes`` of ``images``: per crop its
-        merged features ``[n, hidden]`` and its grid ``(t, gh, gw)`` in patches."""
-        if not boxes:
+    def encode_patches(self, pixel_values: Tensor, grid: Tensor,
+                       stats: Optional[Dict[str, int]] = None
+                       ) -> List[Tuple[Tensor, Tuple[int, int, int]]]:
+        """Runs the vision tower once over the images of ``pixel_values`` / ``grid [M, 3]``:
+        per image its merged features ``[n, hidden]`` and its grid ``(t, gh, gw)`` in patches.
+        ``stats`` (optional) counts ``vision_images`` and ``vision_patches``."""
+        if grid.shape[0] == 0:
             return []
-        pixel_values, grid = self.patches(images, boxes)
         dev = next(self.base.visual.parameters()).device
         out = self.base.get_image_features(pixel_values.to(dev), image_grid_thw=grid.to(dev))
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        return [(f, tuple(int(x) for x in g)) for f, g in zip(feats, grid.tolist())]
+        grids = [tuple(int(x) for x in g) for g in grid.tolist()]
+        if stats is not None:
+            stats["vision_images"] = stats.get("vision_images", 0) + len(grids)
+            stats["vision_patches"] = stats.get("vision_patches", 0) + sum(
+                t * h * w for t, h, w in grids)
+        return list(zip(feats, grids))
 
     def placeholder(self, grid: Tuple[int, int, int]) -> List[int]:
         """The tokens of one image: ``<|vision_start|>``, one ``<|image_pad|>`` per merged

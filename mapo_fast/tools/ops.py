@@ -290,3 +290,31 @@ def crop_to_patches(images: ImagesArg, boxes, *, patch_size: int = 14,
     if backend_for(ims[0], KERNEL) == "triton":
         return triton_module(KERNEL).crop_to_patches(*args, out=out), grid
     return crop_zoom_ref.crop_to_patches(*args, out=out), grid
+
+
+def crops_to_patches(crops: Sequence[Tensor], *, patch_size: int = 14,
+                     temporal_patch_size: int = 2, merge_size: int = 2,
+                     mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD
+                     ) -> Tuple[Tensor, Tensor]:
+    """The vision-tower input of crops that ``crop_and_zoom`` already cut at their patch-grid
+    size (``factor = patch_size * merge_size``, the same pixel bounds): normalised and laid out
+    as ``crop_to_patches`` does, without resampling again (on CPU equal to ``crop_to_patches``
+    of the crops' boxes, bit for bit). ``crops``: uint8 ``[3, h, w]``, ``h`` and ``w``
+    multiples of ``factor``. Returns ``(pixel_values [sum of patches, 3 * temporal *
+    patch^2]`` float32, ``image_grid_thw [M, 3]`` int64)."""
+    fn = "crops_to_patches"
+    factor = patch_size * merge_size
+    for k, c in enumerate(crops):
+        if not isinstance(c, Tensor) or c.dtype != torch.uint8 or c.dim() != 3 or \
+                c.shape[0] != 3 or c.shape[1] % factor or c.shape[2] % factor:
+            got = f"{c.dtype} {tuple(c.shape)}" if isinstance(c, Tensor) else type(c).__name__
+            raise ValueError(f"{fn}: `crops[{k}]` must be a uint8 [3, h, w] tensor with h and w "
+                             f"multiples of {factor}, got {got}")
+    grid = torch.tensor([[1, c.shape[1] // patch_size, c.shape[2] // patch_size] for c in crops],
+                        dtype=torch.int64).reshape(-1, 3)
+    if not crops:
+        return torch.empty(0, 3 * temporal_patch_size * patch_size ** 2), grid
+    pv = crop_zoom_ref.crops_to_patches(list(crops), torch.as_tensor(mean, dtype=torch.float32),
+                                        torch.as_tensor(std, dtype=torch.float32), patch_size,
+                                        temporal_patch_size, merge_size)
+    return pv, grid.to(pv.device)

@@ -1,11 +1,13 @@
 """Trajectories to the padded tensors of one policy forward: token ids, masks, the sampler's
 log-probs, each token's tool turn, and the vision tower's input for every image the tokens hold
-(prompt images, then each turn's crop, cut again from the original by ``crop_to_patches``)."""
+(prompt images, then each turn's crop): the rollout's own (``Trajectory.vision_inputs``), or
+made here for trajectories that lack them, crops from the trajectory's crops without cutting
+them again."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -64,8 +66,7 @@ def collate(trajectories: Sequence[Trajectory], images: Sequence[Sequence[Tensor
     attn = torch.zeros(B, T, dtype=torch.int64)
     mask = torch.zeros(B, T, dtype=torch.float32)
     old = torch.zeros(B, T, dtype=torch.float32)
-    flat: List[Tensor] = []
-    boxes: List[tuple] = []
+    inputs: List[Tuple[Tensor, Tuple[int, int, int]]] = []
     owner: List[int] = []
     for b, (t, ims) in enumerate(zip(trajectories, images)):
         n = len(t.token_ids)
@@ -73,18 +74,29 @@ def collate(trajectories: Sequence[Trajectory], images: Sequence[Sequence[Tensor
         attn[b, :n] = 1
         mask[b, :n] = torch.tensor(t.loss_mask, dtype=torch.float32)
         old[b, :n] = torch.tensor(t.logprobs, dtype=torch.float32)
-        base = len(flat)
-        flat += list(ims)
-        boxes += [(base + k, 0, 0, im.shape[2], im.shape[1]) for k, im in enumerate(ims)]
-        boxes += [(base + turn.box[0], *turn.box[1:]) for turn in t.spans.turns if turn.ok]
-        owner += [b] * (len(boxes) - len(owner))
+        mine = vision_inputs(t, ims, adapter)
+        inputs += mine
+        owner += [b] * len(mine)
     turn = token_turns([t.spans for t in trajectories], [len(t.token_ids) for t in trajectories],
                        pad_to=T)
-    if boxes:
-        pixel_values, grid = adapter.patches(flat, boxes)
-    else:
-        width = 3 * adapter.temporal_patch_size * adapter.patch_size ** 2
-        pixel_values, grid = torch.empty(0, width), torch.empty(0, 3, dtype=torch.int64)
+    width = 3 * adapter.temporal_patch_size * adapter.patch_size ** 2
+    pixel_values = torch.cat([pv.reshape(-1, width) for pv, _ in inputs]) if inputs else \
+        torch.empty(0, width)
+    grid = torch.tensor([list(g) for _, g in inputs], dtype=torch.int64).reshape(-1, 3)
     return PolicyBatch(ids, attn, mask, old, turn, pixel_values, grid,
                        torch.tensor(owner, dtype=torch.int64),
                        torch.tensor([t.group_id for t in trajectories]))
+
+
+def vision_inputs(t: Trajectory, images: Sequence[Tensor], adapter
+                  ) -> List[Tuple[Tensor, Tuple[int, int, int]]]:
+    """``(pixel_values, grid)`` of each image trajectory ``t`` holds, in token order: the
+    rollout's (``t.vision_inputs``) when it kept them; else the prompt ``images`` resized by
+    the adapter and each successful turn's crop (``t.crops``) laid out as patches as it is."""
+    if t.vision_inputs:
+        return list(t.vision_inputs)
+    crops = [t.crops[turn.crop_index] for turn in t.spans.turns if turn.ok]
+    out = adapter.split_patches(*adapter.full_patches(list(images)))
+    if crops:
+        out += adapter.split_patches(*adapter.crop_patches(crops))
+    return out

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -32,19 +33,43 @@ from ..rewards import (AccuracyReward, CompositeReward, FormatReward, OracleVeri
                        ToolUseReward)
 from ..rollout import RolloutEngine
 from ..rollout.multimodal import VisionAdapter, render_chat
-from ..tools import ToolContext, ToolRunner, ZoomInTool, parse_tool_calls
+from ..rollout.tool_turns import observation_tokens
+from ..tools import ToolContext, ToolRunner, ToolSession
 from ..trajectory import OBSERVATION_TEMPLATE, Span, ToolTurn, Trajectory, TrajectorySpans
 from ..variance import loss_gradient_variance
 from . import checkpoint as ckpt
 from .batch import PolicyBatch, collate
 from .config import ConfigError, TrainConfig
 from .distributed import DistContext
-from .metrics import GAP_KEYS, MetricsLog, Progress, gap_metrics, plot_curves
+from .metrics import (GAP_KEYS, MetricsLog, Progress, StepTimer, gap_metrics, plot_curves,
+                      run_summary, step_record)
 from .model import PolicyWithLoss, load_pretrained, policy_hidden, tiny_vl_model
 
 Tensor = torch.Tensor
 TEMPLATE = OBSERVATION_TEMPLATE
 SHOWN = ("reward_mean", "accuracy", "action_accuracy", "semantic_score", "loss")
+
+
+@dataclass
+class Collected:
+    """What one step collected: trajectories, rewards ``[B]`` and their parts, semantic scores
+    ``[B, K]`` with their turn mask, the gap metrics, and the padded policy batch."""
+    trajs: List[Trajectory]
+    rewards: Tensor
+    parts: Dict[str, Tensor]
+    scores: Tensor
+    turn_mask: Tensor
+    gap: Dict[str, Optional[float]]
+    batch: PolicyBatch
+
+
+@dataclass
+class Update:
+    """The update's losses and loss metrics per micro-batch, and the first epoch's hidden
+    states."""
+    losses: List[float] = field(default_factory=list)
+    stats: List[Dict[str, float]] = field(default_factory=list)
+    hidden: Optional[Tensor] = None
 
 
 def build_task(cfg: TrainConfig):
@@ -117,6 +142,7 @@ class Trainer:
                                      max_pixels=cfg.rollout.max_pixels or pixels)
         self._build_engine()
         self.runner = ToolRunner()
+        self.expert_tools = ToolRunner(crop_kwargs=self.adapter.crop_kwargs)  # warm start's
         self.reward = CompositeReward([("accuracy", AccuracyReward(), 1.0),
                                        ("format", FormatReward(), 0.1),
                                        ("tool", ToolUseReward(0.2), 1.0)])
@@ -240,29 +266,29 @@ class Trainer:
     # ---- warm start ----------------------------------------------------------------------------
     def expert_trajectory(self, sample: Any) -> Trajectory:
         """The scripted expert's trajectory of ``sample`` as the engine would have produced
-        it: prompt, tool call, the crop's image tokens, description and answer."""
+        it: prompt, tool call, its observation (the zoom tool's crop, cut by the rollout's tool
+        runner, as image tokens built by the engine's observation builder), answer."""
         tok = self.tokenizer
         prompt, images = render_chat(self.task.prompt(sample), tok, self.adapter)
         call_text, answer_text = self.task.expert_turns(sample)
-        (call,), _ = parse_tool_calls(call_text)
-        ctx = ToolContext.for_images(images, self.adapter.factor, self.adapter.min_pixels,
-                                     self.adapter.max_pixels)
-        req = ZoomInTool().prepare(call.arguments, ctx)
-        box = (req.image, *req.box)
-        pre, post = TEMPLATE.split("{}")
-        ids = lambda s: tok(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-        call_ids = ids(call_text)
-        obs = ids(pre) + self.adapter.placeholder(self.adapter.grid(box)) + ids(post)
-        ans = ids(answer_text) + [tok.eos_token_id]
+        a = self.adapter
+        ctx = ToolContext.for_images(images, a.factor, a.min_pixels, a.max_pixels)
+        (result,) = self.expert_tools.run([call_text], [ctx], [ToolSession()])
+        if result is None or not result.ok:
+            raise RuntimeError(f"Trainer.expert_trajectory: the task's expert call {call_text!r} "
+                               f"failed: {None if result is None else result.text}")
+        call_ids = tok(call_text, add_special_tokens=False)["input_ids"]
+        obs, _ = observation_tokens(tok, TEMPLATE, vision=a, grid=a.grid(result.box))
+        ans = tok(answer_text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         tokens = prompt + call_ids + obs + ans
         mask = [0] * len(prompt) + [1] * len(call_ids) + [0] * len(obs) + [1] * len(ans)
         c0 = len(prompt)
         turn = ToolTurn(call=Span(c0, c0 + len(call_ids)),
                         observation=Span(c0 + len(call_ids), c0 + len(call_ids) + len(obs)),
-                        crop_index=0, box=box)
+                        crop_index=0, box=tuple(result.box))
         spans = TrajectorySpans(turns=[turn], prompt_len=len(prompt),
                                 answer=Span(len(tokens) - len(ans), len(tokens)))
-        return Trajectory(tokens, [0.0] * len(tokens), mask, spans, crops=[images[0]])
+        return Trajectory(tokens, [0.0] * len(tokens), mask, spans, crops=[result.crop])
 
     def warm_start(self) -> None:
         """Supervised warm start on expert trajectories (built-in task; skipped for 0 steps
@@ -324,97 +350,116 @@ class Trainer:
 
     # ---- one MAPO step -------------------------------------------------------------------------
     def train_step(self) -> Dict[str, Any]:
-        cfg, r = self.cfg, self.cfg.rollout
+        """One step: collect (rollouts, rewards, semantic scores), advantages, update (the
+        loss over micro-batches and PPO epochs), diagnose (the gradient variance), then the
+        optimizer step. Returns the step's metrics record."""
         step = self.step + 1
-        t0 = time.perf_counter()
-        start, per = self._shard((step - 1) * r.prompts_per_step, r.prompts_per_step)
-        samples = self.task.batch("train", start, per)
-        trajs = self._generate(samples, group_size=r.group_size, greedy=False,
-                               seed=(cfg.seed * 1_000_003 + step * 7_919 + start * 131) % 2 ** 31)
-        t1 = time.perf_counter()
-        rewards, parts, scores, turn_mask, gap = self._score(samples, trajs)
-        t2 = time.perf_counter()
-        images = [self.task.images(samples[t.group_id]) for t in trajs]
-        full = collate(trajs, images, self.adapter, self.tokenizer.pad_token_id)
-        adv = mapo_advantages(rewards, full.group_ids, scores, turn_mask, full.token_turn,
-                              algo=cfg.algo, semantic_coef=cfg.loss.semantic_coef,
-                              turn_discount=cfg.loss.turn_discount)
-        t3 = time.perf_counter()
+        timer = StepTimer()
+        ro = self.collect(step, timer)
+        with timer("advantage"):
+            adv = self.advantages(ro)
+        with timer("loss"):
+            upd = self.update(ro.batch, adv)
+        with timer("grad_var"):
+            gv = self.diagnose(ro.batch, adv, upd.hidden, step)
+        with timer("optimizer"):
+            grad_norm = self._optimizer_step()
+        self.step = step
+        rec = step_record(step, ro.trajs, ro.rewards, ro.parts, ro.scores, ro.turn_mask, ro.gap,
+                          losses=upd.losses, loss_stats=upd.stats, epochs=self.cfg.optim.ppo_epochs,
+                          grad_var=gv, grad_norm=grad_norm, times=timer.times)
+        rec = self.dist.mean(rec)
+        rec["step"] = step
+        return rec
+
+    def collect(self, step: int, timer: "StepTimer") -> "Collected":
+        """This rank's prompts of ``step``: sampled groups, their rewards and semantic scores,
+        and the padded policy batch."""
+        cfg, r = self.cfg, self.cfg.rollout
+        with timer("rollout"):
+            start, per = self._shard((step - 1) * r.prompts_per_step, r.prompts_per_step)
+            samples = self.task.batch("train", start, per)
+            seed = (cfg.seed * 1_000_003 + step * 7_919 + start * 131) % 2 ** 31
+            trajs = self._generate(samples, group_size=r.group_size, greedy=False, seed=seed)
+        with timer("verifier"):
+            rewards, parts, scores, turn_mask, gap = self._score(samples, trajs)
+        with timer("advantage"):  # the batch's tensors (counted with the advantages)
+            images = [self.task.images(samples[t.group_id]) for t in trajs]
+            batch = collate(trajs, images, self.adapter, self.tokenizer.pad_token_id)
+        return Collected(trajs, rewards, parts, scores, turn_mask, gap, batch)
+
+    def advantages(self, ro: "Collected") -> Tensor:
+        """Per-token advantages ``[B, T]`` (``cfg.algo``: MAPO or GRPO)."""
+        cfg = self.cfg
+        return mapo_advantages(ro.rewards, ro.batch.group_ids, ro.scores, ro.turn_mask,
+                               ro.batch.token_turn, algo=cfg.algo,
+                               semantic_coef=cfg.loss.semantic_coef,
+                               turn_discount=cfg.loss.turn_discount)
+
+    def update(self, full: PolicyBatch, adv: Tensor) -> "Update":
+        """The loss and its gradients over micro-batches, for each PPO epoch (an optimizer
+        step between epochs; the last one is the caller's). Keeps the first epoch's hidden
+        states ``[B, T - 1, H]`` for the gradient-variance estimate."""
+        cfg = self.cfg
         B, T = full.input_ids.shape
-        tokens = self.dist.sum(float(full.loss_mask[:, 1:].sum()))
-        seqs = self.dist.sum(float(B))
+        norm = dict(global_tokens=self.dist.sum(float(full.loss_mask[:, 1:].sum())),
+                    global_seqs=self.dist.sum(float(B)))
         self.model.train()
-        losses, stats = [], []
-        hidden_all = None
+        out = Update()
         mb = cfg.optim.micro_batch_size
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(cfg.optim.ppo_epochs):
             for lo in range(0, B, mb):
                 rows = list(range(lo, min(B, lo + mb)))
-                batch = full.select(rows)
-                Tm = batch.input_ids.shape[1]
-                dev = self.device
-                ref = None
-                if self.ref_model is not None:
-                    with torch.no_grad(), self._autocast():
-                        rh = policy_hidden(self.ref_model, batch)
-                        ref = token_logprobs(rh[:, :-1], self.ref_model.lm_head.weight.to(
-                            rh.dtype), batch.input_ids[:, 1:].to(dev)).float()
-
-                def objective(h: Tensor, w: Tensor):
-                    loss, m = mapo_loss(
-                        h[:, :-1], w, batch.input_ids[:, 1:].to(dev),
-                        adv[rows, 1:Tm].to(dev), batch.loss_mask[:, 1:].to(dev),
-                        old_logprobs=batch.old_logprobs[:, 1:].to(dev), ref_logprobs=ref,
-                        clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
-                        kl_coef=cfg.loss.kl_coef, loss_agg=cfg.loss.loss_agg,
-                        global_tokens=tokens, global_seqs=seqs)
-                    return loss, m, h.detach()
-
-                loss, m, hidden = self._policy(batch, objective)
-                (loss * self.dist.world).backward()
-                losses.append(float(loss.detach()))
-                stats.append({k: float(v) for k, v in m.items()})
+                loss, stats, hidden = self._micro_step(full.select(rows), adv[rows], norm)
+                out.losses.append(loss)
+                out.stats.append(stats)
                 if epoch == 0:
-                    if hidden_all is None:
-                        hidden_all = torch.zeros(B, T - 1, hidden.shape[-1], dtype=hidden.dtype,
-                                                 device=dev)
-                    hidden_all[rows, :Tm - 1] = hidden[:, :-1].detach()
+                    if out.hidden is None:
+                        out.hidden = hidden.new_zeros(B, T - 1, hidden.shape[-1])
+                    out.hidden[rows, :hidden.shape[1]] = hidden
             if epoch + 1 < cfg.optim.ppo_epochs:
                 self._optimizer_step()
-        t4 = time.perf_counter()
-        dev = hidden_all.device
+        return out
+
+    def _micro_step(self, batch: PolicyBatch, adv: Tensor, norm: Dict[str, float]
+                    ) -> Tuple[float, Dict[str, float], Tensor]:
+        """Forward and backward of one micro-batch; returns its loss, loss metrics and hidden
+        states (detached, ``[b, T_m - 1, H]``)."""
+        cfg, dev = self.cfg, self.device
+        Tm = batch.input_ids.shape[1]
+        targets = batch.input_ids[:, 1:].to(dev)
+        ref = None
+        if self.ref_model is not None:
+            with torch.no_grad(), self._autocast():
+                rh = policy_hidden(self.ref_model, batch)
+                ref = token_logprobs(rh[:, :-1], self.ref_model.lm_head.weight.to(rh.dtype),
+                                     targets).float()
+
+        def objective(h: Tensor, w: Tensor):
+            loss, m = mapo_loss(
+                h[:, :-1], w, targets, adv[:, 1:Tm].to(dev), batch.loss_mask[:, 1:].to(dev),
+                old_logprobs=batch.old_logprobs[:, 1:].to(dev), ref_logprobs=ref,
+                clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
+                kl_coef=cfg.loss.kl_coef, loss_agg=cfg.loss.loss_agg, **norm)
+            return loss, m, h[:, :-1].detach()
+
+        loss, m, hidden = self._policy(batch, objective)
+        (loss * self.dist.world).backward()
+        return float(loss.detach()), {k: float(v) for k, v in m.items()}, hidden
+
+    def diagnose(self, full: PolicyBatch, adv: Tensor, hidden: Tensor, step: int
+                 ) -> Dict[str, float]:
+        """The relative variance of the loss gradient over resampled groups
+        (``loss_gradient_variance``) at the step's weights."""
+        dev, cfg = hidden.device, self.cfg
         # the rollout copy holds the full weights of this step (synced after the last one)
-        head = self.rollout_model.lm_head.weight.detach().to(hidden_all.dtype)
-        gv = loss_gradient_variance(
-            hidden_all, head, full.input_ids[:, 1:].to(dev),
-            adv[:, 1:].to(dev), full.loss_mask[:, 1:].to(dev), full.group_ids.to(dev),
+        head = self.rollout_model.lm_head.weight.detach().to(hidden.dtype)
+        return loss_gradient_variance(
+            hidden, head, full.input_ids[:, 1:].to(dev), adv[:, 1:].to(dev),
+            full.loss_mask[:, 1:].to(dev), full.group_ids.to(dev),
             n_resamples=cfg.grad_var_resamples, seed=step,
             old_logprobs=full.old_logprobs[:, 1:].to(dev), loss_agg=cfg.loss.loss_agg)
-        t5 = time.perf_counter()
-        grad_norm = self._optimizer_step()
-        t6 = time.perf_counter()
-        self.step = step
-        n_tok = sum(len(t.token_ids) for t in trajs)
-        rec = {
-            "step": step, "reward_mean": float(rewards.mean()),
-            "accuracy": float(parts["accuracy"].mean()),
-            "semantic_score": float(scores[turn_mask].mean()) if turn_mask.any() else 0.0,
-            "grad_var": gv["relative_var"], "grad_var_trace": gv["trace_var"],
-            "loss": float(sum(losses) / cfg.optim.ppo_epochs),
-            "tokens_per_s": n_tok / (t6 - t0), "grad_norm": grad_norm,
-            **gap,
-            "tool_use": sum(any(t.ok for t in x.spans.turns) for x in trajs) / len(trajs),
-            "tool_errors": sum(x.stats.get("tool_errors", 0) for x in trajs) / len(trajs),
-            "response_tokens": sum(sum(x.loss_mask) for x in trajs) / len(trajs),
-            "entropy": sum(s["entropy"] for s in stats) / len(stats),
-            "clipfrac": sum(s["pg_clipfrac"] for s in stats) / len(stats),
-            "time_rollout": t1 - t0, "time_verifier": t2 - t1, "time_advantage": t3 - t2,
-            "time_loss": t4 - t3, "time_grad_var": t5 - t4, "time_optimizer": t6 - t5,
-        }
-        rec = self.dist.mean(rec)
-        rec["step"] = step
-        return rec
 
     def _optimizer_step(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
@@ -467,12 +512,8 @@ class Trainer:
             summary["records"], summary["skipped_records"] = self.task.counts()
         if self.dist.main:
             records = self.metrics.read()
+            summary.update(run_summary(records))
             if records:
-                keys = [k for k in records[0] if k.startswith("time_")]
-                summary["mean_step_time"] = {k[5:]: sum(r[k] for r in records) / len(records)
-                                             for k in keys}
-                gv = [r["grad_var"] for r in records if r.get("grad_var") is not None]
-                summary["mean_grad_var"] = sum(gv) / len(gv) if gv else None
                 plot_curves(records, os.path.join(self.out, "curves.png"),
                             title=f"{cfg.algo} on {cfg.task.name} (seed {cfg.seed})",
                             evals={k: v["accuracy"] for k, v in self.evals.items()

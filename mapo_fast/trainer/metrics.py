@@ -3,10 +3,12 @@ with live metrics on a terminal (plain lines otherwise), and ``curves.png``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
+import time
 from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -158,3 +160,67 @@ def plot_curves(records: List[Dict[str, Any]], path: str, *, title: Optional[str
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+class StepTimer:
+    """Wall time per phase of a step: ``with timer("loss"): ...`` adds to ``times["loss"]``
+    (a phase entered twice accumulates)."""
+
+    #: The phases of a step, in order (each record has ``time_<phase>``).
+    PHASES = ("rollout", "verifier", "advantage", "loss", "grad_var", "optimizer")
+
+    def __init__(self):
+        self.times: Dict[str, float] = {k: 0.0 for k in self.PHASES}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if phase not in self.times:
+            raise ValueError(f"StepTimer: `phase` must be one of {', '.join(self.PHASES)}, got "
+                             f"{phase!r}")
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[phase] += time.perf_counter() - t0
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def step_record(step: int, trajs: Sequence[Any], rewards: torch.Tensor,
+                parts: Dict[str, torch.Tensor], scores: torch.Tensor, turn_mask: torch.Tensor,
+                gap: Dict[str, Optional[float]], *, losses: Sequence[float],
+                loss_stats: Sequence[Dict[str, float]], epochs: int,
+                grad_var: Dict[str, float], grad_norm: float,
+                times: Dict[str, float]) -> Dict[str, Any]:
+    """One training step's record for ``metrics.jsonl`` (this rank's; the trainer averages it
+    over ranks): rewards, accuracy, semantic score, the gap metrics, gradient variance and
+    norm, tool use, response length, entropy, clip fraction and the time of each phase."""
+    n = len(trajs)
+    return {
+        "step": step, "reward_mean": float(rewards.mean()),
+        "accuracy": float(parts["accuracy"].mean()),
+        "semantic_score": float(scores[turn_mask].mean()) if turn_mask.any() else 0.0,
+        "grad_var": grad_var["relative_var"], "grad_var_trace": grad_var["trace_var"],
+        "loss": float(sum(losses) / epochs),
+        "tokens_per_s": sum(len(t.token_ids) for t in trajs) / sum(times.values()),
+        "grad_norm": grad_norm, **gap,
+        "tool_use": sum(any(t.ok for t in x.spans.turns) for x in trajs) / n,
+        "tool_errors": sum(x.stats.get("tool_errors", 0) for x in trajs) / n,
+        "response_tokens": sum(sum(x.loss_mask) for x in trajs) / n,
+        "entropy": _mean([s["entropy"] for s in loss_stats]),
+        "clipfrac": _mean([s["pg_clipfrac"] for s in loss_stats]),
+        **{f"time_{k}": v for k, v in times.items()},
+    }
+
+
+def run_summary(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """From a run's step records: the mean time of each phase and the mean gradient
+    variance (``{}`` for a run without steps)."""
+    if not records:
+        return {}
+    keys = [k for k in records[0] if k.startswith("time_")]
+    gv = [r["grad_var"] for r in records if r.get("grad_var") is not None]
+    return {"mean_step_time": {k[5:]: _mean([r[k] for r in records]) for k in keys},
+            "mean_grad_var": _mean(gv) if gv else None}

@@ -1,0 +1,150 @@
+"""The model runner: the paged KV pool, the attention hook, and one forward pass per step.
+
+The model runs as loaded (its embedding, layers, norms, rotary embeddings and LM head); only
+attention is replaced, through transformers' attention interface, by ``mapo_paged`` (registered
+once, on import of the first runner): each layer writes its new keys and values into their slots
+of the paged cache and attends over the pages of each sequence (``rollout.attention``). A
+forward takes a packed batch of new tokens (prompt chunks of some sequences, decode tokens or
+observation chunks of others) with their absolute positions (M-RoPE ``(t, h, w)`` triples for
+vision-language models) and image features in place of image-pad tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .attention import attention_path, run_paged_attention, store_kv
+from .scheduler import Batch
+
+Tensor = torch.Tensor
+ATTN_IMPL = "mapo_paged"
+
+
+@dataclass
+class _Step:
+    """What the attention layers of one forward pass need (set by the runner around it)."""
+    k_caches: List[Tensor]
+    v_caches: List[Tensor]
+    slots: Tensor
+    block_tables: Tensor
+    context_lens: Tensor
+    cu_q: Tensor
+    path: str = ""  # the attention implementation this step used (attention_path)
+
+
+_STEP: Optional[_Step] = None
+
+
+def _paged_attention_forward(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers attention function: ``query [1, H, N, D]``, ``key/value [1, Hkv, N, D]``
+    for the N packed new tokens; returns ``([1, N, H, D], None)``."""
+    step = _STEP
+    if step is None:
+        raise RuntimeError("the 'mapo_paged' attention runs only inside RolloutEngine steps")
+    layer = module.layer_idx
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    store_kv(step.k_caches[layer], step.v_caches[layer], k, v, step.slots)
+    q = query[0].transpose(0, 1).contiguous()
+    step.path = step.path or attention_path(q, step.k_caches[layer], step.cu_q)
+    scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
+    out = run_paged_attention(step.path, q, step.k_caches[layer], step.v_caches[layer],
+                              step.block_tables, step.context_lens, step.cu_q, scale)
+    return out.unsqueeze(0), None
+
+
+@functools.lru_cache(maxsize=None)
+def register_attention() -> None:
+    """Registers ``mapo_paged`` with transformers (once per process)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register(ATTN_IMPL, _paged_attention_forward)
+    # the paged kernel masks by position itself: no mask tensor is built
+    AttentionMaskInterface.register(ATTN_IMPL, lambda *args, **kwargs: None)
+
+
+class ModelRunner:
+    """The language model's side of the engine.
+
+    Args:
+        lm: the base language model (``model.model``, or ``model.model.language_model`` for
+            vision-language models); ``head``: the LM head; ``text_config``: its config.
+        num_blocks, block_size: the KV pool, ``[num_blocks, block_size, kv_heads, head_dim]``
+            per layer for keys and for values, in the model's dtype and device.
+        mrope: positions are M-RoPE triples (vision-language models).
+        stats: counters to update (``forward_passes``, ``attention_<path>_passes``).
+    """
+
+    def __init__(self, lm: Any, head: Any, text_config: Any, num_blocks: int, block_size: int,
+                 mrope: bool, stats: Dict[str, int]):
+        register_attention()
+        self.lm, self.head, self.text_config = lm, head, text_config
+        self.block_size, self.mrope, self.stats = block_size, mrope, stats
+        param = next(lm.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        cfg = text_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                         for _ in range(cfg.num_hidden_layers)]
+        self.v_caches = [torch.zeros_like(self.k_caches[0])
+                         for _ in range(cfg.num_hidden_layers)]
+
+    @contextmanager
+    def _attention(self, step: _Step):
+        global _STEP
+        previous = self.text_config._attn_implementation
+        self.text_config._attn_implementation = ATTN_IMPL
+        _STEP = step
+        try:
+            yield
+        finally:
+            _STEP = None
+            self.text_config._attn_implementation = previous
+
+    def run(self, batch: Batch) -> Tensor:
+        """Copies the batch's shared blocks, then one forward pass over its packed chunks.
+        Returns the logits of each chunk's last token, ``[len(batch.chunks), V]`` float32."""
+        self.copy_blocks(batch.copies)
+        ids, pos, lens, cu, inserts = [], [], [], [0], []
+        for (seq, start, end), table in zip(batch.chunks, batch.tables):
+            for im in seq.images:  # image features of the image-pad tokens in the chunk
+                a, b = max(start, im.start), min(end, im.end)
+                if a < b:
+                    inserts.append((len(ids) + a - start, im.features[a - im.start:b - im.start]))
+            ids += seq.tokens[start:end]
+            pos += seq.positions[start:end] if seq.positions is not None else \
+                [(p,) * 3 for p in range(start, end)]
+            lens.append(end)
+            cu.append(cu[-1] + end - start)
+        width = max(len(t) for t in batch.tables)
+        dev = self.device
+        step = _Step(self.k_caches, self.v_caches, torch.tensor(batch.slots, device=dev),
+                     torch.tensor([t + [0] * (width - len(t)) for t in batch.tables], device=dev),
+                     torch.tensor(lens, device=dev), torch.tensor(cu, device=dev))
+        position_ids = torch.tensor(pos, device=dev).T[:, None, :]  # [3, 1, N]
+        if not self.mrope:
+            position_ids = position_ids[0]
+        with torch.no_grad(), self._attention(step):
+            embeds = self.lm.get_input_embeddings()(torch.tensor([ids], device=dev))
+            for row, feats in inserts:
+                embeds[0, row:row + feats.shape[0]] = feats.to(embeds.dtype)
+            hidden = self.lm(inputs_embeds=embeds, position_ids=position_ids,
+                             use_cache=False).last_hidden_state[0]
+            logits = self.head(hidden[torch.tensor(cu[1:], device=dev) - 1]).float()
+        self.stats["forward_passes"] += 1
+        key = f"attention_{step.path}_passes"
+        self.stats[key] = self.stats.get(key, 0) + 1
+        return logits
+
+    def copy_blocks(self, copies) -> None:
+        """Copy-on-write: block ``src``'s keys and values into ``dst``, in every layer."""
+        for src, dst in copies:
+            for k, v in zip(self.k_caches, self.v_caches):
+                k[dst].copy_(k[src])
+                v[dst].copy_(v[src])

@@ -1,0 +1,80 @@
+"""Next-token sampling: banned tokens, the user's logits processor, temperature, top-k, top-p,
+and one uniform draw per sample from its own generator (so a sample draws the same tokens alone
+or in any batch)."""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from .params import FN, SamplingParams
+
+Tensor = torch.Tensor
+
+
+def sample(logits: Tensor, gens: Sequence[Optional[torch.Generator]], temperature: float,
+           top_k: int, top_p: float) -> Tuple[List[int], List[float]]:
+    """Next token and its log-prob under the sampling distribution, per row of ``logits
+    [n, V]`` float32 (temperature 0: greedy, log-prob at temperature 1)."""
+    if temperature == 0:
+        logp = torch.log_softmax(logits, -1)
+        tok = logits.argmax(-1)
+        return tok.tolist(), logp.gather(1, tok[:, None])[:, 0].tolist()
+    scaled = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_l, idx = torch.sort(scaled, descending=True, dim=-1)
+        cum = torch.softmax(sorted_l, -1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_l, -1) > top_p
+        scaled = scaled.scatter(1, idx, sorted_l.masked_fill(drop, float("-inf")))
+    logp = torch.log_softmax(scaled, -1)
+    # inverse-CDF sampling, one uniform per sample from its own generator: the draw does
+    # not depend on the batch; ``right=True`` never lands on a zero-probability token
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
+    cdf = logp.double().exp().cumsum(-1)
+    x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
+    tok = torch.searchsorted(cdf, x, right=True).clamp_(max=logits.shape[-1] - 1)
+    return tok[:, 0].tolist(), logp.gather(1, tok)[:, 0].tolist()
+
+
+def processed(processor: Any, tokens: List[int], row: Tensor) -> Tensor:
+    """``processor(tokens, row)``, checked: a float tensor of the row's shape with at least one
+    finite logit and no NaN (else nothing could be sampled)."""
+    out = processor(tokens, row)
+    name = getattr(processor, "__name__", type(processor).__name__)
+    if not isinstance(out, Tensor) or out.shape != row.shape or not out.is_floating_point():
+        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"{FN}: `logits_processor` ({name}) must return float logits of shape "
+                         f"{tuple(row.shape)}, got {got}")
+    if not bool(torch.isfinite(out).any()) or bool(torch.isnan(out).any()):
+        raise ValueError(f"{FN}: `logits_processor` ({name}) returned logits with no finite "
+                         "value or with NaN: nothing can be sampled")
+    return out
+
+
+class Sampler:
+    """Samples the next token of a batch of sequences.
+
+    Args:
+        params: the call's ``SamplingParams``.
+        banned: token ids never sampled (a vision-language model's image placeholders and
+            vision markers: only observations insert them).
+    """
+
+    def __init__(self, params: SamplingParams, banned: Sequence[int] = ()):
+        self.params, self.banned = params, list(banned)
+
+    def __call__(self, seqs: Sequence[Any], logits: Tensor) -> Tuple[List[int], List[float]]:
+        """Each sequence's next token and log-prob from its row of ``logits [n, V]``; a
+        sequence has ``tokens`` and ``generator``."""
+        p = self.params
+        if self.banned:
+            logits = logits.clone()
+            logits[:, self.banned] = float("-inf")
+        if p.logits_processor is not None:
+            logits = torch.stack([processed(p.logits_processor, list(s.tokens), row)
+                                  for s, row in zip(seqs, logits)])
+        return sample(logits, [s.generator for s in seqs], p.temperature, p.top_k, p.top_p)

@@ -1,0 +1,233 @@
+"""The scheduler: which tokens of which sequences go through the model in the next step, and the
+KV blocks they take.
+
+It owns the block allocator (the C++ ``BlockManager``, or its Python model). Each step it
+(1) resumes preempted samples, oldest first, while the pool holds them; (2) gives every running
+sample with pending tokens its next chunk (a decode token, or up to ``prefill_chunk`` tokens of
+an observation or of a recomputed prefix), oldest first; (3) fills the rest of the token budget
+(``max_batch_tokens``) with prompt chunks of waiting prompts in arrival order (several prompts
+share one forward: batched prefill; a prompt starts in the step that completes the prefill of
+those before it at the latest, so a prefix it shares with them is computed when it is read). Room is checked before anything is allocated
+(``add_cost`` / ``append_cost``): when a running sample's chunk does not fit, the most
+recently started running samples are preempted (their blocks freed, their tokens kept), or it
+waits for the next step when older samples took the room. Waiting prompts never preempt; a
+new prompt is admitted only when no sample waits to be resumed. All running samples' new
+tokens are then appended in one batched ``append_tokens`` call, whose slots (and copy-on-write
+copies) go straight to the model runner.
+"""
+
+from __future__ import annotations
+
+import collections
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Deque, Dict, List, Optional, Tuple
+
+from .params import SchedulerParams
+from .sequence import PromptSeq, Sample, Seq, Status
+
+
+@dataclass
+class Batch:
+    """One step's work: ``chunks`` ``(seq, start, end)`` (tokens ``[start, end)`` of ``seq`` go
+    through the model; its context is its first ``end`` tokens), the KV ``slots`` of those
+    tokens in order, each chunk's block ``tables``, and the ``copies`` ``(src, dst)`` of
+    shared blocks to make before the forward writes."""
+    chunks: List[Tuple[Seq, int, int]] = field(default_factory=list)
+    slots: List[int] = field(default_factory=list)
+    tables: List[List[int]] = field(default_factory=list)
+    copies: List[Tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(b - a for _, a, b in self.chunks)
+
+
+def block_manager_class(name: str = "cpp") -> Any:
+    """The allocator: ``"cpp"`` (the extension) or ``"python"`` (its model)."""
+    if name == "cpp":
+        from ..kernels._block_manager import BlockManager
+    elif name == "python":
+        from ..kernels.block_manager_ref import BlockManager
+    else:
+        raise ValueError(f"block_manager_class: `name` must be one of 'cpp', 'python', got "
+                         f"{name!r}")
+    return BlockManager
+
+
+class Scheduler:
+    """Waiting prompts, running and preempted samples, and the block allocator.
+
+    Args:
+        num_blocks, block_size: the KV pool.
+        params: the per-step token budget.
+        stats: counters to update (``preemptions``, ``peak_blocks``, ``cached_prompt_tokens``,
+            ``prefill_tokens`` of prompts).
+        allocator: ``"cpp"`` or ``"python"`` (``block_manager_class``).
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, params: SchedulerParams,
+                 stats: Dict[str, int], allocator: str = "cpp"):
+        self.num_blocks, self.block_size, self.params = num_blocks, block_size, params
+        self.stats = stats
+        self._manager = block_manager_class(allocator)
+        self._block_hash = sys.modules[self._manager.__module__].block_hash
+        self.blocks = self._manager(num_blocks, block_size)
+        self.waiting: Deque[PromptSeq] = collections.deque()
+        self.samples: List[Sample] = []  # in the order they started
+
+    # ---- queues ----------------------------------------------------------------------------
+    def add_prompt(self, prompt: PromptSeq) -> None:
+        self.waiting.append(prompt)
+
+    def fork(self, prompt: PromptSeq, samples: List[Sample]) -> None:
+        """Hands a fully prefilled prompt's blocks to its samples (shared until written)."""
+        for s in samples:
+            s.sid = self.blocks.fork_seq(prompt.sid)
+        self.blocks.free_seq(prompt.sid)
+        prompt.sid, prompt.status = -1, Status.FINISHED
+        self.waiting.remove(prompt)
+        self.samples += samples
+
+    def finish(self, s: Sample) -> None:
+        """A finished sample's blocks go back at once (the prefix index keeps them findable
+        until they are reused)."""
+        self.blocks.free_seq(s.sid)
+        s.sid, s.status = -1, Status.FINISHED
+
+    @property
+    def done(self) -> bool:
+        return not self.waiting and all(s.status is Status.FINISHED for s in self.samples)
+
+    def reset(self) -> None:
+        """Every block back to the pool, an empty prefix index and no sequence (after a failed
+        call)."""
+        self.blocks = self._manager(self.num_blocks, self.block_size)
+        self.waiting.clear()
+        self.samples = []
+
+    # ---- one step --------------------------------------------------------------------------
+    def schedule(self) -> Batch:
+        """The next step's ``Batch`` (empty only when nothing is left to run)."""
+        self._resume()
+        batch, budget = Batch(), self.params.max_batch_tokens
+        reserved, appends = 0, []
+        for s in [s for s in self.samples if s.status is Status.RUNNING and s.num_pending]:
+            if budget == 0:
+                break
+            if s.status is not Status.RUNNING:  # preempted for an older sample's room
+                continue
+            end = s.num_computed + min(s.num_pending, self.params.prefill_chunk, budget)
+            cost = self._room_for(s, end, reserved, batch)
+            if cost is None:
+                continue
+            reserved += cost
+            batch.chunks.append((s, s.num_computed, end))
+            appends.append(s)
+            budget -= end - s.num_computed
+        self._admit(batch, budget, reserved,
+                    admit_new=not any(s.status is Status.PREEMPTED for s in self.samples))
+        self._allocate(batch, {id(s) for s in appends})
+        used = self.num_blocks - self.blocks.num_free
+        self.stats["peak_blocks"] = max(self.stats.get("peak_blocks", 0), used)
+        return batch
+
+    def _room_for(self, s: Sample, end: int, reserved: int, batch: Batch) -> Optional[int]:
+        """Blocks that appending ``s``'s tokens up to ``end`` takes, after preempting the most
+        recently started running samples not in ``batch`` while the pool lacks them; None when
+        ``s`` must wait (preempted itself if nothing else runs)."""
+        chosen = {id(c) for c, _, _ in batch.chunks}
+        while True:
+            new = end - self.blocks.num_tokens(s.sid)
+            cost = self.blocks.append_cost([s.sid], [max(new, 0)])
+            if reserved + cost <= self.blocks.num_free:
+                return cost
+            victims = [v for v in self.samples if v.status is Status.RUNNING and v is not s
+                       and id(v) not in chosen]
+            if victims:
+                self.preempt(victims[-1])
+            elif not batch.chunks:
+                self.preempt(s)
+                return None
+            else:
+                return None
+
+    def _admit(self, batch: Batch, budget: int, reserved: int, admit_new: bool) -> None:
+        """Prompt chunks of waiting prompts, in arrival order, while the budget and the pool
+        allow; a prompt's blocks are allocated with its first chunk (``admit_new``: new prompts
+        may start; prompts already started always continue)."""
+        for p in self.waiting:
+            if budget == 0:
+                break
+            if p.sid < 0:
+                if not admit_new:
+                    break
+                keys = p.keys()
+                if reserved + self.blocks.add_cost(keys) > self.blocks.num_free:
+                    break
+                p.sid, cached = self.blocks.add(keys)
+                self.stats["cached_prompt_tokens"] += cached
+                self.stats["prefill_tokens"] += len(p.tokens) - cached
+                # a fully cached prompt recomputes its last token for the logits (its KV
+                # slot gets the values it already holds)
+                p.num_computed = min(cached, len(p.tokens) - 1)
+                p.status = Status.RUNNING
+            n = min(p.num_pending, self.params.prefill_chunk, budget)
+            batch.chunks.append((p, p.num_computed, p.num_computed + n))
+            budget -= n
+            if n < p.num_pending:
+                # a later prompt may share this one's blocks (its prefix, registered when
+                # allocated): it starts only once they are all computed, in this step at the
+                # latest (each layer writes the step's keys and values before attending)
+                break
+
+    def _allocate(self, batch: Batch, appends: set) -> None:
+        """One ``append_tokens`` call for every running sample's new tokens; the slots of all
+        chunk tokens (from it, or from the block table for tokens already in the blocks)."""
+        ids, keys, held = [], [], {}
+        for s, a, b in batch.chunks:
+            if id(s) in appends:
+                held[id(s)] = n = self.blocks.num_tokens(s.sid)
+                new = s.keys(max(a, n), b)
+                ids += [s.sid] * len(new)
+                keys += new
+        new_slots, batch.copies = self.blocks.append_tokens(ids, keys)
+        new_slots = iter(new_slots)
+        bs = self.block_size
+        for s, a, b in batch.chunks:
+            table = self.blocks.block_table(s.sid)
+            n = held.get(id(s), b)
+            batch.slots += [table[p // bs] * bs + p % bs for p in range(a, min(b, n))]
+            batch.slots += [next(new_slots) for _ in range(max(a, n), b)]
+            batch.tables.append(table)
+
+    # ---- memory pressure -------------------------------------------------------------------
+    def preempt(self, s: Sample) -> None:
+        self.blocks.free_seq(s.sid)
+        s.sid, s.status = -1, Status.PREEMPTED
+        s.stats["preemptions"] = s.stats.get("preemptions", 0) + 1
+        self.stats["preemptions"] = self.stats.get("preemptions", 0) + 1
+
+    def _resume(self) -> None:
+        """Re-adds preempted samples, oldest first, while the pool holds them whole: the
+        leading blocks of their tokens still in the prefix index are taken back as they are;
+        the rest is recomputed in chunks."""
+        for s in self.samples:
+            if s.status is not Status.PREEMPTED:
+                continue
+            if self.blocks.blocks_for(len(s.tokens)) + 1 > self.blocks.num_free:
+                break
+            keys = s.keys(0, s.num_computed)
+            s.sid, s.num_computed = self.blocks.add(keys[:self._cached_prefix(keys)])
+            s.status = Status.RUNNING
+
+    def _cached_prefix(self, keys: List[int]) -> int:
+        """How many leading tokens of ``keys`` the prefix index holds (whole blocks)."""
+        block_hash = self._block_hash
+        bs, h, n = self.block_size, 0, 0  # 0: the chain's start (no previous block)
+        while n + bs <= len(keys):
+            h = block_hash(h, keys[n:n + bs], 0, bs)
+            if self.blocks.lookup(h) < 0:
+                break
+            n += bs
+        return n

@@ -1,0 +1,130 @@
+"""Turn rules, observations and description spans (``rollout.tool_turns``) and the sampler
+(``rollout.sampler``), each through its own interface, without a model."""
+
+import pytest
+import torch
+
+from mapo_fast.rollout.params import SamplingParams, ToolParams
+from mapo_fast.rollout.sampler import Sampler
+from mapo_fast.rollout.sequence import PromptSeq, Sample, Status
+from mapo_fast.rollout.tool_turns import ToolTurns, find_marker, observation_tokens
+from mapo_fast.tools import ToolRunner
+from mapo_fast.trajectory import OBSERVATION_TEMPLATE
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from tokenizer_util import byte_level_tokenizer
+    return byte_level_tokenizer()
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def sample(tok, text="Q:", **kw):
+    prompt = PromptSeq(tokens=ids(tok, text))
+    return Sample.fork(prompt, 0, **kw)
+
+
+def feed(turns, s, text):
+    """Emits the tokens of ``text`` one by one until the sample's turn ends."""
+    for t in ids(turns.tokenizer, text):
+        turns.emit(s, t, -0.5)
+        if s.status is Status.FINISHED or s.tool_text is not None:
+            return
+
+
+def test_find_marker_spans_tokens(tok):
+    text = "abc <tool_call>{\"name\": 1}</tool_call> then <description>x</description>"
+    toks = ids(tok, text)
+    for marker in ("<tool_call>", "</tool_call>", "<description>", "name"):
+        k = find_marker(tok, toks, 0, marker)
+        assert marker in tok.decode(toks[k:]) and marker not in tok.decode(toks[k + 1:])
+    assert find_marker(tok, toks, 3, "absent") == 3
+
+
+def test_observation_tokens_text_is_cut_and_templated(tok):
+    obs, at = observation_tokens(tok, OBSERVATION_TEMPLATE, text="error: box outside the image")
+    assert tok.decode(obs) == OBSERVATION_TEMPLATE.format("error: box outside the image")
+    assert at == -1
+    cut, _ = observation_tokens(tok, OBSERVATION_TEMPLATE, text="error: box outside the image",
+                                max_tokens=3)
+    assert cut == obs[:3]
+
+
+def test_turn_ends_on_stop_token_limit_string_and_tool_call(tok):
+    turns = ToolTurns(tok, None, SamplingParams(max_new_tokens=50), ToolParams(), {})
+    s = sample(tok)
+    feed(turns, s, "The answer")
+    turns.emit(s, tok.eos_token_id, -0.1)                      # the tokenizer's EOS
+    assert s.status is Status.FINISHED and s.num_computed == len(s.tokens)
+    assert s.loss_mask == [1] * len(s.logprobs) and s.logprobs[-1] == -0.1
+
+    short = ToolTurns(tok, None, SamplingParams(max_new_tokens=3), ToolParams(), {})
+    s = sample(tok)
+    feed(short, s, "a long answer that goes on")
+    assert s.status is Status.FINISHED and s.new_tokens == 3
+
+    strings = ToolTurns(tok, None, SamplingParams(stop_strings=("says",)), ToolParams(), {})
+    s = sample(tok)
+    feed(strings, s, "The sign says 42 and more")
+    assert s.status is Status.FINISHED and tok.decode(s.tokens[s.prompt_len:]).endswith("says")
+
+    tools = ToolTurns(tok, None, SamplingParams(), ToolParams(runner=ToolRunner(), max_turns=2),
+                      {})
+    s = sample(tok, session=tools.new_session())
+    feed(tools, s, "<tool_call>{\"name\": \"x\"}</tool_call> never reached")
+    assert s.status is Status.RUNNING and s.tool_text.endswith("</tool_call>")
+    assert s.num_computed == len(s.tokens) - 1                 # the last token is pending
+
+    capped = ToolTurns(tok, None, SamplingParams(max_trajectory_tokens=2), ToolParams(), {})
+    s = sample(tok)
+    feed(capped, s, "a long answer")
+    assert s.status is Status.FINISHED and s.stats["truncated"] == 1 and s.generated == 2
+
+
+def test_failed_call_gets_a_text_observation_and_a_description_span(tok):
+    runner = ToolRunner()
+    turns = ToolTurns(tok, None, SamplingParams(), ToolParams(runner=runner, max_turns=3), {})
+    s = sample(tok, session=turns.new_session())
+    feed(turns, s, "zoom <tool_call>{\"name\": \"nope\", \"arguments\": {}}</tool_call>")
+    assert s.tool_text is not None
+    turns.run([s])
+    turn = s.turns[0]
+    assert s.tool_text is None and turn.error and "unknown tool" in turn.error
+    assert tok.decode(s.tokens[turn.call.start:turn.call.end]).lstrip().startswith("<tool_call>")
+    obs = s.tokens[turn.observation.start:turn.observation.end]
+    assert tok.decode(obs).startswith("<tool_response>") and s.loss_mask[-len(obs):] == \
+        [0] * len(obs)
+    assert s.num_pending == len(obs) + 1                       # the '>' and the observation
+    feed(turns, s, "<description>a red circle</description><answer>B</answer>")
+    turns.emit(s, tok.eos_token_id, 0.0)
+    turns.describe(s)
+    assert turn.description_text == "a red circle"
+    assert "<description>" in tok.decode(s.tokens[turn.description.start:turn.description.end])
+    assert s.stats["tool_calls"] == 1 and s.stats["tool_errors"] == 1
+    assert runner.stats["error:unknown_tool"] == 1
+
+
+def test_sampler_bans_tokens_and_applies_the_processor():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 2.0]] * 2)
+    seqs = [Sample(tokens=[1, 2], generator=None), Sample(tokens=[3], generator=None)]
+    greedy = Sampler(SamplingParams(temperature=0.0), banned=[1])
+    toks, lps = greedy(seqs, logits)
+    assert toks == [3, 3]
+    seen = []
+
+    def only_two(tokens, row):
+        seen.append(list(tokens))
+        out = torch.full_like(row, float("-inf"))
+        out[2] = 0.0
+        return out
+    toks, lps = Sampler(SamplingParams(temperature=0.0, logits_processor=only_two))(seqs, logits)
+    assert toks == [2, 2] and lps == [0.0, 0.0] and seen == [[1, 2], [3]]
+    with pytest.raises(ValueError, match="`temperature` must be a finite number"):
+        SamplingParams(temperature=float("inf"))
+    with pytest.raises(ValueError, match="`max_observation_tokens` must be an int >= 1, got 0"):
+        ToolParams(max_observation_tokens=0)
+    with pytest.raises(ValueError, match="`tools` must be a ToolRunner"):
+        ToolParams(runner=3)
