@@ -14,20 +14,33 @@ The image workload (``rollout_image``) is the same shape with a Qwen2.5-VL: a 10
 prompt, 3 zoom-in calls each answered with a 256-token crop, the naive loop re-running the HF
 processor and ``generate`` on the whole history each turn. HF ``generate`` on its own cache is
 measured on the text workload only.
+
+The prefill workload (new): 16 prompts of 200 to 2000 tokens x G=8, one tool turn (32 tokens,
+a 64-token observation) and a final 32-token turn, RolloutEngine only: it is where packing the
+prompts of a batch into shared forward passes (batched prefill) shows. Every RolloutEngine case
+reports its forward passes, the passes that prefilled prompts, and the share of its wall time
+spent inside block-allocator calls (each call timed).
+
+``--before DIR`` runs the RolloutEngine cases again, in a subprocess, with the ``mapo_fast``
+package installed in ``DIR`` (an older revision: ``git worktree add /tmp/rev <rev>`` and
+``pip install --no-deps --target DIR /tmp/rev``), and adds them to the same tables as
+"RolloutEngine before"; ``--engine-only`` skips the Hugging Face cases.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 try:
     import rollout_image
-    from harness import device_info, main as bench_main, measure, write_report
+    from harness import CaseResult, device_info, main as bench_main, measure, write_report
 except ImportError:  # imported as bench.bench_rollout
     from . import rollout_image
-    from .harness import device_info, main as bench_main, measure, write_report
+    from .harness import CaseResult, device_info, main as bench_main, measure, write_report
 
 IMAGE = {"quick": dict(prompts=1, group=2, image=224, crop=112, turns=1, new=40, layers=2,
                        hidden=128, vision_hidden=64, vision_layers=1, min_pixels=56 * 56,
@@ -44,7 +57,14 @@ SCALES = {"quick": dict(prompts=2, group=2, prompt_len=128, turns=1, new=16, obs
                       layers=4, hidden=512, image=IMAGE["cpu"]),
           "gpu": dict(prompts=4, group=8, prompt_len=1024, turns=3, new=64, obs=256,
                       layers=16, hidden=2048, image=IMAGE["gpu"])}
+# the prefill workload: prompts of min_len..max_len tokens, one tool turn
+PREFILL = {"quick": dict(prompts=4, group=2, min_len=20, max_len=200, new=8, obs=8),
+           "cpu": dict(prompts=16, group=8, min_len=200, max_len=2000, new=32, obs=64),
+           "gpu": dict(prompts=16, group=8, min_len=200, max_len=2000, new=32, obs=64)}
+for _k, _v in SCALES.items():
+    _v["prefill"] = PREFILL[_k]
 VOCAB = 32000
+ENGINE = "mapo_fast RolloutEngine"
 
 
 def make_model(cfg, device):
@@ -103,14 +123,17 @@ class _FixedObservation:
 
 class _EndTurnAt:
     """Forces `</tool_call>` as the `n`-th token of every turn (turns restart after each
-    observation, recognised by its closing tag)."""
+    observation, recognised by its closing tag); ``prompts``: the prompts (a sequence's is
+    recognised by its first tokens)."""
 
-    def __init__(self, n, end_id, obs_end_id, prompt_len):
-        self.n, self.end_id, self.obs_end_id, self.prompt_len = n, end_id, obs_end_id, prompt_len
+    def __init__(self, n, end_id, obs_end_id, prompts):
+        self.n, self.end_id, self.obs_end_id = n, end_id, obs_end_id
+        self.prompt_len = {tuple(p[:16]): len(p) for p in prompts}
 
     def __call__(self, tokens, logits):
-        last_obs = next((i for i in range(len(tokens) - 1, self.prompt_len - 1, -1)
-                         if tokens[i] == self.obs_end_id), self.prompt_len - 1)
+        start = self.prompt_len[tuple(tokens[:16])]
+        last_obs = next((i for i in range(len(tokens) - 1, start - 1, -1)
+                         if tokens[i] == self.obs_end_id), start - 1)
         if len(tokens) - last_obs == self.n:
             out = torch.full_like(logits, float("-inf"))
             out[self.end_id] = 0.0
@@ -142,164 +165,292 @@ def kv_bytes(model, tokens: int) -> int:
         next(model.parameters()).element_size()
 
 
-def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str):
+class AllocatorClock:
+    """Wraps an engine's block allocator: each method call's wall time is added up."""
+
+    def __init__(self, inner):
+        self.inner, self.seconds, self.calls = inner, 0.0, 0
+
+    def __getattr__(self, name):
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+        return timed
+
+
+def instrument(eng) -> dict:
+    """Clocks ``eng``'s allocator and counts its prompt-prefill passes (this revision's
+    ``prefill_passes``, or, for engines before it, the passes with a prompt chunk). Returns
+    the live record; ``finish(record, eng, wall_s)`` completes it."""
+    holder = getattr(eng, "scheduler", eng)  # the scheduler owns the allocator since it exists
+    rec = {"clock": AllocatorClock(holder.blocks), "prompt_passes": 0}
+    holder.blocks = rec["clock"]
+    if "prefill_passes" not in eng.stats and hasattr(eng, "_forward"):
+        forward = eng._forward
+
+        def counted(chunks):
+            rec["prompt_passes"] += any(type(c[1]).__name__ == "_Prompt" for c in chunks)
+            return forward(chunks)
+        eng._forward = counted
+    return rec
+
+
+def finish(rec: dict, eng, wall_s: float) -> dict:
+    return {"prefill_tokens": eng.stats["prefill_tokens"],
+            "forward_passes": eng.stats["forward_passes"],
+            "prefill_passes": eng.stats.get("prefill_passes", rec["prompt_passes"]),
+            "allocator_s": rec["clock"].seconds, "allocator_calls": rec["clock"].calls,
+            "allocator_share": rec["clock"].seconds / wall_s,
+            "peak_kv_mib": eng.stats["peak_blocks"] * eng.block_bytes / 2 ** 20,
+            "vision_patches": eng.stats.get("vision_patches", 0)}
+
+
+def engine_notes(x: dict) -> str:
+    return (f"prefill {x['prefill_tokens']} tokens in {x['forward_passes']} passes "
+            f"({x['prefill_passes']} with prompts); allocator {100 * x['allocator_share']:.1f}% "
+            f"of wall time ({x['allocator_calls']} calls)")
+
+
+def engine_case(name: str, fn, device, notes: str = ""):
+    """Times ``fn() -> (engine, instrument record, extra)`` once; the result carries the
+    engine's counters."""
+    box = {}
+
+    def timed():
+        t0 = time.perf_counter()
+        eng, rec, extra = fn()
+        box["x"] = {**finish(rec, eng, time.perf_counter() - t0), **extra}
+    r = measure(name, timed, device, repeats=1, warmup=0)
+    r.extra = box["x"]
+    r.notes = "; ".join(x for x in (notes, engine_notes(r.extra)) if x)
+    print(f"    {r.median_ms / 1e3:.1f} s, {r.notes}", flush=True)
+    return r
+
+
+def text_engine(model, tok, device, prompts, cfg, obs_texts, template, paths):
+    """RolloutEngine on the text multi-turn workload (turn ends forced at ``new`` tokens)."""
     from mapo_fast.rollout import RolloutEngine
-    cfg = SCALES[scale]
-    info = device_info(device)
-    model = make_model(cfg, device)
-    tok = make_tokenizer()
+    G, T, N = cfg["group"], cfg["turns"], cfg["new"]
+    longest = max(map(len, prompts))
+    eng = RolloutEngine(model, tok, block_size=engine_block_size(device),
+                        memory_budget_mb=max(64, 2 * kv_bytes(model, 1) * (len(prompts) * G + 1)
+                                             * (longest + T * (N + cfg["obs"] + 2) + N) / 2 ** 20))
+    rec = instrument(eng)
+    eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
+                 tools=_FixedObservation(obs_texts), max_turns=T + 1, stop_token_ids=[],
+                 max_observation_tokens=cfg["obs"] + 2, observation_template=template,
+                 logits_processor=_EndTurnAt(N, VOCAB + 2, VOCAB + 4, prompts))
+    attention_paths(eng, paths)
+    assert eng.stats["decode_tokens"] > 0
+    return eng, rec, {}
+
+
+def multi_turn(model, tok, device, cfg, paths, engine_only):
+    """The text multi-turn workload: the naive HF loop, HF generate on its own cache, and
+    RolloutEngine."""
     prompts, obs = workload(cfg)
     obs_texts = [tok.decode(o) for o in obs]
     template = "<tool_response> {} </tool_response>"  # word-level: tags are their own words
     obs_ids = [tok(template.format(t), add_special_tokens=False)["input_ids"] for t in obs_texts]
-    end_id, obs_end = VOCAB + 2, VOCAB + 4
-    G, T, N = cfg["group"], cfg["turns"], cfg["new"]
-    counts, paths = {}, {}  # paths: RolloutEngine forward passes per attention path
+    rows = []
+    if not engine_only:
+        for name, own, notes in [("naive HF loop", False, "re-prefills history"),
+                                 ("HF generate, own cache", True, "no sharing")]:
+            print(f"  rollout: {name} ...", flush=True)
+            box = {}
+            r = measure(name, lambda: box.setdefault("x", naive_hf(model, device, prompts, obs_ids,
+                                                                   cfg, own)),
+                        device, repeats=1, warmup=0)
+            prefill, kv = box["x"]
+            r.extra = {"prefill_tokens": prefill, "peak_kv_mib": kv / 2 ** 20}
+            r.notes = f"{notes}; prefill {prefill} tokens; peak KV {kv / 2 ** 20:.0f} MiB"
+            print(f"    {r.median_ms / 1e3:.1f} s, {r.notes}", flush=True)
+            rows.append(r)
+    print("  rollout: mapo_fast RolloutEngine ...", flush=True)
+    rows.append(engine_case(ENGINE, lambda: text_engine(model, tok, device, prompts, cfg,
+                                                        obs_texts, template, paths),
+                            device, "paged KV, shared prompts"))
+    return {"workload": f"{len(prompts)} prompts x G={cfg['group']}, {cfg['prompt_len']}-token "
+                        f"prompt, {cfg['turns']} tool turns of {cfg['new']} + {cfg['obs']} "
+                        f"tokens, final {cfg['new']}", "cases": rows}
 
-    def naive(own_cache: bool):
-        from transformers import DynamicCache
-        prefill, peak = 0, 0
-        for i, p in enumerate(prompts):
-            for g in range(G):
-                torch.manual_seed(1000 * i + g)
-                hist = list(p)
-                cache = DynamicCache() if own_cache else None
-                cached = 0
-                for k in range(T + 1):
-                    prefill += len(hist) - cached
-                    out = model.generate(torch.tensor([hist], device=device), do_sample=True,
-                                         top_k=0, max_new_tokens=N, min_new_tokens=N,
-                                         pad_token_id=VOCAB, cache=cache,
-                                         return_dict_in_generate=True)
-                    hist = out.sequences[0].tolist()
-                    if own_cache:  # transformers 5 names it `cache`, earlier `past_key_values`
-                        returned = getattr(out, "cache", None) if hasattr(out, "cache") \
-                            else out.past_key_values
-                        cache = returned if returned is not None else cache
-                        cached = len(hist) - 1
-                    if k < T:
-                        hist += obs_ids[k]
-                peak = max(peak, len(hist))
-        live = G * len(prompts) if own_cache else 1  # own caches all live to the end
-        return prefill, kv_bytes(model, peak) * live
+
+def naive_hf(model, device, prompts, obs_ids, cfg, own_cache: bool):
+    """HF ``generate`` per sample and turn, on the whole history (``own_cache``: continuing
+    the sample's own cache). Returns (prefill tokens, peak KV bytes)."""
+    from transformers import DynamicCache
+    G, T, N = cfg["group"], cfg["turns"], cfg["new"]
+    prefill, peak = 0, 0
+    for i, p in enumerate(prompts):
+        for g in range(G):
+            torch.manual_seed(1000 * i + g)
+            hist = list(p)
+            cache = DynamicCache() if own_cache else None
+            cached = 0
+            for k in range(T + 1):
+                prefill += len(hist) - cached
+                out = model.generate(torch.tensor([hist], device=device), do_sample=True,
+                                     top_k=0, max_new_tokens=N, min_new_tokens=N,
+                                     pad_token_id=VOCAB, cache=cache,
+                                     return_dict_in_generate=True)
+                hist = out.sequences[0].tolist()
+                if own_cache:  # transformers 5 names it `cache`, earlier `past_key_values`
+                    returned = getattr(out, "cache", None) if hasattr(out, "cache") \
+                        else out.past_key_values
+                    cache = returned if returned is not None else cache
+                    cached = len(hist) - 1
+                if k < T:
+                    hist += obs_ids[k]
+            peak = max(peak, len(hist))
+    live = G * len(prompts) if own_cache else 1  # own caches all live to the end
+    return prefill, kv_bytes(model, peak) * live
+
+
+def single_turn(model, tok, device, cfg, paths, engine_only):
+    """Text single turn: transformers' continuous batching (``generate_batch``) and
+    RolloutEngine."""
+    from mapo_fast.rollout import RolloutEngine
+    prompts, _ = workload(cfg)
+    G, N = cfg["group"], cfg["new"]
+    rows = []
+    if not engine_only:
+        def gen_batch():
+            from transformers import GenerationConfig
+            gc = GenerationConfig(max_new_tokens=N, do_sample=True, top_k=0, eos_token_id=-1,
+                                  pad_token_id=VOCAB)
+            model.generate_batch(inputs=[p for p in prompts for _ in range(G)],
+                                 generation_config=gc, progress_bar=False)
+        print("  single turn: transformers generate_batch ...", flush=True)
+        try:
+            r = measure("transformers generate_batch", gen_batch, device, repeats=1, warmup=1,
+                        notes="continuous batching")
+            print(f"    {r.median_ms / 1e3:.1f} s", flush=True)
+            rows.append(r)
+        except Exception as e:  # generate_batch is young and version-dependent
+            print(f"    skipped: {type(e).__name__}: {e}", flush=True)
 
     def ours():
-        eng = RolloutEngine(model, tok, block_size=engine_block_size(device),
-                            memory_budget_mb=max(64, 2 * kv_bytes(model, 1) *
-                                                 (len(prompts) * G + 1) *
-                                                 (cfg["prompt_len"] + T * (N + cfg["obs"] + 2)
-                                                  + N) / 2 ** 20))
-        eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
-                     tools=_FixedObservation(obs_texts), max_turns=T + 1, stop_token_ids=[],
-                     max_observation_tokens=cfg["obs"] + 2, observation_template=template,
-                     logits_processor=_EndTurnAt(N, end_id, obs_end, cfg["prompt_len"]))
-        per_block = kv_bytes(model, eng.block_size)
-        attention_paths(eng, paths)
-        assert eng.stats["decode_tokens"] > 0
-        return eng.stats["prefill_tokens"], eng.stats["peak_blocks"] * per_block
-
-    def record(name, fn):
-        def timed():
-            counts[name] = fn()
-        return timed
-
-    rows = []
-    for name, fn, notes in [("naive HF loop", lambda: naive(False), "re-prefills history"),
-                            ("HF generate, own cache", lambda: naive(True), "no sharing"),
-                            ("mapo_fast RolloutEngine", ours, "paged KV, shared prompts")]:
-        print(f"  rollout: {name} ...", flush=True)
-        r = measure(name, record(name, fn), device, repeats=1, warmup=0)
-        prefill, kv = counts[name]
-        r.extra = {"prefill_tokens": prefill, "peak_kv_mib": kv / 2 ** 20}
-        r.notes = f"{notes}; prefill {prefill} tokens; peak KV {kv / 2 ** 20:.0f} MiB"
-        print(f"    {r.median_ms / 1e3:.1f} s, {r.notes}", flush=True)
-        rows.append(r)
-    results = [{"workload": f"{len(prompts)} prompts x G={G}, {cfg['prompt_len']}-token prompt, "
-                            f"{T} tool turns of {N} + {cfg['obs']} tokens, final {N}",
-                "cases": rows}]
-
-    # text single-turn variant with transformers' continuous batching
-    single = []
-
-    def gen_batch():
-        from transformers import GenerationConfig
-        gc = GenerationConfig(max_new_tokens=N, do_sample=True, top_k=0, eos_token_id=-1,
-                              pad_token_id=VOCAB)
-        model.generate_batch(inputs=[p for p in prompts for _ in range(G)],
-                             generation_config=gc, progress_bar=False)
-
-    def ours_single():
         eng = RolloutEngine(model, tok, block_size=engine_block_size(device))
+        rec = instrument(eng)
         eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
                      stop_token_ids=[])
         attention_paths(eng, paths)
-    for name, fn, notes in [("transformers generate_batch", gen_batch, "continuous batching"),
-                            ("mapo_fast RolloutEngine", ours_single, "shared prompts")]:
-        print(f"  single turn: {name} ...", flush=True)
-        try:
-            r = measure(name, fn, device, repeats=1, warmup=1 if "batch" in name else 0,
-                        notes=notes)
-        except Exception as e:  # generate_batch is young and version-dependent
-            print(f"    skipped: {type(e).__name__}: {e}", flush=True)
-            continue
-        print(f"    {r.median_ms / 1e3:.1f} s", flush=True)
-        single.append(r)
-    if single:
-        results.append({"workload": f"text single turn: {len(prompts)} x G={G}, "
-                                    f"{cfg['prompt_len']}-token prompt, {N} new tokens",
-                        "cases": single})
-    image_rows, image_desc = run_image(cfg["image"], device, counts, paths)
-    results.append({"workload": image_desc, "cases": image_rows})
+        return eng, rec, {}
+    print("  single turn: mapo_fast RolloutEngine ...", flush=True)
+    rows.append(engine_case(ENGINE, ours, device, "shared prompts"))
+    return {"workload": f"text single turn: {len(prompts)} x G={G}, {cfg['prompt_len']}-token "
+                        f"prompt, {N} new tokens", "cases": rows}
+
+
+def prefill_heavy(model, tok, device, cfg, paths):
+    """The prefill workload: prompts of many lengths, one tool turn, RolloutEngine only."""
+    c = cfg["prefill"]
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.linspace(c["min_len"], c["max_len"], c["prompts"]).long()
+    lengths = lengths[torch.randperm(c["prompts"], generator=g)].tolist()
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
+    obs = [torch.randint(0, VOCAB, (c["obs"],), generator=g).tolist()]
+    sub = dict(cfg, group=c["group"], turns=1, new=c["new"], obs=c["obs"])
+    template = "<tool_response> {} </tool_response>"
+    print("  prefill: mapo_fast RolloutEngine ...", flush=True)
+    row = engine_case(ENGINE, lambda: text_engine(model, tok, device, prompts, sub,
+                                                  [tok.decode(obs[0])], template, paths),
+                      device, "batched prefill")
+    return {"workload": f"prefill: {c['prompts']} prompts of {c['min_len']}-{c['max_len']} "
+                        f"tokens x G={c['group']}, 1 tool turn of {c['new']} + {c['obs']} "
+                        f"tokens, final {c['new']}", "cases": [row]}
+
+
+def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str,
+        engine_only: bool = False, before: Optional[str] = None):
+    cfg = SCALES[scale]
+    info = device_info(device)
+    model = make_model(cfg, device)
+    tok = make_tokenizer()
+    paths = {}  # RolloutEngine forward passes per attention path
+    results = [multi_turn(model, tok, device, cfg, paths, engine_only),
+               single_turn(model, tok, device, cfg, paths, engine_only),
+               run_image(cfg["image"], device, paths, engine_only),
+               prefill_heavy(model, tok, device, cfg, paths)]
+    if before:
+        add_before(results, before, scale, device)
     params = sum(p.numel() for p in model.parameters()) / 1e6
     desc = (f"Qwen2 of {params:.0f}M parameters from a config, random weights, "
             f"{next(model.parameters()).dtype}; one run each (minutes on a CPU). Ratios are "
             "against mapo_fast. RolloutEngine forward passes per attention path: "
             + ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) + ".")
-    extra = {name: counts[name] for name in counts}
     return write_report(f"rollout-{tag}", "Multi-turn rollouts", results, info, out_dir,
-                        baseline="mapo_fast RolloutEngine", description=desc,
-                        extra={**{k: dict(zip(("prefill_tokens", "peak_kv_bytes",
-                                               "vision_patches"), v))
-                                  for k, v in extra.items()}, "attention_paths": paths})
+                        baseline=ENGINE, description=desc, extra={"attention_paths": paths})
 
 
-def run_image(cfg, device, counts, paths):
+def add_before(results, before: str, scale: str, device: torch.device) -> None:
+    """Runs the engine cases with the package in ``before`` (a subprocess) and adds its rows
+    to each workload as ``RolloutEngine before``."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [before, str(Path(__file__).resolve().parent)]))
+        print(f"  the engine cases again with the package in {before} ...", flush=True)
+        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--scale", scale,
+                        "--device", str(device), "--engine-only", "--out", tmp, "--tag", "before"],
+                       env=env, check=True, cwd=tmp)
+        with open(Path(tmp) / "rollout-before.json") as f:
+            old = json.load(f)
+    for wl, old_wl in zip(results, old["workloads"]):
+        for c in old_wl["cases"]:
+            if c["name"] == ENGINE:
+                r = CaseResult(f"{ENGINE} before", c["times_ms"], c["peak_extra_mib"],
+                               "the package in --before; " + engine_notes(c["extra"]),
+                               c["extra"])
+                wl["cases"].append(r)
+
+
+def run_image(cfg, device, paths, engine_only=False):
     """The image workload (``rollout_image``): the naive HF loop and mapo_fast, side by side.
-    Adds each case's (prefill tokens, peak KV bytes, vision patches) to ``counts`` and the
-    engine's attention paths to ``paths``."""
+    Adds the engine's attention paths to ``paths``."""
     R = rollout_image
     tok = R.make_tokenizer(cfg)
     model = R.make_model(cfg, tok, device)
     images = R.make_images(cfg)
     per_token = kv_bytes(model.model.language_model, 1)
-
-    def naive():
-        seqs, c = R.naive(model, tok, images, cfg, temperature=1.0)
-        counts["image: naive HF loop"] = (c["prefill_tokens"],
-                                          per_token * max(map(len, seqs)), c["vision_patches"])
+    rows = []
+    if not engine_only:
+        print("  image rollout: naive HF loop ...", flush=True)
+        box = {}
+        r = measure("naive HF loop", lambda: box.setdefault("x", R.naive(
+            model, tok, images, cfg, temperature=1.0)), device, repeats=1, warmup=0)
+        seqs, c = box["x"]
+        kv = per_token * max(map(len, seqs))
+        r.extra = {"prefill_tokens": c["prefill_tokens"], "peak_kv_mib": kv / 2 ** 20,
+                   "vision_patches": c["vision_patches"]}
+        r.notes = (f"PIL + HF processor, re-prefills history; prefill {c['prefill_tokens']} "
+                   f"tokens; vision {c['vision_patches']} patches; peak KV {kv / 2 ** 20:.0f} MiB")
+        print(f"    {r.median_ms / 1e3:.1f} s, {r.notes}", flush=True)
+        rows.append(r)
 
     def ours():
+        box = {}
         trajs, eng = R.ours(model, tok, images, cfg, temperature=1.0,
-                            block_size=engine_block_size(device))
+                            block_size=engine_block_size(device),
+                            instrument=lambda e: box.setdefault("rec", instrument(e)))
         attention_paths(eng, paths)
         assert all(len(t.spans.turns) == cfg["turns"] and t.stats["tool_errors"] == 0
                    for t in trajs), "every sample makes its scripted calls"
-        counts["image: mapo_fast RolloutEngine"] = (
-            eng.stats["prefill_tokens"], per_token * eng.stats["peak_blocks"] * eng.block_size,
-            eng.stats["vision_patches"])
-
-    rows = []
-    for name, fn, notes in [("naive HF loop", naive, "PIL + HF processor, re-prefills history"),
-                            ("mapo_fast RolloutEngine", ours, "paged KV, shared prompts")]:
-        print(f"  image rollout: {name} ...", flush=True)
-        r = measure(name, fn, device, repeats=1, warmup=0)
-        prefill, kv, patches = counts[f"image: {name}"]
-        r.extra = {"prefill_tokens": prefill, "peak_kv_mib": kv / 2 ** 20,
-                   "vision_patches": patches}
-        r.notes = (f"{notes}; prefill {prefill} tokens; vision {patches} patches; "
-                   f"peak KV {kv / 2 ** 20:.0f} MiB")
-        print(f"    {r.median_ms / 1e3:.1f} s, {r.notes}", flush=True)
-        rows.append(r)
+        return eng, box["rec"], {}
+    print("  image rollout: mapo_fast RolloutEngine ...", flush=True)
+    rows.append(engine_case(ENGINE, ours, device, "paged KV, shared prompts"))
     params = sum(p.numel() for p in model.parameters()) / 1e6
     tokens = (cfg["image"] // 28) ** 2
     crop_tokens = (cfg["crop"] // 28) ** 2
@@ -307,11 +458,14 @@ def run_image(cfg, device, counts, paths):
             f"({tokens} image tokens), {cfg['turns']} zoom-in turns of {cfg['new']} tokens, "
             f"each returning a {cfg['crop']}px crop ({crop_tokens} tokens), final "
             f"{cfg['new']}; Qwen2.5-VL of {params:.0f}M parameters")
-    return rows, desc
+    return {"workload": desc, "cases": rows}
 
 
 def main(argv=None):
-    bench_main(__doc__, SCALES, run, argv)
+    bench_main(__doc__, SCALES, run, argv, options={
+        "--engine-only": dict(action="store_true", help="skip the Hugging Face cases"),
+        "--before": dict(default=None, metavar="DIR",
+                         help="also run the engine cases with the mapo_fast package in DIR")})
 
 
 if __name__ == "__main__":

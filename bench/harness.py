@@ -180,11 +180,15 @@ def measure(name: str, fn: Callable[[], None], device: torch.device, *, repeats:
     return CaseResult(name, times, peak, notes)
 
 
-def parse_args(doc: str, scales: Dict, argv=None):
+def parse_args(doc: str, scales: Dict, argv=None, options: Optional[Dict[str, Dict]] = None):
     """The command line every benchmark module shares: ``--scale --device --repeats --out
-    --tag``, plus the hidden ``--workload --case --memory-only`` of ``memory_in_subprocess``."""
+    --tag``, plus the hidden ``--workload --case --memory-only`` of ``memory_in_subprocess``
+    and a module's own ``options`` (flag -> ``add_argument`` keywords)."""
     import argparse
-    p = argparse.ArgumentParser(description=doc)
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, kw in (options or {}).items():
+        p.add_argument(flag, **kw)
     p.add_argument("--scale", choices=sorted(scales), default="cpu")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
@@ -200,15 +204,18 @@ def parse_args(doc: str, scales: Dict, argv=None):
 
 
 def main(doc: str, scales: Dict, run: Callable, argv=None,
-         memory_case: Optional[Callable] = None) -> None:
-    """A benchmark module's entry point: ``run(scale, device, repeats, out, tag)`` writes the
-    report; with ``--memory-only``, ``memory_case(args)`` measures one case for
-    ``memory_in_subprocess``."""
-    a = parse_args(doc, scales, argv)
+         memory_case: Optional[Callable] = None,
+         options: Optional[Dict[str, Dict]] = None) -> None:
+    """A benchmark module's entry point: ``run(scale, device, repeats, out, tag, **own)``
+    writes the report (``own``: the values of the module's ``options``); with
+    ``--memory-only``, ``memory_case(args)`` measures one case for ``memory_in_subprocess``."""
+    a = parse_args(doc, scales, argv, options)
     if a.memory_only:
         memory_case(a)
         return
-    paths = run(a.scale, a.device, a.repeats, a.out, a.tag)
+    own = {flag.lstrip("-").replace("-", "_"): None for flag in options or {}}
+    own = {k: getattr(a, k) for k in own}
+    paths = run(a.scale, a.device, a.repeats, a.out, a.tag, **own)
     print(f"wrote {', '.join(str(v) for v in paths.values())}")
 
 

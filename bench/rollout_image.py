@@ -172,15 +172,17 @@ def naive(model, tok, images: List[torch.Tensor], cfg: Dict, temperature: float,
 
 
 def ours(model, tok, images: List[torch.Tensor], cfg: Dict, temperature: float,
-         seed: int = 0, **engine_kw):
-    """``RolloutEngine`` over all prompts and samples at once. Returns the trajectories and
-    the engine."""
+         seed: int = 0, instrument=None, **engine_kw):
+    """``RolloutEngine`` over all prompts and samples at once (``instrument(engine)``, if
+    given, is called before generating). Returns the trajectories and the engine."""
     from mapo_fast.rollout import RolloutEngine
     from mapo_fast.rollout.multimodal import render_chat
     from mapo_fast.tools import ToolRunner
     eng = RolloutEngine(model, tok, min_pixels=cfg["min_pixels"],
                         max_pixels=cfg["max_pixels"], **engine_kw)
     prompt, _ = render_chat(chat(images[0]), tok, eng.vision)
+    if instrument is not None:
+        instrument(eng)
     trajs = eng.generate([chat(im) for im in images], group_size=cfg["group"],
                          max_new_tokens=cfg["new"], temperature=temperature, seed=seed,
                          tools=ToolRunner(), max_turns=cfg["turns"] + 1, stop_token_ids=[],

@@ -42,6 +42,8 @@ def check_batch(sch, batch):
     bs, k = sch.block_size, 0
     for (s, a, b), table in zip(batch.chunks, batch.tables):
         assert s.sid >= 0 and s.status is Status.RUNNING and b <= len(s.tokens)
+        if isinstance(s, Sample):  # its blocks hold exactly what is computed after the step
+            assert sch.blocks.num_tokens(s.sid) == b
         for pos in range(a, b):  # each token's slot lies in its own block
             assert batch.slots[k] // bs == table[pos // bs] and batch.slots[k] % bs == pos % bs
             k += 1

@@ -111,8 +111,34 @@ class Scheduler:
         """The next step's ``Batch`` (empty only when nothing is left to run)."""
         self._resume()
         batch, budget = Batch(), self.params.max_batch_tokens
-        reserved, appends = 0, []
-        for s in [s for s in self.samples if s.status is Status.RUNNING and s.num_pending]:
+        running = [s for s in self.samples if s.status is Status.RUNNING and s.num_pending]
+        plan = []  # (sample, chunk end) within the budget
+        for s in running:
+            n = min(s.num_pending, self.params.prefill_chunk, budget)
+            if n == 0:
+                break
+            plan.append((s, s.num_computed + n))
+            budget -= n
+        # one capacity query for the whole plan; only when the pool is short, sample by sample
+        # (oldest first), preempting the most recently started
+        reserved = self.blocks.append_cost([s.sid for s, _ in plan],
+                                           [e - s.num_computed for s, e in plan])
+        if reserved <= self.blocks.num_free:
+            batch.chunks = [(s, s.num_computed, e) for s, e in plan]
+        else:
+            budget, reserved = self._plan_short(batch, running)
+        self._admit(batch, budget, reserved,
+                    admit_new=not any(s.status is Status.PREEMPTED for s in self.samples))
+        self._allocate(batch)
+        used = self.num_blocks - self.blocks.num_free
+        self.stats["peak_blocks"] = max(self.stats.get("peak_blocks", 0), used)
+        return batch
+
+    def _plan_short(self, batch: Batch, running: List[Sample]) -> Tuple[int, int]:
+        """The running samples' chunks when the pool cannot hold them all: oldest first, each
+        one's room made by preempting newer samples. Returns (budget left, blocks reserved)."""
+        budget, reserved = self.params.max_batch_tokens, 0
+        for s in running:
             if budget == 0:
                 break
             if s.status is not Status.RUNNING:  # preempted for an older sample's room
@@ -123,14 +149,8 @@ class Scheduler:
                 continue
             reserved += cost
             batch.chunks.append((s, s.num_computed, end))
-            appends.append(s)
             budget -= end - s.num_computed
-        self._admit(batch, budget, reserved,
-                    admit_new=not any(s.status is Status.PREEMPTED for s in self.samples))
-        self._allocate(batch, {id(s) for s in appends})
-        used = self.num_blocks - self.blocks.num_free
-        self.stats["peak_blocks"] = max(self.stats.get("peak_blocks", 0), used)
-        return batch
+        return budget, reserved
 
     def _room_for(self, s: Sample, end: int, reserved: int, batch: Batch) -> Optional[int]:
         """Blocks that appending ``s``'s tokens up to ``end`` takes, after preempting the most
@@ -138,8 +158,7 @@ class Scheduler:
         ``s`` must wait (preempted itself if nothing else runs)."""
         chosen = {id(c) for c, _, _ in batch.chunks}
         while True:
-            new = end - self.blocks.num_tokens(s.sid)
-            cost = self.blocks.append_cost([s.sid], [max(new, 0)])
+            cost = self.blocks.append_cost([s.sid], [end - s.num_computed])
             if reserved + cost <= self.blocks.num_free:
                 return cost
             victims = [v for v in self.samples if v.status is Status.RUNNING and v is not s
@@ -181,24 +200,24 @@ class Scheduler:
                 # latest (each layer writes the step's keys and values before attending)
                 break
 
-    def _allocate(self, batch: Batch, appends: set) -> None:
-        """One ``append_tokens`` call for every running sample's new tokens; the slots of all
-        chunk tokens (from it, or from the block table for tokens already in the blocks)."""
-        ids, keys, held = [], [], {}
+    def _allocate(self, batch: Batch) -> None:
+        """One ``append_tokens`` call for every running sample's new tokens (a running sample's
+        blocks hold exactly its computed tokens); the slots of all chunk tokens: from that
+        call, or from the block table for a prompt (allocated whole when admitted)."""
+        ids, keys = [], []
         for s, a, b in batch.chunks:
-            if id(s) in appends:
-                held[id(s)] = n = self.blocks.num_tokens(s.sid)
-                new = s.keys(max(a, n), b)
-                ids += [s.sid] * len(new)
-                keys += new
+            if isinstance(s, Sample):
+                ids += [s.sid] * (b - a)
+                keys += s.keys(a, b)
         new_slots, batch.copies = self.blocks.append_tokens(ids, keys)
-        new_slots = iter(new_slots)
-        bs = self.block_size
+        at, bs = 0, self.block_size
         for s, a, b in batch.chunks:
             table = self.blocks.block_table(s.sid)
-            n = held.get(id(s), b)
-            batch.slots += [table[p // bs] * bs + p % bs for p in range(a, min(b, n))]
-            batch.slots += [next(new_slots) for _ in range(max(a, n), b)]
+            if isinstance(s, Sample):
+                batch.slots += new_slots[at:at + b - a]
+                at += b - a
+            else:
+                batch.slots += [table[p // bs] * bs + p % bs for p in range(a, b)]
             batch.tables.append(table)
 
     # ---- memory pressure -------------------------------------------------------------------
