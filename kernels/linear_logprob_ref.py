@@ -160,7 +160,7 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
     return dh, dw, db
 
 
-GradFn = Callable[[slice, Tensor, Tensor], Tuple[Tensor, Tensor]]
+GradFn = Callable[[slice, Tensor, Tensor], Tuple[Tensor, Tensor, Optional[Tensor]]]
 
 
 def fused_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
@@ -169,8 +169,9 @@ def fused_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
     """Forward and backward in one pass over the vocabulary: each chunk's logits are computed
     once and give both the statistics and the gradient (three matmuls in all).
 
-    ``grad_fn(sl, logp_chunk, ent_chunk) -> (value_chunk, g_logp_chunk)`` is the per-token
-    objective of rows ``sl``: its summed value and its derivative w.r.t. ``logp``.
+    ``grad_fn(sl, logp_chunk, ent_chunk) -> (value_chunk, g_logp_chunk, g_ent_chunk)`` is the
+    per-token objective of rows ``sl``: its summed value and its derivatives w.r.t. ``logp``
+    and the entropy (None when it does not depend on it).
     Returns ``(logp, ent, value, d_hidden, d_weight, d_bias)``.
     """
     n = targets.shape[0]
@@ -185,8 +186,9 @@ def fused_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
         z = ws.logits(h, w, b, inv_temp)
         lp, en, _, p = _softmax_stats(z, targets[sl], ws.p)
         logp[sl], ent[sl] = lp, en
-        val, g = grad_fn(sl, lp, en)
+        val, g, g_ent = grad_fn(sl, lp, en)
         value += val
-        dz = _dz(p, z, targets[sl], en, g.to(cd), None, inv_temp)
+        dz = _dz(p, z, targets[sl], en, g.to(cd), None if g_ent is None else g_ent.to(cd),
+                 inv_temp)
         _accumulate_grads(dz, h, w, sl, rows, dh, dw, db)
     return logp, ent, value, dh, dw, db

@@ -12,22 +12,25 @@ Public API:
                             the outcome rewards)
     gradient_variance, loss_gradient_variance
                             resampling estimates of the policy gradient's variance
-    crop_and_zoom, crop_to_patches, smart_resize
+    crop_and_zoom, crop_to_patches, crops_to_patches, smart_resize
                             batched crop + resize on the device, as images or Qwen2-VL patches
-    ToolRegistry, ToolRunner, ZoomInTool, parse_tool_calls
+                            (crops_to_patches: patches of crops already cut, no resample)
+    ToolRegistry, ToolRunner, ZoomInTool, parse_tool_calls, format_tool_call
                             the tool-call protocol (mapo_fast.tools has the rest)
-    RolloutEngine           batched generation over a paged KV cache shared by each group
-                            (Qwen2 and Qwen2.5-VL; mapo_fast.rollout has the pieces;
+    RolloutEngine, SamplingParams, ToolParams
+                            batched generation over a paged KV cache shared by each group
+                            (Qwen2 and Qwen2.5-VL; mapo_fast.rollout has the pieces:
+                            scheduler, model runner, sampler, tool turns;
                             mapo_fast.trainer the thin trainer behind `mapo-train`)
 """
 
 from .advantage import mapo_advantages
 from .logprobs import token_logprobs
 from .loss import LOSS_AGG_MODES, MAPOLoss, mapo_loss
-from .rollout import RolloutEngine
+from .rollout import RolloutEngine, SamplingParams, ToolParams
 from .rewards import CLIPVerifier, OracleVerifier, SemanticVerifier
 from .tools import (ToolRegistry, ToolRunner, ZoomInTool, crop_and_zoom, crop_to_patches,
-                    parse_tool_calls, smart_resize)
+                    crops_to_patches, format_tool_call, parse_tool_calls, smart_resize)
 from .trajectory import (Span, ToolTurn, Trajectory, TrajectorySpans, spans_from_text,
                          token_turns, turn_batch)
 from .variance import gradient_variance, loss_gradient_variance
@@ -38,5 +41,6 @@ __all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LOSS_AGG_MODES", "mapo_ad
            "Trajectory", "TrajectorySpans", "ToolTurn", "Span", "spans_from_text", "turn_batch",
            "token_turns",
            "SemanticVerifier", "OracleVerifier", "CLIPVerifier", "gradient_variance", "loss_gradient_variance",
-           "crop_and_zoom", "crop_to_patches", "smart_resize", "ToolRegistry", "ToolRunner",
-           "ZoomInTool", "parse_tool_calls", "RolloutEngine", "__version__"]
+           "crop_and_zoom", "crop_to_patches", "crops_to_patches", "smart_resize",
+           "ToolRegistry", "ToolRunner", "ZoomInTool", "parse_tool_calls", "format_tool_call",
+           "RolloutEngine", "SamplingParams", "ToolParams", "__version__"]

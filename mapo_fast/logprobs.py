@@ -77,8 +77,9 @@ class _FusedLinearObjective(torch.autograd.Function):
     torch path: one pass over the vocabulary per token chunk (logits once per chunk, 3 matmuls);
     Triton path: the forward kernel, the per-token gradient in torch, the backward kernel.
     ``objective(sl, logp, ent)`` returns the per-token values of rows ``sl``; it must be a
-    differentiable torch function of ``logp`` (its gradient comes from autograd on ``[N]``
-    vectors, so a loss variant only writes the per-token formula).
+    differentiable torch function of ``logp`` and may use ``ent`` (their gradients come from
+    autograd on ``[N]`` vectors, so a loss variant only writes the per-token formula; an
+    entropy term's gradient reaches the logits through ``dH/dz``).
     """
 
     @staticmethod
@@ -86,11 +87,14 @@ class _FusedLinearObjective(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad[:3])
 
         def value_and_grad(sl, logp, ent):
+            """The summed value and its gradients w.r.t. ``logp`` and ``ent`` (None when the
+            objective does not use the entropy)."""
             with torch.enable_grad():
                 lp = logp.detach().requires_grad_(True)
-                val = objective(sl, lp, ent.detach()).sum()
-                (g,) = torch.autograd.grad(val, lp)
-            return val.detach(), g
+                en = ent.detach().requires_grad_(True)
+                val = objective(sl, lp, en).sum()
+                g, g_ent = torch.autograd.grad(val, (lp, en), allow_unused=True)
+            return val.detach(), torch.zeros_like(lp) if g is None else g, g_ent
 
         if backend == "torch" and need_grad:
             logp, ent, value, dh, dw, db = ref_impl.fused_forward_backward(
@@ -98,9 +102,9 @@ class _FusedLinearObjective(torch.autograd.Function):
         else:
             logp, ent, lse = _forward(backend, hidden, weight, bias, targets, inv_temp, rows)
             if need_grad:
-                value, g = value_and_grad(slice(None), logp, ent)
+                value, g, g_ent = value_and_grad(slice(None), logp, ent)
                 dh, dw, db = _backward(backend, hidden, weight, bias, targets, inv_temp, lse,
-                                       ent, g, None, rows)
+                                       ent, g, g_ent, rows)
             else:
                 value = objective(slice(None), logp, ent).sum()
         if need_grad:

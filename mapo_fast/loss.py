@@ -1,6 +1,7 @@
 """The fused MAPO policy loss: token log-probs from hidden states and the LM head, fused with
 verl's clipped, advantage-weighted objective (``compute_policy_loss_vanilla`` + ``agg_loss``),
-an optional k3 KL to a reference policy, and metrics from the same pass.
+an optional KL to a reference policy (``KL_ESTIMATORS``), an optional entropy bonus, and
+metrics from the same pass.
 
 Only the per-token formula lives here (``token_terms``); chunking, the vocabulary pass and the
 gradient of hidden/weight/bias belong to ``logprobs.fused_linear_objective``. A variant of the
@@ -10,7 +11,7 @@ objective is a different ``token_terms``, nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -21,8 +22,38 @@ from .logprobs import check_linear_inputs, fused_linear_objective
 Tensor = torch.Tensor
 Number = Union[int, float, Tensor]
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean",
+LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
                   "seq-mean-token-sum-norm")
+
+
+def _k1(logp: Tensor, ref: Tensor, ratio: Tensor) -> Tensor:
+    return logp - ref
+
+
+def _k2(logp: Tensor, ref: Tensor, ratio: Tensor) -> Tensor:
+    return 0.5 * (logp - ref) ** 2
+
+
+def _k3(logp: Tensor, ref: Tensor, ratio: Tensor) -> Tensor:
+    kl = ref - logp
+    return torch.exp(kl) - kl - 1.0
+
+
+def _low_var_kl(logp: Tensor, ref: Tensor, ratio: Tensor) -> Tensor:
+    kl = torch.clamp(ref - logp, -20.0, 20.0)
+    return torch.clamp(torch.exp(kl) - kl - 1.0, -10.0, 10.0)
+
+
+def _k3_ratio(logp: Tensor, ref: Tensor, ratio: Tensor) -> Tensor:
+    return ratio * _k3(logp, ref, ratio)
+
+
+#: Per-token estimators of KL(policy || reference), by name (Schulman's k1, k2, k3):
+#: ``k1 = logp - ref``; ``k2 = (logp - ref)^2 / 2``; ``k3 = exp(ref - logp) - (ref - logp) - 1``;
+#: ``low_var_kl``: verl's k3 (its difference clamped to +-20, the value to +-10);
+#: ``k3_ratio``: k3 times the importance ratio (TRL's ``use_bias_correction_kl``).
+KL_ESTIMATORS: Dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "k1": _k1, "k2": _k2, "k3": _k3, "low_var_kl": _low_var_kl, "k3_ratio": _k3_ratio}
 
 
 @dataclass(frozen=True)
@@ -35,6 +66,8 @@ class PolicyLossConfig:
     loss_agg: str = "token-mean"
     loss_scale_factor: Optional[float] = None
     temperature: float = 1.0
+    kl_type: str = "k3"
+    entropy_coef: float = 0.0
 
     def check(self, fn: str) -> "PolicyLossConfig":
         chk.number(fn, "clip_low", self.clip_low, lo=0.0, hi=1.0, hi_open=True)
@@ -46,17 +79,21 @@ class PolicyLossConfig:
         if self.loss_scale_factor is not None:
             chk.number(fn, "loss_scale_factor", self.loss_scale_factor, lo=0.0, lo_open=True)
         chk.number(fn, "temperature", self.temperature, lo=0.0, lo_open=True)
+        chk.choice(fn, "kl_type", self.kl_type, tuple(KL_ESTIMATORS))
+        chk.number(fn, "entropy_coef", self.entropy_coef)
         return self
 
 
 def token_terms(logp: Tensor, adv: Tensor, old: Optional[Tensor], ref: Optional[Tensor],
-                is_weights: Optional[Tensor], cfg: PolicyLossConfig) -> Dict[str, Tensor]:
+                is_weights: Optional[Tensor], cfg: PolicyLossConfig,
+                ent: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """verl's per-token policy loss (``compute_policy_loss_vanilla``), on ``[N]`` vectors.
 
     ``log_ratio = clamp(logp - old, -20, 20)``, ``ratio = exp(log_ratio)``,
     ``pg = max(-A ratio, -A clamp(ratio, 1 - clip_low, 1 + clip_high))``; with ``clip_ratio_c``
     the dual clip ``pg = min(pg, -A clip_ratio_c)`` where ``A < 0``; times ``rollout_is_weights``.
-    ``loss = pg + kl_coef * k3`` with ``k3 = exp(ref - logp) - (ref - logp) - 1``.
+    ``loss = pg + kl_coef * kl - entropy_coef * ent`` with ``kl`` the ``kl_type`` estimator
+    (``KL_ESTIMATORS``) and ``ent`` the token's entropy.
     """
     old = logp.detach() if old is None else old
     log_ratio = torch.clamp(logp - old, -20.0, 20.0)
@@ -74,30 +111,36 @@ def token_terms(logp: Tensor, adv: Tensor, old: Optional[Tensor], ref: Optional[
         pg = pg * is_weights
     loss = pg
     if ref is not None and cfg.kl_coef > 0:
-        kl = ref - logp
-        k3 = torch.exp(kl) - kl - 1.0
-        loss = loss + cfg.kl_coef * k3
-        terms["k3"] = k3
+        kl = KL_ESTIMATORS[cfg.kl_type](logp, ref, ratio)
+        loss = loss + cfg.kl_coef * kl
+        terms["kl"] = kl
+    if ent is not None and cfg.entropy_coef != 0:
+        loss = loss - cfg.entropy_coef * ent
     terms["pg"], terms["loss"] = pg, loss
     return terms
 
 
 def aggregation_weights(mask: Tensor, mode: str, loss_scale_factor: Optional[float],
                         global_tokens: Optional[float], global_seqs: Optional[float]) -> Tensor:
-    """Per-token weights ``c [B, T]`` such that verl's ``agg_loss(l, mask, mode) = sum(c * l)``.
+    """Per-token weights ``c [B, T]`` such that verl's ``agg_loss(l, mask, mode) = sum(c * l)``
+    (verl 0.9; ``dp_size`` 1: a data-parallel caller scales the loss itself).
 
     - ``token-mean``: ``c = m / N``, N = ``global_tokens`` or ``sum(m)``;
+    - ``token-sum``: ``c = m``;
     - ``seq-mean-token-sum``: ``c = m / S``;
     - ``seq-mean-token-mean``: ``c = m / sum_t(m) / S`` on non-empty sequences;
-    - ``seq-mean-token-sum-norm``: ``c = m / loss_scale_factor`` (default ``T``);
-    S = ``global_seqs`` or the number of non-empty sequences. Empty denominators give ``c = 0``.
+    - ``seq-mean-token-sum-norm``: ``c = m / S / loss_scale_factor`` (default ``T``), as verl
+      0.8 and later define it (the seq-mean first). Earlier verl divided the token sum by the
+      factor alone (no seq-mean): pass ``loss_scale_factor = factor / S`` to match it.
+    S = ``global_seqs`` or the number of non-empty sequences. Empty denominators (no token,
+    ``global_tokens = 0``, ``global_seqs = 0``: an empty batch) give ``c = 0``.
     """
     m = mask
+    if mode == "token-sum":
+        return m.clone()
     if mode == "token-mean":
         denom = m.sum() if global_tokens is None else torch.tensor(global_tokens, dtype=m.dtype)
         return m / denom if float(denom) > 0 else torch.zeros_like(m)
-    if mode == "seq-mean-token-sum-norm":
-        return m / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
     per_seq = m.sum(-1, keepdim=True)
     nonempty = per_seq > 0
     seqs = nonempty.sum() if global_seqs is None else torch.tensor(global_seqs, dtype=m.dtype)
@@ -105,17 +148,20 @@ def aggregation_weights(mask: Tensor, mode: str, loss_scale_factor: Optional[flo
         return torch.zeros_like(m)
     if mode == "seq-mean-token-sum":
         return m / seqs
+    if mode == "seq-mean-token-sum-norm":
+        return m / seqs / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
     return torch.where(nonempty, m / per_seq.clamp_min(1e-30), 0.0) / seqs
 
 
 def _as_number(fn: str, arg: str, x: Optional[Number]) -> Optional[float]:
+    """A global count: a number >= 0 (0: an empty batch, whose loss is 0)."""
     if x is None:
         return None
     if isinstance(x, torch.Tensor):
         if x.numel() != 1:
             chk.fail(fn, arg, f"must be a number or a one-element tensor, got shape {tuple(x.shape)}")
         x = x.item()
-    return chk.number(fn, arg, x, lo=0.0, lo_open=True)
+    return chk.number(fn, arg, x, lo=0.0)
 
 
 def _per_token(fn: str, arg: str, x: Optional[Tensor], bt: Tuple[int, int],
@@ -138,7 +184,8 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
               clip_ratio_c: Optional[float] = None, kl_coef: float = 0.0,
               loss_agg: str = "token-mean", loss_scale_factor: Optional[float] = None,
               global_tokens: Optional[Number] = None, global_seqs: Optional[Number] = None,
-              rollout_is_weights: Optional[Tensor] = None, temperature: float = 1.0
+              rollout_is_weights: Optional[Tensor] = None, temperature: float = 1.0,
+              kl_type: str = "k3", entropy_coef: float = 0.0
               ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped, advantage-weighted policy loss fused with the LM head; a drop-in for verl's actor
     loss (``compute_policy_loss_vanilla`` + ``agg_loss``) that never forms ``[tokens x vocab]``.
@@ -152,19 +199,24 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
     Per token (see ``token_terms``): ``ratio = exp(clamp(logp - old, -20, 20))`` (old =
     ``logp.detach()`` when not given), ``pg = max(-A ratio, -A clamp(ratio, 1-clip_low,
     1+clip_high))``, dual clip ``min(pg, -A clip_ratio_c)`` for ``A < 0`` when ``clip_ratio_c``
-    is set, times ``rollout_is_weights``, plus ``kl_coef * (exp(ref-logp) - (ref-logp) - 1)``.
-    Aggregated by ``loss_agg`` (see ``aggregation_weights``); ``global_tokens``/``global_seqs``
-    make micro-batch losses add up to the whole batch's.
+    is set, times ``rollout_is_weights``, plus ``kl_coef * kl`` (``kl_type``: ``k1``, ``k2``,
+    ``k3`` (default), verl's clamped ``low_var_kl``, or ``k3_ratio``, k3 times the ratio as
+    TRL's ``use_bias_correction_kl``; see ``KL_ESTIMATORS``), minus ``entropy_coef`` times the
+    token's entropy (an entropy bonus, with its gradient: verl's ``entropy_coeff``).
+    Aggregated by ``loss_agg`` (``LOSS_AGG_MODES``, see ``aggregation_weights``: verl 0.9's
+    ``agg_loss``, ``token-sum`` included); ``global_tokens``/``global_seqs`` make micro-batch
+    losses add up to the whole batch's; 0 means an empty batch (the loss is 0).
 
     Returns ``(loss, metrics)``: a scalar (float32; float64 for float64 inputs) and a dict of
-    detached scalars computed in the same pass: ``entropy``, ``kl`` (k3 to ref, when given),
-    ``ppo_kl`` (mean ``old - logp``), ``pg_loss``, ``kl_loss``, ``pg_clipfrac`` (verl's),
+    detached scalars computed in the same pass: ``entropy``, ``kl`` (the estimator to ref, when given),
+    ``ppo_kl`` (mean ``old - logp``), ``pg_loss``, ``kl_loss``, ``entropy_loss`` (the
+    aggregated entropy), ``pg_clipfrac`` (verl's),
     ``clipfrac_low``, ``clipfrac_high``, ``dual_clipfrac``, ``ratio_mean``, ``ratio_max``,
     ``tokens``. Masked-token means; 0 when no token is masked in.
     """
     fn = "mapo_loss"
     cfg = PolicyLossConfig(clip_low, clip_high, clip_ratio_c, kl_coef, loss_agg,
-                           loss_scale_factor, temperature).check(fn)
+                           loss_scale_factor, temperature, kl_type, entropy_coef).check(fn)
     inv_temp = check_linear_inputs(fn, hidden, weight, targets, bias, temperature)
     if targets.dim() not in (1, 2):
         chk.fail(fn, "targets", f"must be [B, T] or [N], got shape {tuple(targets.shape)}")
@@ -216,7 +268,7 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
 
     def objective(sl: slice, logp: Tensor, ent: Tensor) -> Tensor:
         terms = token_terms(logp, sel["adv"][sl], pick(sel["old"], sl), pick(sel["ref"], sl),
-                            pick(sel["isw"], sl), cfg)
+                            pick(sel["isw"], sl), cfg, ent)
         return sel["c"][sl] * terms["loss"]
 
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
@@ -242,10 +294,11 @@ def _metrics(logp: Tensor, ent: Tensor, sel: Dict[str, Optional[Tensor]],
         ratio = t["ratio"]
         out = {
             "entropy": mean(ent),
-            "kl": mean(t["k3"]) if "k3" in t else zero,
+            "kl": mean(t["kl"]) if "kl" in t else zero,
             "ppo_kl": mean(-t["log_ratio"]),
             "pg_loss": (c * t["pg"]).sum(),
-            "kl_loss": (c * t["k3"]).sum() if "k3" in t else zero,
+            "kl_loss": (c * t["kl"]).sum() if "kl" in t else zero,
+            "entropy_loss": (c * ent.to(c.dtype)).sum(),
             "pg_clipfrac": mean(t["pg_clipped"]),
             "clipfrac_low": mean((ratio < 1.0 - cfg.clip_low) & (adv < 0)),
             "clipfrac_high": mean((ratio > 1.0 + cfg.clip_high) & (adv > 0)),
@@ -266,10 +319,12 @@ class MAPOLoss(nn.Module):
     def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.28,
                  clip_ratio_c: Optional[float] = None, kl_coef: float = 0.0,
                  loss_agg: str = "token-mean", loss_scale_factor: Optional[float] = None,
-                 temperature: float = 1.0) -> None:
+                 temperature: float = 1.0, kl_type: str = "k3",
+                 entropy_coef: float = 0.0) -> None:
         super().__init__()
         self.config = PolicyLossConfig(clip_low, clip_high, clip_ratio_c, kl_coef, loss_agg,
-                                       loss_scale_factor, temperature).check("MAPOLoss")
+                                       loss_scale_factor, temperature, kl_type,
+                                       entropy_coef).check("MAPOLoss")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.__dict__.items())

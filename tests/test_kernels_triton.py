@@ -106,9 +106,12 @@ def test_kernels_handle_no_tokens():
     assert torch.count_nonzero(dw) == 0 and torch.count_nonzero(db) == 0
 
 
-@pytest.mark.parametrize("mode", mapo_fast.LOSS_AGG_MODES)
-def test_mapo_loss_triton_path_equals_torch_path(mode, monkeypatch):
-    """The whole public loss through the Triton kernels equals the torch path (fp32)."""
+@pytest.mark.parametrize("mode, extra", [(m, {}) for m in mapo_fast.LOSS_AGG_MODES] + [
+    ("token-mean", dict(entropy_coef=0.05, kl_type="low_var_kl")),
+    ("seq-mean-token-mean", dict(entropy_coef=-0.02, kl_type="k3_ratio"))])
+def test_mapo_loss_triton_path_equals_torch_path(mode, extra, monkeypatch):
+    """The whole public loss through the Triton kernels equals the torch path (fp32), an
+    entropy bonus (its gradient through the kernel's entropy term) included."""
     case = make_case(dtype=torch.float32, seed=5, bias=True, old=True, ref=True,
                      device=DEV)
     results = {}
@@ -118,7 +121,8 @@ def test_mapo_loss_triton_path_equals_torch_path(mode, monkeypatch):
         loss, met = mapo_fast.mapo_loss(h, w, case["targets"], case["advantages"], case["mask"],
                                         bias=b, old_logprobs=case["old_logprobs"].float(),
                                         ref_logprobs=case["ref_logprobs"].float(), kl_coef=0.1,
-                                        clip_ratio_c=3.0, loss_agg=mode, temperature=0.9)
+                                        clip_ratio_c=3.0, loss_agg=mode, temperature=0.9,
+                                        **extra)
         loss.backward()
         results[backend] = (loss.detach(), met["entropy"], h.grad, w.grad, b.grad)
     for name, a, e in zip(("loss", "entropy", "d_hidden", "d_weight", "d_bias"),

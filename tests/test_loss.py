@@ -6,7 +6,8 @@ import torch
 
 import mapo_fast
 from cases import TOL, leaf, make_case
-from reference import k3, logprobs_full, mapo_loss_reference, verl_agg_loss, verl_policy_loss
+from reference import (k3, kl_estimate, logprobs_full, mapo_loss_reference, verl_agg_loss,
+                       verl_policy_loss)
 
 MODES = mapo_fast.LOSS_AGG_MODES
 OPTION_SETS = {
@@ -16,6 +17,11 @@ OPTION_SETS = {
     "temp+is_weights+old": dict(old=True, is_weights=True, temperature=0.7),
     "per-seq-adv+all": dict(per_seq_adv=True, old=True, ref=True, kl_coef=0.05, bias=True,
                             clip_ratio_c=2.5, is_weights=True, temperature=1.3),
+    "entropy+low_var_kl": dict(old=True, ref=True, kl_coef=0.1, kl_type="low_var_kl",
+                               entropy_coef=0.01),
+    "entropy-bonus+k2+temp": dict(old=True, ref=True, kl_coef=0.2, kl_type="k2",
+                                  entropy_coef=0.05, temperature=0.8, bias=True),
+    "k1+k3_ratio": dict(old=True, ref=True, kl_coef=0.3, kl_type="k3_ratio"),
 }
 CASE_KEYS = ("bias", "per_seq_adv", "old", "ref", "is_weights")
 
@@ -247,3 +253,40 @@ def test_upstream_gradient_scales_the_fused_grads():
         grads[scale] = (h.grad, w.grad, b.grad)
     for a, e in zip(grads[2.5], grads[1.0]):
         torch.testing.assert_close(a, 2.5 * e, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kl_type", sorted(mapo_fast.loss.KL_ESTIMATORS))
+def test_kl_estimators_equal_their_definitions(kl_type):
+    """Each KL estimator on log-probs spread wide enough to hit verl's clamps, against the
+    reference's definitions, exactly; an unknown name lists the valid ones."""
+    from mapo_fast.loss import PolicyLossConfig, token_terms
+    g = torch.Generator().manual_seed(5)
+    logp = -torch.rand(3000, generator=g, dtype=torch.float64) * 5
+    ref = logp + torch.randn(3000, generator=g, dtype=torch.float64) * 4
+    old = logp + torch.randn(3000, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(3000, generator=g, dtype=torch.float64)
+    t = token_terms(logp, adv, old, ref, None, PolicyLossConfig(kl_coef=1.0, kl_type=kl_type))
+    torch.testing.assert_close(t["kl"], kl_estimate(kl_type, logp, ref, t["ratio"]), atol=0,
+                               rtol=0)
+    with pytest.raises(ValueError, match=r"`kl_type` must be one of \['k1', 'k2', 'k3', "
+                                         r"'low_var_kl', 'k3_ratio'\], got 'k4'"):
+        mapo_fast.MAPOLoss(kl_type="k4")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_global_counts_of_zero_mean_an_empty_batch(mode):
+    """``global_tokens = 0`` / ``global_seqs = 0`` (a rank whose micro-batch, and whole batch,
+    holds no token): loss 0, gradients 0, finite metrics, instead of an error."""
+    case = make_case(seed=43, old=True)
+    h, w = leaf(case["hidden"]), leaf(case["weight"])
+    loss, metrics = mapo_fast.mapo_loss(h, w, case["targets"], case["advantages"],
+                                        torch.zeros_like(case["mask"]), loss_agg=mode,
+                                        old_logprobs=case["old_logprobs"], global_tokens=0,
+                                        global_seqs=0, entropy_coef=0.1)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.count_nonzero(h.grad) == 0
+    assert all(torch.isfinite(v).all() for v in metrics.values())
+    with pytest.raises(ValueError, match=r"`global_tokens` must be a finite number in \[0.0, "
+                                         r"inf\), got -1.0"):
+        mapo_fast.mapo_loss(h, w, case["targets"], case["advantages"], case["mask"],
+                            global_tokens=-1)

@@ -1,8 +1,14 @@
-"""The rollout runtime: RolloutEngine (batched, group-shared generation over a paged KV cache),
-attention over the pages and the KV writes (the block allocator is
-mapo_fast.kernels._block_manager, its Python model mapo_fast.kernels.block_manager_ref)."""
+"""The rollout runtime: RolloutEngine (engine.py: generate = a loop over step(): schedule,
+run, postprocess) and its parts, one idea per file: params (validated settings), sequence
+(prompts and samples), scheduler (owns the block allocator, mapo_fast.kernels._block_manager;
+its Python model is mapo_fast.kernels.block_manager_ref), model_runner (KV pool, attention hook,
+forward), sampler, tool_turns (stop rules, tool calls, observations), multimodal (chat prompts,
+vision tower, M-RoPE), attention (paged attention and KV writes)."""
 
 from .attention import paged_attention, write_kv
 from .engine import RolloutEngine
+from .params import SamplingParams, SchedulerParams, ToolParams
+from .scheduler import Scheduler
 
-__all__ = ["RolloutEngine", "paged_attention", "write_kv"]
+__all__ = ["RolloutEngine", "SamplingParams", "ToolParams", "SchedulerParams", "Scheduler",
+           "paged_attention", "write_kv"]

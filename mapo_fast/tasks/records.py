@@ -25,13 +25,16 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..tools import ToolRegistry
+from ..trajectory import ANSWER_TAG, DESCRIPTION_TAG
+
 Tensor = torch.Tensor
 log = logging.getLogger("mapo_fast.records")
 
-SYSTEM = ("Answer the question about the image. You may zoom in with the image_zoom_in_tool: "
-          '<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2, '
-          'y2]}}</tool_call>. After each zoom, describe what you see in <description>...'
-          "</description>. Give the final answer in <answer>...</answer>.")
+SYSTEM = ("Answer the question about the image. "
+          + ToolRegistry.default().system_prompt()
+          + f" After each zoom, describe what you see in <{DESCRIPTION_TAG}>...</{DESCRIPTION_TAG}>."
+          f" Give the final answer in <{ANSWER_TAG}>...</{ANSWER_TAG}>.")
 
 
 @dataclass

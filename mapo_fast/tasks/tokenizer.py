@@ -7,12 +7,14 @@ from __future__ import annotations
 
 from typing import Any, Iterable, List
 
+from ..trajectory import ANSWER_TAG, DESCRIPTION_TAG, TEXT_RESPONSE_PATTERN, TOOL_CALL_TAG
+
 #: Chat and vision markers (Qwen2-VL names); ``<|im_end|>`` ends a turn (the EOS).
 SPECIAL_TOKENS = ["<pad>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 #: Tool-protocol tags, kept whole (decoded as text).
-TAG_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>",
-              "<description>", "</description>", "<answer>", "</answer>"]
+TAG_TOKENS = [f"<{TOOL_CALL_TAG}>", f"</{TOOL_CALL_TAG}>", *TEXT_RESPONSE_PATTERN,
+              f"<{DESCRIPTION_TAG}>", f"</{DESCRIPTION_TAG}>", f"<{ANSWER_TAG}>", f"</{ANSWER_TAG}>"]
 
 
 def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 512) -> Any:

@@ -54,6 +54,9 @@ from typing import Any, Dict, List, Sequence, Set, Tuple
 
 import torch
 
+from ..tools import ZoomInTool, format_tool_call
+from ..trajectory import ANSWER_TAG, DESCRIPTION_TAG
+
 Tensor = torch.Tensor
 
 COLOURS: Dict[str, Tuple[int, int, int]] = {
@@ -239,16 +242,15 @@ class VisualSearchTask:
         colour; the ``hallucinating`` expert, after a missed zoom, describes the target as the
         overview suggests (the ring's tint and the target's shape) and answers the tint."""
         quadrant = self.expert_quadrant(s)
-        call = {"name": "image_zoom_in_tool",
-                "arguments": {"bbox_2d": self.quadrant_box(quadrant)}}
+        call = format_tool_call(ZoomInTool.name, {"bbox_2d": self.quadrant_box(quadrant)})
         if quadrant != s.quadrant and self.expert == "hallucinating":
             colour, shape = s.hint, s.objects[0][1]
         else:
             half = self.image_size // 2
             seen = [o for o in s.objects if (int(o[3] // half), int(o[2] // half)) == quadrant]
             colour, shape = seen[0][:2] if seen else ("no", "shape")
-        return (f"<tool_call>{json.dumps(call)}</tool_call>",
-                f"<description>{colour} {shape}</description><answer>{colour}</answer>")
+        return (call, f"<{DESCRIPTION_TAG}>{colour} {shape}</{DESCRIPTION_TAG}>"
+                      f"<{ANSWER_TAG}>{colour}</{ANSWER_TAG}>")
 
     @property
     def expected_gap_share(self) -> float:

@@ -217,6 +217,18 @@ class ToolRegistry:
     def schemas(self) -> List[Dict[str, Any]]:
         return [self._tools[n].schema() for n in self.names]
 
+    def system_prompt(self) -> str:
+        """The tools' part of a system prompt, from ``schemas()``: each tool's JSON schema in
+        ``<tools>`` and the call format (Qwen2.5's)."""
+        tools = "\n".join(json.dumps(x) for x in self.schemas())
+        return (f"You may call these tools:\n<tools>\n{tools}\n</tools>\nTo call one, write "
+                + format_tool_call("<name>", {"<argument>": "<value>"}) + ".")
+
+
+def format_tool_call(name: str, arguments: Dict[str, Any], *, tag: str = TOOL_CALL_TAG) -> str:
+    """The text of one call, as ``parse_tool_calls`` reads it back."""
+    return f"<{tag}>{json.dumps({'name': name, 'arguments': arguments})}</{tag}>"
+
 
 def parse_tool_calls(text: str, *, tag: str = TOOL_CALL_TAG, max_chars: int = 4096
                      ) -> Tuple[List[ToolCall], List[ToolResult]]:
