@@ -1,6 +1,8 @@
 # The two commands of the README. Each sets up .venv from scratch when it is missing.
 #   make train   install, then the main job: mapo-train end to end on the built-in task
-#   make test    install, then run the test suite (what CI runs)
+#   make test    install, then run the test suite (what CI runs), then the framework
+#                integration tests, each in its own pinned environment under .venvs/ (created
+#                on first use, reused after)
 # and the benchmarks:
 #   make bench   install, then run the benchmarks at CPU scale and write bench/results/
 PYTHON ?= python3
@@ -9,6 +11,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# verl pins transformers < 5.11: its own environment, never shared with .venv
+VERL_VENV := .venvs/verl-0.9.1
+VERL_STAMP := $(VERL_VENV)/.installed
 
 .PHONY: install train test bench
 
@@ -23,8 +28,17 @@ $(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard kernels/csrc/*.cpp)
 train: $(STAMP)
 	$(BIN)/mapo-train --out runs/mapo
 
-test: $(STAMP)
+$(VERL_STAMP): tests/integrations/requirements-verl.txt setup.py pyproject.toml
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(VERL_VENV)/bin/python -m pip install -q -r tests/integrations/requirements-verl.txt
+	$(VERL_VENV)/bin/python -m pip install -q --no-deps verl==0.9.1
+	$(VERL_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(VERL_STAMP)
+
+test: $(STAMP) $(VERL_STAMP)
 	$(BIN)/python -m pytest -q tests
+	$(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning tests/integrations
 
 bench: $(STAMP)
 	$(BIN)/mapo-bench --scale cpu

@@ -1,0 +1,190 @@
+"""verl: one call, ``register()``, makes ``algorithm.adv_estimator=mapo`` a verl advantage
+estimator and replaces verl's fused log-prob module (``FusedLinearForPPO``, used by its actor
+when ``use_fused_kernels`` is on) with ``token_logprobs``.
+
+Per-turn data travels the way verl's own extra-data estimators get theirs: the reward function
+returns a dict, and its extra keys land in ``non_tensor_batch``. For MAPO that is one key,
+``mapo_turns`` (``TURNS_KEY``): a JSON string per sample, ``[[start, end, score], ...]``, one
+entry per scored tool turn, ``[start, end)`` in response-token positions and ``score`` its
+semantic score (``turns_info`` builds it; ``turns_from_text`` finds the spans in a response's
+text). A string, because verl stacks each extra key with ``np.array`` and per-sample lists of
+different lengths do not stack.
+
+verl 0.9 hands ``non_tensor_batch`` only to its own ``gdpo`` estimator, so ``register()`` also
+wraps ``compute_advantage`` (in ``verl.trainer.ppo.ray_trainer`` and the modules that import
+it by name): for ``adv_estimator == "mapo"`` the wrapper calls the estimator with the batch's
+``non_tensor_batch``; every other estimator goes to verl's function unchanged. That wrapper is
+the whole patch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..advantage import mapo_advantages
+from ..logprobs import token_logprobs
+
+Tensor = torch.Tensor
+NAME = "mapo"
+TURNS_KEY = "mapo_turns"
+#: Modules holding verl's ``compute_advantage`` under that name (wrapped when imported).
+ADVANTAGE_CALLERS = ("verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.v1.utils",
+                     "verl.experimental.separation.ray_trainer")
+SINGLETONS = ("zero", "reward")
+
+
+def turns_info(spans: Sequence[Tuple[int, int]], scores: Sequence[float]) -> Dict[str, str]:
+    """``{TURNS_KEY: json}`` for a reward function's returned dict: the scored turns' response-
+    token spans ``[start, end)`` and their semantic scores."""
+    if len(spans) != len(scores):
+        raise ValueError(f"turns_info: {len(spans)} spans but {len(scores)} scores")
+    return {TURNS_KEY: json.dumps([[int(a), int(b), float(s)] for (a, b), s in
+                                   zip(spans, scores)])}
+
+
+def turns_from_text(response: str, tokenizer: Any, scores: Sequence[float]) -> Dict[str, str]:
+    """``turns_info`` for a response text: the spans of its successful tool turns (call,
+    observation and description, as ``TrajectorySpans.token_turn`` assigns tokens) found by
+    ``spans_from_text``; exact when the tokenizer re-encodes the decoded response as it was."""
+    from ..trajectory import spans_from_text
+    ids, spans = spans_from_text(response, tokenizer)
+    turn = spans.token_turn(len(ids)).tolist()
+    out = []
+    for k in range(spans.n_scored_turns):
+        pos = [t for t, v in enumerate(turn) if v == k]
+        out.append((pos[0], pos[-1] + 1))
+    return turns_info(out, scores)
+
+
+def _parse_turns(entries: Any, B: int) -> List[List[Tuple[int, int, float]]]:
+    if entries is None:
+        raise ValueError(f"mapo advantage: `non_tensor_batch` has no {TURNS_KEY!r}: the reward "
+                         "function must return it (see mapo_fast.integrations.verl.turns_info)")
+    if len(entries) != B:
+        raise ValueError(f"mapo advantage: {TURNS_KEY!r} has {len(entries)} entries for {B} "
+                         "samples")
+    out = []
+    for b, e in enumerate(entries):
+        turns = json.loads(e) if isinstance(e, (str, bytes)) else e
+        try:
+            out.append([(int(a), int(z), float(s)) for a, z, s in turns])
+        except (TypeError, ValueError):
+            raise ValueError(f"mapo advantage: {TURNS_KEY}[{b}] must be [[start, end, score], "
+                             f"...], got {e!r}") from None
+    return out
+
+
+def group_ids(index: Any) -> Tensor:
+    """verl's group index (uid strings, or any hashable per sample) as ``[B]`` int64 ids."""
+    _, inverse = np.unique(np.asarray(index, dtype=object).astype(str), return_inverse=True)
+    return torch.as_tensor(inverse.reshape(-1), dtype=torch.int64)
+
+
+def mapo_advantage(token_level_rewards: Tensor, response_mask: Tensor, index: Any = None,
+                   config: Any = None, non_tensor_batch: Optional[Dict[str, Any]] = None, *,
+                   semantic_coef: float = 1.0, turn_discount: float = 0.0,
+                   norm_std: bool = True, singleton: str = "zero", epsilon: float = 1e-6,
+                   **_: Any) -> Tuple[Tensor, Tensor]:
+    """verl's advantage-estimator interface over ``mapo_advantages``: returns ``(advantages,
+    returns)``, both ``[B, T]`` (masked by ``response_mask``). ``singleton``: what a group of
+    one sample gets as its outcome part, ``"zero"`` (mapo_fast's) or ``"reward"`` (verl's GRPO:
+    ``R / (1 + epsilon)``)."""
+    if singleton not in SINGLETONS:
+        raise ValueError(f"mapo advantage: `singleton` must be one of {list(SINGLETONS)}, got "
+                         f"{singleton!r}")
+    B, T = response_mask.shape
+    turns = _parse_turns((non_tensor_batch or {}).get(TURNS_KEY), B)
+    K = max([len(t) for t in turns] + [1])
+    scores = torch.zeros(B, K, dtype=torch.float32)
+    mask = torch.zeros(B, K, dtype=torch.bool)
+    token_turn = torch.full((B, T), -1, dtype=torch.int64)
+    for b, row in enumerate(turns):
+        for k, (a, z, s) in enumerate(row):
+            if not 0 <= a < z <= T:
+                raise ValueError(f"mapo advantage: {TURNS_KEY}[{b}] turn {k} spans [{a}, {z}), "
+                                 f"outside the {T} response tokens")
+            scores[b, k], mask[b, k] = s, True
+            token_turn[b, a:z] = k
+    groups = group_ids(index if index is not None else np.arange(B))
+    rewards = token_level_rewards.sum(-1).float().cpu()
+    adv = mapo_advantages(rewards, groups, scores, mask, token_turn, algo="mapo",
+                          semantic_coef=semantic_coef, norm_std=norm_std, eps=epsilon,
+                          turn_discount=turn_discount)
+    if singleton == "reward":
+        alone = torch.bincount(groups)[groups] == 1
+        adv = adv + torch.where(alone, rewards / (1 + epsilon), 0.0)[:, None]
+    adv = adv.to(response_mask.device, token_level_rewards.dtype) * response_mask
+    return adv, adv
+
+
+class FusedLinearForPPO(torch.nn.Module):
+    """verl's ``FusedLinearForPPO`` interface over ``token_logprobs``: ``forward(hidden_states,
+    vocab_weights, input_ids, temperature) -> (log_probs float32, entropy in the hidden
+    states' dtype)``, shaped like ``input_ids``. ``chunk_size`` and ``impl_backend`` are
+    accepted and unused (the chunking and the kernel are mapo_fast's)."""
+
+    def __init__(self, chunk_size: int = 512, impl_backend: str = "torch"):
+        super().__init__()
+        self.chunk_size, self.impl_backend = chunk_size, impl_backend
+
+    def forward(self, hidden_states: Tensor, vocab_weights: Tensor, input_ids: Tensor,
+                temperature: float = 1.0) -> Tuple[Tensor, Tensor]:
+        logp, ent = token_logprobs(hidden_states, vocab_weights, input_ids.to(torch.int64),
+                                   temperature=temperature, return_entropy=True)
+        return logp.float(), ent.to(hidden_states.dtype)
+
+
+def _wrap_compute_advantage(original: Any, options: Dict[str, Any]) -> Any:
+    if getattr(original, "_mapo_fast", False):
+        return original
+
+    def compute_advantage(data, adv_estimator, *args, config=None, **kwargs):
+        name = getattr(adv_estimator, "value", adv_estimator)
+        if name != NAME:
+            return original(data, adv_estimator, *args, config=config, **kwargs)
+        if "response_mask" not in data.batch.keys():
+            from verl.trainer.ppo.ray_trainer import compute_response_mask
+            data.batch["response_mask"] = compute_response_mask(data)
+        adv, ret = mapo_advantage(data.batch["token_level_rewards"], data.batch["response_mask"],
+                                  data.non_tensor_batch.get("uid"), config,
+                                  data.non_tensor_batch, **options)
+        data.batch["advantages"], data.batch["returns"] = adv, ret
+        return data
+    compute_advantage._mapo_fast = True
+    compute_advantage.__wrapped__ = original
+    return compute_advantage
+
+
+def register(*, semantic_coef: float = 1.0, turn_discount: float = 0.0, norm_std: bool = True,
+             singleton: str = "zero", fused_kernel: bool = True) -> None:
+    """Registers the ``mapo`` advantage estimator with verl (``get_adv_estimator_fn("mapo")``)
+    with these options, wraps ``compute_advantage`` so that it receives ``non_tensor_batch``,
+    and (``fused_kernel``) replaces ``verl.utils.experimental.torch_functional.
+    FusedLinearForPPO`` with ``FusedLinearForPPO`` above. Call it again to change the options."""
+    if singleton not in SINGLETONS:
+        raise ValueError(f"register: `singleton` must be one of {list(SINGLETONS)}, got "
+                         f"{singleton!r}")
+    from verl.trainer.ppo import core_algos
+    options = dict(semantic_coef=semantic_coef, turn_discount=turn_discount, norm_std=norm_std,
+                   singleton=singleton)
+
+    def estimator(token_level_rewards, response_mask, index=None, config=None, **kwargs):
+        return mapo_advantage(token_level_rewards, response_mask, index, config,
+                              kwargs.pop("non_tensor_batch", None), **options)
+    core_algos.ADV_ESTIMATOR_REGISTRY[NAME] = estimator
+    for mod_name in ADVANTAGE_CALLERS:
+        try:
+            mod = sys.modules.get(mod_name) or importlib.import_module(mod_name)
+        except ImportError:  # a part of verl this installation cannot import
+            continue
+        original = getattr(mod.compute_advantage, "__wrapped__", mod.compute_advantage)
+        mod.compute_advantage = _wrap_compute_advantage(original, options)
+    if fused_kernel:
+        from verl.utils.experimental import torch_functional
+        torch_functional.FusedLinearForPPO = FusedLinearForPPO
