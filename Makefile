@@ -11,9 +11,11 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# verl pins transformers < 5.11: its own environment, never shared with .venv
+# verl pins transformers < 5.11: its own environment, never shared with .venv; TRL too
 VERL_VENV := .venvs/verl-0.9.1
 VERL_STAMP := $(VERL_VENV)/.installed
+TRL_VENV := .venvs/trl-1.16.0
+TRL_STAMP := $(TRL_VENV)/.installed
 
 .PHONY: install train test bench
 
@@ -36,9 +38,19 @@ $(VERL_STAMP): tests/integrations/requirements-verl.txt setup.py pyproject.toml
 	$(VERL_VENV)/bin/python -m pip install -q --no-deps -e .
 	touch $(VERL_STAMP)
 
-test: $(STAMP) $(VERL_STAMP)
+$(TRL_STAMP): tests/integrations/requirements-trl.txt setup.py pyproject.toml
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(TRL_VENV)/bin/python -m pip install -q -r tests/integrations/requirements-trl.txt
+	$(TRL_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(TRL_STAMP)
+
+test: $(STAMP) $(VERL_STAMP) $(TRL_STAMP)
 	$(BIN)/python -m pytest -q tests
-	$(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning tests/integrations
+	$(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning \
+		tests/integrations/test_verl.py
+	$(TRL_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning \
+		tests/integrations/test_trl.py
 
 bench: $(STAMP)
 	$(BIN)/mapo-bench --scale cpu

@@ -1,0 +1,182 @@
+"""TRL: ``MAPOGRPOTrainer``, a ``trl.GRPOTrainer`` whose policy loss is ``mapo_loss``; a TRL
+user switches by changing the class name.
+
+The loss runs inside the model's forward (``add_mapo_head``: ``model(..., mapo_objective=fn)``
+runs the backbone and returns ``fn(hidden, lm_head_weight)``), so a DDP / FSDP wrapper gathers
+the head for it as it does for TRL's own fused LM head, and no ``[tokens x vocab]`` logits
+exist. Every TRL option the loss supports is mapped (``OPTION_MAP`` in the README); any other
+raises ``NotImplementedError`` naming it, at construction.
+
+Per-turn credit (MAPO): ``semantic_scores_fn(inputs) -> [B, T]`` (optional) turns TRL's
+per-sequence advantages into per-token ones for multi-turn tool-use completions, e.g. with
+``mapo_advantages`` over the completions' tool turns; its result replaces
+``inputs["advantages"]``.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+from typing import Any, Callable, Dict, Optional
+
+import torch
+
+from ..loss import mapo_loss
+
+Tensor = torch.Tensor
+#: TRL loss types and how mapo_loss aggregates them (TRL's normalisers, written as globals).
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+
+def add_mapo_head(model: Any) -> None:
+    """Patches ``model.forward``: with ``mapo_objective=fn`` it runs the backbone (no cache)
+    and returns ``fn(hidden, weight)``, ``hidden [B, T - 1, H]`` the last hidden states shifted
+    so that position ``t`` predicts token ``t + 1``, ``weight`` the LM head's (gathered when
+    FSDP2 shards it). Without it, the original forward (generation is unchanged)."""
+    if getattr(model.forward, "_mapo_fast", False):
+        return
+    original = model.forward
+
+    @functools.wraps(type(model).forward)
+    def forward(self, *args, mapo_objective: Optional[Callable] = None, **kwargs):
+        if mapo_objective is None:
+            return original(*args, **kwargs)
+        kwargs["use_cache"] = False
+        out = self.base_model(*args, **kwargs)
+        weight = self.get_output_embeddings().weight
+        if hasattr(weight, "full_tensor"):  # an FSDP2 DTensor
+            weight = weight.full_tensor()
+        return mapo_objective(out.last_hidden_state[:, :-1], weight)
+    forward._mapo_fast = True
+    model.forward = types.MethodType(forward, model)
+
+
+def _unsupported(trainer: Any) -> Dict[str, Any]:
+    """The TRL options set to something ``mapo_loss`` does not compute: name -> value."""
+    args, cfg = trainer.args, trainer.model.config.get_text_config()
+    out = {}
+    if trainer.loss_type not in LOSS_TYPES:
+        out["loss_type"] = trainer.loss_type
+    if trainer.importance_sampling_level != "token":
+        out["importance_sampling_level"] = trainer.importance_sampling_level
+    if trainer.top_entropy_quantile < 1.0:
+        out["top_entropy_quantile"] = trainer.top_entropy_quantile
+    if trainer.off_policy_mask_threshold is not None:
+        out["off_policy_mask_threshold"] = trainer.off_policy_mask_threshold
+    if trainer._entropy_bonus_enabled:
+        out["entropy_coef"] = args.entropy_coef
+    if trainer.aux_loss_enabled:
+        out["router_aux_loss_coef"] = trainer.router_aux_loss_coef
+    if args.delta is not None and args.delta <= 1 + trainer.epsilon_high:
+        out["delta"] = args.delta
+    for name in ("final_logit_softcapping", "logit_scale"):
+        if getattr(cfg, name, None) not in (None, 1.0):
+            out[f"model.config.{name}"] = getattr(cfg, name)
+    if getattr(args, "cast_lm_head_to_fp32", False):
+        out["cast_lm_head_to_fp32"] = True  # mapo_fast always accumulates in float32
+    return out
+
+
+def _trainer_class():
+    from trl import GRPOTrainer
+
+    class MAPOGRPOTrainer(GRPOTrainer):
+        """``trl.GRPOTrainer`` with mapo_fast's fused policy loss; same arguments, plus
+        ``semantic_scores_fn`` (see the module doc)."""
+
+        def __init__(self, *args: Any, semantic_scores_fn: Optional[Callable] = None,
+                     **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            bad = _unsupported(self)
+            if bad:
+                raise NotImplementedError(
+                    "MAPOGRPOTrainer: these GRPOConfig options are not supported by mapo_fast's "
+                    "loss: " + ", ".join(f"{k}={v!r}" for k, v in bad.items()) + " (see the "
+                    "README's TRL section)")
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") \
+                else self.model
+            add_mapo_head(base)
+            self.semantic_scores_fn = semantic_scores_fn
+
+        def _aggregation(self, mask: Tensor, inputs: Dict[str, Any], training: bool
+                         ) -> Dict[str, Any]:
+            """TRL's normaliser of each loss type, as mapo_loss's aggregation and globals."""
+            accum = self.current_gradient_accumulation_steps if training else 1.0
+            B = mask.shape[0]
+            if self.loss_type == "grpo":  # mean over rows (all B) of each row's token mean
+                return dict(loss_agg="seq-mean-token-mean", global_seqs=B * accum)
+            if self.loss_type == "bnpo":
+                return dict(loss_agg="token-mean",
+                            global_tokens=max(float(mask.sum()), 1.0) * accum)
+            if self.loss_type == "dr_grpo":
+                return dict(loss_agg="seq-mean-token-sum-norm", global_seqs=B * accum,
+                            loss_scale_factor=self.max_completion_length)
+            norm = float(inputs["num_items_in_batch"].clamp(min=1.0)) / \
+                self.accelerator.num_processes  # dapo
+            if training:
+                norm = norm * self.current_gradient_accumulation_steps / \
+                    self.args.steps_per_generation
+            return dict(loss_agg="token-mean", global_tokens=norm)
+
+        def _compute_loss(self, model: Any, inputs: Dict[str, Any]) -> Tensor:
+            completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+            input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+            attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+            L = completion_ids.size(1)
+            mask = completion_mask if "tool_mask" not in inputs else \
+                completion_mask * inputs["tool_mask"]
+            adv = self.semantic_scores_fn(inputs) if self.semantic_scores_fn is not None \
+                else inputs["advantages"]
+            training = self.model.training
+            isw = None
+            if self.use_vllm and self.vllm_importance_sampling_correction:
+                isw = inputs["importance_sampling_ratio"].expand_as(mask).float()
+            kw = dict(old_logprobs=inputs.get("old_per_token_logps"),
+                      ref_logprobs=inputs.get("ref_per_token_logps") if self.beta else None,
+                      clip_low=self.epsilon_low, clip_high=self.epsilon_high,
+                      clip_ratio_c=self.args.delta, kl_coef=self.beta,
+                      kl_type="k3_ratio" if self.args.use_bias_correction_kl else "k3",
+                      temperature=self.temperature, rollout_is_weights=isw,
+                      **self._aggregation(mask, inputs, training))
+
+            def objective(hidden: Tensor, weight: Tensor):
+                # under autocast the backbone's output is bf16/fp16 while the head is float32:
+                # the head takes the hidden states' dtype, as autocast's matmul would
+                return mapo_loss(hidden[:, -L:], weight.to(hidden.dtype), completion_ids, adv,
+                                 mask, **kw)
+
+            model_inputs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")
+                            if inputs.get(k) is not None}
+            with self.accelerator.autocast():
+                loss, metrics = model(input_ids=input_ids, attention_mask=attention_mask,
+                                      mapo_objective=objective, **model_inputs)
+            self._log_loss_metrics(metrics, training)
+            return loss
+
+        def _log_loss_metrics(self, m: Dict[str, Tensor], training: bool) -> None:
+            """TRL's loss metrics (global token means over processes) from mapo_loss's."""
+            mode = "train" if training else "eval"
+            tokens = m["tokens"].float()
+
+            def global_mean(mean: Tensor) -> float:
+                totals = self.accelerator.reduce(torch.stack([mean.float() * tokens, tokens]),
+                                                 reduction="sum")
+                return (totals[0] / totals[1].clamp(min=1.0)).item()
+            if self.beta != 0.0:
+                self._metrics[mode]["kl"].append(global_mean(m["kl"]))
+            self._metrics[mode]["entropy"].append(global_mean(m["entropy"]))
+            self._metrics[mode]["clip_ratio/low_mean"].append(global_mean(m["clipfrac_low"]))
+            self._metrics[mode]["clip_ratio/high_mean"].append(global_mean(m["clipfrac_high"]))
+            self._metrics[mode]["clip_ratio/region_mean"].append(
+                global_mean(m["clipfrac_low"] + m["clipfrac_high"]))
+
+    return MAPOGRPOTrainer
+
+
+def __getattr__(name: str) -> Any:
+    # the class is built on first access, so importing this module does not import TRL
+    if name == "MAPOGRPOTrainer":
+        cls = _trainer_class()
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
