@@ -24,7 +24,10 @@ spent inside block-allocator calls (each call timed).
 ``--before DIR`` runs the RolloutEngine cases again, in a subprocess, with the ``mapo_fast``
 package installed in ``DIR`` (an older revision: ``git worktree add /tmp/rev <rev>`` and
 ``pip install --no-deps --target DIR /tmp/rev``), and adds them to the same tables as
-"RolloutEngine before"; ``--engine-only`` skips the Hugging Face cases.
+"RolloutEngine before"; ``--engine-only`` skips the Hugging Face cases. For an A/B of two
+revisions use both (``--engine-only --before DIR``): each revision's engine then runs in a fresh
+process (after the Hugging Face cases, the same engine measured 25% slower on CPU: a process
+that has run them is not a clean one).
 """
 
 from __future__ import annotations
@@ -387,7 +390,9 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str,
             f"{next(model.parameters()).dtype}; one run each (minutes on a CPU). Ratios are "
             "against mapo_fast. RolloutEngine forward passes per attention path: "
             + ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) + ".")
-    return write_report(f"rollout-{tag}", "Multi-turn rollouts", results, info, out_dir,
+    title = "Multi-turn rollouts" if not before else \
+        "Multi-turn rollouts: RolloutEngine and the revision in --before"
+    return write_report(f"rollout-{tag}", title, results, info, out_dir,
                         baseline=ENGINE, description=desc, extra={"attention_paths": paths})
 
 

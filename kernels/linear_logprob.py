@@ -43,10 +43,17 @@ def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp,
+def _tanh(x):
+    """tanh from exp (saturates to +-1 without overflow: exp(2x) = inf gives 1)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp, scale, cap,
                  stride_hn, stride_wv,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
-                 BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                 BLOCK_D: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+                 SOFTCAP: tl.constexpr, ROUND: tl.constexpr):
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -59,16 +66,20 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp,
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_v, mask=v_ok, other=0.0).to(tl.float32)
         acc = acc + b[None, :]
+    if ROUND:  # the logits of a matmul in the inputs' dtype (autocast's)
+        acc = acc.to(h_ptr.dtype.element_ty).to(tl.float32)
+    if SOFTCAP:
+        acc = cap * _tanh(acc * (scale / cap))
     return acc * inv_temp
 
 
 @triton.jit
 def _fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr,
                 m_out, s_out, t_out, zt_out,
-                N, V, D, v_per_split, inv_temp, stride_hn, stride_wv,
+                N, V, D, v_per_split, inv_temp, scale, cap, stride_hn, stride_wv,
                 HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
-                UPCAST: tl.constexpr):
+                UPCAST: tl.constexpr, SOFTCAP: tl.constexpr, ROUND: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -88,8 +99,9 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr,
     for v0 in range(v_lo, v_hi, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < v_hi
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp,
-                         stride_hn, stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST)
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp, scale, cap,
+                         stride_hn, stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST,
+                         SOFTCAP, ROUND)
         z = tl.where(v_ok[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -109,10 +121,11 @@ def _fwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr,
 @triton.jit
 def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, ge_ptr,
                 dh_ptr, dw_ptr, db_ptr,
-                N, V, D, inv_temp, stride_hn, stride_wv,
+                N, V, D, inv_temp, scale, cap, stride_hn, stride_wv,
                 HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_GE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
-                IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                IEEE: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
+                ROUND: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -131,14 +144,18 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, 
             rows = offs_n.to(tl.int64)
         y = tl.load(y_ptr + offs_n, mask=n_ok, other=-1)
         lse = tl.load(lse_ptr + offs_n, mask=n_ok, other=0.0)
-        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp,
-                         stride_hn, stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST)
+        z = _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp, scale, cap,
+                         stride_hn, stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST,
+                         SOFTCAP, ROUND)
         ok = n_ok[:, None] & v_ok[None, :]
         p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
         dz = gl[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - p)
         if HAS_GE:
             ent = tl.load(ent_ptr + offs_n, mask=n_ok, other=0.0)
             dz -= ge[:, None] * p * (z - lse[:, None] + ent[:, None])
+        if SOFTCAP:  # through cap tanh(scale u / cap): scale (1 - tanh^2), tanh = z / (cap T^-1)
+            t = z / (cap * inv_temp)
+            dz = dz * (scale * (1.0 - t * t))
         dz = tl.where(ok, dz * inv_temp, 0.0)
         if HAS_BIAS:
             tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok)
@@ -157,6 +174,16 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, 
                           mask=n_ok[:, None] & d_ok[None, :])
             tl.atomic_add(dw_ptr + offs_v[:, None] * D + offs_d[None, :], dw,
                           mask=v_ok[:, None] & d_ok[None, :])
+
+
+def _rounds(round_to: Optional[torch.dtype], hidden: Tensor) -> bool:
+    """Whether the kernels round the logits: only to the inputs' own dtype (what a matmul in
+    it gives), which must then be bf16 or fp16."""
+    if round_to is None:
+        return False
+    assert round_to == hidden.dtype and round_to in (torch.bfloat16, torch.float16), \
+        "the kernels round logits to the inputs' half-precision dtype only"
+    return True
 
 
 def _blocks(device: torch.device) -> Tuple[int, int, int, int, int]:
@@ -178,7 +205,9 @@ def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tens
 
 def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
             inv_temp: float, rows: Optional[Tensor] = None, splits: Optional[int] = None,
-            out: Optional[Tuple[Tensor, Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+            out: Optional[Tuple[Tensor, Tensor, Tensor]] = None, cap: float = 0.0,
+            scale: float = 1.0, round_to: Optional[torch.dtype] = None
+            ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns ``(logp, entropy, lse)``, each ``[N]`` float32. Same arguments as
     ``linear_logprob_ref.forward``; ``splits`` overrides the number of vocabulary splits and
     ``out`` supplies the three output buffers."""
@@ -201,10 +230,12 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
         hidden, weight, bias if bias is not None else hidden, targets,
         rows if rows is not None else targets,
         part[0], part[1], part[2], part[3],
-        n, v, d, v_per_split, float(inv_temp), hidden.stride(0), weight.stride(0),
+        n, v, d, v_per_split, float(inv_temp), float(scale), float(cap), hidden.stride(0),
+        weight.stride(0),
         HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, BLOCK_N=bn, BLOCK_V=bv,
         BLOCK_D=bd, IEEE=hidden.dtype == torch.float32,
-        UPCAST=interpreting() and hidden.dtype == torch.bfloat16, num_warps=warps, num_stages=stages)
+        UPCAST=interpreting() and hidden.dtype == torch.bfloat16, SOFTCAP=cap > 0,
+        ROUND=_rounds(round_to, hidden), num_warps=warps, num_stages=stages)
     m, s, t, zt = part
     m_all = m.max(0).values
     scale = torch.exp(m - m_all)
@@ -218,7 +249,8 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
 def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
              inv_temp: float, lse: Tensor, ent: Tensor, g_logp: Tensor,
              g_ent: Optional[Tensor], rows: Optional[Tensor] = None,
-             out: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None
+             out: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None, cap: float = 0.0,
+             scale: float = 1.0, round_to: Optional[torch.dtype] = None
              ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Returns ``(d_hidden, d_weight, d_bias)`` as float32 accumulators (zero-initialised here,
     or the buffers given in ``out``, which are added into)."""
@@ -240,8 +272,9 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
         hidden, weight, bias if bias is not None else hidden, targets,
         rows if rows is not None else targets, lse, ent, g_logp,
         g_ent if g_ent is not None else g_logp, dh, dw, db if db is not None else dw,
-        n, v, d, float(inv_temp), hidden.stride(0), weight.stride(0),
+        n, v, d, float(inv_temp), float(scale), float(cap), hidden.stride(0), weight.stride(0),
         HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, HAS_GE=g_ent is not None,
         BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, IEEE=hidden.dtype == torch.float32,
-        UPCAST=interpreting() and hidden.dtype == torch.bfloat16, num_warps=warps, num_stages=stages)
+        UPCAST=interpreting() and hidden.dtype == torch.bfloat16, SOFTCAP=cap > 0,
+        ROUND=_rounds(round_to, hidden), num_warps=warps, num_stages=stages)
     return dh, dw, db

@@ -5,7 +5,7 @@ the ``[tokens x vocab]`` logits. Device dispatch for the fused linear log-prob h
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -17,23 +17,32 @@ Tensor = torch.Tensor
 KERNEL = "linear_logprob"
 
 
+class LogitMap(NamedTuple):
+    """How raw logits ``u = h W^T + b`` become the logits of the softmax: ``z = u * inv_temp``,
+    or with a soft cap (``cap > 0``) ``z = cap * tanh(scale * u / cap) * inv_temp`` (a logit
+    scale without a cap is folded into ``inv_temp``); ``round_to``: ``u`` rounded to this
+    half-precision dtype first (autocast's matmul output), else kept in float32."""
+    inv_temp: float = 1.0
+    cap: float = 0.0
+    scale: float = 1.0
+    round_to: Optional[torch.dtype] = None
+
+
 def _triton_impl():
     return triton_module(KERNEL)
 
 
-def _forward(backend: str, hidden, weight, bias, targets, inv_temp, rows):
-    if backend == "triton":
-        return _triton_impl().forward(hidden, weight, bias, targets, inv_temp, rows=rows)
-    return ref_impl.forward(hidden, weight, bias, targets, inv_temp, rows=rows)
+def _forward(backend: str, hidden, weight, bias, targets, lm: LogitMap, rows):
+    impl = _triton_impl() if backend == "triton" else ref_impl
+    return impl.forward(hidden, weight, bias, targets, lm.inv_temp, rows=rows, cap=lm.cap,
+                        scale=lm.scale, round_to=lm.round_to)
 
 
-def _backward(backend: str, hidden, weight, bias, targets, inv_temp, lse, ent, g_logp, g_ent,
-              rows):
-    if backend == "triton":
-        return _triton_impl().backward(hidden, weight, bias, targets, inv_temp, lse, ent,
-                                       g_logp, g_ent, rows=rows)
-    return ref_impl.backward(hidden, weight, bias, targets, inv_temp, lse, ent, g_logp, g_ent,
-                             rows=rows)
+def _backward(backend: str, hidden, weight, bias, targets, lm: LogitMap, lse, ent, g_logp,
+              g_ent, rows):
+    impl = _triton_impl() if backend == "triton" else ref_impl
+    return impl.backward(hidden, weight, bias, targets, lm.inv_temp, lse, ent, g_logp, g_ent,
+                         rows=rows, cap=lm.cap, scale=lm.scale, round_to=lm.round_to)
 
 
 def _cast_grads(dtypes, dh, dw, db):
@@ -50,10 +59,10 @@ class _LinearLogprob(torch.autograd.Function):
     """logp, entropy = f(hidden, weight, bias); backward recomputes the logits tile by tile."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, inv_temp, backend):
-        logp, ent, lse = _forward(backend, hidden, weight, bias, targets, inv_temp, rows)
+    def forward(ctx, hidden, weight, bias, targets, rows, lm, backend):
+        logp, ent, lse = _forward(backend, hidden, weight, bias, targets, lm, rows)
         ctx.save_for_backward(hidden, weight, bias, targets, rows, lse, ent)
-        ctx.inv_temp, ctx.backend = inv_temp, backend
+        ctx.lm, ctx.backend = lm, backend
         return logp, ent
 
     @staticmethod
@@ -61,7 +70,7 @@ class _LinearLogprob(torch.autograd.Function):
         hidden, weight, bias, targets, rows, lse, ent = ctx.saved_tensors
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
-        dh, dw, db = _backward(ctx.backend, hidden, weight, bias, targets, ctx.inv_temp, lse,
+        dh, dw, db = _backward(ctx.backend, hidden, weight, bias, targets, ctx.lm, lse,
                                ent, g_logp, g_ent, rows)
         dh, dw, db = _cast_grads(_dtypes(hidden, weight, bias), dh, dw, db)
         return dh, dw, db, None, None, None, None
@@ -83,7 +92,7 @@ class _FusedLinearObjective(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, inv_temp, backend, objective):
+    def forward(ctx, hidden, weight, bias, targets, rows, lm, backend, objective):
         need_grad = any(ctx.needs_input_grad[:3])
 
         def value_and_grad(sl, logp, ent):
@@ -98,12 +107,13 @@ class _FusedLinearObjective(torch.autograd.Function):
 
         if backend == "torch" and need_grad:
             logp, ent, value, dh, dw, db = ref_impl.fused_forward_backward(
-                hidden, weight, bias, targets, inv_temp, value_and_grad, rows=rows)
+                hidden, weight, bias, targets, lm.inv_temp, value_and_grad, rows=rows,
+                cap=lm.cap, scale=lm.scale, round_to=lm.round_to)
         else:
-            logp, ent, lse = _forward(backend, hidden, weight, bias, targets, inv_temp, rows)
+            logp, ent, lse = _forward(backend, hidden, weight, bias, targets, lm, rows)
             if need_grad:
                 value, g, g_ent = value_and_grad(slice(None), logp, ent)
-                dh, dw, db = _backward(backend, hidden, weight, bias, targets, inv_temp, lse,
+                dh, dw, db = _backward(backend, hidden, weight, bias, targets, lm, lse,
                                        ent, g, g_ent, rows)
             else:
                 value = objective(slice(None), logp, ent).sum()
@@ -122,9 +132,25 @@ class _FusedLinearObjective(torch.autograd.Function):
         return (*_cast_grads(ctx.dtypes, dh, dw, db), None, None, None, None, None)
 
 
+LOGITS_DTYPES = ("float32", "autocast")
+
+
+def _round_to(fn: str, logits_dtype: str, hidden: Tensor) -> Optional[torch.dtype]:
+    """``logits_dtype`` as the dtype of autocast's matmul, when one is active for these inputs
+    (None: float32 logits)."""
+    chk.choice(fn, "logits_dtype", logits_dtype, LOGITS_DTYPES)
+    dev = hidden.device.type
+    if logits_dtype == "float32" or hidden.dtype == torch.float64 or \
+            not torch.is_autocast_enabled(dev):
+        return None
+    return torch.get_autocast_dtype(dev)
+
+
 def check_linear_inputs(fn: str, hidden: Tensor, weight: Tensor, targets: Tensor,
-                        bias: Optional[Tensor], temperature: float) -> float:
-    """Validates the arguments common to the fused linear ops; returns ``1 / temperature``."""
+                        bias: Optional[Tensor], temperature: float, logit_scale: float = 1.0,
+                        softcap: Optional[float] = None,
+                        logits_dtype: str = "float32") -> LogitMap:
+    """Validates the arguments common to the fused linear ops; returns their ``LogitMap``."""
     chk.tensor(fn, "hidden", hidden, dims=(2, 3), floating=True)
     chk.tensor(fn, "weight", weight, dims=(2,), floating=True)
     chk.tensor(fn, "targets", targets, integer=True)
@@ -145,7 +171,21 @@ def check_linear_inputs(fn: str, hidden: Tensor, weight: Tensor, targets: Tensor
         chk.shape(fn, "bias", bias, (weight.shape[0],), "one entry per row of `weight`")
     chk.same_device(fn, "hidden", hidden, weight=weight, targets=targets, bias=bias)
     chk.targets_in_range(fn, targets, weight.shape[0])
-    return 1.0 / chk.number(fn, "temperature", temperature, lo=0.0, lo_open=True)
+    inv_temp = 1.0 / chk.number(fn, "temperature", temperature, lo=0.0, lo_open=True)
+    scale = chk.number(fn, "logit_scale", logit_scale, lo=0.0, lo_open=True)
+    round_to = _round_to(fn, logits_dtype, hidden)
+    if softcap is None:
+        return LogitMap(inv_temp * scale, round_to=round_to)
+    return LogitMap(inv_temp, chk.number(fn, "softcap", softcap, lo=0.0, lo_open=True), scale,
+                    round_to)
+
+
+def _autocast_inputs(h: Tensor, w: Tensor, b: Optional[Tensor], lm: LogitMap):
+    """The inputs as autocast's matmul takes them, in ``lm.round_to`` (a differentiable cast:
+    their gradients come back in the inputs' dtypes), when the logits follow autocast."""
+    if lm.round_to is None or h.dtype == lm.round_to:
+        return h, w, b
+    return h.to(lm.round_to), w.to(lm.round_to), None if b is None else b.to(lm.round_to)
 
 
 def _flat(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
@@ -159,8 +199,13 @@ def _flat(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
 
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                    bias: Optional[Tensor] = None, temperature: float = 1.0,
-                   return_entropy: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """Log-probability of each target token under ``softmax((hidden @ weight.T + bias) / T)``.
+                   return_entropy: bool = False, logit_scale: float = 1.0,
+                   softcap: Optional[float] = None, logits_dtype: str = "float32"
+                   ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Log-probability of each target token under ``softmax((hidden @ weight.T + bias) / T)``
+    (with ``logit_scale`` and ``softcap``: ``softmax(softcap * tanh(logit_scale * u / softcap)
+    / T)``, the final logit soft-capping of Gemma-style models; ``logit_scale`` alone
+    multiplies the logits).
 
     Args:
         hidden: ``[N, H]`` or ``[B, T, H]`` float (fp32, bf16, fp16 or fp64).
@@ -169,6 +214,14 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         bias: optional ``[V]``.
         temperature: > 0; logits are divided by it.
         return_entropy: also return the entropy of each token's distribution.
+        logit_scale: > 0, multiplies the logits (before the soft cap).
+        softcap: > 0 or None (no cap).
+        logits_dtype: ``"float32"`` (default: logits accumulated and kept in float32, the
+            closest to float64) or ``"autocast"``: under an active autocast, the head computed
+            as autocast's matmul computes it (inputs cast to its bf16/fp16 dtype, the logits
+            rounded to it), what frameworks running the LM head under autocast get (about 3
+            significant digits of each logit in bf16). The softmax statistics are float32
+            either way; the speed is the same.
 
     Returns:
         ``logp`` shaped like ``targets`` (float32; float64 for float64 inputs), and with
@@ -177,21 +230,22 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         ``[N, V]`` tensor exists in either direction.
     """
     fn = "token_logprobs"
-    inv_temp = check_linear_inputs(fn, hidden, weight, targets, bias, temperature)
-    h, w, b = _flat(hidden, weight, bias)
+    lm = check_linear_inputs(fn, hidden, weight, targets, bias, temperature, logit_scale, softcap,
+                             logits_dtype)
+    h, w, b = _autocast_inputs(*_flat(hidden, weight, bias), lm)
     y = targets.reshape(-1).to(torch.int64)
-    logp, ent = _LinearLogprob.apply(h, w, b, y, None, inv_temp, backend_for(hidden, KERNEL))
+    logp, ent = _LinearLogprob.apply(h, w, b, y, None, lm, backend_for(hidden, KERNEL))
     logp, ent = logp.view(targets.shape), ent.view(targets.shape)
     return (logp, ent) if return_entropy else logp
 
 
 def fused_linear_objective(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor],
-                           targets: Tensor, rows: Optional[Tensor], inv_temp: float,
+                           targets: Tensor, rows: Optional[Tensor], lm: LogitMap,
                            objective: TokenObjective) -> Tuple[Tensor, Tensor, Tensor]:
     """``(value, logp, entropy)`` for the tokens ``rows`` of ``hidden2d`` (all when None):
     ``value = sum over chunks of objective(sl, logp[sl], entropy[sl]).sum()``, where ``sl`` is
     the slice of the selected tokens a chunk covers; differentiable w.r.t. hidden, weight and
     bias. Inputs are already validated; this is the building block of every fused loss."""
-    h, w, b = _flat(hidden2d, weight, bias)
-    return _FusedLinearObjective.apply(h, w, b, targets, rows, inv_temp, backend_for(h, KERNEL),
+    h, w, b = _autocast_inputs(*_flat(hidden2d, weight, bias), lm)
+    return _FusedLinearObjective.apply(h, w, b, targets, rows, lm, backend_for(h, KERNEL),
                                        objective)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import _checks as chk
-from .logprobs import check_linear_inputs, fused_linear_objective
+from .logprobs import LOGITS_DTYPES, check_linear_inputs, fused_linear_objective
 
 Tensor = torch.Tensor
 Number = Union[int, float, Tensor]
@@ -68,6 +68,9 @@ class PolicyLossConfig:
     temperature: float = 1.0
     kl_type: str = "k3"
     entropy_coef: float = 0.0
+    logit_scale: float = 1.0             # the logits' map (see mapo_loss)
+    softcap: Optional[float] = None
+    logits_dtype: str = "float32"
 
     def check(self, fn: str) -> "PolicyLossConfig":
         chk.number(fn, "clip_low", self.clip_low, lo=0.0, hi=1.0, hi_open=True)
@@ -81,6 +84,10 @@ class PolicyLossConfig:
         chk.number(fn, "temperature", self.temperature, lo=0.0, lo_open=True)
         chk.choice(fn, "kl_type", self.kl_type, tuple(KL_ESTIMATORS))
         chk.number(fn, "entropy_coef", self.entropy_coef)
+        chk.number(fn, "logit_scale", self.logit_scale, lo=0.0, lo_open=True)
+        if self.softcap is not None:
+            chk.number(fn, "softcap", self.softcap, lo=0.0, lo_open=True)
+        chk.choice(fn, "logits_dtype", self.logits_dtype, LOGITS_DTYPES)
         return self
 
 
@@ -185,10 +192,20 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
               loss_agg: str = "token-mean", loss_scale_factor: Optional[float] = None,
               global_tokens: Optional[Number] = None, global_seqs: Optional[Number] = None,
               rollout_is_weights: Optional[Tensor] = None, temperature: float = 1.0,
-              kl_type: str = "k3", entropy_coef: float = 0.0
+              kl_type: str = "k3", entropy_coef: float = 0.0, logit_scale: float = 1.0,
+              softcap: Optional[float] = None, logits_dtype: str = "float32"
               ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped, advantage-weighted policy loss fused with the LM head; a drop-in for verl's actor
     loss (``compute_policy_loss_vanilla`` + ``agg_loss``) that never forms ``[tokens x vocab]``.
+
+    Logits: ``(hidden @ weight.T + bias) * logit_scale / temperature``, or with ``softcap``
+    ``softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature`` (final
+    logit soft-capping, Gemma-style; the gradient goes through the tanh). ``logits_dtype``:
+    ``"float32"`` (default) keeps the logits in float32 (accumulated so, the closest to
+    float64); ``"autocast"`` rounds them, under an autocast of the inputs' bf16/fp16 dtype, as
+    autocast's matmul would, which reproduces frameworks that run the head under autocast
+    (TRL's fused head without ``cast_lm_head_to_fp32``) at about 3 significant digits of the
+    logits in bf16. The statistics are float32 either way, at the same speed.
 
     Shapes: ``hidden [B, T, H]`` or ``[B*T, H]``; ``weight [V, H]`` (same dtype); ``targets``
     and ``mask`` ``[B, T]`` (or ``[N]``, read as B = 1); ``advantages [B, T]`` (per token) or
@@ -216,8 +233,10 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
     """
     fn = "mapo_loss"
     cfg = PolicyLossConfig(clip_low, clip_high, clip_ratio_c, kl_coef, loss_agg,
-                           loss_scale_factor, temperature, kl_type, entropy_coef).check(fn)
-    inv_temp = check_linear_inputs(fn, hidden, weight, targets, bias, temperature)
+                           loss_scale_factor, temperature, kl_type, entropy_coef, logit_scale,
+                           softcap, logits_dtype).check(fn)
+    lm = check_linear_inputs(fn, hidden, weight, targets, bias, temperature, logit_scale,
+                             softcap, logits_dtype)
     if targets.dim() not in (1, 2):
         chk.fail(fn, "targets", f"must be [B, T] or [N], got shape {tuple(targets.shape)}")
     bt = tuple(targets.shape) if targets.dim() == 2 else (1, targets.shape[0])
@@ -273,7 +292,7 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
 
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     loss, logp, ent = fused_linear_objective(hidden2d, weight, bias, y,
-                                             None if all_rows else rows, inv_temp, objective)
+                                             None if all_rows else rows, lm, objective)
     metrics = _metrics(logp, ent, sel, cfg)
     return loss, metrics
 
@@ -320,11 +339,12 @@ class MAPOLoss(nn.Module):
                  clip_ratio_c: Optional[float] = None, kl_coef: float = 0.0,
                  loss_agg: str = "token-mean", loss_scale_factor: Optional[float] = None,
                  temperature: float = 1.0, kl_type: str = "k3",
-                 entropy_coef: float = 0.0) -> None:
+                 entropy_coef: float = 0.0, logit_scale: float = 1.0,
+                 softcap: Optional[float] = None, logits_dtype: str = "float32") -> None:
         super().__init__()
         self.config = PolicyLossConfig(clip_low, clip_high, clip_ratio_c, kl_coef, loss_agg,
-                                       loss_scale_factor, temperature, kl_type,
-                                       entropy_coef).check("MAPOLoss")
+                                       loss_scale_factor, temperature, kl_type, entropy_coef,
+                                       logit_scale, softcap, logits_dtype).check("MAPOLoss")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.__dict__.items())

@@ -6,11 +6,16 @@ integration tests check mapo_fast against verl's own functions too)."""
 import torch
 
 
-def logprobs_full(hidden, weight, targets, bias=None, temperature=1.0):
-    """Materialises [N, V] logits: log-probs and entropies, differentiable."""
+def logprobs_full(hidden, weight, targets, bias=None, temperature=1.0, logit_scale=1.0,
+                  softcap=None):
+    """Materialises [N, V] logits: log-probs and entropies, differentiable (a soft cap as
+    Gemma-style models apply it: cap * tanh(scale * z / cap))."""
     z = hidden.reshape(-1, hidden.shape[-1]) @ weight.t()
     if bias is not None:
         z = z + bias
+    z = z * logit_scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
     logsm = torch.log_softmax(z / temperature, dim=-1)
     logp = logsm.gather(1, targets.reshape(-1, 1)).squeeze(1)
     ent = -(logsm.exp() * logsm).sum(-1)
@@ -88,8 +93,8 @@ def mapo_loss_reference(hidden, weight, targets, advantages, mask, *, old_logpro
                         clip_ratio_c=None, kl_coef=0.0, loss_agg="token-mean",
                         loss_scale_factor=None, global_tokens=None, global_seqs=None,
                         rollout_is_weights=None, temperature=1.0, kl_type="k3",
-                        entropy_coef=0.0):
-    logp, ent = logprobs_full(hidden, weight, targets, bias, temperature)
+                        entropy_coef=0.0, logit_scale=1.0, softcap=None):
+    logp, ent = logprobs_full(hidden, weight, targets, bias, temperature, logit_scale, softcap)
     adv = advantages if advantages.shape == targets.shape else advantages[:, None].expand_as(logp)
     old = logp.detach() if old_logprobs is None else old_logprobs
     pg, ratio, _ = verl_policy_loss(logp, old, adv, clip_low, clip_high, clip_ratio_c,

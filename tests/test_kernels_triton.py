@@ -108,10 +108,11 @@ def test_kernels_handle_no_tokens():
 
 @pytest.mark.parametrize("mode, extra", [(m, {}) for m in mapo_fast.LOSS_AGG_MODES] + [
     ("token-mean", dict(entropy_coef=0.05, kl_type="low_var_kl")),
-    ("seq-mean-token-mean", dict(entropy_coef=-0.02, kl_type="k3_ratio"))])
+    ("seq-mean-token-mean", dict(entropy_coef=-0.02, kl_type="k3_ratio")),
+    ("token-sum", dict(softcap=2.5, logit_scale=1.3, entropy_coef=0.05))])
 def test_mapo_loss_triton_path_equals_torch_path(mode, extra, monkeypatch):
     """The whole public loss through the Triton kernels equals the torch path (fp32), an
-    entropy bonus (its gradient through the kernel's entropy term) included."""
+    entropy bonus (its gradient through the kernel's entropy term) and a soft cap included."""
     case = make_case(dtype=torch.float32, seed=5, bias=True, old=True, ref=True,
                      device=DEV)
     results = {}
@@ -141,3 +142,25 @@ def test_token_logprobs_triton_path_with_entropy_grad(monkeypatch):
         results[backend] = (logp.detach(), ent.detach(), h.grad, w.grad)
     for a, e in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(a, e, atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 1.5])
+def test_kernels_round_logits_and_soft_cap_as_the_reference(softcap):
+    """bf16 inputs with the logits rounded to bf16 (``logits_dtype="autocast"``) and a soft
+    cap: forward and backward kernels against the torch path given the same rounded logits
+    (float32 reference: rounding is the same operation on the same float32 accumulations, up
+    to their summation order, so a logit may land one bf16 step away: bf16 tolerance)."""
+    h, w, b, rows, y = inputs(torch.bfloat16, seed=11)
+    kw = dict(cap=softcap, scale=1.3, round_to=torch.bfloat16)
+    got = K.forward(*to(DEV, h, w, b, y), 1 / 0.7, rows=rows.to(DEV), **kw)
+    want = R.forward(h, w, b, y, 1 / 0.7, rows=rows, **kw)
+    for name, a, e in zip(("logp", "entropy", "lse"), got, want):
+        torch.testing.assert_close(a.cpu(), e, atol=2e-2, rtol=2e-2, msg=name)
+    lse, ent = want[2], want[1]
+    gl = torch.randn(y.shape[0], generator=torch.Generator().manual_seed(2))
+    dk = K.backward(*to(DEV, h, w, b, y), 1 / 0.7, lse.to(DEV), ent.to(DEV), gl.to(DEV), None,
+                    rows=rows.to(DEV), **kw)
+    dr = R.backward(h, w, b, y, 1 / 0.7, lse, ent, gl, None, rows=rows, **kw)
+    for name, a, e in zip(("d_hidden", "d_weight", "d_bias"), dk, dr):
+        scale = e.abs().max()
+        torch.testing.assert_close(a.cpu() / scale, e / scale, atol=2e-2, rtol=2e-2, msg=name)

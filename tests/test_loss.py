@@ -22,6 +22,9 @@ OPTION_SETS = {
     "entropy-bonus+k2+temp": dict(old=True, ref=True, kl_coef=0.2, kl_type="k2",
                                   entropy_coef=0.05, temperature=0.8, bias=True),
     "k1+k3_ratio": dict(old=True, ref=True, kl_coef=0.3, kl_type="k3_ratio"),
+    "softcap+scale+entropy": dict(old=True, bias=True, softcap=3.0, logit_scale=1.7,
+                                  temperature=0.8, entropy_coef=0.02),
+    "logit_scale": dict(old=True, logit_scale=0.6),
 }
 CASE_KEYS = ("bias", "per_seq_adv", "old", "ref", "is_weights")
 

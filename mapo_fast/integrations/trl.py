@@ -69,11 +69,9 @@ def _unsupported(trainer: Any) -> Dict[str, Any]:
         out["router_aux_loss_coef"] = trainer.router_aux_loss_coef
     if args.delta is not None and args.delta <= 1 + trainer.epsilon_high:
         out["delta"] = args.delta
-    for name in ("final_logit_softcapping", "logit_scale"):
-        if getattr(cfg, name, None) not in (None, 1.0):
+    for name in ("output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(cfg, name, None) not in (None, 1.0):  # logit multipliers of other names
             out[f"model.config.{name}"] = getattr(cfg, name)
-    if getattr(args, "cast_lm_head_to_fp32", False):
-        out["cast_lm_head_to_fp32"] = True  # mapo_fast always accumulates in float32
     return out
 
 
@@ -97,6 +95,17 @@ def _trainer_class():
                 else self.model
             add_mapo_head(base)
             self.semantic_scores_fn = semantic_scores_fn
+
+        def _logit_map(self) -> Dict[str, Any]:
+            """The model's ``logit_scale`` and ``final_logit_softcapping``, as TRL's fused head
+            applies them (scale, then the cap, then the temperature), and its logits' dtype
+            (rounded to the autocast dtype unless ``cast_lm_head_to_fp32``)."""
+            cfg = self.model.config.get_text_config()
+            scale = getattr(cfg, "logit_scale", None)
+            fp32 = getattr(self.args, "cast_lm_head_to_fp32", False)
+            return dict(logit_scale=1.0 if scale is None else float(scale),
+                        softcap=getattr(cfg, "final_logit_softcapping", None),
+                        logits_dtype="float32" if fp32 else "autocast")
 
         def _aggregation(self, mask: Tensor, inputs: Dict[str, Any], training: bool
                          ) -> Dict[str, Any]:
@@ -137,13 +146,14 @@ def _trainer_class():
                       clip_ratio_c=self.args.delta, kl_coef=self.beta,
                       kl_type="k3_ratio" if self.args.use_bias_correction_kl else "k3",
                       temperature=self.temperature, rollout_is_weights=isw,
-                      **self._aggregation(mask, inputs, training))
+                      **self._logit_map(), **self._aggregation(mask, inputs, training))
 
             def objective(hidden: Tensor, weight: Tensor):
-                # under autocast the backbone's output is bf16/fp16 while the head is float32:
-                # the head takes the hidden states' dtype, as autocast's matmul would
-                return mapo_loss(hidden[:, -L:], weight.to(hidden.dtype), completion_ids, adv,
-                                 mask, **kw)
+                if kw["logits_dtype"] == "float32":  # cast_lm_head_to_fp32, as TRL does
+                    hidden, weight = hidden.float(), weight.float()
+                else:  # one dtype for both; under autocast both then go to its dtype
+                    weight = weight.to(hidden.dtype)
+                return mapo_loss(hidden[:, -L:], weight, completion_ids, adv, mask, **kw)
 
             model_inputs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")
                             if inputs.get(k) is not None}
