@@ -219,7 +219,7 @@ def finish(rec: dict, eng, wall_s: float) -> dict:
 def engine_notes(x: dict) -> str:
     return (f"prefill {x['prefill_tokens']} tokens in {x['forward_passes']} passes "
             f"({x['prefill_passes']} with prompts); allocator {100 * x['allocator_share']:.1f}% "
-            f"of wall time ({x['allocator_calls']} calls)")
+            f"of wall time ({x['allocator_calls']} calls); peak KV {x['peak_kv_mib']:.0f} MiB")
 
 
 def engine_case(name: str, fn, device, notes: str = ""):

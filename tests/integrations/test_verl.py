@@ -185,3 +185,34 @@ def test_fused_kernel_swap_equals_verl_torch_implementation():
     for a, b, what in zip(res["ours"], res["verl"], ("logp", "entropy", "d_hidden", "d_weight")):
         assert a.dtype == b.dtype, what
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6, msg=what)
+
+
+def test_kernel_swap_through_verls_patched_model_forward():
+    """verl's own fused-kernel forward (``patch_forward_with_backends``, torch backend) on a
+    tiny Qwen2: after ``register()`` it runs mapo_fast's module, with the same log-probs,
+    entropies and parameter gradients as before."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from verl.models.transformers.monkey_patch import patch_forward_with_backends
+    from verl.utils.experimental import torch_functional as tf
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = Qwen2ForCausalLM(cfg).double()
+    patch_forward_with_backends(model, use_fused_kernels=True, fused_kernels_backend="torch")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(4))
+    original = tf.FusedLinearForPPO
+    res = {}
+    for name in ("verl", "ours"):
+        tf.FusedLinearForPPO = original if name == "verl" else mv.FusedLinearForPPO
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), temperature=0.8,
+                    return_dict=True)
+        (out.log_probs.sum() + 0.5 * out.entropy.sum()).backward()
+        res[name] = (out.log_probs.detach(), out.entropy.detach(),
+                     {k: p.grad.clone() for k, p in model.named_parameters()})
+    mv.register()  # leaves mapo_fast's module in place, as a user's call would
+    assert tf.FusedLinearForPPO is mv.FusedLinearForPPO
+    torch.testing.assert_close(res["ours"][0], res["verl"][0], atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(res["ours"][1], res["verl"][1], atol=1e-10, rtol=1e-10)
+    for k, g in res["verl"][2].items():
+        torch.testing.assert_close(res["ours"][2][k], g, atol=1e-10, rtol=1e-8, msg=k)
