@@ -151,3 +151,21 @@ def test_unsupported_options_are_named(tmp_path, option, value):
     with pytest.raises(NotImplementedError, match=f"{option}={value!r}"):
         MAPOGRPOTrainer(model=model(tok), reward_funcs=reward, args=args, train_dataset=data,
                         processing_class=tok)
+
+
+def test_semantic_scores_fn_gives_per_token_advantages(tmp_path):
+    """``semantic_scores_fn(inputs) -> [B, T]`` replaces TRL's per-sequence advantages: the
+    loss equals TRL's given those per-token advantages directly."""
+    ref, ours = trainers(tmp_path, loss_type="bnpo")
+    batch = inputs(ref)
+
+    def per_token(inp):  # e.g. MAPO's credit on the tool turns' tokens
+        adv = inp["advantages"][:, None].expand_as(inp["completion_mask"]).clone()
+        adv[:, 2:4] += 0.5
+        return adv
+    ours.semantic_scores_fn = per_token
+    l_ours, g_ours = compute(ours, batch, 1)
+    l_ref, g_ref = compute(ref, dict(batch, advantages=per_token(batch)), 1)
+    torch.testing.assert_close(l_ours, l_ref, atol=1e-6, rtol=1e-5)
+    for k, g in g_ref.items():
+        torch.testing.assert_close(g_ours[k], g, atol=1e-6, rtol=1e-4, msg=k)
