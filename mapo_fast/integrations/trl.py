@@ -4,7 +4,7 @@ user switches by changing the class name.
 The loss runs inside the model's forward (``add_mapo_head``: ``model(..., mapo_objective=fn)``
 runs the backbone and returns ``fn(hidden, lm_head_weight)``), so a DDP / FSDP wrapper gathers
 the head for it as it does for TRL's own fused LM head, and no ``[tokens x vocab]`` logits
-exist. Every TRL option the loss supports is mapped (``OPTION_MAP`` in the README); any other
+exist. Every TRL option the loss supports is mapped (the README's option table); any other
 raises ``NotImplementedError`` naming it, at construction.
 
 Per-turn credit (MAPO): ``semantic_scores_fn(inputs) -> [B, T]`` (optional) turns TRL's
