@@ -157,8 +157,7 @@ def crop_to_patches(images: Sequence[Tensor], image_index: Sequence[int],
     if out is None:
         out = torch.empty(sum(counts), C * temporal_patch_size * patch_size ** 2,
                           dtype=torch.float32, device=images[0].device)
-    scale = (1.0 / (255.0 * std)).to(out.device)[:, None, None]
-    shift = (mean / std).to(out.device)[:, None, None]
+    scale, shift = _normaliser(mean, std, out.device)
     starts = [sum(counts[:k]) for k in range(len(counts))]
 
     def one(k: int) -> None:
@@ -168,6 +167,12 @@ def crop_to_patches(images: Sequence[Tensor], image_index: Sequence[int],
                       temporal_patch_size, merge_size)
     _each(one, len(boxes), sum(h * w for h, w in sizes))
     return out
+
+
+def _normaliser(mean: Tensor, std: Tensor, device: torch.device) -> Tuple[Tensor, Tensor]:
+    """``(scale, shift)`` ``[C, 1, 1]`` with ``x * scale - shift = (x / 255 - mean) / std``."""
+    return ((1.0 / (255.0 * std)).to(device)[:, None, None],
+            (mean / std).to(device)[:, None, None])
 
 
 def write_patches(x: Tensor, rows: Tensor, scale: Tensor, shift: Tensor, patch_size: int,
@@ -188,8 +193,7 @@ def crops_to_patches(crops: Sequence[Tensor], mean: Tensor, std: Tensor, patch_s
     counts = [(c.shape[1] // patch_size) * (c.shape[2] // patch_size) for c in crops]
     out = torch.empty(sum(counts), C * temporal_patch_size * patch_size ** 2,
                       dtype=torch.float32, device=crops[0].device)
-    scale = (1.0 / (255.0 * std)).to(out.device)[:, None, None]
-    shift = (mean / std).to(out.device)[:, None, None]
+    scale, shift = _normaliser(mean, std, out.device)
     start = 0
     for c, n in zip(crops, counts):
         write_patches(c.to(torch.float32), out[start:start + n], scale, shift, patch_size,

@@ -29,7 +29,7 @@ import torch
 
 from ..tools.ops import MAX_PIXELS, MIN_PIXELS
 from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
-from .model_runner import ModelRunner
+from .model_runner import ModelRunner, kv_geometry
 from .multimodal import VisionAdapter, is_vision_language
 from .params import FN, MAX_BATCH_TOKENS, PREFILL_CHUNK, SamplingParams, SchedulerParams, \
     ToolParams
@@ -85,25 +85,21 @@ class RolloutEngine:
         if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
             raise ValueError(f"RolloutEngine: `block_size` must be a power of two >= 16, got "
                              f"{block_size!r}")
-        self.schedule_params = SchedulerParams(max_batch_tokens=max_batch_tokens,
-                                               prefill_chunk=prefill_chunk)
-        self.prefill_chunk = prefill_chunk
+        schedule = SchedulerParams(max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk)
         self.model, self.tokenizer, self.text_config = model, tokenizer, cfg
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self.vocab_size = int(getattr(emb, "num_embeddings", None) or head.weight.shape[0])
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        layers, kv_heads, head_dim = kv_geometry(cfg)
         #: bytes of one KV block (keys and values of every layer)
-        self.block_bytes = 2 * cfg.num_hidden_layers * block_size * cfg.num_key_value_heads * \
-            head_dim * param.element_size()
+        self.block_bytes = 2 * layers * block_size * kv_heads * head_dim * param.element_size()
         self.block_size = block_size
         self.num_blocks = self._pool_blocks(num_blocks, memory_budget_mb)
         self.stats: Dict[str, int] = {"prefill_tokens": 0, "cached_prompt_tokens": 0,
                                       "decode_tokens": 0, "forward_passes": 0,
                                       "prefill_passes": 0}
-        self.scheduler = Scheduler(self.num_blocks, block_size, self.schedule_params,
-                                   self.stats, allocator)
+        self.scheduler = Scheduler(self.num_blocks, block_size, schedule, self.stats, allocator)
         self.runner = ModelRunner(base, head, cfg, self.num_blocks, block_size,
                                   mrope=self.vision is not None, stats=self.stats)
 

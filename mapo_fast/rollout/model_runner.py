@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -58,6 +58,13 @@ def _paged_attention_forward(module, query, key, value, attention_mask, scaling=
     return out.unsqueeze(0), None
 
 
+def kv_geometry(text_config: Any) -> Tuple[int, int, int]:
+    """``(layers, kv_heads, head_dim)`` of a decoder config: the shape of its KV cache."""
+    cfg = text_config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
+
+
 @functools.lru_cache(maxsize=None)
 def register_attention() -> None:
     """Registers ``mapo_paged`` with transformers (once per process)."""
@@ -87,13 +94,11 @@ class ModelRunner:
         self.block_size, self.mrope, self.stats = block_size, mrope, stats
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
-        cfg = text_config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shape = (num_blocks, block_size, cfg.num_key_value_heads, head_dim)
+        layers, kv_heads, head_dim = kv_geometry(text_config)
+        shape = (num_blocks, block_size, kv_heads, head_dim)
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                         for _ in range(cfg.num_hidden_layers)]
-        self.v_caches = [torch.zeros_like(self.k_caches[0])
-                         for _ in range(cfg.num_hidden_layers)]
+                         for _ in range(layers)]
+        self.v_caches = [torch.zeros_like(self.k_caches[0]) for _ in range(layers)]
 
     @contextmanager
     def _attention(self, step: _Step):

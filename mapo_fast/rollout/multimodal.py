@@ -61,6 +61,11 @@ def is_vision_language(model: Any) -> bool:
         and getattr(model.config, "image_token_id", None) is not None
 
 
+def _grids(grid: Tensor) -> List[Tuple[int, int, int]]:
+    """``image_grid_thw [M, 3]`` as ``(t, gh, gw)`` tuples."""
+    return [tuple(int(x) for x in g) for g in grid.tolist()]
+
+
 class VisionAdapter:
     """Vision side of a Qwen2/2.5-VL model for the engine.
 
@@ -130,7 +135,7 @@ class VisionAdapter:
     def split_patches(pixel_values: Tensor, grid: Tensor
                       ) -> List[Tuple[Tensor, Tuple[int, int, int]]]:
         """``(pixel_values rows, (t, gh, gw))`` per image (views, no copy)."""
-        grids = [tuple(int(x) for x in g) for g in grid.tolist()]
+        grids = _grids(grid)
         rows = [t * h * w for t, h, w in grids]
         return list(zip(pixel_values.split(rows), grids))
 
@@ -146,7 +151,7 @@ class VisionAdapter:
         dev = next(self.base.visual.parameters()).device
         out = self.base.get_image_features(pixel_values.to(dev), image_grid_thw=grid.to(dev))
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
-        grids = [tuple(int(x) for x in g) for g in grid.tolist()]
+        grids = _grids(grid)
         if stats is not None:
             stats["vision_images"] = stats.get("vision_images", 0) + len(grids)
             stats["vision_patches"] = stats.get("vision_patches", 0) + sum(

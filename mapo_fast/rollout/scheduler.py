@@ -114,11 +114,11 @@ class Scheduler:
         running = [s for s in self.samples if s.status is Status.RUNNING and s.num_pending]
         plan = []  # (sample, chunk end) within the budget
         for s in running:
-            n = min(s.num_pending, self.params.prefill_chunk, budget)
-            if n == 0:
+            end = self._chunk_end(s, budget)
+            if end == s.num_computed:
                 break
-            plan.append((s, s.num_computed + n))
-            budget -= n
+            plan.append((s, end))
+            budget -= end - s.num_computed
         # one capacity query for the whole plan; only when the pool is short, sample by sample
         # (oldest first), preempting the most recently started
         reserved = self.blocks.append_cost([s.sid for s, _ in plan],
@@ -143,7 +143,7 @@ class Scheduler:
                 break
             if s.status is not Status.RUNNING:  # preempted for an older sample's room
                 continue
-            end = s.num_computed + min(s.num_pending, self.params.prefill_chunk, budget)
+            end = self._chunk_end(s, budget)
             cost = self._room_for(s, end, reserved, batch)
             if cost is None:
                 continue
@@ -151,6 +151,11 @@ class Scheduler:
             batch.chunks.append((s, s.num_computed, end))
             budget -= end - s.num_computed
         return budget, reserved
+
+    def _chunk_end(self, s: Seq, budget: int) -> int:
+        """End of ``s``'s next chunk: its pending tokens, at most ``prefill_chunk`` and
+        ``budget``."""
+        return s.num_computed + min(s.num_pending, self.params.prefill_chunk, budget)
 
     def _room_for(self, s: Sample, end: int, reserved: int, batch: Batch) -> Optional[int]:
         """Blocks that appending ``s``'s tokens up to ``end`` takes, after preempting the most
@@ -191,10 +196,10 @@ class Scheduler:
                 # slot gets the values it already holds)
                 p.num_computed = min(cached, len(p.tokens) - 1)
                 p.status = Status.RUNNING
-            n = min(p.num_pending, self.params.prefill_chunk, budget)
-            batch.chunks.append((p, p.num_computed, p.num_computed + n))
-            budget -= n
-            if n < p.num_pending:
+            end = self._chunk_end(p, budget)
+            batch.chunks.append((p, p.num_computed, end))
+            budget -= end - p.num_computed
+            if end < len(p.tokens):
                 # a later prompt may share this one's blocks (its prefix, registered when
                 # allocated): it starts only once they are all computed, in this step at the
                 # latest (each layer writes the step's keys and values before attending)
