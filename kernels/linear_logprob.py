@@ -18,13 +18,14 @@ Launchers check shapes and pick block sizes; validation of user input and autogr
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import interpreting
+from ._compile import TRITON_TYPES, CompileCase, Config, flag_grid, ptr, signature
 
 Tensor = torch.Tensor
 
@@ -60,7 +61,7 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp, sca
         d_ok = offs_d < D
         h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :],
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :],
+        w = tl.load(w_ptr + offs_v[:, None].to(tl.int64) * stride_wv + offs_d[None, :],
                     mask=v_ok[:, None] & d_ok[None, :], other=0.0)
         acc = _mm(h, tl.trans(w), acc, IEEE, UPCAST)
     if HAS_BIAS:
@@ -71,6 +72,21 @@ def _logits_tile(h_ptr, w_ptr, b_ptr, rows, n_ok, offs_v, v_ok, D, inv_temp, sca
     if SOFTCAP:
         acc = cap * _tanh(acc * (scale / cap))
     return acc * inv_temp
+
+
+@triton.jit
+def _dz_tile(z, is_target, lse, ent, gl, ge, inv_temp, scale, cap, HAS_GE: tl.constexpr,
+             SOFTCAP: tl.constexpr):
+    """d(objective)/du for final logits ``z`` (see the reference's module doc): per-token
+    ``lse``, ``ent``, ``gl`` (d/d logp) and ``ge`` (d/d entropy) broadcast against ``z``."""
+    p = tl.exp(z - lse)
+    dz = gl * (tl.where(is_target, 1.0, 0.0) - p)
+    if HAS_GE:
+        dz -= ge * p * (z - lse + ent)
+    if SOFTCAP:  # through cap tanh(scale u / cap): scale (1 - tanh^2), tanh = z / (cap T^-1)
+        t = z / (cap * inv_temp)
+        dz = dz * (scale * (1.0 - t * t))
+    return dz * inv_temp
 
 
 @triton.jit
@@ -125,7 +141,7 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, 
                 HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_GE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                 IEEE: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
-                ROUND: tl.constexpr):
+                ROUND: tl.constexpr, SCALE_DZ: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,32 +164,39 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, 
                          stride_hn, stride_wv, HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_D, IEEE, UPCAST,
                          SOFTCAP, ROUND)
         ok = n_ok[:, None] & v_ok[None, :]
-        p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
-        dz = gl[:, None] * (tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0) - p)
         if HAS_GE:
-            ent = tl.load(ent_ptr + offs_n, mask=n_ok, other=0.0)
-            dz -= ge[:, None] * p * (z - lse[:, None] + ent[:, None])
-        if SOFTCAP:  # through cap tanh(scale u / cap): scale (1 - tanh^2), tanh = z / (cap T^-1)
-            t = z / (cap * inv_temp)
-            dz = dz * (scale * (1.0 - t * t))
-        dz = tl.where(ok, dz * inv_temp, 0.0)
+            ent = tl.load(ent_ptr + offs_n, mask=n_ok, other=0.0)[:, None]
+            ge = ge[:, None]
+        else:
+            ent = 0.0
+            ge = 0.0
+        dz = _dz_tile(z, offs_v[None, :] == y[:, None], lse[:, None], ent, gl[:, None], ge,
+                      inv_temp, scale, cap, HAS_GE, SOFTCAP)
+        dz = tl.where(ok, dz, 0.0)
         if HAS_BIAS:
-            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok)
-        dz_in = dz.to(h_ptr.dtype.element_ty)
+            tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_ok, sem="relaxed")
+        if SCALE_DZ:  # fp16: dz / 2^k with max |dz / 2^k| in [0.5, 1) before the cast, 2^k after
+            top = tl.max(tl.max(tl.abs(dz), axis=1), axis=0)
+            unit = tl.exp2(tl.ceil(tl.log2(tl.where(top > 0.0, top, 1.0))))
+            dz_in = (dz / unit).to(h_ptr.dtype.element_ty)
+        else:
+            unit = 1.0
+            dz_in = dz.to(h_ptr.dtype.element_ty)
+        w_rows = offs_v[:, None].to(tl.int64)
         for d0 in range(0, D, BLOCK_D):
             offs_d = d0 + tl.arange(0, BLOCK_D)
             d_ok = offs_d < D
-            w = tl.load(w_ptr + offs_v[:, None] * stride_wv + offs_d[None, :],
+            w = tl.load(w_ptr + w_rows * stride_wv + offs_d[None, :],
                         mask=v_ok[:, None] & d_ok[None, :], other=0.0)
             h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :],
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             dh = _mm(dz_in, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), IEEE, UPCAST)
             dw = _mm(tl.trans(dz_in), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), IEEE,
                      UPCAST)
-            tl.atomic_add(dh_ptr + rows[:, None] * D + offs_d[None, :], dh,
-                          mask=n_ok[:, None] & d_ok[None, :])
-            tl.atomic_add(dw_ptr + offs_v[:, None] * D + offs_d[None, :], dw,
-                          mask=v_ok[:, None] & d_ok[None, :])
+            tl.atomic_add(dh_ptr + rows[:, None] * D + offs_d[None, :], dh * unit,
+                          mask=n_ok[:, None] & d_ok[None, :], sem="relaxed")
+            tl.atomic_add(dw_ptr + w_rows * D + offs_d[None, :], dw * unit,
+                          mask=v_ok[:, None] & d_ok[None, :], sem="relaxed")
 
 
 def _rounds(round_to: Optional[torch.dtype], hidden: Tensor) -> bool:
@@ -186,11 +209,66 @@ def _rounds(round_to: Optional[torch.dtype], hidden: Tensor) -> bool:
     return True
 
 
-def _blocks(device: torch.device) -> Tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_V, BLOCK_D, num_warps, num_stages). Small tiles under the interpreter."""
-    if interpreting() or device.type != "cuda":
-        return 16, 32, 16, 1, 1
-    return 64, 128, 64, 8, 3
+#: Tile sizes per input dtype on a GPU (fp32 tiles are smaller: their operands take twice the
+#: shared memory and registers); the interpreter runs small tiles. Checked by compile_cases().
+GPU_CONFIGS = {
+    torch.bfloat16: Config(dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64), num_warps=8, num_stages=3),
+    torch.float16: Config(dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=64), num_warps=8, num_stages=3),
+    torch.float32: Config(dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32), num_warps=4, num_stages=2),
+}
+INTERPRETER_CONFIG = Config(dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16), num_warps=1)
+#: Input dtypes the kernels take; float64 runs the torch path (``mapo_fast.logprobs``).
+DTYPES = tuple(GPU_CONFIGS)
+
+
+def config(dtype: torch.dtype, device: torch.device) -> Config:
+    assert dtype in DTYPES, f"the Triton kernels take {DTYPES}, got {dtype}"
+    return GPU_CONFIGS[dtype] if device.type == "cuda" and not interpreting() \
+        else INTERPRETER_CONFIG
+
+
+def _flags(dtype: torch.dtype, has_bias: bool, has_rows: bool, softcap: bool,
+           round_logits: bool) -> dict:
+    """Constexpr flags shared by both kernels."""
+    return dict(HAS_BIAS=has_bias, HAS_ROWS=has_rows, IEEE=dtype == torch.float32,
+                UPCAST=interpreting() and dtype == torch.bfloat16, SOFTCAP=softcap,
+                ROUND=round_logits)
+
+
+def _bwd_flags(dtype: torch.dtype, has_ge: bool, **shared) -> dict:
+    return dict(_flags(dtype, **shared), HAS_GE=has_ge, SCALE_DZ=dtype == torch.float16)
+
+
+def compile_cases() -> List[CompileCase]:
+    """Every configuration the launchers can choose on a GPU (dtype x flags)."""
+    cases = []
+    for dtype, cfg in GPU_CONFIGS.items():
+        p, f32, half = ptr(dtype), ptr(torch.float32), dtype != torch.float32
+        rounds = (False, True) if dtype != torch.float32 else (False,)
+        for fl in flag_grid(has_bias=(False, True), has_rows=(False, True),
+                            softcap=(False, True), round_logits=rounds):
+            corner = all(fl.values()) or not any(fl.values())  # in the default check
+            types = dict(h_ptr=p, w_ptr=p, b_ptr=p, y_ptr="*i64", rows_ptr="*i64",
+                         inv_temp="fp32", scale="fp32", cap="fp32")
+            fwd_t = dict(types, m_out=f32, s_out=f32, t_out=f32, zt_out=f32)
+            cases.append(CompileCase(
+                _fwd_kernel, f"{TRITON_TYPES[dtype]} {_label(fl)}",
+                signature(_fwd_kernel, fwd_t), dict(_flags(dtype, **fl), **cfg.blocks),
+                cfg.num_warps, cfg.num_stages, default=corner, half_dot=half))
+            for has_ge in (False, True):
+                bwd_t = dict(types, lse_ptr=f32, ent_ptr=f32, gl_ptr=f32, ge_ptr=f32,
+                             dh_ptr=f32, dw_ptr=f32, db_ptr=f32)
+                cases.append(CompileCase(
+                    _bwd_kernel, f"{TRITON_TYPES[dtype]} {_label(dict(fl, entropy=has_ge))}",
+                    signature(_bwd_kernel, bwd_t),
+                    dict(_bwd_flags(dtype, has_ge, **fl), **cfg.blocks), cfg.num_warps,
+                    cfg.num_stages, default=corner and has_ge == fl["has_bias"], half_dot=half))
+    return cases
+
+
+def _label(flags: dict) -> str:
+    on = [k.replace("has_", "").replace("round_logits", "round") for k, v in flags.items() if v]
+    return "+".join(on) or "plain"
 
 
 def _check(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
@@ -217,8 +295,9 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
         torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3))
     if n == 0:
         return logp, ent, lse
-    bn, bv, bd, warps, stages = _blocks(hidden.device)
-    n_tiles, v_tiles = triton.cdiv(n, bn), triton.cdiv(v, bv)
+    cfg = config(hidden.dtype, hidden.device)
+    bv = cfg.blocks["BLOCK_V"]
+    n_tiles, v_tiles = triton.cdiv(n, cfg.blocks["BLOCK_N"]), triton.cdiv(v, bv)
     if splits is None:
         sms = (torch.cuda.get_device_properties(hidden.device).multi_processor_count
                if hidden.is_cuda else 2)
@@ -232,10 +311,9 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
         part[0], part[1], part[2], part[3],
         n, v, d, v_per_split, float(inv_temp), float(scale), float(cap), hidden.stride(0),
         weight.stride(0),
-        HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, BLOCK_N=bn, BLOCK_V=bv,
-        BLOCK_D=bd, IEEE=hidden.dtype == torch.float32,
-        UPCAST=interpreting() and hidden.dtype == torch.bfloat16, SOFTCAP=cap > 0,
-        ROUND=_rounds(round_to, hidden), num_warps=warps, num_stages=stages)
+        **_flags(hidden.dtype, bias is not None, rows is not None, cap > 0,
+                 _rounds(round_to, hidden)),
+        **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     m, s, t, zt = part
     m_all = m.max(0).values
     scale = torch.exp(m - m_all)
@@ -265,16 +343,17 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
     assert dh.is_contiguous() and dw.is_contiguous() and dh.dtype == dw.dtype == torch.float32
     if n == 0:
         return dh, dw, db
-    bn, bv, bd, warps, stages = _blocks(hidden.device)
+    cfg = config(hidden.dtype, hidden.device)
     g_logp = g_logp.to(torch.float32).contiguous()
     g_ent = None if g_ent is None else g_ent.to(torch.float32).contiguous()
-    _bwd_kernel[(triton.cdiv(n, bn), triton.cdiv(v, bv))](
+    grid = (triton.cdiv(n, cfg.blocks["BLOCK_N"]), triton.cdiv(v, cfg.blocks["BLOCK_V"]))
+    _bwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets,
         rows if rows is not None else targets, lse, ent, g_logp,
         g_ent if g_ent is not None else g_logp, dh, dw, db if db is not None else dw,
         n, v, d, float(inv_temp), float(scale), float(cap), hidden.stride(0), weight.stride(0),
-        HAS_BIAS=bias is not None, HAS_ROWS=rows is not None, HAS_GE=g_ent is not None,
-        BLOCK_N=bn, BLOCK_V=bv, BLOCK_D=bd, IEEE=hidden.dtype == torch.float32,
-        UPCAST=interpreting() and hidden.dtype == torch.bfloat16, SOFTCAP=cap > 0,
-        ROUND=_rounds(round_to, hidden), num_warps=warps, num_stages=stages)
+        **_bwd_flags(hidden.dtype, g_ent is not None, has_bias=bias is not None,
+                     has_rows=rows is not None, softcap=cap > 0,
+                     round_logits=_rounds(round_to, hidden)),
+        **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return dh, dw, db

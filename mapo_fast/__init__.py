@@ -3,7 +3,9 @@
 Public API:
     token_logprobs          token log-probs (and entropies) from hidden states and the LM head,
                             without materialising [tokens x vocab] logits
-    mapo_loss, MAPOLoss     the fused clipped, advantage-weighted policy loss (verl semantics)
+    mapo_loss, MAPOLoss     the fused clipped, advantage-weighted policy loss (verl semantics);
+    LossMetrics             its metrics (with ``.path``: which implementation ran; on CUDA
+                            mapo_fast.loss_path picks fused or chunked by measurement)
     mapo_advantages         the MAPO advantage: group-relative outcome + semantic scores
     Trajectory, TrajectorySpans, ToolTurn, Span, spans_from_text, turn_batch, token_turns
                             where each tool turn, description and answer sit in the tokens
@@ -26,7 +28,7 @@ Public API:
 
 from .advantage import mapo_advantages
 from .logprobs import token_logprobs
-from .loss import LOSS_AGG_MODES, MAPOLoss, mapo_loss
+from .loss import LOSS_AGG_MODES, LossMetrics, MAPOLoss, mapo_loss
 from .rollout import RolloutEngine, SamplingParams, ToolParams
 from .rewards import CLIPVerifier, OracleVerifier, SemanticVerifier
 from .tools import (ToolRegistry, ToolRunner, ZoomInTool, crop_and_zoom, crop_to_patches,
@@ -37,7 +39,7 @@ from .variance import gradient_variance, loss_gradient_variance
 
 __version__ = "0.1.0"
 
-__all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LOSS_AGG_MODES", "mapo_advantages",
+__all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LossMetrics", "LOSS_AGG_MODES", "mapo_advantages",
            "Trajectory", "TrajectorySpans", "ToolTurn", "Span", "spans_from_text", "turn_batch",
            "token_turns",
            "SemanticVerifier", "OracleVerifier", "CLIPVerifier", "gradient_variance", "loss_gradient_variance",

@@ -5,16 +5,18 @@ the ``[tokens x vocab]`` logits. Device dispatch for the fused linear log-prob h
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 
 from . import _checks as chk
+from . import loss_path
 from ._dispatch import backend_for, triton_module
 from .kernels import linear_logprob_ref as ref_impl
 
 Tensor = torch.Tensor
 KERNEL = "linear_logprob"
+CHUNKED = "linear_logprob_chunked"
 
 
 class LogitMap(NamedTuple):
@@ -28,21 +30,46 @@ class LogitMap(NamedTuple):
     round_to: Optional[torch.dtype] = None
 
 
-def _triton_impl():
-    return triton_module(KERNEL)
+def _impl(path: str):
+    """The module computing ``path`` (see ``loss_path``)."""
+    if path == "torch":
+        return ref_impl
+    return triton_module(KERNEL if path == "fused" else CHUNKED)
 
 
-def _forward(backend: str, hidden, weight, bias, targets, lm: LogitMap, rows):
-    impl = _triton_impl() if backend == "triton" else ref_impl
-    return impl.forward(hidden, weight, bias, targets, lm.inv_temp, rows=rows, cap=lm.cap,
-                        scale=lm.scale, round_to=lm.round_to)
+def _forward(path: str, hidden, weight, bias, targets, lm: LogitMap, rows):
+    return _impl(path).forward(hidden, weight, bias, targets, lm.inv_temp, rows=rows,
+                               cap=lm.cap, scale=lm.scale, round_to=lm.round_to)
 
 
-def _backward(backend: str, hidden, weight, bias, targets, lm: LogitMap, lse, ent, g_logp,
+def _backward(path: str, hidden, weight, bias, targets, lm: LogitMap, lse, ent, g_logp,
               g_ent, rows):
-    impl = _triton_impl() if backend == "triton" else ref_impl
-    return impl.backward(hidden, weight, bias, targets, lm.inv_temp, lse, ent, g_logp, g_ent,
-                         rows=rows, cap=lm.cap, scale=lm.scale, round_to=lm.round_to)
+    return _impl(path).backward(hidden, weight, bias, targets, lm.inv_temp, lse, ent, g_logp,
+                                g_ent, rows=rows, cap=lm.cap, scale=lm.scale,
+                                round_to=lm.round_to)
+
+
+def select_path(hidden: Tensor, vocab: int, n: int, has_bias: bool, has_rows: bool,
+                lm: LogitMap, need_grad: bool,
+                runners: Callable[[], Dict[str, Callable[[], object]]]) -> str:
+    """``"torch"``, ``"fused"`` or ``"chunked"`` for this call (see ``mapo_fast.loss_path``);
+    ``runners()`` builds the call's work for each CUDA path, run only to measure."""
+    if backend_for(hidden, KERNEL) == "torch" or hidden.dtype == torch.float64:
+        return "torch"
+    choice = loss_path.requested()
+    if choice != "auto":
+        return choice
+    if not hidden.is_cuda or not need_grad:  # interpreter; inference: the fused forward
+        return "fused"
+    flags = "".join(c for c, on in (("b", has_bias), ("r", has_rows), ("c", lm.cap > 0),
+                                    ("a", lm.round_to is not None)) if on) or "-"
+    key = loss_path.make_key(hidden, vocab, n, flags)
+    gemm = ref_impl.gemm_dtype(hidden)
+    rows_per_chunk = min(n, ref_impl.default_chunk_rows(vocab, hidden.dtype, hidden.device,
+                                                        gemm, probs=False))
+    fits = loss_path.chunked_fits(hidden.device, rows_per_chunk * ref_impl.workspace_bytes_per_row(
+        vocab, hidden.dtype, gemm, probs=False))
+    return loss_path.chooser().choose(key, runners() if fits else {}, chunked_fits=fits)
 
 
 def _cast_grads(dtypes, dh, dw, db):
@@ -59,10 +86,10 @@ class _LinearLogprob(torch.autograd.Function):
     """logp, entropy = f(hidden, weight, bias); backward recomputes the logits tile by tile."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, lm, backend):
-        logp, ent, lse = _forward(backend, hidden, weight, bias, targets, lm, rows)
+    def forward(ctx, hidden, weight, bias, targets, rows, lm, path):
+        logp, ent, lse = _forward(path, hidden, weight, bias, targets, lm, rows)
         ctx.save_for_backward(hidden, weight, bias, targets, rows, lse, ent)
-        ctx.lm, ctx.backend = lm, backend
+        ctx.lm, ctx.path = lm, path
         return logp, ent
 
     @staticmethod
@@ -70,7 +97,7 @@ class _LinearLogprob(torch.autograd.Function):
         hidden, weight, bias, targets, rows, lse, ent = ctx.saved_tensors
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
-        dh, dw, db = _backward(ctx.backend, hidden, weight, bias, targets, ctx.lm, lse,
+        dh, dw, db = _backward(ctx.path, hidden, weight, bias, targets, ctx.lm, lse,
                                ent, g_logp, g_ent, rows)
         dh, dw, db = _cast_grads(_dtypes(hidden, weight, bias), dh, dw, db)
         return dh, dw, db, None, None, None, None
@@ -79,46 +106,57 @@ class _LinearLogprob(torch.autograd.Function):
 TokenObjective = Callable[[slice, Tensor, Tensor], Tensor]
 
 
+def _value_and_grad(objective: "TokenObjective"):
+    def value_and_grad(sl, logp, ent):
+        """The summed value and its gradients w.r.t. ``logp`` and ``ent`` (None when the
+        objective does not use the entropy)."""
+        with torch.enable_grad():
+            lp = logp.detach().requires_grad_(True)
+            en = ent.detach().requires_grad_(True)
+            val = objective(sl, lp, en).sum()
+            g, g_ent = torch.autograd.grad(val, (lp, en), allow_unused=True)
+        return val.detach(), torch.zeros_like(lp) if g is None else g, g_ent
+    return value_and_grad
+
+
+def objective_pass(path: str, hidden, weight, bias, targets, rows, lm: LogitMap,
+                   objective: "TokenObjective", need_grad: bool):
+    """``(value, logp, ent, grads)`` of the objective through ``path``; ``grads`` is
+    ``(d_hidden, d_weight, d_bias)`` (float32 accumulators) or None without ``need_grad``.
+
+    torch and chunked paths: one pass over the vocabulary per token chunk (logits once per
+    chunk, 3 matmuls); fused path: the forward kernel, the per-token gradient in torch, the
+    backward kernel."""
+    value_and_grad = _value_and_grad(objective)
+    if path != "fused" and need_grad:
+        logp, ent, value, *grads = _impl(path).fused_forward_backward(
+            hidden, weight, bias, targets, lm.inv_temp, value_and_grad, rows=rows,
+            cap=lm.cap, scale=lm.scale, round_to=lm.round_to)
+        return value, logp, ent, tuple(grads)
+    logp, ent, lse = _forward(path, hidden, weight, bias, targets, lm, rows)
+    if not need_grad:
+        return objective(slice(None), logp, ent).sum(), logp, ent, None
+    value, g, g_ent = value_and_grad(slice(None), logp, ent)
+    grads = _backward(path, hidden, weight, bias, targets, lm, lse, ent, g, g_ent, rows)
+    return value, logp, ent, grads
+
+
 class _FusedLinearObjective(torch.autograd.Function):
     """``value = sum_n objective(logp_n, entropy_n)`` with the gradient computed during the
-    forward pass (the backward only scales it by the upstream scalar gradient).
-
-    torch path: one pass over the vocabulary per token chunk (logits once per chunk, 3 matmuls);
-    Triton path: the forward kernel, the per-token gradient in torch, the backward kernel.
-    ``objective(sl, logp, ent)`` returns the per-token values of rows ``sl``; it must be a
-    differentiable torch function of ``logp`` and may use ``ent`` (their gradients come from
-    autograd on ``[N]`` vectors, so a loss variant only writes the per-token formula; an
-    entropy term's gradient reaches the logits through ``dH/dz``).
+    forward pass (the backward only scales it by the upstream scalar gradient), through
+    ``objective_pass``. ``objective(sl, logp, ent)`` returns the per-token values of rows
+    ``sl``; it must be a differentiable torch function of ``logp`` and may use ``ent`` (their
+    gradients come from autograd on ``[N]`` vectors, so a loss variant only writes the
+    per-token formula; an entropy term's gradient reaches the logits through ``dH/dz``).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows, lm, backend, objective):
+    def forward(ctx, hidden, weight, bias, targets, rows, lm, path, objective):
         need_grad = any(ctx.needs_input_grad[:3])
-
-        def value_and_grad(sl, logp, ent):
-            """The summed value and its gradients w.r.t. ``logp`` and ``ent`` (None when the
-            objective does not use the entropy)."""
-            with torch.enable_grad():
-                lp = logp.detach().requires_grad_(True)
-                en = ent.detach().requires_grad_(True)
-                val = objective(sl, lp, en).sum()
-                g, g_ent = torch.autograd.grad(val, (lp, en), allow_unused=True)
-            return val.detach(), torch.zeros_like(lp) if g is None else g, g_ent
-
-        if backend == "torch" and need_grad:
-            logp, ent, value, dh, dw, db = ref_impl.fused_forward_backward(
-                hidden, weight, bias, targets, lm.inv_temp, value_and_grad, rows=rows,
-                cap=lm.cap, scale=lm.scale, round_to=lm.round_to)
-        else:
-            logp, ent, lse = _forward(backend, hidden, weight, bias, targets, lm, rows)
-            if need_grad:
-                value, g, g_ent = value_and_grad(slice(None), logp, ent)
-                dh, dw, db = _backward(backend, hidden, weight, bias, targets, lm, lse,
-                                       ent, g, g_ent, rows)
-            else:
-                value = objective(slice(None), logp, ent).sum()
+        value, logp, ent, grads = objective_pass(path, hidden, weight, bias, targets, rows, lm,
+                                                 objective, need_grad)
         if need_grad:
-            ctx.save_for_backward(dh, dw, db)
+            ctx.save_for_backward(*grads)
             ctx.dtypes = _dtypes(hidden, weight, bias)
         ctx.mark_non_differentiable(logp, ent)
         return value, logp, ent
@@ -234,18 +272,39 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                              logits_dtype)
     h, w, b = _autocast_inputs(*_flat(hidden, weight, bias), lm)
     y = targets.reshape(-1).to(torch.int64)
-    logp, ent = _LinearLogprob.apply(h, w, b, y, None, lm, backend_for(hidden, KERNEL))
+    need_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, weight, bias))
+
+    def runners():
+        def run(path):
+            logp, ent, lse = _forward(path, h, w, b, y, lm, None)
+            return _backward(path, h, w, b, y, lm, lse, ent, torch.ones_like(logp), None, None)
+        return {p: (lambda p=p: run(p)) for p in ("fused", "chunked")}
+
+    path = select_path(h, w.shape[0], y.shape[0], b is not None, False, lm, need_grad, runners)
+    logp, ent = _LinearLogprob.apply(h, w, b, y, None, lm, path)
     logp, ent = logp.view(targets.shape), ent.view(targets.shape)
     return (logp, ent) if return_entropy else logp
 
 
 def fused_linear_objective(hidden2d: Tensor, weight: Tensor, bias: Optional[Tensor],
                            targets: Tensor, rows: Optional[Tensor], lm: LogitMap,
-                           objective: TokenObjective) -> Tuple[Tensor, Tensor, Tensor]:
-    """``(value, logp, entropy)`` for the tokens ``rows`` of ``hidden2d`` (all when None):
-    ``value = sum over chunks of objective(sl, logp[sl], entropy[sl]).sum()``, where ``sl`` is
-    the slice of the selected tokens a chunk covers; differentiable w.r.t. hidden, weight and
-    bias. Inputs are already validated; this is the building block of every fused loss."""
+                           objective: TokenObjective
+                           ) -> Tuple[Tensor, Tensor, Tensor, str]:
+    """``(value, logp, entropy, path)`` for the tokens ``rows`` of ``hidden2d`` (all when
+    None): ``value = sum over chunks of objective(sl, logp[sl], entropy[sl]).sum()``, where
+    ``sl`` is the slice of the selected tokens a chunk covers; differentiable w.r.t. hidden,
+    weight and bias; ``path`` is the implementation that ran (``mapo_fast.loss_path``).
+    Inputs are already validated; this is the building block of every fused loss."""
     h, w, b = _autocast_inputs(*_flat(hidden2d, weight, bias), lm)
-    return _FusedLinearObjective.apply(h, w, b, targets, rows, lm, backend_for(h, KERNEL),
-                                       objective)
+    need_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (h, w, b))
+
+    def runners():
+        return {p: (lambda p=p: objective_pass(p, h, w, b, targets, rows, lm, objective, True))
+                for p in ("fused", "chunked")}
+
+    path = select_path(h, w.shape[0], targets.shape[0], b is not None, rows is not None, lm,
+                       need_grad, runners)
+    value, logp, ent = _FusedLinearObjective.apply(h, w, b, targets, rows, lm, path, objective)
+    return value, logp, ent, path

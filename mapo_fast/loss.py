@@ -229,7 +229,9 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
     ``ppo_kl`` (mean ``old - logp``), ``pg_loss``, ``kl_loss``, ``entropy_loss`` (the
     aggregated entropy), ``pg_clipfrac`` (verl's),
     ``clipfrac_low``, ``clipfrac_high``, ``dual_clipfrac``, ``ratio_mean``, ``ratio_max``,
-    ``tokens``. Masked-token means; 0 when no token is masked in.
+    ``tokens``. Masked-token means; 0 when no token is masked in. The dict is a
+    ``LossMetrics``: its ``path`` attribute names the implementation that ran (``"torch"``,
+    ``"fused"`` or ``"chunked"``, see ``mapo_fast.loss_path``).
     """
     fn = "mapo_loss"
     cfg = PolicyLossConfig(clip_low, clip_high, clip_ratio_c, kl_coef, loss_agg,
@@ -291,10 +293,18 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
         return sel["c"][sl] * terms["loss"]
 
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    loss, logp, ent = fused_linear_objective(hidden2d, weight, bias, y,
-                                             None if all_rows else rows, lm, objective)
-    metrics = _metrics(logp, ent, sel, cfg)
-    return loss, metrics
+    loss, logp, ent, path = fused_linear_objective(hidden2d, weight, bias, y,
+                                                   None if all_rows else rows, lm, objective)
+    return loss, LossMetrics(_metrics(logp, ent, sel, cfg), path=path)
+
+
+class LossMetrics(dict):
+    """``mapo_loss``'s metrics: ``{name: 0-dim tensor}``, plus ``path``, the implementation
+    that computed the loss (``"torch"``, ``"fused"`` or ``"chunked"``)."""
+
+    def __init__(self, values: Dict[str, Tensor], path: str):
+        super().__init__(values)
+        self.path = path
 
 
 def _metrics(logp: Tensor, ent: Tensor, sel: Dict[str, Optional[Tensor]],

@@ -446,7 +446,8 @@ class Trainer:
 
         loss, m, hidden = self._policy(batch, objective)
         (loss * self.dist.world).backward()
-        return float(loss.detach()), {k: float(v) for k, v in m.items()}, hidden
+        return float(loss.detach()), {**{k: float(v) for k, v in m.items()},
+                                     "loss_path": m.path}, hidden
 
     def diagnose(self, full: PolicyBatch, adv: Tensor, hidden: Tensor, step: int
                  ) -> Dict[str, float]:

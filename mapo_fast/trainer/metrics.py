@@ -196,7 +196,8 @@ def step_record(step: int, trajs: Sequence[Any], rewards: torch.Tensor,
                 times: Dict[str, float]) -> Dict[str, Any]:
     """One training step's record for ``metrics.jsonl`` (this rank's; the trainer averages it
     over ranks): rewards, accuracy, semantic score, the gap metrics, gradient variance and
-    norm, tool use, response length, entropy, clip fraction and the time of each phase."""
+    norm, tool use, response length, entropy, clip fraction, the loss path and the time of
+    each phase."""
     n = len(trajs)
     return {
         "step": step, "reward_mean": float(rewards.mean()),
@@ -211,6 +212,7 @@ def step_record(step: int, trajs: Sequence[Any], rewards: torch.Tensor,
         "response_tokens": sum(sum(x.loss_mask) for x in trajs) / n,
         "entropy": _mean([s["entropy"] for s in loss_stats]),
         "clipfrac": _mean([s["pg_clipfrac"] for s in loss_stats]),
+        "loss_path": loss_stats[0].get("loss_path") if loss_stats else None,
         **{f"time_{k}": v for k, v in times.items()},
     }
 

@@ -1,0 +1,160 @@
+"""Ahead-of-time compile check of every Triton kernel for GPU targets, on any machine (no GPU).
+
+Each case of ``CASES`` (every launch configuration the launchers can choose, from the kernel
+modules' ``compile_cases()``) is compiled with ``triton.compile`` for a target such as sm_90;
+the cubin's resource usage (``cuobjdump --dump-resource-usage``: registers, local memory = spill
+and stack bytes per thread, static shared memory) plus Triton's dynamic shared memory are
+checked against the target: it compiles, shared memory fits, no local memory on the default
+configurations (``ALLOW_SPILLS`` lists exceptions with their reason), and on sm_90 a
+half-precision ``tl.dot`` becomes wgmma.
+
+    python -m mapo_fast.kernels.compile_check [--full] [--targets 90,80] [--json F] [--md F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import advantage, crop_zoom, linear_logprob, linear_logprob_chunked, paged_attention
+from ._compile import CompileCase, collect
+
+#: Shared memory one block may use (opt-in maximum), bytes.
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+TARGETS = (90, 80)
+#: (kernel, label) -> why local memory is accepted there (none today).
+ALLOW_SPILLS: Dict[tuple, str] = {}
+
+
+def cases() -> List[CompileCase]:
+    return collect(linear_logprob.compile_cases, linear_logprob_chunked.compile_cases,
+                   paged_attention.compile_cases, advantage.compile_cases,
+                   crop_zoom.compile_cases)
+
+
+@dataclass
+class Result:
+    kernel: str
+    config: str
+    target: int
+    num_warps: int
+    num_stages: int
+    registers: int
+    local_bytes: int
+    shared_bytes: int
+    wgmma: bool
+    seconds: float
+    default: bool
+    problems: List[str]
+
+
+def _tool(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """``{"REG": .., "LOCAL": .., "SHARED": ..}`` of the cubin's (single) kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    line = [ln for ln in out.splitlines() if "REG:" in ln][-1]
+    return {k: int(v) for k, v in re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", line)}
+
+
+def compile_case(case: CompileCase, target: int) -> Result:
+    sig = dict(case.signature, **{k: "constexpr" for k in case.constexprs})
+    t0 = time.perf_counter()
+    kernel = triton.compile(ASTSource(case.kernel, sig, constexprs=case.constexprs),
+                            target=GPUTarget("cuda", target, 32),
+                            options={"num_warps": case.num_warps,
+                                     "num_stages": case.num_stages})
+    seconds = time.perf_counter() - t0
+    use = resource_usage(kernel.asm["cubin"])
+    shared = int(kernel.metadata.shared) + use.get("SHARED", 0)
+    res = Result(case.name, case.label, target, case.num_warps, case.num_stages, use["REG"],
+                 use.get("LOCAL", 0), shared, "wgmma" in kernel.asm["ptx"], round(seconds, 2),
+                 case.default, [])
+    res.problems = problems(case, res)
+    return res
+
+
+def problems(case: CompileCase, res: Result) -> List[str]:
+    out = []
+    if res.shared_bytes > SHARED_LIMIT[res.target]:
+        out.append(f"shared memory {res.shared_bytes} B > {SHARED_LIMIT[res.target]} B")
+    if res.local_bytes and case.default and (res.kernel, res.config) not in ALLOW_SPILLS:
+        out.append(f"{res.local_bytes} B of local memory per thread (register spills)")
+    if res.target >= 90 and case.half_dot and not res.wgmma:
+        out.append("no wgmma for a half-precision tl.dot on sm_90")
+    return out
+
+
+def run(targets: Sequence[int] = TARGETS, full: bool = False,
+        progress: bool = True) -> List[Result]:
+    todo = [(c, t) for t in targets for c in cases() if full or c.default]
+    results = []
+    for i, (case, target) in enumerate(todo):
+        if progress:
+            print(f"\r[{i + 1}/{len(todo)}] sm_{target} {case.name} {case.label}".ljust(79),
+                  end="", file=sys.stderr, flush=True)
+        results.append(compile_case(case, target))
+    if progress:
+        print(file=sys.stderr)
+    return results
+
+
+def markdown(results: Sequence[Result]) -> str:
+    lines = [f"Triton {triton.__version__}, torch {torch.__version__}; local memory = spill and "
+             "stack bytes per thread; shared = dynamic + static.", "",
+             "| kernel | config | target | warps / stages | registers | local B | shared KB "
+             "| wgmma | problems |", "|---|---|---|---|---:|---:|---:|---|---|"]
+    for r in results:
+        lines.append(f"| {r.kernel} | {r.config}{'' if r.default else ' (full)'} | "
+                     f"sm_{r.target} | {r.num_warps} / {r.num_stages} | {r.registers} | "
+                     f"{r.local_bytes} | {r.shared_bytes / 1024:.1f} | "
+                     f"{'yes' if r.wgmma else '-'} | {'; '.join(r.problems) or 'ok'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--full", action="store_true", help="every flag combination, not only "
+                    "the default configurations")
+    ap.add_argument("--targets", default=",".join(map(str, TARGETS)),
+                    help="compute capabilities, comma-separated (default %(default)s)")
+    ap.add_argument("--json", help="write the results as JSON here")
+    ap.add_argument("--md", help="write the markdown table here")
+    args = ap.parse_args(argv)
+    targets = [int(t) for t in args.targets.split(",")]
+    bad = [t for t in targets if t not in SHARED_LIMIT]
+    if bad:
+        ap.error(f"--targets: {bad} not in {sorted(SHARED_LIMIT)}")
+    results = run(targets, args.full)
+    table = markdown(results)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=1)
+    if args.md:
+        with open(args.md, "w") as f:
+            f.write(table)
+    return 1 if any(r.problems for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
