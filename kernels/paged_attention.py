@@ -2,113 +2,247 @@
 math and layout are written out in ``paged_attention_ref.py``, the reference it is tested
 against).
 
-Grid: (query tiles, heads). A query tile is up to ``BLOCK_M`` consecutive queries of one
-sequence (a host-side table maps tiles to sequences, so sequences of any query count share one
-launch). Each program walks its sequence's block table page by page (``BLOCK_N`` = the cache
-block size), loads the page's K and V for the head's KV head (GQA), applies the causal mask from
-the queries' absolute positions and keeps an online softmax in fp32; pages wholly after the
-tile's last query are never read.
+Grid: (query tiles, KV heads, KV splits). A tile is up to ``BLOCK_Q`` consecutive queries of one
+sequence times the ``group`` query heads that share one KV head (GQA), packed into the
+``BLOCK_M`` rows of the matrix product, so each K/V element is read once per tile rather than
+once per query head. The program walks its sequence's keys ``BLOCK_N`` at a time (independent of
+the page size: each key's page comes from the block table), applies the causal mask from the
+queries' absolute positions and keeps an online softmax in fp32; keys after the tile's last
+query are never read. With ``SPLIT`` (few tiles: decode of a small batch), each split covers one
+range of keys and writes its unnormalised partial result, merged by ``combine``.
+
+The launch plan (tile table, split count) is built by ``plan`` with device tensor operations
+and host shape arithmetic only, once per forward pass; the per-layer launch performs no host
+synchronisation.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import interpreting
+from ._compile import TRITON_TYPES, CompileCase, Config, ptr, signature
 
 Tensor = torch.Tensor
 
+#: Rows of the packed (query x head) tile: decode (about one query per sequence) or prefill.
+DECODE_M, PREFILL_M = 16, 64
+INTERPRETER_N = 16
+#: At most this many KV splits; a split covers at least ``MIN_SPLIT_TILES`` key tiles.
+MAX_SPLITS, MIN_SPLIT_TILES = 16, 4
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def config(dtype: torch.dtype, head_dim: int, block_m: int) -> Config:
+    """Tile sizes for a head dimension: ``BLOCK_N`` keys per iteration (fewer for wide heads or
+    fp32, so that K and V tiles fit in shared memory and registers)."""
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if interpreting():
+        return Config(dict(BLOCK_M=block_m, BLOCK_N=INTERPRETER_N, BLOCK_D=block_d), 1)
+    wide = block_d * dtype.itemsize > 256
+    return Config(dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, BLOCK_D=block_d),
+                  num_warps=4, num_stages=2)
+
 
 @triton.jit
-def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, tables_ptr, lens_ptr, cu_q_ptr,
-                            tile_seq_ptr, tile_start_ptr, scale, max_blocks, group,
+def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, tables_ptr,
+                            lens_ptr, cu_q_ptr, tile_seq_ptr, tile_start_ptr, scale, page,
+                            group, block_q, keys_per_split, total_q, heads,
                             stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
-                            stride_on, stride_oh, HEAD_DIM,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_D: tl.constexpr, IEEE: tl.constexpr):
+                            stride_vb, stride_vt, stride_vh, stride_on, stride_oh, stride_tb,
+                            HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr):
     tile = tl.program_id(0)
-    h = tl.program_id(1)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
     s = tl.load(tile_seq_ptr + tile)
-    i0 = tl.load(tile_start_ptr + tile)              # first query of the tile, within the seq
-    q_start = tl.load(cu_q_ptr + s)
-    n_q = tl.load(cu_q_ptr + s + 1) - q_start
-    L = tl.load(lens_ptr + s)
-    kvh = h // group
-
-    m_idx = i0 + tl.arange(0, BLOCK_M)
-    m_ok = m_idx < n_q
-    pos = L - n_q + m_idx                            # absolute positions of the queries
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < HEAD_DIM
-    q = tl.load(q_ptr + (q_start + m_idx)[:, None].to(tl.int64) * stride_qn + h * stride_qh
-                + d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    last = tl.minimum(L - n_q + i0 + BLOCK_M, L)     # keys after the last query: never read
-    for p in range(0, tl.cdiv(last, BLOCK_N)):
-        blk = tl.load(tables_ptr + s.to(tl.int64) * max_blocks + p).to(tl.int64)
-        t = p * BLOCK_N + tl.arange(0, BLOCK_N)
-        t_ok = t < L
-        base = blk * stride_kb + kvh * stride_kh
-        kv_off = base + tl.arange(0, BLOCK_N)[:, None] * stride_kt + d[None, :]
-        kv_mask = t_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)
-        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
-        if IEEE:
-            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+    if s >= 0:  # the plan's table has spare entries (-1)
+        i0 = tl.load(tile_start_ptr + tile)          # first query of the tile, within the seq
+        q_start = tl.load(cu_q_ptr + s)
+        n_q = tl.load(cu_q_ptr + s + 1) - q_start
+        L = tl.load(lens_ptr + s)
+        r = tl.arange(0, BLOCK_M)
+        qi = i0 + r // group                         # row r: query qi, head kvh * group + r % g
+        head = kvh * group + r % group
+        m_ok = (r < block_q * group) & (qi < n_q)
+        pos = L - n_q + qi                           # absolute positions of the queries
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < HEAD_DIM
+        q_row = (q_start + qi).to(tl.int64)
+        q = tl.load(q_ptr + q_row[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        hi = tl.minimum(L - n_q + i0 + block_q, L)   # keys after the last query: never read
+        lo = 0
+        if SPLIT:
+            lo = split * keys_per_split
+            hi = tl.minimum(hi, lo + keys_per_split)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        table = tables_ptr + s.to(tl.int64) * stride_tb
+        for n0 in range(lo, hi, BLOCK_N):
+            t = n0 + tl.arange(0, BLOCK_N)
+            t_ok = t < hi
+            blk = tl.load(table + t // page, mask=t_ok, other=0).to(tl.int64)
+            slot = (t % page).to(tl.int64)
+            kv_mask = t_ok[:, None] & d_ok[None, :]
+            k = tl.load(k_ptr + (blk * stride_kb + slot * stride_kt + kvh * stride_kh)[:, None]
+                        + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_ptr + (blk * stride_vb + slot * stride_vt + kvh * stride_vh)[:, None]
+                        + d[None, :], mask=kv_mask, other=0.0)
+            if IEEE:
+                sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                sc = tl.dot(q, tl.trans(k))
+            sc = sc * scale
+            allowed = (t[None, :] <= pos[:, None]) & t_ok[None, :] & m_ok[:, None]
+            sc = tl.where(allowed, sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m_i - m_safe)
+            pr = tl.exp(sc - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(pr, axis=1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+            m_i = m_new
+        o_mask = m_ok[:, None] & d_ok[None, :]
+        if SPLIT:  # partials [splits, total_q, heads, D] and (m, l) [2, splits, total_q, heads]
+            at = (split * total_q + q_start + qi).to(tl.int64) * heads + head
+            tl.store(part_ptr + at[:, None] * BLOCK_D + d[None, :], acc, mask=o_mask)
+            tl.store(ml_ptr + at, m_i, mask=m_ok)
+            tl.store(ml_ptr + tl.num_programs(2).to(tl.int64) * total_q * heads + at, l_i,
+                     mask=m_ok)
         else:
-            sc = tl.dot(q, tl.trans(k))
-        sc = sc * scale
-        allowed = (t[None, :] <= pos[:, None]) & t_ok[None, :] & m_ok[:, None]
-        sc = tl.where(allowed, sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        pr = tl.exp(sc - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, axis=1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(pr, v.to(tl.float32), input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
-        m_i = m_new
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + (q_start + m_idx)[:, None].to(tl.int64) * stride_on + h * stride_oh
-             + d[None, :], o.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+            o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+            tl.store(out_ptr + q_row[:, None] * stride_on + head[:, None] * stride_oh
+                     + d[None, :], o.to(out_ptr.dtype.element_ty), mask=o_mask)
+
+
+@dataclass
+class Plan:
+    """A forward pass's launch plan, shared by its layers: ``tile_seq`` / ``tile_start``
+    ``[max_tiles]`` int32 device tensors (-1: spare), ``splits`` and ``keys_per_split``, the
+    configuration, and the int32 metadata."""
+    tile_seq: Tensor
+    tile_start: Tensor
+    block_q: int
+    splits: int
+    keys_per_split: int
+    cfg: Config
+    tables: Tensor
+    lens: Tensor
+    cu_q: Tensor
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count \
+        if device.type == "cuda" else 4
+
+
+def plan(q_shape: torch.Size, dtype: torch.dtype, kv_heads: int, page: int,
+         block_tables: Tensor, context_lens: Tensor, cu_q: Tensor,
+         splits: Optional[int] = None) -> Plan:
+    """The launch plan from shapes (host) and device tensors (no host synchronisation):
+    tile ``i`` of the table belongs to the sequence whose tile range holds ``i``
+    (``searchsorted`` over the cumulative tile counts). ``splits`` overrides the KV split
+    count (default: enough programs for two waves when there are few tiles)."""
+    total_q, heads, head_dim = q_shape
+    group = heads // kv_heads
+    S = context_lens.shape[0]
+    decode = total_q <= S  # about one query per sequence
+    block_m = max(DECODE_M if decode else PREFILL_M, triton.next_power_of_2(group))
+    block_q = max(1, block_m // group)
+    cfg = config(dtype, head_dim, block_m)
+    dev = cu_q.device
+    cu = cu_q.to(torch.int32)
+    counts = (cu[1:] - cu[:-1] + block_q - 1) // block_q
+    ends = torch.cumsum(counts, 0).to(torch.int32)
+    max_tiles = triton.cdiv(total_q, block_q) + S
+    idx = torch.arange(max_tiles, device=dev, dtype=torch.int32)
+    seq = torch.searchsorted(ends, idx, right=True).to(torch.int32)
+    first = (ends - counts)[seq.clamp(max=max(S - 1, 0))] if S else idx
+    tile_seq = torch.where(seq < S, seq, torch.full_like(seq, -1))
+    tile_start = ((idx - first) * block_q).to(torch.int32)
+    max_keys = block_tables.shape[1] * page
+    if splits is None:
+        programs = max_tiles * kv_heads
+        want = triton.cdiv(2 * _sm_count(dev), max(programs, 1))
+        splits = min(MAX_SPLITS, want, max(1, max_keys // (MIN_SPLIT_TILES * cfg.blocks["BLOCK_N"])))
+    splits = max(1, splits)
+    bn = cfg.blocks["BLOCK_N"]
+    keys_per_split = triton.cdiv(triton.cdiv(max_keys, splits), bn) * bn
+    return Plan(tile_seq, tile_start, block_q, splits, keys_per_split, cfg,
+                block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32),
+                cu)
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     context_lens: Tensor, cu_q: Tensor, scale: float,
-                    out: Tensor = None) -> Tensor:
+                    out: Optional[Tensor] = None, plan_: Optional[Plan] = None) -> Tensor:
     """Same arguments as ``paged_attention_ref.paged_attention``; ``out`` may supply the output
-    buffer. The cache's block size and the head dimension must be powers of two >= 16 for the
-    block size (tl.dot's minimum); the head dimension is padded to one."""
+    buffer and ``plan_`` a plan from ``plan`` (built here when None). Any page size; the head
+    dimension is padded to a power of two >= 16."""
     total_q, heads, head_dim = q.shape
-    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    assert k_cache.stride(-1) == 1 and q.stride(-1) == 1 and block_size >= 16
-    assert block_size & (block_size - 1) == 0, "block size must be a power of two"
+    page, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
+    assert v_cache.shape == k_cache.shape and q.dtype in DTYPES
     if out is None:
         out = torch.empty_like(q)
-    block_m = 16 if interpreting() else 64
-    counts = (cu_q[1:] - cu_q[:-1]).tolist()
-    tile_seq, tile_start = [], []
-    for s, n in enumerate(counts):
-        for i0 in range(0, n, block_m):
-            tile_seq.append(s)
-            tile_start.append(i0)
-    if not tile_seq:
+    if total_q == 0:
         return out
-    dev = q.device
-    tables = block_tables.to(torch.int32).contiguous()
-    _paged_attention_kernel[(len(tile_seq), heads)](
-        q, k_cache, v_cache, out, tables, context_lens.to(torch.int32).contiguous(),
-        cu_q.to(torch.int32).contiguous(), torch.tensor(tile_seq, dtype=torch.int32, device=dev),
-        torch.tensor(tile_start, dtype=torch.int32, device=dev), float(scale),
-        tables.shape[1], heads // kv_heads, q.stride(0), q.stride(1), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), out.stride(0), out.stride(1), head_dim,
-        BLOCK_M=block_m, BLOCK_N=block_size, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        IEEE=q.dtype == torch.float32, num_warps=4)
+    p = plan_ or plan(q.shape, q.dtype, kv_heads, page, block_tables, context_lens, cu_q)
+    bd = p.cfg.blocks["BLOCK_D"]
+    if p.splits > 1:
+        part = torch.empty(p.splits, total_q, heads, bd, dtype=torch.float32, device=q.device)
+        ml = torch.empty(2, p.splits, total_q, heads, dtype=torch.float32, device=q.device)
+    else:
+        part = ml = out
+    _paged_attention_kernel[(p.tile_seq.shape[0], kv_heads, p.splits)](
+        q, k_cache, v_cache, out, part, ml, p.tables, p.lens, p.cu_q, p.tile_seq, p.tile_start,
+        float(scale), page, heads // kv_heads, p.block_q, p.keys_per_split, total_q, heads,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
+        p.tables.stride(0), head_dim, **p.cfg.blocks, IEEE=q.dtype == torch.float32,
+        SPLIT=p.splits > 1, num_warps=p.cfg.num_warps, num_stages=p.cfg.num_stages)
+    if p.splits > 1:
+        combine(part, ml, head_dim, out)
     return out
+
+
+def combine(part: Tensor, ml: Tensor, head_dim: int, out: Tensor) -> None:
+    """Merges the splits' partial results by log-sum-exp: ``out = sum_s e^(m_s - m) acc_s /
+    sum_s e^(m_s - m) l_s`` (splits that saw no key have ``m = -inf``, ``l = 0``)."""
+    m, l_ = ml[0], ml[1]
+    top = m.amax(0)
+    w = torch.exp(m - torch.where(torch.isinf(top), torch.zeros_like(top), top))
+    den = (w * l_).sum(0)
+    num = (w[..., None] * part[..., :head_dim]).sum(0)
+    out.copy_((num / torch.where(den > 0, den, torch.ones_like(den))[..., None]).to(out.dtype))
+
+
+def compile_cases() -> List[CompileCase]:
+    cases = []
+    for dtype in DTYPES:
+        p = ptr(dtype)
+        types = dict(q_ptr=p, k_ptr=p, v_ptr=p, out_ptr=p, part_ptr=ptr(torch.float32),
+                     ml_ptr=ptr(torch.float32), tables_ptr="*i32", lens_ptr="*i32",
+                     cu_q_ptr="*i32", tile_seq_ptr="*i32", tile_start_ptr="*i32",
+                     scale="fp32")
+        sig = signature(_paged_attention_kernel, types)
+        for head_dim in (64, 128, 256):
+            for block_m, split in ((DECODE_M, False), (DECODE_M, True), (PREFILL_M, False)):
+                cfg = config(dtype, head_dim, block_m)
+                kind = ("decode" if block_m == DECODE_M else "prefill") + \
+                    (" split" if split else "")
+                cases.append(CompileCase(
+                    _paged_attention_kernel, f"{TRITON_TYPES[dtype]} D{head_dim} {kind}", sig,
+                    dict(cfg.blocks, IEEE=dtype == torch.float32, SPLIT=split), cfg.num_warps,
+                    cfg.num_stages, default=head_dim == 128, half_dot=dtype != torch.float32))
+    return cases

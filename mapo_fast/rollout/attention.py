@@ -2,7 +2,7 @@
 dispatch, once. On CUDA: flash-attn's ``flash_attn_with_kvcache`` with a block table when it is
 importable and the batch fits it (every sequence the same number of queries, e.g. a decode
 step; fp16/bf16; blocks of a multiple of 256 tokens, flash-attn's page size rule), else the
-Triton kernel (``kernels/paged_attention.py``). Elsewhere the torch path that gathers pages
+Triton kernel (``kernels/paged_attention.py``, any page size). Elsewhere the torch path that gathers pages
 (``kernels/paged_attention_ref.py``). Layout and semantics are documented in the latter; they
 are flash-attn's (``[num_blocks, block_size, kv_heads, head_dim]`` pages, causal queries
 aligned to the end of each sequence's context)."""
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -37,17 +37,24 @@ def flash_kvcache_fn() -> Optional[Callable]:
     return flash_attn_with_kvcache
 
 
+def choose_path(device: torch.device, dtype: torch.dtype, page: int, uniform: bool,
+                backend: str) -> str:
+    """The implementation for a batch, from host facts only: ``backend`` (``backend_for``),
+    whether every sequence has the same positive number of queries (``uniform``)."""
+    if backend != "triton":
+        return "torch"
+    if device.type == "cuda" and dtype in FLASH_DTYPES and page % FLASH_PAGE_MULTIPLE == 0 \
+            and uniform and flash_kvcache_fn() is not None:
+        return "flash_attn"
+    return "triton"
+
+
 def attention_path(q: Tensor, k_cache: Tensor, cu_q: Tensor) -> str:
     """Which implementation ``paged_attention`` uses for these inputs: ``"flash_attn"``,
-    ``"triton"`` or ``"torch"``."""
-    if backend_for(q, KERNEL) != "triton":
-        return "torch"
-    if q.is_cuda and q.dtype in FLASH_DTYPES and k_cache.shape[1] % FLASH_PAGE_MULTIPLE == 0:
-        n_q = cu_q[1:] - cu_q[:-1]
-        if n_q.numel() and bool((n_q == n_q[0]).all()) and int(n_q[0]) > 0 and \
-                flash_kvcache_fn() is not None:
-            return "flash_attn"
-    return "triton"
+    ``"triton"`` or ``"torch"`` (reads ``cu_q``: a host synchronisation on CUDA)."""
+    n_q = cu_q[1:] - cu_q[:-1]
+    uniform = bool(n_q.numel()) and bool((n_q == n_q[0]).all()) and int(n_q[0]) > 0
+    return choose_path(q.device, q.dtype, k_cache.shape[1], uniform, backend_for(q, KERNEL))
 
 
 def flash_paged_attention(fn: Callable, q: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -136,15 +143,24 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
 
 def run_paged_attention(path: str, q: Tensor, k_cache: Tensor, v_cache: Tensor,
                         block_tables: Tensor, context_lens: Tensor, cu_q: Tensor,
-                        scale: float) -> Tensor:
-    """``paged_attention`` through ``path`` (from ``attention_path``) without validation (no
-    host synchronisation on CUDA), for callers that built the metadata themselves, such as
-    ``RolloutEngine``, which picks the path once per forward pass and calls this per layer."""
+                        scale: float, plan: Optional[Any] = None) -> Tensor:
+    """``paged_attention`` through ``path`` (from ``choose_path``) without validation and
+    without host synchronisation, for callers that built the metadata themselves, such as
+    ``RolloutEngine``, which picks the path once per forward pass and calls this per layer;
+    ``plan``: the Triton kernel's launch plan (``kernels.paged_attention.plan``), built once
+    per forward pass and shared by its layers."""
     if path == "flash_attn":
         return flash_paged_attention(flash_kvcache_fn(), q, k_cache, v_cache, block_tables,
                                      context_lens, scale)
     if path == "triton":
         return triton_module(KERNEL).paged_attention(q, k_cache, v_cache, block_tables,
-                                                     context_lens, cu_q, scale)
+                                                     context_lens, cu_q, scale, plan_=plan)
     return paged_attention_ref.paged_attention(q, k_cache, v_cache, block_tables,
                                                context_lens, cu_q, scale)
+
+
+def triton_plan(q: Tensor, k_cache: Tensor, block_tables: Tensor, context_lens: Tensor,
+                cu_q: Tensor) -> Any:
+    """The Triton kernel's launch plan for a forward pass (no host synchronisation)."""
+    return triton_module(KERNEL).plan(q.shape, q.dtype, k_cache.shape[2], k_cache.shape[1],
+                                      block_tables, context_lens, cu_q)

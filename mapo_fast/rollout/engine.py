@@ -50,7 +50,8 @@ class RolloutEngine:
             ``model.lm_head``; or a Qwen2-VL / Qwen2.5-VL ``...ForConditionalGeneration``
             (``model.model.visual`` and ``model.model.language_model``).
         tokenizer: its tokenizer (for string and chat prompts, ``eos_token_id``, decoding).
-        block_size: tokens per KV block (a power of two >= 16).
+        block_size: tokens per KV block (any positive size; flash-attn, when installed, is
+            used on CUDA for multiples of 256).
         num_blocks: blocks in the pool (default: from ``memory_budget_mb``).
         memory_budget_mb: KV-cache memory when ``num_blocks`` is not given (default 256).
         min_pixels, max_pixels: vision-language models: the area bounds of the resize rule for
@@ -82,8 +83,8 @@ class RolloutEngine:
             raise ValueError(f"RolloutEngine: `model` ({type(model).__name__}) is not a causal LM "
                              "with .model, .lm_head and a config with num_hidden_layers and "
                              "num_key_value_heads; the engine cannot drive it")
-        if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
-            raise ValueError(f"RolloutEngine: `block_size` must be a power of two >= 16, got "
+        if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
+            raise ValueError(f"RolloutEngine: `block_size` must be a positive integer, got "
                              f"{block_size!r}")
         schedule = SchedulerParams(max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk)
         self.model, self.tokenizer, self.text_config = model, tokenizer, cfg

@@ -18,7 +18,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .attention import attention_path, run_paged_attention, store_kv
+from .._dispatch import backend_for
+from .attention import KERNEL, choose_path, run_paged_attention, store_kv, triton_plan
+from .block_tables import DeviceBlockTables
 from .scheduler import Batch
 
 Tensor = torch.Tensor
@@ -34,7 +36,8 @@ class _Step:
     block_tables: Tensor
     context_lens: Tensor
     cu_q: Tensor
-    path: str = ""  # the attention implementation this step used (attention_path)
+    path: str  # the attention implementation of this forward pass (choose_path)
+    plan: Any = None  # the Triton kernel's launch plan, built by the first layer
 
 
 _STEP: Optional[_Step] = None
@@ -51,10 +54,13 @@ def _paged_attention_forward(module, query, key, value, attention_mask, scaling=
     v = value[0].transpose(0, 1)
     store_kv(step.k_caches[layer], step.v_caches[layer], k, v, step.slots)
     q = query[0].transpose(0, 1).contiguous()
-    step.path = step.path or attention_path(q, step.k_caches[layer], step.cu_q)
+    if step.path == "triton" and step.plan is None:
+        step.plan = triton_plan(q, step.k_caches[layer], step.block_tables, step.context_lens,
+                                step.cu_q)
     scale = float(scaling) if scaling is not None else q.shape[-1] ** -0.5
     out = run_paged_attention(step.path, q, step.k_caches[layer], step.v_caches[layer],
-                              step.block_tables, step.context_lens, step.cu_q, scale)
+                              step.block_tables, step.context_lens, step.cu_q, scale,
+                              plan=step.plan)
     return out.unsqueeze(0), None
 
 
@@ -84,7 +90,8 @@ class ModelRunner:
         num_blocks, block_size: the KV pool, ``[num_blocks, block_size, kv_heads, head_dim]``
             per layer for keys and for values, in the model's dtype and device.
         mrope: positions are M-RoPE triples (vision-language models).
-        stats: counters to update (``forward_passes``, ``attention_<path>_passes``).
+        stats: counters to update (``forward_passes``, ``attention_<path>_passes``,
+            ``block_table_entries_copied``).
     """
 
     def __init__(self, lm: Any, head: Any, text_config: Any, num_blocks: int, block_size: int,
@@ -99,6 +106,7 @@ class ModelRunner:
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                          for _ in range(layers)]
         self.v_caches = [torch.zeros_like(self.k_caches[0]) for _ in range(layers)]
+        self.tables = DeviceBlockTables(self.device, stats)
 
     @contextmanager
     def _attention(self, step: _Step):
@@ -127,11 +135,14 @@ class ModelRunner:
                 [(p,) * 3 for p in range(start, end)]
             lens.append(end)
             cu.append(cu[-1] + end - start)
-        width = max(len(t) for t in batch.tables)
         dev = self.device
+        n_q = [b - a for _, a, b in batch.chunks]
+        path = choose_path(dev, self.dtype, self.block_size, min(n_q) == max(n_q) > 0,
+                           backend_for(self.k_caches[0], KERNEL))
+        tables = self.tables.update([seq for seq, _, _ in batch.chunks], batch.tables)
         step = _Step(self.k_caches, self.v_caches, torch.tensor(batch.slots, device=dev),
-                     torch.tensor([t + [0] * (width - len(t)) for t in batch.tables], device=dev),
-                     torch.tensor(lens, device=dev), torch.tensor(cu, device=dev))
+                     tables, torch.tensor(lens, dtype=torch.int32, device=dev),
+                     torch.tensor(cu, dtype=torch.int32, device=dev), path)
         position_ids = torch.tensor(pos, device=dev).T[:, None, :]  # [3, 1, N]
         if not self.mrope:
             position_ids = position_ids[0]
