@@ -42,6 +42,17 @@ def test_random_steps_match_the_tables():
     assert sent < full / 3, (sent, full)
 
 
+def test_rows_of_absent_sequences_are_given_back_beyond_the_limit():
+    stats = {}
+    dt = DeviceBlockTables(torch.device("cpu"), stats)
+    dt.KEEP_MIN = 4
+    for k in range(6):
+        dt.update([k], [[k]])
+    assert len(dt.rows) <= 4 and 5 in dt.rows and 0 not in dt.rows  # least recent went
+    got = dt.update([0, 5], [[0], [5]])  # 0 comes back: copied again, 5 is unchanged
+    assert got[:, 0].tolist() == [0, 5] and stats["block_table_entries_copied"] == 7
+
+
 def test_unchanged_step_copies_nothing():
     stats = {}
     dt = DeviceBlockTables(torch.device("cpu"), stats)

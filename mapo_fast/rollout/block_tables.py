@@ -26,16 +26,32 @@ def _changed_from(old: List[int], new: Sequence[int]) -> int:
 
 
 class DeviceBlockTables:
-    """Rows of one ``[rows, width]`` int32 tensor on ``device``, one per sequence of the current
-    step; a sequence absent from a step gives its row back (when it returns, its whole table
-    is copied again). ``stats["block_table_entries_copied"]`` counts the entries sent."""
+    """Rows of one ``[rows, width]`` int32 tensor on ``device``, one per sequence seen recently.
+    A sequence absent from a step keeps its row (a prompt waiting for its next chunk, a sample
+    paused by a tool call) until more than ``max(KEEP_MIN, 2 x step size)`` rows are held;
+    then the least recently used absent ones are given back (a sequence that returns after
+    that has its whole table copied again). ``stats["block_table_entries_copied"]`` counts the
+    entries sent."""
+
+    KEEP_MIN = 64
 
     def __init__(self, device: torch.device, stats: Dict[str, int]):
         self.device, self.stats = device, stats
         self.table = torch.zeros((0, 0), dtype=torch.int32, device=device)
         self.rows: Dict[Hashable, int] = {}
+        self.last_used: Dict[Hashable, int] = {}
         self.mirror: List[List[int]] = []
         self.free: List[int] = []
+        self.steps = 0
+
+    def _evict(self, present: set, step_size: int) -> None:
+        keep = max(self.KEEP_MIN, 2 * step_size)
+        if len(self.rows) + step_size <= keep:
+            return
+        absent = sorted((k for k in self.rows if k not in present), key=self.last_used.get)
+        for key in absent[:len(self.rows) + step_size - keep]:
+            self.free.append(self.rows.pop(key))
+            del self.last_used[key]
 
     def _grow(self, rows: int, width: int) -> None:
         r0, w0 = self.table.shape
@@ -59,14 +75,14 @@ class DeviceBlockTables:
     def update(self, keys: Sequence[Hashable], tables: Sequence[Sequence[int]]) -> Tensor:
         """The step's block tables ``[len(keys), max table length]`` int32 on the device, row
         ``i`` for ``keys[i]`` (entries past a table's length are never read)."""
-        present = set(keys)
-        for key in [k for k in self.rows if k not in present]:
-            self.free.append(self.rows.pop(key))
+        self.steps += 1
+        self._evict(set(keys), len(keys))
         width = max((len(t) for t in tables), default=0)
         self._grow(len(self.mirror) + len(keys), width)
         rows, r_idx, c_idx, vals = [], [], [], []
         for key, table in zip(keys, tables):
             row = self._row(key)
+            self.last_used[key] = self.steps
             rows.append(row)
             old = self.mirror[row]
             if old == table:
