@@ -43,7 +43,8 @@ class CompileCase:
     num_warps: int
     num_stages: int
     default: bool = True
-    half_dot: bool = False
+    wgmma: bool = False  # expect wgmma on sm_90 (half-precision dot, >= 64 rows)
+    no_mma: bool = False  # no tensor-core instruction may appear (exact fp32 math)
     notes: Tuple[str, ...] = field(default=())
 
     @property

@@ -11,13 +11,14 @@ each token block of a group: they cost ``O(group size x K)``, far less than the 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import interpreting
+from ._compile import CompileCase, flag_grid, ptr, signature
 
 Tensor = torch.Tensor
 
@@ -67,10 +68,14 @@ def _advantage_kernel(r_ptr, s_ptr, valid_ptr, tt_ptr, order_ptr, offs_ptr, out_
         v = tl.load(valid_ptr + b[:, None] * stride_s + k[None, :], mask=ik, other=0) != 0
         sem = _normalize(s.to(tl.float32), v & ik, NORM_STD, LOO, eps)
         if DISCOUNT:
-            # cred[i, k] = sum_j [j >= k] discount^(j - k) sem[i, j]
-            d = k[:, None] - k[None, :]  # j - k, rows j, columns k
-            w = tl.where(d >= 0, tl.exp(d.to(tl.float32) * log_discount), 0.0)
-            sem = tl.sum(sem[:, :, None] * w[None, :, :], axis=1)
+            # cred[i, k] = sum_j [j >= k] discount^(j - k) sem[i, j], one turn j at a time:
+            # a select-and-add, never a product-sum Triton could lower to a (TF32) dot
+            cred = tl.zeros((BLOCK_G, BLOCK_K), dtype=tl.float32)
+            for j in range(0, K):
+                col = tl.sum(tl.where(k[None, :] == j, sem, 0.0), axis=1)
+                w = tl.where(k <= j, tl.exp((j - k).to(tl.float32) * log_discount), 0.0)
+                cred += col[:, None] * w[None, :]
+            sem = cred
 
     t = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     t_ok = t < T
@@ -85,33 +90,78 @@ def _advantage_kernel(r_ptr, s_ptr, valid_ptr, tt_ptr, order_ptr, offs_ptr, out_
         tl.store(out_ptr + b_m * stride_out + t, a, mask=t_ok)
 
 
+#: Block sizes a GPU launch can use: groups up to 64 trajectories, up to 32 turns (a group's
+#: [G, K] scores live in registers); larger batches take the torch path (``supports``).
+#: Tokens: 256 per program (16 in the interpreter).
+GROUP_BLOCKS = (16, 32, 64)
+TURN_BLOCKS = (16, 32)
+GPU_BLOCK_T, INTERPRETER_BLOCK_T = 256, 16
+
+
+def supports(max_group: int, turns: int) -> bool:
+    """Whether the kernel takes groups of ``max_group`` trajectories with ``turns`` turns."""
+    return max_group <= GROUP_BLOCKS[-1] and turns <= TURN_BLOCKS[-1]
+
+
+def _block(n: int, choices) -> int:
+    return next(b for b in choices if b >= n)
+
+
+def _flags(norm_std: bool, loo: bool, has_sem: bool, discount: bool) -> dict:
+    return dict(NORM_STD=norm_std, LOO=loo, HAS_SEM=has_sem, DISCOUNT=has_sem and discount)
+
+
 def advantages(rewards: Tensor, seg: Tensor, n_groups: int, semantic: Optional[Tensor],
                valid: Optional[Tensor], token_turn: Tensor, *, coef: float, norm_std: bool,
-               eps: float, loo: bool, discount: float, out: Optional[Tensor] = None) -> Tensor:
-    """``A [B, T]`` float32, same arguments as ``advantage_ref.advantages``; ``out`` may supply
-    the output buffer."""
+               eps: float, loo: bool, discount: float, max_group: int,
+               out: Optional[Tensor] = None) -> Tensor:
+    """``A [B, T]`` float32, same arguments as ``advantage_ref.advantages`` plus ``max_group``,
+    the largest group's size (``supports(max_group, K)`` must hold); ``out`` may supply the
+    output buffer."""
     B, T = token_turn.shape
     assert rewards.shape == (B,) and seg.shape == (B,)
+    has_sem = semantic is not None and semantic.shape[1] > 0
+    K = semantic.shape[1] if has_sem else 1
+    assert supports(max_group, K), f"groups of {max_group}, {K} turns: use the torch path"
     order = torch.argsort(seg, stable=True).to(torch.int32)
     counts = torch.bincount(seg, minlength=n_groups)
     offs = torch.zeros(n_groups + 1, dtype=torch.int32, device=seg.device)
     offs[1:] = torch.cumsum(counts, 0)
-    max_group = int(counts.max()) if B else 1
     if out is None:
         out = torch.empty((B, T), dtype=torch.float32, device=rewards.device)
     if B == 0 or T == 0:
         return out
-    has_sem = semantic is not None and semantic.shape[1] > 0
-    K = semantic.shape[1] if has_sem else 1
     s = semantic.to(torch.float32).contiguous() if has_sem else rewards
     v = valid.to(torch.int8).contiguous() if has_sem else rewards
     tt = token_turn.contiguous()
-    block_t = min(16 if interpreting() else 256, triton.next_power_of_2(T))
+    block_t = INTERPRETER_BLOCK_T if interpreting() else GPU_BLOCK_T
     _advantage_kernel[(n_groups, triton.cdiv(T, block_t))](
         rewards.to(torch.float32).contiguous(), s, v, tt, order, offs, out,
         T, K, float(eps), float(coef), math.log(discount) if discount > 0 else 0.0,
         K if has_sem else 0, tt.stride(0), out.stride(0),
-        NORM_STD=norm_std, LOO=loo, HAS_SEM=has_sem, DISCOUNT=has_sem and discount > 0,
-        BLOCK_G=max(16, triton.next_power_of_2(max_group)),
-        BLOCK_K=max(16, triton.next_power_of_2(K)), BLOCK_T=block_t)
+        **_flags(norm_std, loo, has_sem, discount > 0),
+        BLOCK_G=_block(max_group, GROUP_BLOCKS), BLOCK_K=_block(K, TURN_BLOCKS), BLOCK_T=block_t)
     return out
+
+
+def compile_cases() -> List[CompileCase]:
+    f32 = ptr(torch.float32)
+    sig = signature(_advantage_kernel, dict(
+        r_ptr=f32, s_ptr=f32, valid_ptr="*i8", tt_ptr="*i64", order_ptr="*i32", offs_ptr="*i32",
+        out_ptr=f32, eps="fp32", coef="fp32", log_discount="fp32"))
+    cases = []
+    for g in GROUP_BLOCKS:
+        for kb in TURN_BLOCKS:
+            for fl in flag_grid(norm_std=(False, True), loo=(False, True),
+                                has_sem=(False, True), discount=(False, True)):
+                if fl["discount"] and not fl["has_sem"]:
+                    continue
+                on = "+".join(k for k, v in fl.items() if v) or "plain"
+                default = (g, kb) in ((16, 16), (64, 32)) and fl["norm_std"] and \
+                    fl["discount"] and not fl["loo"]
+                cases.append(CompileCase(_advantage_kernel, f"G{g} K{kb} {on}", sig,
+                                         dict(_flags(**fl), BLOCK_G=g, BLOCK_K=kb,
+                                              BLOCK_T=GPU_BLOCK_T),
+                                         num_warps=4, num_stages=1, default=default,
+                                         no_mma=True))
+    return cases

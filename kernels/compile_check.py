@@ -2,11 +2,12 @@
 
 Each case of ``CASES`` (every launch configuration the launchers can choose, from the kernel
 modules' ``compile_cases()``) is compiled with ``triton.compile`` for a target such as sm_90;
-the cubin's resource usage (``cuobjdump --dump-resource-usage``: registers, local memory = spill
-and stack bytes per thread, static shared memory) plus Triton's dynamic shared memory are
-checked against the target: it compiles, shared memory fits, no local memory on the default
-configurations (``ALLOW_SPILLS`` lists exceptions with their reason), and on sm_90 a
-half-precision ``tl.dot`` becomes wgmma.
+the cubin's resource usage (``cuobjdump --dump-resource-usage``: registers, stack frame and
+local memory bytes per thread, static shared memory) plus Triton's dynamic shared memory are
+checked against the target: it compiles, shared memory fits, no stack frame or local memory
+(where ptxas puts register spills) on the default configurations (``ALLOW_SPILLS`` lists
+exceptions with their reason), and on sm_90 a half-precision ``tl.dot`` on a tile of at least
+64 rows becomes wgmma.
 
     python -m mapo_fast.kernels.compile_check [--full] [--targets 90,80] [--json F] [--md F]
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -25,9 +27,13 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+
+# Triton 3.9 warns when this is unset; 1 is its default (and the launches' behaviour)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
 
 from . import advantage, crop_zoom, linear_logprob, linear_logprob_chunked, paged_attention
 from ._compile import CompileCase, collect
@@ -86,10 +92,13 @@ def compile_case(case: CompileCase, target: int) -> Result:
     seconds = time.perf_counter() - t0
     use = resource_usage(kernel.asm["cubin"])
     shared = int(kernel.metadata.shared) + use.get("SHARED", 0)
+    ptx = kernel.asm["ptx"]
     res = Result(case.name, case.label, target, case.num_warps, case.num_stages, use["REG"],
-                 use.get("LOCAL", 0), shared, "wgmma" in kernel.asm["ptx"], round(seconds, 2),
-                 case.default, [])
+                 use.get("STACK", 0) + use.get("LOCAL", 0), shared, "wgmma" in ptx,
+                 round(seconds, 2), case.default, [])
     res.problems = problems(case, res)
+    if case.no_mma and re.search(r"\b(wgmma|mma)\.", ptx):
+        res.problems.append("tensor-core instructions in a kernel that must stay exact fp32")
     return res
 
 
@@ -98,30 +107,44 @@ def problems(case: CompileCase, res: Result) -> List[str]:
     if res.shared_bytes > SHARED_LIMIT[res.target]:
         out.append(f"shared memory {res.shared_bytes} B > {SHARED_LIMIT[res.target]} B")
     if res.local_bytes and case.default and (res.kernel, res.config) not in ALLOW_SPILLS:
-        out.append(f"{res.local_bytes} B of local memory per thread (register spills)")
-    if res.target >= 90 and case.half_dot and not res.wgmma:
-        out.append("no wgmma for a half-precision tl.dot on sm_90")
+        out.append(f"{res.local_bytes} B of stack / local memory per thread (register spills)")
+    if res.target >= 90 and case.wgmma and not res.wgmma:
+        out.append("no wgmma for a half-precision tl.dot of >= 64 rows on sm_90")
     return out
 
 
-def run(targets: Sequence[int] = TARGETS, full: bool = False,
-        progress: bool = True) -> List[Result]:
-    todo = [(c, t) for t in targets for c in cases() if full or c.default]
+def _compile_index(job: tuple) -> Result:
+    i, target, full = job
+    return compile_case(_selected(full)[i], target)
+
+
+def _selected(full: bool) -> List[CompileCase]:
+    return [c for c in cases() if full or c.default]
+
+
+def run(targets: Sequence[int] = TARGETS, full: bool = False, progress: bool = True,
+        workers: Optional[int] = None) -> List[Result]:
+    """Compiles the default cases (every case with ``full``) for each target, in ``workers``
+    processes (default: one per CPU core)."""
+    todo = [(i, t, full) for t in targets for i in range(len(_selected(full)))]
+    workers = workers or os.cpu_count() or 1
+    ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
     results = []
-    for i, (case, target) in enumerate(todo):
-        if progress:
-            print(f"\r[{i + 1}/{len(todo)}] sm_{target} {case.name} {case.label}".ljust(79),
-                  end="", file=sys.stderr, flush=True)
-        results.append(compile_case(case, target))
+    with ctx.Pool(workers) as pool:
+        for res in pool.imap(_compile_index, todo):
+            results.append(res)
+            if progress:
+                print(f"\r[{len(results)}/{len(todo)}] sm_{res.target} {res.kernel} "
+                      f"{res.config}".ljust(79), end="", file=sys.stderr, flush=True)
     if progress:
         print(file=sys.stderr)
     return results
 
 
 def markdown(results: Sequence[Result]) -> str:
-    lines = [f"Triton {triton.__version__}, torch {torch.__version__}; local memory = spill and "
-             "stack bytes per thread; shared = dynamic + static.", "",
-             "| kernel | config | target | warps / stages | registers | local B | shared KB "
+    lines = [f"Triton {triton.__version__}, torch {torch.__version__}; spill B = stack frame + "
+             "local memory per thread (where register spills go); shared = dynamic + static.",
+             "", "| kernel | config | target | warps / stages | registers | spill B | shared KB "
              "| wgmma | problems |", "|---|---|---|---|---:|---:|---:|---|---|"]
     for r in results:
         lines.append(f"| {r.kernel} | {r.config}{'' if r.default else ' (full)'} | "
@@ -139,12 +162,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="compute capabilities, comma-separated (default %(default)s)")
     ap.add_argument("--json", help="write the results as JSON here")
     ap.add_argument("--md", help="write the markdown table here")
+    ap.add_argument("--workers", type=int, help="compile processes (default: CPU cores)")
     args = ap.parse_args(argv)
     targets = [int(t) for t in args.targets.split(",")]
     bad = [t for t in targets if t not in SHARED_LIMIT]
     if bad:
         ap.error(f"--targets: {bad} not in {sorted(SHARED_LIMIT)}")
-    results = run(targets, args.full)
+    results = run(targets, args.full, workers=args.workers)
     table = markdown(results)
     print(table)
     if args.json:

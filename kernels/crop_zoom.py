@@ -6,7 +6,7 @@ crop (in patch mode: one ``patch_size x patch_size`` patch). Each program comput
 ``Wy @ image @ Wx^T`` over the box's pixel window, in ``CHUNK``-sized pieces with ``tl.dot``;
 the separable filter weights are evaluated on the fly from the box geometry, so nothing but the
 source images, a few per-crop scalars and the output is ever in device memory. Images of
-different sizes arrive as one flat uint8 buffer with per-image offsets.
+different sizes stay where they are: the kernel gets a table of their addresses (no copy).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import interpreting
+from ._compile import CompileCase, ptr, signature
 from .crop_zoom_ref import FILTERS
 
 Tensor = torch.Tensor
@@ -54,7 +55,7 @@ def _window(lo, hi, out_size, t0, t_last, SUPPORT: tl.constexpr, ANTIALIAS: tl.c
 
 
 @triton.jit
-def _crop_zoom_kernel(img_ptr, img_off_ptr, img_hw_ptr, crop_img_ptr, box_ptr, out_hw_ptr,
+def _crop_zoom_kernel(img_addr_ptr, img_hw_ptr, crop_img_ptr, box_ptr, out_hw_ptr,
                       out_off_ptr, tiles_ptr, mean_ptr, std_ptr, out_ptr,
                       MODE: tl.constexpr, SUPPORT: tl.constexpr, ANTIALIAS: tl.constexpr,
                       PATCHES: tl.constexpr, PATCH: tl.constexpr, MERGE: tl.constexpr,
@@ -65,7 +66,7 @@ def _crop_zoom_kernel(img_ptr, img_off_ptr, img_hw_ptr, crop_img_ptr, box_ptr, o
     ty0 = tl.load(tiles_ptr + tile * 3 + 1)
     tx0 = tl.load(tiles_ptr + tile * 3 + 2)
     img = tl.load(crop_img_ptr + m)
-    base = tl.load(img_off_ptr + img)
+    base = tl.load(img_addr_ptr + img).to(tl.pointer_type(tl.uint8))  # the image's address
     H = tl.load(img_hw_ptr + img * 2)
     W = tl.load(img_hw_ptr + img * 2 + 1)
     x1 = tl.load(box_ptr + m * 4)
@@ -83,7 +84,7 @@ def _crop_zoom_kernel(img_ptr, img_off_ptr, img_hw_ptr, crop_img_ptr, box_ptr, o
     cy, fsy, r_lo, r_hi = _window(y1, y2, oh, ty0, lim_h - 1, SUPPORT, ANTIALIAS, BLOCK)
     cx, fsx, c_lo, c_hi = _window(x1, x2, ow, tx0, lim_w - 1, SUPPORT, ANTIALIAS, BLOCK)
 
-    chan = img_ptr + base + ch.to(tl.int64) * H * W
+    chan = base + ch.to(tl.int64) * H * W
     acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
     wsum_y = tl.zeros((BLOCK,), dtype=tl.float32)
     wsum_x = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -134,17 +135,14 @@ def _crop_zoom_kernel(img_ptr, img_off_ptr, img_hw_ptr, crop_img_ptr, box_ptr, o
         tl.store(dst, val.to(tl.uint8), mask=ok)
 
 
-def _pack(images: Sequence[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """One flat uint8 buffer (a view when there is a single image), per-image element offsets
-    and ``(H, W)``."""
+def _addresses(images: Sequence[Tensor]) -> Tuple[List[Tensor], Tensor, Tensor]:
+    """The images as contiguous uint8 (views when they already are), a device table of their
+    addresses (int64) and their ``(H, W)`` (int32)."""
     dev = images[0].device
-    flat = images[0].reshape(-1) if len(images) == 1 else \
-        torch.cat([im.reshape(-1) for im in images])
-    sizes = torch.tensor([im.numel() for im in images], dtype=torch.int64)
-    offs = torch.zeros(len(images), dtype=torch.int64)
-    offs[1:] = torch.cumsum(sizes, 0)[:-1]
-    hw = torch.tensor([[im.shape[1], im.shape[2]] for im in images], dtype=torch.int32)
-    return flat, offs.to(dev), hw.to(dev)
+    ims = [im.contiguous() for im in images]
+    addr = torch.tensor([im.data_ptr() for im in ims], dtype=torch.int64)
+    hw = torch.tensor([[im.shape[1], im.shape[2]] for im in ims], dtype=torch.int32)
+    return ims, addr.to(dev), hw.to(dev)
 
 
 def _tiles(sizes: Tensor, step: int) -> Tensor:
@@ -159,25 +157,42 @@ def _tiles(sizes: Tensor, step: int) -> Tensor:
                        1).to(torch.int32)
 
 
+#: Patch geometries ``(patch, temporal, merge)`` the patch mode is compiled for (Qwen2-VL and
+#: Qwen2.5-VL: 14; 16 for their successors); others take the torch path (``supports_patches``).
+PATCH_GEOMETRIES = ((14, 2, 2), (16, 2, 2))
+IMAGE_BLOCK, CHUNK = 32, 32
+INTERPRETER_BLOCK = 16
+
+
+def supports_patches(patch: int, temporal: int, merge: int) -> bool:
+    return (patch, temporal, merge) in PATCH_GEOMETRIES
+
+
+def _meta(patches: bool, patch: int, temporal: int, merge: int) -> dict:
+    """The tile constexprs of a launch (the patch tile covers one patch)."""
+    block = triton.next_power_of_2(patch) if patches else \
+        (INTERPRETER_BLOCK if interpreting() else IMAGE_BLOCK)
+    return dict(PATCHES=patches, PATCH=patch, MERGE=merge, TEMPORAL=temporal, BLOCK=block,
+                CHUNK=INTERPRETER_BLOCK if interpreting() else CHUNK)
+
+
 def _launch(images, image_index, boxes, sizes, mode, antialias, out, out_off, patches,
             mean=None, std=None, patch=14, temporal=2, merge=2):
     dev = images[0].device
-    flat, img_off, img_hw = _pack(images)
+    ims, img_addr, img_hw = _addresses(images)  # ims: kept alive through the launch
     sizes_t = torch.tensor(sizes, dtype=torch.int64).reshape(-1, 2)
-    block = triton.next_power_of_2(patch) if patches else (16 if interpreting() else 32)
-    tiles = _tiles(sizes_t, patch if patches else block).to(dev)
+    meta = _meta(patches, patch, temporal, merge)
+    tiles = _tiles(sizes_t, patch if patches else meta["BLOCK"]).to(dev)
     if tiles.shape[0] == 0:
         return
     code, support = FILTERS[mode]
     dummy = torch.zeros(3, dtype=torch.float32, device=dev)
     _crop_zoom_kernel[(tiles.shape[0], 3)](
-        flat, img_off, img_hw, torch.as_tensor(image_index, dtype=torch.int32, device=dev),
+        img_addr, img_hw, torch.as_tensor(image_index, dtype=torch.int32, device=dev),
         torch.as_tensor(boxes, dtype=torch.float32, device=dev).reshape(-1, 4).contiguous(),
         sizes_t.to(torch.int32).to(dev), out_off.to(dev), tiles,
         dummy if mean is None else mean, dummy if std is None else std, out,
-        MODE=code, SUPPORT=support, ANTIALIAS=bool(antialias), PATCHES=patches, PATCH=patch,
-        MERGE=merge, TEMPORAL=temporal, BLOCK=block, CHUNK=16 if interpreting() else 32,
-        num_warps=4)
+        MODE=code, SUPPORT=support, ANTIALIAS=bool(antialias), **meta, num_warps=4)
 
 
 def crop_and_zoom(images: Sequence[Tensor], image_index: Sequence[int],
@@ -210,3 +225,27 @@ def crop_to_patches(images: Sequence[Tensor], image_index: Sequence[int],
             mean=mean.to(torch.float32).contiguous(), std=std.to(torch.float32).contiguous(),
             patch=patch_size, temporal=temporal_patch_size, merge=merge_size)
     return out
+
+
+def compile_cases() -> List[CompileCase]:
+    f32 = ptr(torch.float32)
+    cases = []
+    for mode, (code, support) in FILTERS.items():
+        for antialias in (False, True):
+            geoms = [(False, 14, 2, 2)] + [(True,) + g for g in PATCH_GEOMETRIES]
+            for patches, patch, temporal, merge in geoms:
+                sig = signature(_crop_zoom_kernel, dict(
+                    img_addr_ptr="*i64", img_hw_ptr="*i32", crop_img_ptr="*i32",
+                    box_ptr=f32, out_hw_ptr="*i32", out_off_ptr="*i64", tiles_ptr="*i32",
+                    mean_ptr=f32, std_ptr=f32, out_ptr=f32 if patches else "*u8"))
+                meta = dict(_meta(patches, patch, temporal, merge),
+                            BLOCK=triton.next_power_of_2(patch) if patches else IMAGE_BLOCK,
+                            CHUNK=CHUNK)
+                label = f"{mode}{' antialias' if antialias else ''} " + \
+                    (f"patches {patch}x{patch}" if patches else "uint8")
+                cases.append(CompileCase(_crop_zoom_kernel, label, sig,
+                                         dict(meta, MODE=code, SUPPORT=support,
+                                              ANTIALIAS=antialias), num_warps=4, num_stages=1,
+                                         default=antialias and mode == "bicubic" and
+                                         patch == 14, no_mma=False))
+    return cases

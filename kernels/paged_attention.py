@@ -30,8 +30,12 @@ from ._compile import TRITON_TYPES, CompileCase, Config, ptr, signature
 
 Tensor = torch.Tensor
 
-#: Rows of the packed (query x head) tile: decode (about one query per sequence) or prefill.
-DECODE_M, PREFILL_M = 16, 64
+#: Rows of the packed (query x head) tile: decode (about one query per sequence) or prefill
+#: (fp32 tiles are half as tall: their operands take twice the registers).
+DECODE_M = 16
+PREFILL_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 32}
+#: Every tile height a launch can use (a GQA group of g heads needs g rows: up to 128).
+BLOCK_MS = (16, 32, 64, 128)
 INTERPRETER_N = 16
 #: At most this many KV splits; a split covers at least ``MIN_SPLIT_TILES`` key tiles.
 MAX_SPLITS, MIN_SPLIT_TILES = 16, 4
@@ -39,14 +43,20 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def config(dtype: torch.dtype, head_dim: int, block_m: int) -> Config:
-    """Tile sizes for a head dimension: ``BLOCK_N`` keys per iteration (fewer for wide heads or
-    fp32, so that K and V tiles fit in shared memory and registers)."""
+    """Tile sizes, chosen with ``compile_check`` so that the default configurations (head
+    dimension 128) do not spill registers on sm_90 or sm_80: ``BLOCK_N`` keys per iteration,
+    fewer for prefill tiles, fp32 and heads wider than 128."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreting():
         return Config(dict(BLOCK_M=block_m, BLOCK_N=INTERPRETER_N, BLOCK_D=block_d), 1)
-    wide = block_d * dtype.itemsize > 256
-    return Config(dict(BLOCK_M=block_m, BLOCK_N=32 if wide else 64, BLOCK_D=block_d),
-                  num_warps=4, num_stages=2)
+    if block_m == DECODE_M:
+        block_n = 64 if dtype != torch.float32 else 32
+    else:
+        block_n = 16
+    if block_d > 128:
+        block_n = max(16, block_n // 2)
+    return Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d), num_warps=8,
+                  num_stages=2)
 
 
 @triton.jit
@@ -157,7 +167,8 @@ def plan(q_shape: torch.Size, dtype: torch.dtype, kv_heads: int, page: int,
     group = heads // kv_heads
     S = context_lens.shape[0]
     decode = total_q <= S  # about one query per sequence
-    block_m = max(DECODE_M if decode else PREFILL_M, triton.next_power_of_2(group))
+    block_m = max(DECODE_M if decode else PREFILL_M[dtype], triton.next_power_of_2(group))
+    assert block_m in BLOCK_MS, f"{group} query heads per KV head: at most {BLOCK_MS[-1]}"
     block_q = max(1, block_m // group)
     cfg = config(dtype, head_dim, block_m)
     dev = cu_q.device
@@ -237,12 +248,16 @@ def compile_cases() -> List[CompileCase]:
                      scale="fp32")
         sig = signature(_paged_attention_kernel, types)
         for head_dim in (64, 128, 256):
-            for block_m, split in ((DECODE_M, False), (DECODE_M, True), (PREFILL_M, False)):
-                cfg = config(dtype, head_dim, block_m)
-                kind = ("decode" if block_m == DECODE_M else "prefill") + \
-                    (" split" if split else "")
-                cases.append(CompileCase(
-                    _paged_attention_kernel, f"{TRITON_TYPES[dtype]} D{head_dim} {kind}", sig,
-                    dict(cfg.blocks, IEEE=dtype == torch.float32, SPLIT=split), cfg.num_warps,
-                    cfg.num_stages, default=head_dim == 128, half_dot=dtype != torch.float32))
+            for block_m in BLOCK_MS:
+                for split in (False, True):
+                    cfg = config(dtype, head_dim, block_m)
+                    default = head_dim == 128 and dtype != torch.float16 and (block_m, split) in (
+                        (DECODE_M, False), (DECODE_M, dtype == torch.bfloat16),
+                        (PREFILL_M[dtype], False))
+                    cases.append(CompileCase(
+                        _paged_attention_kernel,
+                        f"{TRITON_TYPES[dtype]} D{head_dim} M{block_m}{' split' if split else ''}",
+                        sig, dict(cfg.blocks, IEEE=dtype == torch.float32, SPLIT=split),
+                        cfg.num_warps, cfg.num_stages, default=default,
+                        wgmma=dtype != torch.float32 and block_m >= 64))
     return cases

@@ -115,9 +115,9 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
     n_groups = int(seg.max()) + 1 if B else 0
     kw = dict(coef=coef if algo == "mapo" else 0.0, norm_std=bool(norm_std), eps=eps,
               loo=baseline == "loo", discount=discount)
-    if backend_for(rewards, KERNEL) == "triton":
+    if backend_for(rewards, KERNEL) == "triton" and _kernel_fits(seg, semantic):
         adv = triton_module(KERNEL).advantages(rewards, seg, n_groups, semantic, valid,
-                                               token_turn, **kw)
+                                               token_turn, max_group=_max_group(seg), **kw)
         parts = None
         if return_parts:  # the [B] / [B, K] parts are tiny: the torch path gives them
             _, out, cred = advantage_ref.advantages(rewards, seg, n_groups, semantic, valid,
@@ -130,6 +130,16 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
     if per_sequence:
         adv = adv[:, 0]
     return (adv, parts) if return_parts else adv
+
+
+def _max_group(seg: Tensor) -> int:
+    return int(torch.bincount(seg).max()) if seg.numel() else 1
+
+
+def _kernel_fits(seg: Tensor, semantic: Optional[Tensor]) -> bool:
+    """Whether the Triton kernel takes these group and turn counts (else the torch path)."""
+    turns = semantic.shape[1] if semantic is not None and semantic.shape[1] else 1
+    return triton_module(KERNEL).supports(_max_group(seg), turns)
 
 
 def _parts(out: Tensor, cred: Optional[Tensor]) -> Dict[str, Tensor]:

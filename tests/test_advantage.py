@@ -149,10 +149,25 @@ def test_triton_kernel_equals_torch_path(opts, monkeypatch):
     seg = torch.unique(batch[1], return_inverse=True)[1]
     K.advantages(batch[0], seg, int(seg.max()) + 1, batch[2], batch[3].bool(), batch[4],
                  coef=opts["coef"], norm_std=opts["norm_std"], eps=1e-6, loo=opts["loo"],
-                 discount=opts["discount"], out=poisoned)
+                 discount=opts["discount"], max_group=int(torch.bincount(seg).max()),
+                 out=poisoned)
     # fp32 sums in a different order than torch's: a few ulps of values of order 1
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(poisoned, want, atol=1e-5, rtol=1e-5)
+
+
+def test_large_groups_take_the_torch_path(monkeypatch):
+    """Groups beyond the kernel's largest compiled block (64) go to the torch path."""
+    pytest.importorskip("triton")
+    from mapo_fast.kernels import advantage as K
+    monkeypatch.setenv("MAPO_FAST_BACKEND", "triton")
+    calls = []
+    monkeypatch.setattr(K, "advantages", lambda *a, **k: calls.append(1))
+    rewards = torch.rand(65)
+    adv = mapo_fast.mapo_advantages(rewards, torch.zeros(65, dtype=torch.long),
+                                    token_turn=torch.full((65, 3), -1), algo="grpo")
+    assert calls == [] and adv.shape == (65, 3)
+    assert not K.supports(65, 1) and not K.supports(4, 33) and K.supports(64, 32)
 
 
 def test_triton_grpo_per_sequence(monkeypatch):

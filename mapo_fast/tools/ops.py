@@ -287,7 +287,8 @@ def crop_to_patches(images: ImagesArg, boxes, *, patch_size: int = 14,
             temporal_patch_size, merge_size)
     if not bx:
         return (torch.empty(0, width, device=dev) if out is None else out), grid
-    if backend_for(ims[0], KERNEL) == "triton":
+    if backend_for(ims[0], KERNEL) == "triton" and \
+            triton_module(KERNEL).supports_patches(patch_size, temporal_patch_size, merge_size):
         return triton_module(KERNEL).crop_to_patches(*args, out=out), grid
     return crop_zoom_ref.crop_to_patches(*args, out=out), grid
 
