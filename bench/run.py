@@ -121,7 +121,14 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--gpu-check", action="store_true",
+                   help="run bench/gpu_check.py instead (the first thing to run on a GPU); "
+                        "with --quick: its toy sizes")
     a = p.parse_args(argv)
+    if a.gpu_check:
+        import gpu_check
+        sys.exit(gpu_check.main(["--out", str(a.out), "--repeats", str(a.repeats)]
+                                + (["--toy"] if a.quick else [])))
     device = torch.device(a.device)
     scale = "quick" if a.quick else (a.scale or ("gpu" if device.type == "cuda" else "cpu"))
     for name in a.only or DEFAULT:

@@ -9,6 +9,7 @@ happen. ``kernels/compile_check.py`` compiles the cases for a GPU target without
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Sequence, Tuple
@@ -59,8 +60,9 @@ def ptr(dtype: torch.dtype) -> str:
 def signature(kernel: Any, types: Mapping[str, str], default: str = "i32") -> Dict[str, str]:
     """The signature of ``kernel``'s non-constexpr arguments: ``types`` by name, ``default``
     (32-bit integer) for the rest. Names not in the kernel raise (a stale table)."""
-    names = [n for n, p in zip(kernel.arg_names, kernel.params) if not p.is_constexpr]
-    unknown = set(types) - set(kernel.arg_names)
+    params = inspect.signature(kernel.fn).parameters.values()
+    names = [p.name for p in params if "constexpr" not in str(p.annotation)]
+    unknown = set(types) - {p.name for p in params}
     assert not unknown, f"{kernel.fn.__name__}: no arguments {sorted(unknown)}"
     return {n: types.get(n, default) for n in names}
 

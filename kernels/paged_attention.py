@@ -66,7 +66,8 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, tabl
                             stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
                             stride_vb, stride_vt, stride_vh, stride_on, stride_oh, stride_tb,
                             HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr):
+                            BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
+                            UPCAST: tl.constexpr):
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -86,6 +87,8 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, tabl
         q_row = (q_start + qi).to(tl.int64)
         q = tl.load(q_ptr + q_row[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+        if UPCAST:  # the interpreter's bf16 dot is wrong: multiply in fp32 there
+            q = q.to(tl.float32)
         hi = tl.minimum(L - n_q + i0 + block_q, L)   # keys after the last query: never read
         lo = 0
         if SPLIT:
@@ -105,6 +108,9 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, tabl
                         + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_ptr + (blk * stride_vb + slot * stride_vt + kvh * stride_vh)[:, None]
                         + d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
             if IEEE:
                 sc = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
@@ -220,11 +226,16 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         float(scale), page, heads // kv_heads, p.block_q, p.keys_per_split, total_q, heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
-        p.tables.stride(0), head_dim, **p.cfg.blocks, IEEE=q.dtype == torch.float32,
-        SPLIT=p.splits > 1, num_warps=p.cfg.num_warps, num_stages=p.cfg.num_stages)
+        p.tables.stride(0), head_dim, **p.cfg.blocks, **_flags(q.dtype, p.splits > 1),
+        num_warps=p.cfg.num_warps, num_stages=p.cfg.num_stages)
     if p.splits > 1:
         combine(part, ml, head_dim, out)
     return out
+
+
+def _flags(dtype: torch.dtype, split: bool) -> dict:
+    return dict(IEEE=dtype == torch.float32, SPLIT=split,
+                UPCAST=interpreting() and dtype == torch.bfloat16)
 
 
 def combine(part: Tensor, ml: Tensor, head_dim: int, out: Tensor) -> None:
@@ -257,7 +268,7 @@ def compile_cases() -> List[CompileCase]:
                     cases.append(CompileCase(
                         _paged_attention_kernel,
                         f"{TRITON_TYPES[dtype]} D{head_dim} M{block_m}{' split' if split else ''}",
-                        sig, dict(cfg.blocks, IEEE=dtype == torch.float32, SPLIT=split),
+                        sig, dict(cfg.blocks, **_flags(dtype, split)),
                         cfg.num_warps, cfg.num_stages, default=default,
                         wgmma=dtype != torch.float32 and block_m >= 64))
     return cases

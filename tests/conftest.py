@@ -6,3 +6,23 @@ import torch
 # triton.jit decorates anything, i.e. before mapo_fast.kernels' Triton modules are imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--compile-full", action="store_true",
+                     help="also compile every Triton kernel configuration (minutes)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "compile_full: the full compile matrix "
+                                       "(run with --compile-full)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import pytest
+    if config.getoption("--compile-full"):
+        return
+    skip = pytest.mark.skip(reason="the full compile matrix runs with --compile-full")
+    for item in items:
+        if "compile_full" in item.keywords:
+            item.add_marker(skip)

@@ -70,7 +70,7 @@ def test_torch_path_matches_dense_reference(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_triton_kernel_matches_torch_path(case, dtype):
     pytest.importorskip("triton")
     from mapo_fast.kernels import paged_attention as K
@@ -81,8 +81,9 @@ def test_triton_kernel_matches_torch_path(case, dtype):
     got = K.paged_attention(q.to(DEV), kc.to(DEV), vc.to(DEV), tables.to(DEV), L.to(DEV),
                             cu_q.to(DEV), 0.3, out=out)
     assert torch.isfinite(got).all(), "unwritten output rows"
-    # fp32: different summation order; fp16: products rounded to fp16 before the fp32 sums
-    tol = 2e-5 if dtype == torch.float32 else 2e-3
+    # fp32: different summation order; fp16 / bf16: probabilities rounded to the input dtype
+    # before the fp32 sums with V (11 / 8 significant bits)
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     torch.testing.assert_close(got.cpu().float(), want.float(), atol=tol, rtol=tol)
 
 

@@ -1,0 +1,360 @@
+"""The first thing to run on any GPU: every kernel against its torch reference at real sizes, the
+timings that decide the design (fused vs chunked loss vs the three-GEMM floor, paged decode vs
+its KV-read bandwidth floor and vs SDPA on gathered KV, crops vs torch ``interpolate``, the
+advantage kernel vs its torch path, a rollout of a random-weight ~0.5B Qwen2), written to
+``bench/results/gpu-check-<device>.json`` and ``.md``.
+
+    python bench/gpu_check.py            (or: mapo-bench --gpu-check)
+    python bench/gpu_check.py --toy      toy sizes; on CPU under TRITON_INTERPRET=1 (the test)
+
+Runs from a source checkout with the machine's own torch and Triton (no install, no download):
+``mapo_fast.kernels`` is mapped onto ``kernels/`` when the package is not installed, and the
+rollout uses the C++ block manager when it is built, else its Python model. Each section is
+independent: a failure is recorded (with its traceback) and the next section runs; the exit
+status is 1 when any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+
+def bootstrap() -> None:
+    """Makes ``mapo_fast`` (and ``mapo_fast.kernels`` = ``kernels/``) importable from the
+    checkout when it is not installed."""
+    if importlib.util.find_spec("mapo_fast") is not None:
+        return
+    sys.path.insert(0, str(ROOT))
+    spec = importlib.util.spec_from_file_location(
+        "mapo_fast.kernels", ROOT / "kernels" / "__init__.py",
+        submodule_search_locations=[str(ROOT / "kernels")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mapo_fast.kernels"] = module
+    spec.loader.exec_module(module)
+
+
+bootstrap()
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from harness import device_info  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Sizes:
+    loss: tuple          # tokens N, hidden H, vocabulary V
+    paged: tuple         # batch, context, heads, kv_heads, head_dim, page
+    crops: tuple         # boxes, images, image side, output side
+    advantage: tuple     # sequences, group size, tokens, turns
+    rollout: dict        # Qwen2 config
+    prompts: tuple       # prompts, prompt tokens, group size, new tokens
+
+
+REAL = Sizes(loss=(16384, 3584, 152064), paged=(256, 8192, 28, 4, 128, 16),
+             crops=(64, 4, 4096, 448), advantage=(4096, 8, 2048, 4),
+             rollout=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
+             prompts=(16, 256, 8, 256))
+TOY = Sizes(loss=(40, 48, 160), paged=(3, 80, 6, 2, 32, 16), crops=(3, 2, 96, 28),
+            advantage=(24, 4, 40, 3),
+            rollout=dict(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+            prompts=(2, 20, 2, 6))
+
+
+def time_once(device: torch.device, fn: Callable[[], object]) -> float:
+    """Milliseconds of one call (CUDA events on GPU)."""
+    if device.type == "cuda":
+        from mapo_fast.loss_path import cuda_event_timer
+        return cuda_event_timer(fn)
+    t0 = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def timer(device: torch.device, repeats: int) -> Callable[[Callable[[], object]], float]:
+    """Median milliseconds of ``repeats`` calls after one warm-up."""
+    def measure(fn: Callable[[], object]) -> float:
+        fn()
+        return statistics.median(time_once(device, fn) for _ in range(repeats))
+    return measure
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (0 when both are 0)."""
+    got, want = got.double(), want.double()
+    top = float(want.abs().max()) if want.numel() else 0.0
+    return float((got - want).abs().max()) / top if top else float((got - want).abs().max())
+
+
+# ---- sections ---------------------------------------------------------------------------------
+def loss_section(sz: Sizes, dev: torch.device, measure) -> Dict:
+    """Fused and chunked paths against the torch path with fp32 GEMMs (bf16 inputs); their
+    times and the three-GEMM floor (logits, d_hidden, d_weight as bf16 cuBLAS GEMMs)."""
+    from mapo_fast import loss_path as LP
+    from mapo_fast.kernels import linear_logprob_ref as ref
+    from mapo_fast.logprobs import LogitMap, _value_and_grad, objective_pass
+    N, H, V = sz.loss
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(N, H, generator=g, device=dev).to(torch.bfloat16)
+    w = (torch.randn(V, H, generator=g, device=dev) / math.sqrt(H)).to(torch.bfloat16)
+    y = torch.randint(0, V, (N,), generator=g, device=dev)
+    adv = torch.randn(N, generator=g, device=dev)
+
+    def objective(sl, logp, ent):  # token-mean policy-gradient surrogate plus an entropy term
+        return (-adv[sl] * logp - 0.01 * ent) / N
+
+    lm = LogitMap()
+    want = ref.fused_forward_backward(h, w, None, y, 1.0, _value_and_grad(objective),
+                                      gemm=torch.float32)
+    out = {"sizes": dict(N=N, H=H, V=V, dtype="bfloat16"), "errors": {}, "ms": {}}
+    for path in ("fused", "chunked"):
+        value, logp, ent, grads = objective_pass(path, h, w, None, y, None, lm, objective, True)
+        out["errors"][path] = dict(value=rel_err(value, want[2]), logp=rel_err(logp, want[0]),
+                                   entropy=rel_err(ent, want[1]),
+                                   d_hidden=rel_err(grads[0], want[3]),
+                                   d_weight=rel_err(grads[1], want[4]))
+        del grads
+        out["ms"][path] = measure(lambda p=path: objective_pass(p, h, w, None, y, None, lm,
+                                                              objective, True))
+    chooser = LP.PathChooser(timer=lambda fn: time_once(dev, fn))
+    key = LP.make_key(h, V, N, "-")
+    out["auto_choice"] = chooser.choose(key, {p: (lambda p=p: objective_pass(
+        p, h, w, None, y, None, lm, objective, True)) for p in ("fused", "chunked")})
+    dz = torch.randn(N, V, device=dev, dtype=torch.bfloat16) if N * V <= 4e9 else None
+    if dz is not None:
+        out["ms"]["three_gemm_floor"] = measure(
+            lambda: (h @ w.t(), dz @ w, dz.t() @ h))
+    # bf16 rounding of dz (8 bits) bounds the gradients; values and log-probs are fp32 sums
+    out["tolerance"] = dict(value=1e-3, logp=1e-3, entropy=1e-3, d_hidden=3e-2, d_weight=3e-2)
+    out["ok"] = all(e[k] <= out["tolerance"][k] for e in out["errors"].values() for k in e)
+    return out
+
+
+def paged_section(sz: Sizes, dev: torch.device, measure) -> Dict:
+    """Decode (one query per sequence) at ``page`` and at 16x that page, against the torch
+    path; kernel time vs reading K and V once at the measured copy bandwidth, and vs SDPA on
+    K/V already gathered contiguous."""
+    from mapo_fast.kernels import paged_attention as K
+    from mapo_fast.kernels import paged_attention_ref as R
+    B, ctx, heads, kvh, D, page = sz.paged
+    out = {"sizes": dict(batch=B, context=ctx, heads=heads, kv_heads=kvh, head_dim=D),
+           "errors": {}, "ms": {}}
+    for pg in (page, page * 16):
+        q, kc, vc, tables, lens, cu_q = _paged_batch(B, ctx, heads, kvh, D, pg, dev)
+        want = R.paged_attention(q, kc, vc, tables, lens, cu_q, D ** -0.5)
+        plan = K.plan(q.shape, q.dtype, kvh, pg, tables, lens, cu_q)
+        got = K.paged_attention(q, kc, vc, tables, lens, cu_q, D ** -0.5, plan_=plan)
+        out["errors"][f"page{pg}"] = rel_err(got, want)
+        out["ms"][f"triton_page{pg}"] = measure(
+            lambda: K.paged_attention(q, kc, vc, tables, lens, cu_q, D ** -0.5, plan_=plan))
+        out[f"splits_page{pg}"] = plan.splits
+    kv_bytes = 2 * int(lens.sum()) * kvh * D * q.element_size()
+    buf = torch.empty(kv_bytes // 2, dtype=torch.uint8, device=dev)
+    copy_ms = measure(lambda: buf.clone())
+    out["copy_gbps"] = 2 * buf.numel() / copy_ms / 1e6  # read + write
+    out["ms"]["kv_read_floor"] = kv_bytes / (out["copy_gbps"] * 1e6)
+    k = torch.stack([R.gather_kv(kc, t, ctx) for t in tables]).transpose(1, 2)  # [B, kvh, L, D]
+    v = torch.stack([R.gather_kv(vc, t, ctx) for t in tables]).transpose(1, 2)
+    qd = q[:, :, None, :]
+    out["ms"]["sdpa_gathered"] = measure(
+        lambda: F.scaled_dot_product_attention(qd, k, v, enable_gqa=True))
+    out["tolerance"] = 2e-2  # bf16 products, fp32 softmax sums in another order
+    out["ok"] = all(e <= out["tolerance"] for e in out["errors"].values())
+    return out
+
+
+def _paged_batch(B, ctx, heads, kvh, D, page, dev):
+    per_seq = -(-ctx // page)
+    g = torch.Generator(device=dev).manual_seed(1)
+    kc = torch.randn(B * per_seq + 1, page, kvh, D, generator=g, device=dev).to(torch.bfloat16)
+    vc = torch.randn(kc.shape, generator=g, device=dev).to(torch.bfloat16)
+    tables = torch.randperm(B * per_seq, generator=g, device=dev).view(B, per_seq)
+    lens = torch.full((B,), ctx, device=dev)
+    lens[::3] = max(1, ctx - page // 2 - 1)  # not all a multiple of the page
+    cu_q = torch.arange(B + 1, device=dev)
+    q = torch.randn(B, heads, D, generator=g, device=dev).to(torch.bfloat16)
+    return q, kc, vc, tables, lens, cu_q
+
+
+def crop_section(sz: Sizes, dev: torch.device, measure) -> Dict:
+    """Bicubic antialiased crops of large images: the kernel against the torch path (uint8, at
+    most one level apart) and its time against slicing + ``F.interpolate`` per box."""
+    from mapo_fast.kernels import crop_zoom as K
+    from mapo_fast.kernels import crop_zoom_ref as R
+    n, n_img, side, out_side = sz.crops
+    g = torch.Generator(device=dev).manual_seed(2)
+    images = [torch.randint(0, 256, (3, side, side), generator=g, device=dev,
+                            dtype=torch.uint8) for _ in range(n_img)]
+    index = [i % n_img for i in range(n)]
+    boxes = []
+    for i in range(n):
+        x1, y1 = (float(v) for v in torch.randint(0, side // 2, (2,), generator=g, device=dev))
+        span = side // 8 + (i * 37) % (side // 3)
+        boxes.append((x1, y1, min(side, x1 + span), min(side, y1 + span * 0.75)))
+    sizes = [(out_side, out_side)] * n
+    got = K.crop_and_zoom(images, index, boxes, sizes, "bicubic", True)
+    want = R.crop_and_zoom(images, index, boxes, sizes, "bicubic", True)
+    diff = max(int((a.int() - b.int()).abs().max()) for a, b in zip(got, want))
+
+    def interpolate():
+        for i, (x1, y1, x2, y2) in zip(index, boxes):
+            crop = images[i][:, int(y1):math.ceil(y2), int(x1):math.ceil(x2)].float()
+            F.interpolate(crop[None], size=(out_side, out_side), mode="bicubic",
+                          antialias=True).clamp_(0, 255).round_().to(torch.uint8)
+
+    return {"sizes": dict(boxes=n, images=n_img, side=side, out=out_side),
+            "max_level_diff": diff, "ok": diff <= 1,
+            "ms": {"triton": measure(lambda: K.crop_and_zoom(images, index, boxes, sizes,
+                                                             "bicubic", True)),
+                   "torch_path": measure(lambda: R.crop_and_zoom(images, index, boxes, sizes,
+                                                                 "bicubic", True)),
+                   "interpolate_per_box": measure(interpolate)}}
+
+
+def advantage_section(sz: Sizes, dev: torch.device, measure) -> Dict:
+    from mapo_fast.kernels import advantage as K
+    from mapo_fast.kernels import advantage_ref as R
+    B, G, T, turns = sz.advantage
+    g = torch.Generator(device=dev).manual_seed(3)
+    rewards = torch.rand(B, generator=g, device=dev)
+    seg = torch.arange(B, device=dev) // G
+    sem = torch.rand(B, turns, generator=g, device=dev)
+    valid = torch.rand(B, turns, generator=g, device=dev) > 0.2
+    token_turn = torch.randint(-1, turns, (B, T), generator=g, device=dev)
+    token_turn = torch.where(valid.gather(1, token_turn.clamp_min(0)), token_turn, -1)
+    kw = dict(coef=0.5, norm_std=True, eps=1e-6, loo=False, discount=0.7)
+    n_groups = B // G
+    got = K.advantages(rewards, seg, n_groups, sem, valid, token_turn, max_group=G, **kw)
+    want = R.advantages(rewards, seg, n_groups, sem, valid, token_turn, **kw)[0]
+    err = float((got - want).abs().max())
+    return {"sizes": dict(sequences=B, group=G, tokens=T, turns=turns), "max_abs_err": err,
+            "tolerance": 1e-5, "ok": err <= 1e-5,
+            "ms": {"triton": measure(lambda: K.advantages(rewards, seg, n_groups, sem, valid,
+                                                          token_turn, max_group=G, **kw)),
+                   "torch_path": measure(lambda: R.advantages(rewards, seg, n_groups, sem,
+                                                              valid, token_turn, **kw))}}
+
+
+def rollout_section(sz: Sizes, dev: torch.device, measure) -> Dict:
+    """A random-weight Qwen2 (bf16 on GPU) through ``RolloutEngine``: tokens per second."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from mapo_fast.rollout.engine import RolloutEngine
+    allocator = "cpp" if importlib.util.find_spec("mapo_fast.kernels._block_manager") \
+        else "python"
+    torch.manual_seed(4)
+    cfg = Qwen2Config(max_position_embeddings=4096, **sz.rollout)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = Qwen2ForCausalLM(cfg).to(dev, dtype).eval()
+    n_prompts, plen, group, new = sz.prompts
+    prompts = [[(7 * i + j) % (cfg.vocab_size - 1) + 1 for j in range(plen)]
+               for i in range(n_prompts)]
+    tokens = n_prompts * group * (plen + new)
+    blocks = 2 * -(-tokens // 16)
+    eng = RolloutEngine(model, None, block_size=16, num_blocks=blocks, allocator=allocator)
+
+    def run():
+        return eng.generate(prompts, group_size=group, max_new_tokens=new, temperature=1.0,
+                            seed=0)
+    ms = measure(run)
+    generated = n_prompts * group * new
+    return {"sizes": dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6,
+                          prompts=n_prompts, prompt_tokens=plen, group=group, new_tokens=new),
+            "allocator": allocator, "ms": {"generate": ms},
+            "new_tokens_per_s": generated / (ms / 1e3),
+            "attention_passes": {k: v for k, v in eng.stats.items() if k.startswith("attention")},
+            "ok": True}
+
+
+SECTIONS = {"loss": loss_section, "paged_attention": paged_section, "crops": crop_section,
+            "advantage": advantage_section, "rollout": rollout_section}
+
+
+def run(toy: bool, dev: torch.device, repeats: int, only: Optional[List[str]] = None) -> Dict:
+    sz = TOY if toy else REAL
+    measure = timer(dev, repeats)
+    result = {"toy": toy, "info": device_info(dev), "sections": {}}
+    import triton
+    result["info"]["triton"] = triton.__version__
+    for name, fn in SECTIONS.items():
+        if only and name not in only:
+            continue
+        print(f"[gpu-check] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            res = fn(sz, dev, measure)
+        except Exception:  # a broken section is recorded; the others still run
+            res = {"ok": False, "error": traceback.format_exc()}
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        result["sections"][name] = res
+        print(f"[gpu-check] {name}: {'ok' if res['ok'] else 'FAILED'} ({res['seconds']} s)",
+              flush=True)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    result["ok"] = all(s["ok"] for s in result["sections"].values())
+    return result
+
+
+def markdown(result: Dict) -> str:
+    info = result["info"]
+    lines = [f"# GPU check — {info.get('device_name')}", "",
+             f"torch {info['torch']}, Triton {info.get('triton')}, CUDA {info.get('cuda', '-')}"
+             f"{' — TOY SIZES' if result['toy'] else ''}; overall: "
+             f"{'ok' if result['ok'] else 'FAILED'}", ""]
+    for name, sec in result["sections"].items():
+        lines += [f"## {name}: {'ok' if sec['ok'] else 'FAILED'} ({sec['seconds']} s)", ""]
+        if "error" in sec:
+            lines += ["```", sec["error"].strip(), "```", ""]
+            continue
+        lines.append(f"sizes: {sec.get('sizes')}")
+        for key in ("errors", "max_level_diff", "max_abs_err", "tolerance", "auto_choice",
+                    "copy_gbps", "new_tokens_per_s", "allocator"):
+            if key in sec:
+                lines.append(f"{key}: {sec[key]}")
+        ms = sec.get("ms", {})
+        if ms:
+            base = min(ms.values())
+            lines += ["", "| case | ms | vs fastest |", "|---|---:|---:|"]
+            lines += [f"| {k} | {v:.3f} | {v / base:.2f}x |" for k, v in ms.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--toy", action="store_true", help="toy sizes (CPU under TRITON_INTERPRET)")
+    p.add_argument("--only", action="append", choices=sorted(SECTIONS))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    a = p.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type == "cpu" and not a.toy:
+        p.error("no GPU here: run with --toy (and TRITON_INTERPRET=1) to exercise the command")
+    from run import device_slug
+    result = run(a.toy, dev, a.repeats, a.only)
+    a.out.mkdir(parents=True, exist_ok=True)
+    stem = f"gpu-check-{device_slug(dev)}{'-toy' if a.toy else ''}"
+    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+    (a.out / f"{stem}.md").write_text(markdown(result))
+    print(f"[gpu-check] wrote {a.out / stem}.json and .md; overall "
+          f"{'ok' if result['ok'] else 'FAILED'}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

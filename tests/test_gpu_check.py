@@ -1,0 +1,45 @@
+"""``bench/gpu_check.py`` end to end at toy sizes, on CPU under Triton's interpreter (every
+section: the loss paths, paged attention, crops, the advantage kernel, a rollout through the
+Triton attention), so that its first run on a GPU is not its first run. It must write its JSON
+and markdown and find every check within tolerance."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path):
+    env = dict(os.environ, TRITON_INTERPRET="1", MAPO_FAST_BACKEND="triton")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--toy",
+                           "--repeats", "1", "--out", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == ["gpu-check-cpu-toy.json", "gpu-check-cpu-toy.md"], proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu-check-cpu-toy.json").read_text())
+    failed = {k: v.get("error", v) for k, v in result["sections"].items() if not v["ok"]}
+    assert proc.returncode == 0 and result["ok"] and not failed, failed
+    assert set(result["sections"]) == {"loss", "paged_attention", "crops", "advantage",
+                                       "rollout"}
+    loss = result["sections"]["loss"]
+    assert set(loss["ms"]) == {"fused", "chunked", "three_gemm_floor"}
+    assert loss["auto_choice"] in ("fused", "chunked")
+    rollout = result["sections"]["rollout"]
+    assert rollout["new_tokens_per_s"] > 0
+    assert rollout["attention_passes"].get("attention_triton_passes", 0) > 0
+
+
+def test_gpu_check_refuses_real_sizes_without_a_gpu(tmp_path):
+    if __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is present")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--toy" in proc.stderr
