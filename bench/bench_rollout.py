@@ -40,10 +40,12 @@ import torch
 
 try:
     import rollout_image
-    from harness import CaseResult, device_info, main as bench_main, measure, write_report
+    from harness import (CaseResult, device_info, main as bench_main, measure,
+                         run_with_package, write_report)
 except ImportError:  # imported as bench.bench_rollout
     from . import rollout_image
-    from .harness import CaseResult, device_info, main as bench_main, measure, write_report
+    from .harness import (CaseResult, device_info, main as bench_main, measure,
+                          run_with_package, write_report)
 
 IMAGE = {"quick": dict(prompts=1, group=2, image=224, crop=112, turns=1, new=40, layers=2,
                        hidden=128, vision_hidden=64, vision_layers=1, min_pixels=56 * 56,
@@ -399,20 +401,9 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str,
 def add_before(results, before: str, scale: str, device: torch.device) -> None:
     """Runs the engine cases with the package in ``before`` (a subprocess) and adds its rows
     to each workload as ``RolloutEngine before``."""
-    import json
-    import os
-    import subprocess
-    import sys
-    import tempfile
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [before, str(Path(__file__).resolve().parent)]))
-        print(f"  the engine cases again with the package in {before} ...", flush=True)
-        subprocess.run([sys.executable, str(Path(__file__).resolve()), "--scale", scale,
-                        "--device", str(device), "--engine-only", "--out", tmp, "--tag", "before"],
-                       env=env, check=True, cwd=tmp)
-        with open(Path(tmp) / "rollout-before.json") as f:
-            old = json.load(f)
+    print(f"  the engine cases again with the package in {before} ...", flush=True)
+    old = run_with_package(before, Path(__file__), ["--scale", scale, "--device", str(device),
+                                                    "--engine-only"], "before")
     for wl, old_wl in zip(results, old["workloads"]):
         for c in old_wl["cases"]:
             if c["name"] == ENGINE:

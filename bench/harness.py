@@ -219,6 +219,20 @@ def main(doc: str, scales: Dict, run: Callable, argv=None,
     print(f"wrote {', '.join(str(v) for v in paths.values())}")
 
 
+def run_with_package(package_dir: str, script: Path, args: List[str], tag: str) -> Dict:
+    """Runs benchmark ``script`` with ``args`` in a subprocess whose ``mapo_fast`` is the
+    package in ``package_dir`` (a directory holding ``mapo_fast/``, e.g. another revision's
+    package with ``kernels/`` as ``mapo_fast/kernels``); returns its JSON report."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_dir,
+                                                           str(script.resolve().parent)]))
+        subprocess.run([sys.executable, str(script.resolve()), *args, "--out", tmp, "--tag",
+                        tag], env=env, check=True, cwd=tmp)
+        report = next(Path(tmp).glob(f"*-{tag}.json"))
+        return json.loads(report.read_text())
+
+
 def write_report(name: str, title: str, results: List[Dict], info: Dict[str, str],
                  out_dir: Path, baseline: str, description: str = "",
                  extra: Optional[Dict] = None, extra_md: str = "") -> Dict[str, Path]:

@@ -2,10 +2,11 @@
 math and layout are written out in ``paged_attention_ref.py``, the reference it is tested
 against).
 
-Grid: (query tiles, KV heads, KV splits). A tile is up to ``BLOCK_Q`` consecutive queries of one
-sequence times the ``group`` query heads that share one KV head (GQA), packed into the
-``BLOCK_M`` rows of the matrix product, so each K/V element is read once per tile rather than
-once per query head. The program walks its sequence's keys ``BLOCK_N`` at a time (independent of
+Grid: (query tiles, KV heads x head chunks, KV splits). A tile is up to ``block_q``
+consecutive queries of one sequence times ``hp`` of the query heads that share one KV head
+(GQA; ``hp`` = the whole group unless the group is taller than the tile, then the group is
+covered in chunks), packed into the ``BLOCK_M`` rows of the matrix product, so each K/V element
+is read once per tile rather than once per query head. The program walks its sequence's keys ``BLOCK_N`` at a time (independent of
 the page size: each key's page comes from the block table), applies the causal mask from the
 queries' absolute positions and keeps an online softmax in fp32; keys after the tile's last
 query are never read. With ``SPLIT`` (few tiles: decode of a small batch), each split covers one
@@ -33,9 +34,20 @@ Tensor = torch.Tensor
 #: Rows of the packed (query x head) tile: decode (about one query per sequence) or prefill
 #: (fp32 tiles are half as tall: their operands take twice the registers).
 DECODE_M = 16
-PREFILL_M = {torch.bfloat16: 64, torch.float16: 64, torch.float32: 32}
-#: Every tile height a launch can use (a GQA group of g heads needs g rows: up to 128).
+#: The tallest tile per (dtype, padded head dimension) that compiles without spills (checked
+#: by ``compile_check``); a taller GQA group is covered in chunks of heads.
+_HALF_M = {16: 64, 32: 64, 64: 64, 128: 64, 256: 16}
+_FP32_M = {16: 32, 32: 32, 64: 32, 128: 32, 256: 16}
+MAX_M = {torch.bfloat16: _HALF_M, torch.float16: _HALF_M, torch.float32: _FP32_M}
 BLOCK_MS = (16, 32, 64, 128)
+
+
+def block_m_max(dtype: torch.dtype, head_dim: int) -> int:
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    assert block_d in MAX_M[dtype], f"head dimension {head_dim}: at most 256"
+    return MAX_M[dtype][block_d]
+
+
 INTERPRETER_N = 16
 #: At most this many KV splits; a split covers at least ``MIN_SPLIT_TILES`` key tiles.
 MAX_SPLITS, MIN_SPLIT_TILES = 16, 4
@@ -43,33 +55,34 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def config(dtype: torch.dtype, head_dim: int, block_m: int) -> Config:
-    """Tile sizes, chosen with ``compile_check`` so that the default configurations (head
-    dimension 128) do not spill registers on sm_90 or sm_80: ``BLOCK_N`` keys per iteration,
-    fewer for prefill tiles, fp32 and heads wider than 128."""
+    """Tile sizes, chosen with ``compile_check`` (no spills at head dimension 128 on sm_90 or
+    sm_80): ``BLOCK_N`` keys per iteration, fewer for taller tiles, fp32 and heads wider than
+    128; four warps for narrow heads."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreting():
         return Config(dict(BLOCK_M=block_m, BLOCK_N=INTERPRETER_N, BLOCK_D=block_d), 1)
-    if block_m == DECODE_M:
+    if block_d > 128:
+        block_n = 16
+    elif block_m == DECODE_M:
         block_n = 64 if dtype != torch.float32 else 32
     else:
         block_n = 16
-    if block_d > 128:
-        block_n = max(16, block_n // 2)
-    return Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d), num_warps=8,
-                  num_stages=2)
+    return Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d),
+                  num_warps=4 if block_d <= 64 else 8, num_stages=1 if block_d > 128 else 2)
 
 
 @triton.jit
 def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, tables_ptr,
                             lens_ptr, cu_q_ptr, tile_seq_ptr, tile_start_ptr, scale, page,
-                            group, block_q, keys_per_split, total_q, heads,
+                            group, hp, chunks, block_q, keys_per_split, total_q, heads,
                             stride_qn, stride_qh, stride_kb, stride_kt, stride_kh,
                             stride_vb, stride_vt, stride_vh, stride_on, stride_oh, stride_tb,
                             HEAD_DIM, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_D: tl.constexpr, IEEE: tl.constexpr, SPLIT: tl.constexpr,
                             UPCAST: tl.constexpr):
     tile = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(1) // chunks
+    hc = tl.program_id(1) % chunks                   # which hp heads of the group
     split = tl.program_id(2)
     s = tl.load(tile_seq_ptr + tile)
     if s >= 0:  # the plan's table has spare entries (-1)
@@ -78,9 +91,10 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, tabl
         n_q = tl.load(cu_q_ptr + s + 1) - q_start
         L = tl.load(lens_ptr + s)
         r = tl.arange(0, BLOCK_M)
-        qi = i0 + r // group                         # row r: query qi, head kvh * group + r % g
-        head = kvh * group + r % group
-        m_ok = (r < block_q * group) & (qi < n_q)
+        qi = i0 + r // hp                            # row r: query qi, head of the group
+        hg = hc * hp + r % hp                        # hc * hp + r % hp
+        head = kvh * group + hg
+        m_ok = (r < block_q * hp) & (qi < n_q) & (hg < group)
         pos = L - n_q + qi                           # absolute positions of the queries
         d = tl.arange(0, BLOCK_D)
         d_ok = d < HEAD_DIM
@@ -149,6 +163,8 @@ class Plan:
     tile_seq: Tensor
     tile_start: Tensor
     block_q: int
+    hp: int
+    chunks: int
     splits: int
     keys_per_split: int
     cfg: Config
@@ -173,9 +189,11 @@ def plan(q_shape: torch.Size, dtype: torch.dtype, kv_heads: int, page: int,
     group = heads // kv_heads
     S = context_lens.shape[0]
     decode = total_q <= S  # about one query per sequence
-    block_m = max(DECODE_M if decode else PREFILL_M[dtype], triton.next_power_of_2(group))
-    assert block_m in BLOCK_MS, f"{group} query heads per KV head: at most {BLOCK_MS[-1]}"
-    block_q = max(1, block_m // group)
+    tallest = block_m_max(dtype, head_dim)
+    block_m = min(tallest, max(DECODE_M, triton.next_power_of_2(group))) if decode else tallest
+    hp = min(group, block_m)                          # heads of a group per tile
+    chunks = triton.cdiv(group, hp)
+    block_q = block_m // hp
     cfg = config(dtype, head_dim, block_m)
     dev = cu_q.device
     cu = cu_q.to(torch.int32)
@@ -189,13 +207,13 @@ def plan(q_shape: torch.Size, dtype: torch.dtype, kv_heads: int, page: int,
     tile_start = ((idx - first) * block_q).to(torch.int32)
     max_keys = block_tables.shape[1] * page
     if splits is None:
-        programs = max_tiles * kv_heads
+        programs = max_tiles * kv_heads * chunks
         want = triton.cdiv(2 * _sm_count(dev), max(programs, 1))
         splits = min(MAX_SPLITS, want, max(1, max_keys // (MIN_SPLIT_TILES * cfg.blocks["BLOCK_N"])))
     splits = max(1, splits)
     bn = cfg.blocks["BLOCK_N"]
     keys_per_split = triton.cdiv(triton.cdiv(max_keys, splits), bn) * bn
-    return Plan(tile_seq, tile_start, block_q, splits, keys_per_split, cfg,
+    return Plan(tile_seq, tile_start, block_q, hp, chunks, splits, keys_per_split, cfg,
                 block_tables.to(torch.int32).contiguous(), context_lens.to(torch.int32),
                 cu)
 
@@ -221,9 +239,10 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         ml = torch.empty(2, p.splits, total_q, heads, dtype=torch.float32, device=q.device)
     else:
         part = ml = out
-    _paged_attention_kernel[(p.tile_seq.shape[0], kv_heads, p.splits)](
+    _paged_attention_kernel[(p.tile_seq.shape[0], kv_heads * p.chunks, p.splits)](
         q, k_cache, v_cache, out, part, ml, p.tables, p.lens, p.cu_q, p.tile_seq, p.tile_start,
-        float(scale), page, heads // kv_heads, p.block_q, p.keys_per_split, total_q, heads,
+        float(scale), page, heads // kv_heads, p.hp, p.chunks, p.block_q, p.keys_per_split,
+        total_q, heads,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1),
         p.tables.stride(0), head_dim, **p.cfg.blocks, **_flags(q.dtype, p.splits > 1),
@@ -259,12 +278,12 @@ def compile_cases() -> List[CompileCase]:
                      scale="fp32")
         sig = signature(_paged_attention_kernel, types)
         for head_dim in (64, 128, 256):
-            for block_m in BLOCK_MS:
+            for block_m in (m for m in BLOCK_MS if m <= block_m_max(dtype, head_dim)):
                 for split in (False, True):
                     cfg = config(dtype, head_dim, block_m)
                     default = head_dim == 128 and dtype != torch.float16 and (block_m, split) in (
                         (DECODE_M, False), (DECODE_M, dtype == torch.bfloat16),
-                        (PREFILL_M[dtype], False))
+                        (block_m_max(dtype, head_dim), False))
                     cases.append(CompileCase(
                         _paged_attention_kernel,
                         f"{TRITON_TYPES[dtype]} D{head_dim} M{block_m}{' split' if split else ''}",

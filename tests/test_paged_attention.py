@@ -264,3 +264,24 @@ def test_per_layer_path_reads_nothing_on_the_host():
     got = run_paged_attention("triton", q, kc, vc, tables, L, cu_q, 0.3, plan=plan)
     torch.testing.assert_close(got.double().cpu(), dense_reference(q.cpu(), dense, lens, n_q,
                                                                    0.3), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["decode", "prefill-chunks"])
+def test_triton_kernel_covers_tall_groups_in_chunks(dtype, case):
+    """A GQA group taller than the tile (40 query heads on one KV head at head size 200,
+    padded to 256: tiles of 16 rows in fp32, 32 in bf16) is covered in chunks of heads, the
+    last one partial; against the dense reference."""
+    pytest.importorskip("triton")
+    from mapo_fast.kernels import paged_attention as K
+    lens, n_q = CASES[case]
+    q, kc, vc, tables, L, cu_q, dense = make_batch(lens, n_q, heads=40, kv_heads=1,
+                                                   head_dim=200, dtype=dtype)
+    plan = K.plan(q.shape, q.dtype, 1, 16, tables, L, cu_q)
+    assert plan.chunks > 1  # 40 heads in chunks of 16 (fp32) or 32 (bf16), the last partial
+    out = torch.full_like(q, float("nan"))
+    got = K.paged_attention(q, kc, vc, tables, L, cu_q, 0.07, out=out, plan_=plan)
+    assert torch.isfinite(got).all(), "unwritten output rows"
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.double(), dense_reference(q, dense, lens, n_q, 0.07),
+                               atol=tol, rtol=tol)
