@@ -5,6 +5,9 @@
 #                on first use, reused after)
 # and the benchmarks:
 #   make bench   install, then run the benchmarks at CPU scale and write bench/results/
+#   make compile-check   compile every Triton kernel configuration for sm_90 and sm_80 (no GPU
+#                needed), write the table to bench/results/compile-check.{json,md} and the
+#                default configurations' rows into the README
 PYTHON ?= python3
 VENV ?= .venv
 # CPU build by default; e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>" for GPUs.
@@ -17,7 +20,7 @@ VERL_STAMP := $(VERL_VENV)/.installed
 TRL_VENV := .venvs/trl-1.16.0
 TRL_STAMP := $(TRL_VENV)/.installed
 
-.PHONY: install train test bench
+.PHONY: install train test bench compile-check
 
 install: $(STAMP)
 
@@ -54,3 +57,8 @@ test: $(STAMP) $(VERL_STAMP) $(TRL_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/mapo-bench --scale cpu
+
+compile-check: $(STAMP)
+	$(BIN)/python -m mapo_fast.kernels.compile_check --full \
+		--json bench/results/compile-check.json --md bench/results/compile-check.md \
+		--readme README.md

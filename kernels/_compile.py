@@ -50,7 +50,9 @@ class CompileCase:
 
     @property
     def name(self) -> str:
-        return self.kernel.fn.__name__ if hasattr(self.kernel, "fn") else str(self.kernel)
+        """``module.kernel``, e.g. ``linear_logprob._fwd_kernel``."""
+        fn = self.kernel.fn
+        return f"{fn.__module__.rsplit('.', 1)[-1]}.{fn.__name__}"
 
 
 def ptr(dtype: torch.dtype) -> str:

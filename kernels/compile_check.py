@@ -10,6 +10,7 @@ exceptions with their reason), and on sm_90 a half-precision ``tl.dot`` on a til
 64 rows becomes wgmma.
 
     python -m mapo_fast.kernels.compile_check [--full] [--targets 90,80] [--json F] [--md F]
+                                               [--readme README.md]
 """
 
 from __future__ import annotations
@@ -154,6 +155,24 @@ def markdown(results: Sequence[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
+README_BEGIN, README_END = "<!-- compile-table -->", "<!-- /compile-table -->"
+
+
+def update_readme(path: str, results: Sequence[Result]) -> bool:
+    """Puts the default configurations' table between the README's compile-table markers;
+    False when the markers are absent."""
+    with open(path) as f:
+        text = f.read()
+    if README_BEGIN not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    table = markdown([r for r in results if r.default])
+    with open(path, "w") as f:
+        f.write(f"{head}{README_BEGIN}\n{table}{README_END}{tail}")
+    return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--full", action="store_true", help="every flag combination, not only "
@@ -163,6 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", help="write the results as JSON here")
     ap.add_argument("--md", help="write the markdown table here")
     ap.add_argument("--workers", type=int, help="compile processes (default: CPU cores)")
+    ap.add_argument("--readme", help="put the default configurations' table into this "
+                    "README (between its compile-table markers)")
     args = ap.parse_args(argv)
     targets = [int(t) for t in args.targets.split(",")]
     bad = [t for t in targets if t not in SHARED_LIMIT]
@@ -177,6 +198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.md:
         with open(args.md, "w") as f:
             f.write(table)
+    if args.readme and not update_readme(args.readme, results):
+        print(f"{args.readme}: no compile-table markers; not updated", file=sys.stderr)
     return 1 if any(r.problems for r in results) else 0
 
 

@@ -6,11 +6,12 @@ Grid: (query tiles, KV heads x head chunks, KV splits). A tile is up to ``block_
 consecutive queries of one sequence times ``hp`` of the query heads that share one KV head
 (GQA; ``hp`` = the whole group unless the group is taller than the tile, then the group is
 covered in chunks), packed into the ``BLOCK_M`` rows of the matrix product, so each K/V element
-is read once per tile rather than once per query head. The program walks its sequence's keys ``BLOCK_N`` at a time (independent of
-the page size: each key's page comes from the block table), applies the causal mask from the
-queries' absolute positions and keeps an online softmax in fp32; keys after the tile's last
-query are never read. With ``SPLIT`` (few tiles: decode of a small batch), each split covers one
-range of keys and writes its unnormalised partial result, merged by ``combine``.
+is read once per tile rather than once per query head. The program walks its sequence's keys
+``BLOCK_N`` at a time (independent of the page size: each key's page comes from the block
+table), applies the causal mask from the queries' absolute positions and keeps an online
+softmax in fp32; keys after the tile's last query are never read. With ``SPLIT`` (few tiles:
+decode of a small batch), each split covers one range of keys and writes its unnormalised
+partial result, merged by ``combine``.
 
 The launch plan (tile table, split count) is built by ``plan`` with device tensor operations
 and host shape arithmetic only, once per forward pass; the per-layer launch performs no host
@@ -19,6 +20,7 @@ synchronisation.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -158,7 +160,8 @@ def _paged_attention_kernel(q_ptr, k_ptr, v_ptr, out_ptr, part_ptr, ml_ptr, tabl
 @dataclass
 class Plan:
     """A forward pass's launch plan, shared by its layers: ``tile_seq`` / ``tile_start``
-    ``[max_tiles]`` int32 device tensors (-1: spare), ``splits`` and ``keys_per_split``, the
+    ``[max_tiles]`` int32 device tensors (-1: spare), ``block_q`` queries x ``hp`` heads per
+    tile, ``chunks`` tiles per GQA group, ``splits`` and ``keys_per_split``, the
     configuration, and the int32 metadata."""
     tile_seq: Tensor
     tile_start: Tensor
@@ -173,6 +176,7 @@ class Plan:
     cu_q: Tensor
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count \
         if device.type == "cuda" else 4
@@ -209,7 +213,8 @@ def plan(q_shape: torch.Size, dtype: torch.dtype, kv_heads: int, page: int,
     if splits is None:
         programs = max_tiles * kv_heads * chunks
         want = triton.cdiv(2 * _sm_count(dev), max(programs, 1))
-        splits = min(MAX_SPLITS, want, max(1, max_keys // (MIN_SPLIT_TILES * cfg.blocks["BLOCK_N"])))
+        splits = min(MAX_SPLITS, want,
+                     max(1, max_keys // (MIN_SPLIT_TILES * cfg.blocks["BLOCK_N"])))
     splits = max(1, splits)
     bn = cfg.blocks["BLOCK_N"]
     keys_per_split = triton.cdiv(triton.cdiv(max_keys, splits), bn) * bn

@@ -40,8 +40,11 @@ def test_default_configurations_compile_without_spills(tmp_path):
     assert not bad and proc.returncode == 0, bad
     assert {r["target"] for r in results} == {90, 80}
     kernels = {r["kernel"] for r in results}
-    assert kernels == {"_fwd_kernel", "_bwd_kernel", "_row_stats_kernel", "_row_grad_kernel",
-                       "_paged_attention_kernel", "_advantage_kernel", "_crop_zoom_kernel"}
+    assert kernels == {"linear_logprob._fwd_kernel", "linear_logprob._bwd_kernel",
+                       "linear_logprob_chunked._row_stats_kernel",
+                       "linear_logprob_chunked._row_grad_kernel",
+                       "paged_attention._paged_attention_kernel", "advantage._advantage_kernel",
+                       "crop_zoom._crop_zoom_kernel"}
     assert all(r["local_bytes"] == 0 for r in results)
     assert any(r["wgmma"] for r in results if r["target"] == 90)
 
