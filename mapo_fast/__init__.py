@@ -39,10 +39,12 @@ from .variance import gradient_variance, loss_gradient_variance
 
 __version__ = "0.1.0"
 
-__all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LossMetrics", "LOSS_AGG_MODES", "mapo_advantages",
+__all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LossMetrics", "LOSS_AGG_MODES",
+           "mapo_advantages",
            "Trajectory", "TrajectorySpans", "ToolTurn", "Span", "spans_from_text", "turn_batch",
            "token_turns",
-           "SemanticVerifier", "OracleVerifier", "CLIPVerifier", "gradient_variance", "loss_gradient_variance",
+           "SemanticVerifier", "OracleVerifier", "CLIPVerifier", "gradient_variance",
+           "loss_gradient_variance",
            "crop_and_zoom", "crop_to_patches", "crops_to_patches", "smart_resize",
            "ToolRegistry", "ToolRunner", "ZoomInTool", "parse_tool_calls", "format_tool_call",
            "RolloutEngine", "SamplingParams", "ToolParams", "__version__"]

@@ -67,9 +67,11 @@ def select_path(hidden: Tensor, vocab: int, n: int, has_bias: bool, has_rows: bo
     gemm = ref_impl.gemm_dtype(hidden)
     rows_per_chunk = min(n, ref_impl.default_chunk_rows(vocab, hidden.dtype, hidden.device,
                                                         gemm, probs=False))
-    fits = loss_path.chunked_fits(hidden.device, rows_per_chunk * ref_impl.workspace_bytes_per_row(
-        vocab, hidden.dtype, gemm, probs=False))
-    return loss_path.chooser().choose(key, runners() if fits else {}, chunked_fits=fits)
+    workspace = rows_per_chunk * ref_impl.workspace_bytes_per_row(vocab, hidden.dtype, gemm,
+                                                                  probs=False)
+    fits = loss_path.chunked_fits(hidden.device, workspace)
+    with torch.no_grad():  # measuring runs record no autograd graph
+        return loss_path.chooser().choose(key, runners() if fits else {}, chunked_fits=fits)
 
 
 def _cast_grads(dtypes, dh, dw, db):

@@ -2,9 +2,9 @@
 dispatch, once. On CUDA: flash-attn's ``flash_attn_with_kvcache`` with a block table when it is
 importable and the batch fits it (every sequence the same number of queries, e.g. a decode
 step; fp16/bf16; blocks of a multiple of 256 tokens, flash-attn's page size rule), else the
-Triton kernel (``kernels/paged_attention.py``, any page size). Elsewhere the torch path that gathers pages
-(``kernels/paged_attention_ref.py``). Layout and semantics are documented in the latter; they
-are flash-attn's (``[num_blocks, block_size, kv_heads, head_dim]`` pages, causal queries
+Triton kernel (``kernels/paged_attention.py``, any page size). Elsewhere the torch path that
+gathers pages (``kernels/paged_attention_ref.py``). Layout and semantics are documented in the
+latter; they are flash-attn's (``[num_blocks, block_size, kv_heads, head_dim]`` pages, causal queries
 aligned to the end of each sequence's context)."""
 
 from __future__ import annotations
