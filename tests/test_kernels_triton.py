@@ -110,12 +110,15 @@ def test_kernels_handle_no_tokens():
     ("token-mean", dict(entropy_coef=0.05, kl_type="low_var_kl")),
     ("seq-mean-token-mean", dict(entropy_coef=-0.02, kl_type="k3_ratio")),
     ("token-sum", dict(softcap=2.5, logit_scale=1.3, entropy_coef=0.05))])
-def test_mapo_loss_triton_path_equals_torch_path(mode, extra, monkeypatch):
-    """The whole public loss through the Triton kernels equals the torch path (fp32), an
-    entropy bonus (its gradient through the kernel's entropy term) and a soft cap included."""
+@pytest.mark.parametrize("path", ["fused", "chunked"])
+def test_mapo_loss_triton_path_equals_torch_path(mode, extra, path, monkeypatch):
+    """The whole public loss through each CUDA path (the fused kernels; the chunked path's
+    row kernels) equals the torch path (fp32), an entropy bonus (its gradient through the
+    kernels' entropy term) and a soft cap included, and reports the path that ran."""
     case = make_case(dtype=torch.float32, seed=5, bias=True, old=True, ref=True,
                      device=DEV)
     results = {}
+    monkeypatch.setenv("MAPO_FAST_LOSS_PATH", path)
     for backend in ("torch", "triton"):
         monkeypatch.setenv("MAPO_FAST_BACKEND", backend)
         h, w, b = leaf(case["hidden"]), leaf(case["weight"]), leaf(case["bias"])
@@ -125,15 +128,18 @@ def test_mapo_loss_triton_path_equals_torch_path(mode, extra, monkeypatch):
                                         clip_ratio_c=3.0, loss_agg=mode, temperature=0.9,
                                         **extra)
         loss.backward()
+        assert met.path == (path if backend == "triton" else "torch")
         results[backend] = (loss.detach(), met["entropy"], h.grad, w.grad, b.grad)
     for name, a, e in zip(("loss", "entropy", "d_hidden", "d_weight", "d_bias"),
                           results["triton"], results["torch"]):
         torch.testing.assert_close(a, e, atol=3e-5, rtol=3e-5, msg=name)
 
 
-def test_token_logprobs_triton_path_with_entropy_grad(monkeypatch):
+@pytest.mark.parametrize("path", ["fused", "chunked"])
+def test_token_logprobs_triton_path_with_entropy_grad(path, monkeypatch):
     case = make_case(dtype=torch.float32, seed=9, device=DEV)
     results = {}
+    monkeypatch.setenv("MAPO_FAST_LOSS_PATH", path)
     for backend in ("torch", "triton"):
         monkeypatch.setenv("MAPO_FAST_BACKEND", backend)
         h, w = leaf(case["hidden"]), leaf(case["weight"])

@@ -1,6 +1,7 @@
 """The chunked CUDA path (cuBLAS-style GEMMs in the inputs' dtype + Triton row kernels), here
 under TRITON_INTERPRET=1 with the GEMMs emulated in fp32 (``mm32``), against the float64
 reference, at awkward sizes (N=37 tokens in chunks of 16, V=101 in row blocks of 64, H=45).
+Through ``mapo_loss`` and ``token_logprobs``: ``test_kernels_triton.py`` (both CUDA paths).
 
 Tolerances: the forward is fp32 accumulation throughout (3e-5, as the fused kernels). The
 backward rounds ``dz`` to the GEMM dtype: bf16 keeps 8 bits (2e-2 relative to the largest
@@ -13,11 +14,9 @@ import torch
 
 pytest.importorskip("triton")
 
-import mapo_fast  # noqa: E402
 from mapo_fast.kernels import linear_logprob as K  # noqa: E402
 from mapo_fast.kernels import linear_logprob_chunked as C  # noqa: E402
 from mapo_fast.kernels import linear_logprob_ref as R  # noqa: E402
-from cases import leaf, make_case  # noqa: E402
 
 BWD_TOL = {torch.float32: 3e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -92,45 +91,6 @@ def test_fp16_backward_keeps_small_gradients(path):
     for name, a, e in zip(("d_hidden", "d_weight", "d_bias"), got, want):
         err = float((a.double() - e).abs().max() / e.abs().max())
         assert err < 3e-3, f"{path} {name}: relative error {err:.2e}"
-
-
-@pytest.mark.parametrize("mode, extra", [
-    ("token-mean", {}),
-    ("seq-mean-token-mean", dict(entropy_coef=0.05, kl_type="low_var_kl")),
-    ("token-sum", dict(softcap=2.5, logit_scale=1.3))])
-def test_mapo_loss_chunked_path_equals_torch_path(mode, extra, monkeypatch):
-    """The public loss with ``MAPO_FAST_LOSS_PATH=chunked`` equals the torch path (fp32) and
-    reports its path."""
-    case = make_case(dtype=torch.float32, seed=5, bias=True, old=True, ref=True)
-    results = {}
-    monkeypatch.setenv("MAPO_FAST_LOSS_PATH", "chunked")
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("MAPO_FAST_BACKEND", backend)
-        h, w, b = leaf(case["hidden"]), leaf(case["weight"]), leaf(case["bias"])
-        loss, met = mapo_fast.mapo_loss(h, w, case["targets"], case["advantages"], case["mask"],
-                                        bias=b, old_logprobs=case["old_logprobs"].float(),
-                                        ref_logprobs=case["ref_logprobs"].float(), kl_coef=0.1,
-                                        loss_agg=mode, **extra)
-        loss.backward()
-        assert met.path == {"torch": "torch", "triton": "chunked"}[backend]
-        results[backend] = (loss.detach(), met["entropy"], h.grad, w.grad, b.grad)
-    for name, a, e in zip(("loss", "entropy", "d_hidden", "d_weight", "d_bias"),
-                          results["triton"], results["torch"]):
-        torch.testing.assert_close(a, e, atol=3e-5, rtol=3e-5, msg=name)
-
-
-def test_token_logprobs_chunked_path_with_entropy_grad(monkeypatch):
-    case = make_case(dtype=torch.float32, seed=9)
-    results = {}
-    monkeypatch.setenv("MAPO_FAST_LOSS_PATH", "chunked")
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("MAPO_FAST_BACKEND", backend)
-        h, w = leaf(case["hidden"]), leaf(case["weight"])
-        logp, ent = mapo_fast.token_logprobs(h, w, case["targets"], return_entropy=True)
-        (logp.sum() - 0.3 * ent.sum()).backward()
-        results[backend] = (logp.detach(), ent.detach(), h.grad, w.grad)
-    for a, e in zip(results["triton"], results["torch"]):
-        torch.testing.assert_close(a, e, atol=3e-5, rtol=3e-5)
 
 
 @pytest.mark.parametrize("gemm", [torch.bfloat16, torch.float16])
