@@ -44,6 +44,8 @@ def bootstrap() -> None:
     module = importlib.util.module_from_spec(spec)
     sys.modules["mapo_fast.kernels"] = module
     spec.loader.exec_module(module)
+    import mapo_fast
+    mapo_fast.kernels = module
 
 
 bootstrap()
@@ -52,7 +54,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from harness import device_info  # noqa: E402
+from harness import device_info, device_slug  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -345,7 +347,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and not a.toy:
         p.error("no GPU here: run with --toy (and TRITON_INTERPRET=1) to exercise the command")
-    from run import device_slug
     result = run(a.toy, dev, a.repeats, a.only)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu-check-{device_slug(dev)}{'-toy' if a.toy else ''}"

@@ -52,6 +52,15 @@ def device_info(device: torch.device) -> Dict[str, str]:
     return info
 
 
+def device_slug(device: torch.device) -> str:
+    """A short file-name tag for the device: ``cpu``, ``h100``, ``h200``, ..."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    m = re.search(r"(h100|h200|a100|l40s|b200|rtx\s?\w+|\w+)", name.replace("nvidia ", ""))
+    return m.group(1).replace(" ", "") if m else "cuda"
+
+
 MMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 

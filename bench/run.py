@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -20,19 +19,12 @@ import bench_loss  # noqa: E402
 import bench_rollout  # noqa: E402
 import bench_tools  # noqa: E402
 import bench_train  # noqa: E402
+from harness import device_slug  # noqa: E402
 
 BENCHMARKS = {"loss": bench_loss, "tools": bench_tools, "advantage": bench_advantage,
               "allocator": bench_allocator, "rollout": bench_rollout, "train": bench_train}
 #: Run when no --only is given; the training study (about an hour on 2 cores) only on request.
 DEFAULT = ("advantage", "allocator", "loss", "rollout", "tools")
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    m = re.search(r"(h100|h200|a100|l40s|b200|rtx\s?\w+|\w+)", name.replace("nvidia ", ""))
-    return m.group(1).replace(" ", "") if m else "cuda"
 
 
 def reports(out: Path):
