@@ -73,7 +73,8 @@ def _tool(name: str) -> str:
 
 
 def resource_usage(cubin: bytes) -> Dict[str, int]:
-    """``{"REG": .., "LOCAL": .., "SHARED": ..}`` of the cubin's (single) kernel."""
+    """``{"REG": .., "STACK": .., "LOCAL": .., "SHARED": ..}`` of the cubin's (single)
+    kernel."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -115,8 +116,16 @@ def problems(case: CompileCase, res: Result) -> List[str]:
 
 
 def _compile_index(job: tuple) -> Result:
+    """One compile of the selection; a case that does not compile is a result with that
+    problem (the matrix goes on)."""
     i, target, full = job
-    return compile_case(_selected(full)[i], target)
+    case = _selected(full)[i]
+    try:
+        return compile_case(case, target)
+    except Exception as err:  # any compiler error is this case's finding
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        return Result(case.name, case.label, target, case.num_warps, case.num_stages, 0, 0, 0,
+                      False, 0.0, case.default, [f"does not compile: {first}"])
 
 
 def _selected(full: bool) -> List[CompileCase]:
