@@ -197,7 +197,8 @@ def _no_autocast(fn):
 def _to_gemm(dz: Tensor, gemm: torch.dtype, ws: "_Workspace") -> Tuple[Tensor, Optional[Tensor]]:
     """``dz`` (compute dtype) as the gradient GEMMs take it: ``(dz, None)`` when the GEMMs run
     in the compute dtype; bf16: rounded; fp16: row ``r`` divided by ``unit[r]``, a power of two
-    (returned) putting its largest magnitude in [0.5, 1)."""
+    (returned) putting its largest magnitude in [0.5, 1), in place in ``dz`` (the chunk's
+    scratch buffer) before the cast, so no ``[chunk, V]`` temporary is made."""
     if gemm == dz.dtype:
         return dz, None
     out = ws.dz(gemm)[: dz.shape[0]]
@@ -205,7 +206,7 @@ def _to_gemm(dz: Tensor, gemm: torch.dtype, ws: "_Workspace") -> Tuple[Tensor, O
         return out.copy_(dz), None
     top = dz.abs().amax(1)
     unit = torch.exp2(torch.ceil(torch.log2(torch.where(top > 0, top, torch.ones_like(top)))))
-    return out.copy_(dz / unit[:, None]), unit
+    return out.copy_(dz.div_(unit[:, None])), unit
 
 
 class TorchRows:

@@ -115,9 +115,11 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
     n_groups = int(seg.max()) + 1 if B else 0
     kw = dict(coef=coef if algo == "mapo" else 0.0, norm_std=bool(norm_std), eps=eps,
               loo=baseline == "loo", discount=discount)
-    if backend_for(rewards, KERNEL) == "triton" and _kernel_fits(seg, semantic):
+    use_kernel = backend_for(rewards, KERNEL) == "triton"
+    max_group = _max_group(seg) if use_kernel else 0
+    if use_kernel and _kernel_fits(max_group, semantic):
         adv = triton_module(KERNEL).advantages(rewards, seg, n_groups, semantic, valid,
-                                               token_turn, max_group=_max_group(seg), **kw)
+                                               token_turn, max_group=max_group, **kw)
         parts = None
         if return_parts:  # the [B] / [B, K] parts are tiny: the torch path gives them
             _, out, cred = advantage_ref.advantages(rewards, seg, n_groups, semantic, valid,
@@ -136,10 +138,11 @@ def _max_group(seg: Tensor) -> int:
     return int(torch.bincount(seg).max()) if seg.numel() else 1
 
 
-def _kernel_fits(seg: Tensor, semantic: Optional[Tensor]) -> bool:
-    """Whether the Triton kernel takes these group and turn counts (else the torch path)."""
+def _kernel_fits(max_group: int, semantic: Optional[Tensor]) -> bool:
+    """Whether the Triton kernel takes groups of up to ``max_group`` trajectories and these
+    turns (else the torch path)."""
     turns = semantic.shape[1] if semantic is not None and semantic.shape[1] else 1
-    return triton_module(KERNEL).supports(_max_group(seg), turns)
+    return triton_module(KERNEL).supports(max_group, turns)
 
 
 def _parts(out: Tensor, cred: Optional[Tensor]) -> Dict[str, Tensor]:

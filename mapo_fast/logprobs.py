@@ -228,6 +228,11 @@ def _autocast_inputs(h: Tensor, w: Tensor, b: Optional[Tensor], lm: LogitMap):
     return h.to(lm.round_to), w.to(lm.round_to), None if b is None else b.to(lm.round_to)
 
 
+def _needs_grad(*xs: Optional[Tensor]) -> bool:
+    """Whether autograd will want gradients of any of ``xs`` from this call."""
+    return torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in xs)
+
+
 def _flat(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
     h = hidden.reshape(-1, hidden.shape[-1])
     if h.stride(-1) != 1:
@@ -274,8 +279,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                              logits_dtype)
     h, w, b = _autocast_inputs(*_flat(hidden, weight, bias), lm)
     y = targets.reshape(-1).to(torch.int64)
-    need_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (hidden, weight, bias))
+    need_grad = _needs_grad(hidden, weight, bias)
 
     def runners():
         def run(path):
@@ -299,8 +303,7 @@ def fused_linear_objective(hidden2d: Tensor, weight: Tensor, bias: Optional[Tens
     weight and bias; ``path`` is the implementation that ran (``mapo_fast.loss_path``).
     Inputs are already validated; this is the building block of every fused loss."""
     h, w, b = _autocast_inputs(*_flat(hidden2d, weight, bias), lm)
-    need_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (h, w, b))
+    need_grad = _needs_grad(h, w, b)
 
     def runners():
         return {p: (lambda p=p: objective_pass(p, h, w, b, targets, rows, lm, objective, True))
