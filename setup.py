@@ -46,7 +46,7 @@ setup(
     ext_modules=[CMakeExtension("mapo_fast.kernels._block_manager", "_block_manager")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.13",  # the oldest torch the suite runs (out_dtype GEMMs need >= 2.8)
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
     ],
@@ -56,10 +56,10 @@ setup(
         "bench": ["pytest-benchmark>=4", "liger-kernel>=0.6", "matplotlib>=3.7", "pillow>=10",
                   "transformers>=5.24", "psutil"],
         "train": ["transformers>=5.24", "tokenizers>=0.22", "pyyaml>=6", "tqdm>=4.60",
-                  "matplotlib>=3.7", "pillow>=10"],
+                  "matplotlib>=3.7", "pillow>=10", "pyarrow>=14"],
         "dev": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.6", "pytest-benchmark>=4",
                 "matplotlib>=3.7", "pillow>=10", "transformers>=5.24", "tokenizers>=0.22",
-                "pyyaml>=6", "tqdm>=4.60", "psutil"],
+                "pyyaml>=6", "tqdm>=4.60", "psutil", "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["mapo-bench=mapo_fast.cli:bench_main",
                                     "mapo-train=mapo_fast.cli:train_main"]},

@@ -141,7 +141,7 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, 
                 HAS_BIAS: tl.constexpr, HAS_ROWS: tl.constexpr, HAS_GE: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
                 IEEE: tl.constexpr, UPCAST: tl.constexpr, SOFTCAP: tl.constexpr,
-                ROUND: tl.constexpr, SCALE_DZ: tl.constexpr):
+                ROUND: tl.constexpr, SCALE_DZ: tl.constexpr, HAS_DW: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_v = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,15 +188,16 @@ def _bwd_kernel(h_ptr, w_ptr, b_ptr, y_ptr, rows_ptr, lse_ptr, ent_ptr, gl_ptr, 
             d_ok = offs_d < D
             w = tl.load(w_ptr + w_rows * stride_wv + offs_d[None, :],
                         mask=v_ok[:, None] & d_ok[None, :], other=0.0)
-            h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             dh = _mm(dz_in, w, tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32), IEEE, UPCAST)
-            dw = _mm(tl.trans(dz_in), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32), IEEE,
-                     UPCAST)
             tl.atomic_add(dh_ptr + rows[:, None] * D + offs_d[None, :], dh * unit,
                           mask=n_ok[:, None] & d_ok[None, :], sem="relaxed")
-            tl.atomic_add(dw_ptr + w_rows * D + offs_d[None, :], dw * unit,
-                          mask=v_ok[:, None] & d_ok[None, :], sem="relaxed")
+            if HAS_DW:  # a frozen head (LoRA) needs no d_weight: no load of h, no dot
+                h = tl.load(h_ptr + rows[:, None] * stride_hn + offs_d[None, :],
+                            mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+                dw = _mm(tl.trans(dz_in), h, tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float32),
+                         IEEE, UPCAST)
+                tl.atomic_add(dw_ptr + w_rows * D + offs_d[None, :], dw * unit,
+                              mask=v_ok[:, None] & d_ok[None, :], sem="relaxed")
 
 
 def _rounds(round_to: Optional[torch.dtype], hidden: Tensor) -> bool:
@@ -237,8 +238,9 @@ def _flags(dtype: torch.dtype, has_bias: bool, has_rows: bool, softcap: bool,
                 ROUND=round_logits)
 
 
-def _bwd_flags(dtype: torch.dtype, has_ge: bool, **shared) -> dict:
-    return dict(_flags(dtype, **shared), HAS_GE=has_ge, SCALE_DZ=dtype == torch.float16)
+def _bwd_flags(dtype: torch.dtype, has_ge: bool, has_dw: bool = True, **shared) -> dict:
+    return dict(_flags(dtype, **shared), HAS_GE=has_ge, SCALE_DZ=dtype == torch.float16,
+                HAS_DW=has_dw)
 
 
 def compile_cases() -> List[CompileCase]:
@@ -260,15 +262,16 @@ def compile_cases() -> List[CompileCase]:
                 signature(_fwd_kernel, fwd_t), dict(_flags(dtype, **fl), **cfg.blocks),
                 cfg.num_warps, cfg.num_stages, default=corner and dtype != torch.float16,
                 wgmma=half))
-            for has_ge in (False, True):
+            for has_ge, has_dw in ((False, True), (True, True), (False, False), (True, False)):
                 bwd_t = dict(types, lse_ptr=f32, ent_ptr=f32, gl_ptr=f32, ge_ptr=f32,
                              dh_ptr=f32, dw_ptr=f32, db_ptr=f32)
+                label = _label(dict(fl, entropy=has_ge, frozen_head=not has_dw))
                 cases.append(CompileCase(
-                    _bwd_kernel, f"{TRITON_TYPES[dtype]} {_label(dict(fl, entropy=has_ge))}",
+                    _bwd_kernel, f"{TRITON_TYPES[dtype]} {label}",
                     signature(_bwd_kernel, bwd_t),
-                    dict(_bwd_flags(dtype, has_ge, **fl), **cfg.blocks), cfg.num_warps,
+                    dict(_bwd_flags(dtype, has_ge, has_dw, **fl), **cfg.blocks), cfg.num_warps,
                     cfg.num_stages, wgmma=half,
-                    default=corner and has_ge == fl["has_bias"] and
+                    default=corner and has_ge == fl["has_bias"] and has_dw and
                     (dtype != torch.float16 or has_ge)))
     return cases
 
@@ -334,20 +337,24 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
 def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
              inv_temp: float, lse: Tensor, ent: Tensor, g_logp: Tensor,
              g_ent: Optional[Tensor], rows: Optional[Tensor] = None,
-             out: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]] = None, cap: float = 0.0,
-             scale: float = 1.0, round_to: Optional[torch.dtype] = None
-             ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+             out: Optional[Tuple[Tensor, Optional[Tensor], Optional[Tensor]]] = None,
+             cap: float = 0.0, scale: float = 1.0, round_to: Optional[torch.dtype] = None,
+             need_dw: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Returns ``(d_hidden, d_weight, d_bias)`` as float32 accumulators (zero-initialised here,
-    or the buffers given in ``out``, which are added into)."""
+    or the buffers given in ``out``, which are added into); without ``need_dw`` (a frozen head)
+    ``d_weight`` is None: no buffer, no dot, no atomics for it."""
     _check(hidden, weight, bias, targets, rows)
     n, (v, d) = targets.shape[0], weight.shape
     if out is None:
         out = (torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device),
-               torch.zeros(weight.shape, dtype=torch.float32, device=weight.device),
+               torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+               if need_dw else None,
                None if bias is None else
                torch.zeros(bias.shape, dtype=torch.float32, device=bias.device))
     dh, dw, db = out
-    assert dh.is_contiguous() and dw.is_contiguous() and dh.dtype == dw.dtype == torch.float32
+    assert dh.is_contiguous() and dh.dtype == torch.float32
+    assert (dw is None) == (not need_dw) and (dw is None or (dw.is_contiguous() and
+                                                             dw.dtype == torch.float32))
     if n == 0:
         return dh, dw, db
     cfg = config(hidden.dtype, hidden.device)
@@ -357,9 +364,10 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
     _bwd_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, targets,
         rows if rows is not None else targets, lse, ent, g_logp,
-        g_ent if g_ent is not None else g_logp, dh, dw, db if db is not None else dw,
+        g_ent if g_ent is not None else g_logp, dh, dw if dw is not None else dh,
+        db if db is not None else dh,
         n, v, d, float(inv_temp), float(scale), float(cap), hidden.stride(0), weight.stride(0),
-        **_bwd_flags(hidden.dtype, g_ent is not None, has_bias=bias is not None,
+        **_bwd_flags(hidden.dtype, g_ent is not None, need_dw, has_bias=bias is not None,
                      has_rows=rows is not None, softcap=cap > 0,
                      round_logits=_rounds(round_to, hidden)),
         **cfg.blocks, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -159,28 +159,34 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
              inv_temp: float, lse: Tensor, ent: Tensor, g_logp: Tensor,
              g_ent: Optional[Tensor], rows: Optional[Tensor] = None, cap: float = 0.0,
              scale: float = 1.0, round_to: Optional[torch.dtype] = None,
-             chunk_rows: Optional[int] = None) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+             chunk_rows: Optional[int] = None, need_dw: bool = True
+             ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """``linear_logprob_ref.backward`` with the Triton row kernels."""
     return ref.backward(hidden, weight, bias, targets, inv_temp, lse, ent, g_logp, g_ent,
                         rows=rows, chunk_rows=chunk_rows, cap=cap, scale=scale,
-                        round_to=round_to, ops=TRITON_ROWS, gemm=_gemm(hidden))
+                        round_to=round_to, ops=TRITON_ROWS, gemm=_gemm(hidden),
+                        need_dw=need_dw)
 
 
 def fused_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor],
                            targets: Tensor, inv_temp: float, grad_fn, rows=None,
                            cap: float = 0.0, scale: float = 1.0,
                            round_to: Optional[torch.dtype] = None,
-                           chunk_rows: Optional[int] = None):
+                           chunk_rows: Optional[int] = None, need_dw: bool = True):
     """``linear_logprob_ref.fused_forward_backward`` with the Triton row kernels."""
     return ref.fused_forward_backward(hidden, weight, bias, targets, inv_temp, grad_fn,
                                       rows=rows, chunk_rows=chunk_rows, cap=cap, scale=scale,
-                                      round_to=round_to, ops=TRITON_ROWS, gemm=_gemm(hidden))
+                                      round_to=round_to, ops=TRITON_ROWS, gemm=_gemm(hidden),
+                                      need_dw=need_dw)
 
 
 def _gemm(hidden: Tensor) -> torch.dtype:
     """The inputs' own dtype for the GEMMs (on CPU under the interpreter too: ``mm32``
-    emulates cuBLAS's fp32 accumulation there), the compute dtype for fp32."""
-    return hidden.dtype if hidden.dtype in ref.HALF else ref.compute_dtype(hidden.dtype)
+    emulates cuBLAS's fp32 accumulation there), the compute dtype for fp32 and on a torch
+    without half-precision GEMMs with fp32 outputs (``ref.HALF_GEMMS``, torch >= 2.8)."""
+    if hidden.dtype in ref.HALF and (ref.HALF_GEMMS or not hidden.is_cuda):
+        return hidden.dtype
+    return ref.compute_dtype(hidden.dtype)
 
 
 def compile_cases() -> List[CompileCase]:

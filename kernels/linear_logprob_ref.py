@@ -282,32 +282,37 @@ def forward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Ten
 
 
 def _accumulate_grads(dz: Tensor, unit: Optional[Tensor], h: Tensor, w: Tensor, sl: slice,
-                      rows: Optional[Tensor], dh: Tensor, dw: Tensor,
+                      rows: Optional[Tensor], dh: Tensor, dw: Optional[Tensor],
                       db: Optional[Tensor]) -> None:
-    """``dh[rows] += (unit dz) @ w``, ``dw += (unit dz)^T @ h``, ``db += sum (unit dz)``; ``dz``
+    """``dh[rows] += (unit dz) @ w``, ``dw += (unit dz)^T @ h`` (skipped when ``dw`` is None: a
+    frozen head), ``db += sum (unit dz)``; ``dz``
     and ``h`` in the GEMM dtype. Row scales ``unit`` (powers of two, or None) are applied
     exactly: to the rows of ``dz @ w``, and for ``d_weight`` as ``top * (dz^T @ (h unit /
     top))`` with ``top`` the chunk's largest (one host read), so that ``h``'s rows are scaled
     by at most 1 and the rows that matter most keep their precision in fp16."""
     dh_c = mm32(dz, w)
-    alpha = 1.0
     if unit is not None:
         dh_c.mul_(unit[:, None])
-        top = unit.max()
-        h = h * (unit / top)[:, None].to(h.dtype)
-        alpha = float(top)
     if rows is None:
         dh[sl] = dh_c
     else:
         dh.index_add_(0, rows[sl], dh_c)
-    addmm32(dw, dz.t(), h, alpha)
+    if dw is not None:
+        alpha = 1.0
+        if unit is not None:
+            top = unit.max()
+            h = h * (unit / top)[:, None].to(h.dtype)
+            alpha = float(top)
+        addmm32(dw, dz.t(), h, alpha)
     if db is not None:
         db.add_((dz.to(db.dtype) * (1.0 if unit is None else unit[:, None])).sum(0))
 
 
-def _grad_buffers(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], cd: torch.dtype):
+def _grad_buffers(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], cd: torch.dtype,
+                  need_dw: bool = True):
+    """Zeroed gradient accumulators; no ``d_weight`` buffer for a frozen head."""
     dh = torch.zeros(hidden.shape, dtype=cd, device=hidden.device)
-    dw = torch.zeros(weight.shape, dtype=cd, device=weight.device)
+    dw = torch.zeros(weight.shape, dtype=cd, device=weight.device) if need_dw else None
     db = None if bias is None else torch.zeros(bias.shape, dtype=cd, device=bias.device)
     return dh, dw, db
 
@@ -318,13 +323,14 @@ def backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Te
              g_ent: Optional[Tensor], rows: Optional[Tensor] = None,
              chunk_rows: Optional[int] = None, cap: float = 0.0,
              scale: float = 1.0, round_to: Optional[torch.dtype] = None,
-             ops: TorchRows = TORCH_ROWS, gemm: Optional[torch.dtype] = None
-             ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+             ops: TorchRows = TORCH_ROWS, gemm: Optional[torch.dtype] = None,
+             need_dw: bool = True) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Recomputes the logits chunk by chunk and returns ``(d_hidden, d_weight, d_bias)`` in the
-    compute dtype, for upstream gradients ``g_logp [N]`` and ``g_ent [N]`` (or None)."""
+    compute dtype, for upstream gradients ``g_logp [N]`` and ``g_ent [N]`` (or None);
+    ``d_weight`` is None, and costs nothing, without ``need_dw``."""
     n = targets.shape[0]
     call = _Call(hidden, weight, bias, n, chunk_rows, gemm, ops)
-    dh, dw, db = _grad_buffers(hidden, weight, bias, call.cd)
+    dh, dw, db = _grad_buffers(hidden, weight, bias, call.cd, need_dw)
     g_logp = g_logp.to(call.cd)
     g_ent = None if g_ent is None else g_ent.to(call.cd)
     for sl in call.chunks(n):
@@ -346,18 +352,20 @@ def fused_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
                            rows: Optional[Tensor] = None, chunk_rows: Optional[int] = None,
                            cap: float = 0.0, scale: float = 1.0,
                            round_to: Optional[torch.dtype] = None,
-                           ops: TorchRows = TORCH_ROWS, gemm: Optional[torch.dtype] = None):
+                           ops: TorchRows = TORCH_ROWS, gemm: Optional[torch.dtype] = None,
+                           need_dw: bool = True):
     """Forward and backward in one pass over the vocabulary: each chunk's logits are computed
     once and give both the statistics and the gradient (three matmuls in all).
 
     ``grad_fn(sl, logp_chunk, ent_chunk) -> (value_chunk, g_logp_chunk, g_ent_chunk)`` is the
     per-token objective of rows ``sl``: its summed value and its derivatives w.r.t. ``logp``
     and the entropy (None when it does not depend on it).
-    Returns ``(logp, ent, value, d_hidden, d_weight, d_bias)``.
+    Returns ``(logp, ent, value, d_hidden, d_weight, d_bias)`` (``d_weight`` None without
+    ``need_dw``: no buffer and no GEMM for a frozen head).
     """
     n = targets.shape[0]
     call = _Call(hidden, weight, bias, n, chunk_rows, gemm, ops)
-    dh, dw, db = _grad_buffers(hidden, weight, bias, call.cd)
+    dh, dw, db = _grad_buffers(hidden, weight, bias, call.cd, need_dw)
     logp = torch.empty(n, dtype=call.cd, device=hidden.device)
     ent = torch.empty_like(logp)
     value = torch.zeros((), dtype=call.cd, device=hidden.device)

@@ -6,6 +6,9 @@ Public API:
     mapo_loss, MAPOLoss     the fused clipped, advantage-weighted policy loss (verl semantics);
     LossMetrics             its metrics (with ``.path``: which implementation ran; on CUDA
                             mapo_fast.loss_path picks fused or chunked by measurement)
+    PolicyNumerics          the policy's distribution (temperature, banned tokens, top-k/top-p,
+                            logit map), one setting for the rollout, the loss and the
+                            reference log-probs (mapo_fast.policy says what the ratio means)
     mapo_advantages         the MAPO advantage: group-relative outcome + semantic scores
     Trajectory, TrajectorySpans, ToolTurn, Span, spans_from_text, turn_batch, token_turns
                             where each tool turn, description and answer sit in the tokens
@@ -29,6 +32,7 @@ Public API:
 from .advantage import mapo_advantages
 from .logprobs import token_logprobs
 from .loss import LOSS_AGG_MODES, LossMetrics, MAPOLoss, mapo_loss
+from .policy import PolicyNumerics
 from .rollout import RolloutEngine, SamplingParams, ToolParams
 from .rewards import CLIPVerifier, OracleVerifier, SemanticVerifier
 from .tools import (ToolRegistry, ToolRunner, ZoomInTool, crop_and_zoom, crop_to_patches,
@@ -40,6 +44,7 @@ from .variance import gradient_variance, loss_gradient_variance
 __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LossMetrics", "LOSS_AGG_MODES",
+           "PolicyNumerics",
            "mapo_advantages",
            "Trajectory", "TrajectorySpans", "ToolTurn", "Span", "spans_from_text", "turn_batch",
            "token_turns",

@@ -5,7 +5,7 @@ the ``[tokens x vocab]`` logits. Device dispatch for the fused linear log-prob h
 
 from __future__ import annotations
 
-from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -13,6 +13,7 @@ from . import _checks as chk
 from . import loss_path
 from ._dispatch import backend_for, triton_module
 from .kernels import linear_logprob_ref as ref_impl
+from .policy import banned_bias
 
 Tensor = torch.Tensor
 KERNEL = "linear_logprob"
@@ -43,10 +44,10 @@ def _forward(path: str, hidden, weight, bias, targets, lm: LogitMap, rows):
 
 
 def _backward(path: str, hidden, weight, bias, targets, lm: LogitMap, lse, ent, g_logp,
-              g_ent, rows):
+              g_ent, rows, need_dw: bool = True):
     return _impl(path).backward(hidden, weight, bias, targets, lm.inv_temp, lse, ent, g_logp,
                                 g_ent, rows=rows, cap=lm.cap, scale=lm.scale,
-                                round_to=lm.round_to)
+                                round_to=lm.round_to, need_dw=need_dw)
 
 
 def select_path(hidden: Tensor, vocab: int, n: int, has_bias: bool, has_rows: bool,
@@ -75,9 +76,10 @@ def select_path(hidden: Tensor, vocab: int, n: int, has_bias: bool, has_rows: bo
 
 
 def _cast_grads(dtypes, dh, dw, db):
-    """Gradients in the dtypes ``(hidden, weight, bias or None)`` of the inputs."""
+    """Gradients in the dtypes ``(hidden, weight, bias or None)`` of the inputs (``dw`` None
+    for a frozen head)."""
     dt_h, dt_w, dt_b = dtypes
-    return dh.to(dt_h), dw.to(dt_w), None if db is None else db.to(dt_b)
+    return dh.to(dt_h), None if dw is None else dw.to(dt_w), None if db is None else db.to(dt_b)
 
 
 def _dtypes(hidden, weight, bias):
@@ -100,7 +102,7 @@ class _LinearLogprob(torch.autograd.Function):
         if g_logp is None:
             g_logp = torch.zeros_like(lse)
         dh, dw, db = _backward(ctx.path, hidden, weight, bias, targets, ctx.lm, lse,
-                               ent, g_logp, g_ent, rows)
+                               ent, g_logp, g_ent, rows, need_dw=ctx.needs_input_grad[1])
         dh, dw, db = _cast_grads(_dtypes(hidden, weight, bias), dh, dw, db)
         return dh, dw, db, None, None, None, None
 
@@ -122,9 +124,10 @@ def _value_and_grad(objective: "TokenObjective"):
 
 
 def objective_pass(path: str, hidden, weight, bias, targets, rows, lm: LogitMap,
-                   objective: "TokenObjective", need_grad: bool):
+                   objective: "TokenObjective", need_grad: bool, need_dw: bool = True):
     """``(value, logp, ent, grads)`` of the objective through ``path``; ``grads`` is
-    ``(d_hidden, d_weight, d_bias)`` (float32 accumulators) or None without ``need_grad``.
+    ``(d_hidden, d_weight, d_bias)`` (float32 accumulators; ``d_weight`` None without
+    ``need_dw``, a frozen head: no buffer and no GEMM) or None without ``need_grad``.
 
     torch and chunked paths: one pass over the vocabulary per token chunk (logits once per
     chunk, 3 matmuls); fused path: the forward kernel, the per-token gradient in torch, the
@@ -133,13 +136,13 @@ def objective_pass(path: str, hidden, weight, bias, targets, rows, lm: LogitMap,
     if path != "fused" and need_grad:
         logp, ent, value, *grads = _impl(path).fused_forward_backward(
             hidden, weight, bias, targets, lm.inv_temp, value_and_grad, rows=rows,
-            cap=lm.cap, scale=lm.scale, round_to=lm.round_to)
+            cap=lm.cap, scale=lm.scale, round_to=lm.round_to, need_dw=need_dw)
         return value, logp, ent, tuple(grads)
     logp, ent, lse = _forward(path, hidden, weight, bias, targets, lm, rows)
     if not need_grad:
         return objective(slice(None), logp, ent).sum(), logp, ent, None
     value, g, g_ent = value_and_grad(slice(None), logp, ent)
-    grads = _backward(path, hidden, weight, bias, targets, lm, lse, ent, g, g_ent, rows)
+    grads = _backward(path, hidden, weight, bias, targets, lm, lse, ent, g, g_ent, rows, need_dw)
     return value, logp, ent, grads
 
 
@@ -156,7 +159,7 @@ class _FusedLinearObjective(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, rows, lm, path, objective):
         need_grad = any(ctx.needs_input_grad[:3])
         value, logp, ent, grads = objective_pass(path, hidden, weight, bias, targets, rows, lm,
-                                                 objective, need_grad)
+                                                 objective, need_grad, ctx.needs_input_grad[1])
         if need_grad:
             ctx.save_for_backward(*grads)
             ctx.dtypes = _dtypes(hidden, weight, bias)
@@ -167,7 +170,8 @@ class _FusedLinearObjective(torch.autograd.Function):
     def backward(ctx, g_value, _g_logp, _g_ent):
         dh, dw, db = ctx.saved_tensors
         if not torch.equal(g_value, torch.ones_like(g_value)):  # else no copy of the grads
-            dh, dw = dh * g_value, dw * g_value
+            dh = dh * g_value
+            dw = None if dw is None else dw * g_value
             db = None if db is None else db * g_value
         return (*_cast_grads(ctx.dtypes, dh, dw, db), None, None, None, None, None)
 
@@ -245,7 +249,8 @@ def _flat(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
 def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
                    bias: Optional[Tensor] = None, temperature: float = 1.0,
                    return_entropy: bool = False, logit_scale: float = 1.0,
-                   softcap: Optional[float] = None, logits_dtype: str = "float32"
+                   softcap: Optional[float] = None, logits_dtype: str = "float32",
+                   banned_tokens: Optional[Sequence[int]] = None
                    ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
     """Log-probability of each target token under ``softmax((hidden @ weight.T + bias) / T)``
     (with ``logit_scale`` and ``softcap``: ``softmax(softcap * tanh(logit_scale * u / softcap)
@@ -267,6 +272,9 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
             rounded to it), what frameworks running the LM head under autocast get (about 3
             significant digits of each logit in bf16). The softmax statistics are float32
             either way; the speed is the same.
+        banned_tokens: token ids removed from the softmax (the ids the sampler never draws,
+            see ``mapo_fast.policy``): their probability is exactly 0 and their own log-probs
+            are finite, about ``-BANNED_GAP``. Not with ``softcap``.
 
     Returns:
         ``logp`` shaped like ``targets`` (float32; float64 for float64 inputs), and with
@@ -277,6 +285,7 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     fn = "token_logprobs"
     lm = check_linear_inputs(fn, hidden, weight, targets, bias, temperature, logit_scale, softcap,
                              logits_dtype)
+    bias = banned_bias(fn, bias, weight, banned_tokens, lm.inv_temp, softcap)
     h, w, b = _autocast_inputs(*_flat(hidden, weight, bias), lm)
     y = targets.reshape(-1).to(torch.int64)
     need_grad = _needs_grad(hidden, weight, bias)
@@ -284,7 +293,8 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
     def runners():
         def run(path):
             logp, ent, lse = _forward(path, h, w, b, y, lm, None)
-            return _backward(path, h, w, b, y, lm, lse, ent, torch.ones_like(logp), None, None)
+            return _backward(path, h, w, b, y, lm, lse, ent, torch.ones_like(logp), None, None,
+                             need_dw=_needs_grad(w))
         return {p: (lambda p=p: run(p)) for p in ("fused", "chunked")}
 
     path = select_path(h, w.shape[0], y.shape[0], b is not None, False, lm, need_grad, runners)
@@ -306,7 +316,8 @@ def fused_linear_objective(hidden2d: Tensor, weight: Tensor, bias: Optional[Tens
     need_grad = _needs_grad(h, w, b)
 
     def runners():
-        return {p: (lambda p=p: objective_pass(p, h, w, b, targets, rows, lm, objective, True))
+        return {p: (lambda p=p: objective_pass(p, h, w, b, targets, rows, lm, objective, True,
+                                               _needs_grad(w)))
                 for p in ("fused", "chunked")}
 
     path = select_path(h, w.shape[0], targets.shape[0], b is not None, rows is not None, lm,

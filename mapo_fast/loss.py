@@ -11,13 +11,14 @@ objective is a different ``token_terms``, nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
 from . import _checks as chk
 from .logprobs import LOGITS_DTYPES, check_linear_inputs, fused_linear_objective
+from .policy import banned_bias
 
 Tensor = torch.Tensor
 Number = Union[int, float, Tensor]
@@ -71,6 +72,7 @@ class PolicyLossConfig:
     logit_scale: float = 1.0             # the logits' map (see mapo_loss)
     softcap: Optional[float] = None
     logits_dtype: str = "float32"
+    banned_tokens: Optional[Sequence[int]] = None   # removed from the softmax (policy.py)
 
     def check(self, fn: str) -> "PolicyLossConfig":
         chk.number(fn, "clip_low", self.clip_low, lo=0.0, hi=1.0, hi_open=True)
@@ -193,7 +195,8 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
               global_tokens: Optional[Number] = None, global_seqs: Optional[Number] = None,
               rollout_is_weights: Optional[Tensor] = None, temperature: float = 1.0,
               kl_type: str = "k3", entropy_coef: float = 0.0, logit_scale: float = 1.0,
-              softcap: Optional[float] = None, logits_dtype: str = "float32"
+              softcap: Optional[float] = None, logits_dtype: str = "float32",
+              banned_tokens: Optional[Sequence[int]] = None
               ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped, advantage-weighted policy loss fused with the LM head; a drop-in for verl's actor
     loss (``compute_policy_loss_vanilla`` + ``agg_loss``) that never forms ``[tokens x vocab]``.
@@ -206,6 +209,9 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
     autocast's matmul would, which reproduces frameworks that run the head under autocast
     (TRL's fused head without ``cast_lm_head_to_fp32``) at about 3 significant digits of the
     logits in bf16. The statistics are float32 either way, at the same speed.
+    ``banned_tokens``: ids removed from the softmax, as the sampler never draws them (see
+    ``mapo_fast.policy.PolicyNumerics``: pass its ``loss_kwargs()`` so that the loss computes
+    the distribution the rollout sampled from, and the first on-policy ratio is 1).
 
     Shapes: ``hidden [B, T, H]`` or ``[B*T, H]``; ``weight [V, H]`` (same dtype); ``targets``
     and ``mask`` ``[B, T]`` (or ``[N]``, read as B = 1); ``advantages [B, T]`` (per token) or
@@ -239,6 +245,7 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
                            softcap, logits_dtype).check(fn)
     lm = check_linear_inputs(fn, hidden, weight, targets, bias, temperature, logit_scale,
                              softcap, logits_dtype)
+    bias = banned_bias(fn, bias, weight, banned_tokens, lm.inv_temp, softcap)
     if targets.dim() not in (1, 2):
         chk.fail(fn, "targets", f"must be [B, T] or [N], got shape {tuple(targets.shape)}")
     bt = tuple(targets.shape) if targets.dim() == 2 else (1, targets.shape[0])
@@ -350,11 +357,13 @@ class MAPOLoss(nn.Module):
                  loss_agg: str = "token-mean", loss_scale_factor: Optional[float] = None,
                  temperature: float = 1.0, kl_type: str = "k3",
                  entropy_coef: float = 0.0, logit_scale: float = 1.0,
-                 softcap: Optional[float] = None, logits_dtype: str = "float32") -> None:
+                 softcap: Optional[float] = None, logits_dtype: str = "float32",
+                 banned_tokens: Optional[Sequence[int]] = None) -> None:
         super().__init__()
         self.config = PolicyLossConfig(clip_low, clip_high, clip_ratio_c, kl_coef, loss_agg,
                                        loss_scale_factor, temperature, kl_type, entropy_coef,
-                                       logit_scale, softcap, logits_dtype).check("MAPOLoss")
+                                       logit_scale, softcap, logits_dtype,
+                                       banned_tokens).check("MAPOLoss")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.__dict__.items())

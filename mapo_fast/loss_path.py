@@ -105,6 +105,10 @@ class PathChooser:
         self.timer = timer
         self.cache_file = cache_file
         self.choices: Dict[str, str] = {}
+        #: keys settled in this process (after the broadcast under torch.distributed): a choice
+        #: read from the cache file still goes through the broadcast once, so that ranks with
+        #: different files agree and every rank takes part in the same collectives
+        self.agreed: set = set()
         self.timings: Dict[str, Dict[str, float]] = {}
         if cache_file and os.path.exists(cache_file):
             with open(cache_file) as f:
@@ -115,9 +119,11 @@ class PathChooser:
         """The path for ``key``: cached, or measured now by running each of ``runners``
         (``{"fused": fn, "chunked": fn}``, each doing the call's whole work)."""
         name = str(key)
-        if name in self.choices:
+        if name in self.agreed:
             return self.choices[name]
-        if chunked_fits:
+        if name in self.choices:  # from the cache file: no measurement, still the broadcast
+            choice = self.choices[name]
+        elif chunked_fits:
             times = {p: self._measure(fn) for p, fn in runners.items()}
             choice = min(times, key=times.get)
             self.timings[name] = times
@@ -125,6 +131,7 @@ class PathChooser:
             choice = "fused"
         choice = self._broadcast(choice)
         self.choices[name] = choice
+        self.agreed.add(name)
         self._save()
         return choice
 

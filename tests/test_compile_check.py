@@ -78,7 +78,8 @@ def test_loss_launchers_choose_checked_configurations(gpu_launch):
             fl = {k: bool(v) for k, v in fl.items()}
             assert dict(LL._flags(dtype, **fl), **blocks) in fwd
             for ge in (False, True):
-                assert dict(LL._bwd_flags(dtype, ge, **fl), **blocks) in bwd
+                for dw in (False, True):  # a frozen head launches without d_weight
+                    assert dict(LL._bwd_flags(dtype, ge, dw, **fl), **blocks) in bwd
     grad = checked(LC, LC._row_grad_kernel)
     for gemm in (torch.bfloat16, torch.float16, torch.float32):
         for ge in (False, True):

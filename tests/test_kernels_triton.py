@@ -170,3 +170,66 @@ def test_kernels_round_logits_and_soft_cap_as_the_reference(softcap):
     for name, a, e in zip(("d_hidden", "d_weight", "d_bias"), dk, dr):
         scale = e.abs().max()
         torch.testing.assert_close(a.cpu() / scale, e / scale, atol=2e-2, rtol=2e-2, msg=name)
+
+
+@pytest.mark.parametrize("backend, path", [("torch", "fused"), ("triton", "fused"),
+                                           ("triton", "chunked")])
+def test_a_frozen_head_gets_no_weight_gradient_work(backend, path, monkeypatch):
+    """weight.requires_grad False (a LoRA-frozen LM head): d_hidden and d_bias equal the ones
+    computed with a trainable head, weight.grad stays None, and no path runs the d_weight
+    GEMM (torch and chunked paths: no accumulation into a tensor of the head's shape; fused
+    path: the backward kernel launched with HAS_DW off)."""
+    monkeypatch.setenv("MAPO_FAST_BACKEND", backend)
+    monkeypatch.setenv("MAPO_FAST_LOSS_PATH", path)
+    case = make_case(dtype=torch.float32, seed=3, bias=True, old=True, device=DEV)
+    head = tuple(case["weight"].shape)
+    gemms, launches = [], []
+    real_addmm, real_bwd = R.addmm32, K.backward
+
+    def addmm_spy(acc, a, b, alpha=1.0):
+        gemms.append(tuple(acc.shape))
+        return real_addmm(acc, a, b, alpha)
+
+    def bwd_spy(*args, **kwargs):
+        launches.append(kwargs.get("need_dw", True))
+        return real_bwd(*args, **kwargs)
+    monkeypatch.setattr(R, "addmm32", addmm_spy)
+    monkeypatch.setattr(K, "backward", bwd_spy)
+    grads = {}
+    for frozen in (False, True):
+        gemms.clear()
+        launches.clear()
+        h, b = leaf(case["hidden"]), leaf(case["bias"])
+        w = case["weight"].clone().requires_grad_(not frozen)
+        loss, _ = mapo_fast.mapo_loss(h, w, case["targets"], case["advantages"], case["mask"],
+                                      bias=b, old_logprobs=case["old_logprobs"].float())
+        loss.backward()
+        grads[frozen] = (h.grad, b.grad)
+        assert (w.grad is None) == frozen
+        if backend == "triton" and path == "fused":
+            assert launches == [not frozen]
+        else:
+            assert (head in gemms) == (not frozen)
+    for a, e in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, e, atol=0, rtol=0)
+
+
+def test_a_frozen_head_allocates_no_weight_sized_buffer():
+    """The torch path with a frozen head: no allocation of d_weight's size (float32 [V, H])
+    anywhere in the forward and backward (profiled)."""
+    g = torch.Generator().manual_seed(0)
+    v, hd, n = 4096, 256, 64   # d_weight would be 4 MiB; a chunk's logits are 1 MiB
+    h = torch.randn(1, n, hd, generator=g, requires_grad=True)
+    w = torch.randn(v, hd, generator=g) * 0.05
+    y = torch.randint(0, v, (1, n), generator=g)
+
+    def biggest(weight):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:
+            loss, _ = mapo_fast.mapo_loss(h, weight, y, torch.randn(1, n, generator=g),
+                                          torch.ones(1, n))
+            loss.backward()
+        return max(e.cpu_memory_usage for e in prof.events())
+    size = v * hd * 4
+    assert biggest(w.clone().requires_grad_(True)) >= size  # the trainable head's d_weight
+    assert biggest(w) < size

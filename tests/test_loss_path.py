@@ -97,3 +97,43 @@ def test_cpu_loss_reports_the_torch_path(monkeypatch):
     _, met = mapo_fast.mapo_loss(case["hidden"], case["weight"], case["targets"],
                                  case["advantages"], case["mask"])
     assert met.path == "torch" and all(torch.is_tensor(v) for v in met.values())
+
+
+def _rank_with_its_own_cache(rank, world, port, tmp, out):
+    """One gloo rank: rank 0's cache file says chunked; rank 1's has nothing and measures
+    fused as faster. Both must take rank 0's choice (and not hang)."""
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        f = os.path.join(tmp, f"cache{rank}.json")
+        if rank == 0:
+            with open(f, "w") as fh:
+                json.dump({str(key()): "chunked"}, fh)
+        ch = LP.PathChooser(timer=FakeTimer({"fused": 1.0, "chunked": 9.0}), cache_file=f)
+        got = [ch.choose(key(), runners([])), ch.choose(key(), runners([]))]
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as fh:
+            json.dump(got, fh)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_with_different_cache_files_agree_on_rank_zeros_choice(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_rank_with_its_own_cache,
+                         args=(r, 2, port, str(tmp_path), str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)  # a rank left waiting in the broadcast would hang here
+    alive = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert alive == [False, False] and [p.exitcode for p in procs] == [0, 0]
+    for r in range(2):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == ["chunked", "chunked"]

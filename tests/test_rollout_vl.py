@@ -74,7 +74,7 @@ class _ForcedCalls:
         return logits
 
 
-def _naive(model, tok, image, prompt_ids, proc, max_new_tokens, max_turns):
+def _naive(model, tok, image, prompt_ids, proc, max_new_tokens, max_turns, banned):
     """Greedy multi-turn loop with the HF model alone: every new token comes from a full forward
     over the whole history with all images so far; tool calls run through the same runner."""
     runner = ToolRunner(crop_kwargs=dict(factor=28, **PIX))
@@ -92,8 +92,12 @@ def _naive(model, tok, image, prompt_ids, proc, max_new_tokens, max_turns):
             logits = model(input_ids=ids, pixel_values=pv, image_grid_thw=grid,
                            mm_token_type_ids=(ids == model.config.image_token_id).int()
                            ).logits[0, -1].float()
-        logits = proc(tokens, logits)
-        logp = torch.log_softmax(logits, -1)
+        # the recorded log-prob is the policy's: the model's logits without the banned vision
+        # tokens (mapo_fast.policy); the processor only chooses the token
+        policy = logits.clone()
+        policy[list(banned)] = float("-inf")
+        logp = torch.log_softmax(policy, -1)
+        logits = proc(tokens, policy)
         t = int(logits.argmax())
         tokens.append(t)
         logps.append(float(logp[t]))
@@ -128,7 +132,8 @@ def test_multi_turn_crops_equal_a_naive_hf_loop(vl):
                          tools=ToolRunner(), max_turns=4, stop_token_ids=[], max_observation_tokens=32,
                          observation_template=TEMPLATE, logits_processor=proc)
     assert trajs[0].token_ids[:prompt_len] == prompt_ids
-    want, want_lp = _naive(model, tok, image, prompt_ids, proc, max_new, max_turns=4)
+    want, want_lp = _naive(model, tok, image, prompt_ids, proc, max_new, max_turns=4,
+                           banned=eng.banned_tokens)
     for t in trajs:
         assert t.token_ids == want
         torch.testing.assert_close(torch.tensor(t.logprobs), torch.tensor(

@@ -1,5 +1,6 @@
 """The engine's sampler: draws follow the (temperature, top-k, top-p) distribution, never land
-on excluded tokens, report that distribution's log-probs, and do not depend on the batch."""
+on excluded tokens, report the log-probs of the untruncated tempered softmax (the policy that
+mapo_loss recomputes, mapo_fast.policy), and do not depend on the batch."""
 
 import math
 
@@ -27,11 +28,12 @@ def test_frequencies_match_the_distribution_within_five_sigma():
         assert math.isclose(lp, math.log(float(p[t])), rel_tol=1e-5, abs_tol=1e-6)
 
 
-def test_top_k_and_top_p_exclude_tokens_and_renormalise():
-    toks, lps = draw(LOGITS, 3000, top_k=2)
+def test_top_k_and_top_p_exclude_tokens_and_report_the_untruncated_log_prob():
+    toks, lps = draw(LOGITS, 3000, top_k=2, temperature=0.7)
     assert set(toks) == {0, 3}
-    p2 = torch.softmax(LOGITS[[0, 3]], -1)
-    assert math.isclose(lps[toks.index(0)], math.log(float(p2[0])), rel_tol=1e-5)
+    full = torch.log_softmax(LOGITS / 0.7, -1)   # not renormalised over the kept two
+    for t in (0, 3):
+        assert math.isclose(lps[toks.index(t)], float(full[t]), rel_tol=1e-5)
     p = torch.softmax(LOGITS, -1)  # sorted: 0 (.56), 3 (.21), 1 (.13), ...: top_p 0.7 keeps 0, 3
     assert float(p[0]) < 0.7 < float(p[0] + p[3])
     toks, _ = draw(LOGITS, 3000, top_p=0.7)

@@ -121,7 +121,18 @@ def test_sampler_bans_tokens_and_applies_the_processor():
         out[2] = 0.0
         return out
     toks, lps = Sampler(SamplingParams(temperature=0.0, logits_processor=only_two))(seqs, logits)
-    assert toks == [2, 2] and lps == [0.0, 0.0] and seen == [[1, 2], [3]]
+    # the processor shapes the draw; the recorded log-prob is the model's (mapo_fast.policy)
+    want = float(torch.log_softmax(logits[0], -1)[2])
+    assert toks == [2, 2] and lps == pytest.approx([want, want]) and seen == [[1, 2], [3]]
+    # banned tokens leave the recorded distribution too, and a processor cannot revive one
+    revive = Sampler(SamplingParams(temperature=0.5, seed=0, logits_processor=lambda t, r: torch.zeros_like(r)),
+                     banned=[1])
+    toks, lps = revive([Sample(tokens=[1], generator=torch.Generator().manual_seed(i))
+                        for i in range(64)], logits[:1].expand(64, -1).clone())
+    assert 1 not in toks
+    allowed = torch.log_softmax(logits[0, [0, 2, 3]] / 0.5, -1)
+    for t, lp in zip(toks, lps):
+        assert lp == pytest.approx(float(allowed[[0, 2, 3].index(t)]), rel=1e-6)
     with pytest.raises(ValueError, match="`temperature` must be a finite number"):
         SamplingParams(temperature=float("inf"))
     with pytest.raises(ValueError, match="`max_observation_tokens` must be an int >= 1, got 0"):

@@ -237,3 +237,21 @@ def test_micro_batch_select_equals_collating_its_rows(tmp_path):
     # each expert trajectory's image-pad tokens match its images' patches
     n_pad = int((full.input_ids == t.model.config.image_token_id).sum())
     assert n_pad * 4 == int(full.image_grid_thw.prod(1).sum())
+
+
+@pytest.mark.parametrize("temperature", ["0.7", "1.0"])
+def test_the_first_on_policy_step_has_ratio_one(tmp_path, temperature):
+    """The rollout's recorded log-probs and the loss compute one distribution (temperature,
+    banned vision tokens: mapo_fast.policy), so the first epoch's ratio is 1 and nothing is
+    clipped. Before they shared it, the toy model's ratio was ~0.99 at temperature 1 (the banned
+    tokens' mass) and far lower at 0.7."""
+    from mapo_fast.trainer.metrics import StepTimer
+    trainer = Trainer(parse_args(["--out", str(tmp_path), "--rollout.temperature", temperature,
+                                  "--rollout.top_p", "0.9"] + TOY), progress=False)
+    assert trainer.numerics.banned_tokens == trainer.engine.banned_tokens != ()
+    trainer.warm_start()
+    ro = trainer.collect(1, StepTimer())
+    upd = trainer.update(ro.batch, trainer.advantages(ro))
+    for s in upd.stats:  # every micro-batch of the first epoch (no optimizer step yet)
+        assert abs(s["ratio_mean"] - 1) < 1e-5 and abs(s["ratio_max"] - 1) < 1e-4
+        assert s["pg_clipfrac"] == 0

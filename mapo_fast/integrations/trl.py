@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 
 from ..loss import mapo_loss
+from ..policy import PolicyNumerics
 
 Tensor = torch.Tensor
 #: TRL loss types and how mapo_loss aggregates them (TRL's normalisers, written as globals).
@@ -100,11 +101,8 @@ def _trainer_class():
             """The model's ``logit_scale`` and ``final_logit_softcapping``, as TRL's fused head
             applies them (scale, then the cap, then the temperature), and its logits' dtype
             (rounded to the autocast dtype unless ``cast_lm_head_to_fp32``)."""
-            cfg = self.model.config.get_text_config()
-            scale = getattr(cfg, "logit_scale", None)
             fp32 = getattr(self.args, "cast_lm_head_to_fp32", False)
-            return dict(logit_scale=1.0 if scale is None else float(scale),
-                        softcap=getattr(cfg, "final_logit_softcapping", None),
+            return dict(PolicyNumerics.logit_map_of(self.model),
                         logits_dtype="float32" if fp32 else "autocast")
 
         def _aggregation(self, mask: Tensor, inputs: Dict[str, Any], training: bool

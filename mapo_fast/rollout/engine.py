@@ -23,7 +23,7 @@ sequence carries on across turns (``rollout.multimodal``).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -103,6 +103,18 @@ class RolloutEngine:
         self.scheduler = Scheduler(self.num_blocks, block_size, schedule, self.stats, allocator)
         self.runner = ModelRunner(base, head, cfg, self.num_blocks, block_size,
                                   mrope=self.vision is not None, stats=self.stats)
+
+    @property
+    def banned_tokens(self) -> Tuple[int, ...]:
+        """Token ids the sampler never draws: a vision-language model's image placeholders and
+        vision markers (only observations insert them). They are not part of the policy
+        (``mapo_fast.policy.PolicyNumerics.banned_tokens``): pass them to the loss."""
+        if self.vision is None:
+            return ()
+        v = self.vision
+        banned = [v.image_token_id, v.vision_start_id, v.vision_end_id]
+        video = getattr(self.model.config, "video_token_id", None)
+        return tuple(sorted(set(banned + ([int(video)] if video is not None else []))))
 
     def _pool_blocks(self, num_blocks: Any, memory_budget_mb: Any) -> int:
         """``num_blocks``, or the blocks ``memory_budget_mb`` holds; checked."""
@@ -254,13 +266,7 @@ class RolloutEngine:
                 raise ValueError(f"{FN}: `prompts[{i}]` ({len(p.tokens)} tokens) plus "
                                  f"{tools.max_turns} turn(s) of up to {per_turn} tokens exceeds "
                                  f"the KV budget of {capacity} tokens")
-        banned = []
-        if self.vision is not None:  # the model never writes image placeholders itself
-            v = self.vision
-            banned = [v.image_token_id, v.vision_start_id, v.vision_end_id]
-            video = getattr(self.model.config, "video_token_id", None)
-            banned += [int(video)] if video is not None else []
-        self._sampler = Sampler(sampling, banned)
+        self._sampler = Sampler(sampling, self.banned_tokens)
         self._turns = ToolTurns(self.tokenizer, self.vision, sampling, tools, self.stats)
         self._sampling, self._group_size = sampling, group_size
         for i, p in enumerate(encoded):

@@ -40,14 +40,15 @@ class SamplingParams:
     Args:
         max_new_tokens: tokens of one assistant turn, at most.
         temperature: 0 is greedy; the recorded log-probs are then those at temperature 1.
-        top_k, top_p: the usual truncations (0 and 1.0: none).
+        top_k, top_p: the usual truncations (0 and 1.0: none) of what is drawn; the recorded
+            log-probs are those of the untruncated tempered softmax (``mapo_fast.policy``).
         seed: sample ``j`` of a call draws from its own generator seeded ``seed + j``.
         stop_token_ids: a turn ends on any of them (None: the tokenizer's EOS).
         stop_strings: a turn also ends when its text comes to contain one (tokens are kept).
         max_trajectory_tokens: model-written tokens of a whole trajectory, at most (None: no
             bound).
         logits_processor: ``(token_ids, logits [V] float32) -> logits``, applied before
-            sampling.
+            sampling; like the truncations, it shapes the draw, not the recorded log-probs.
     """
     max_new_tokens: int = 64
     temperature: float = 1.0

@@ -1,6 +1,8 @@
 """Next-token sampling: banned tokens, the user's logits processor, temperature, top-k, top-p,
 and one uniform draw per sample from its own generator (so a sample draws the same tokens alone
-or in any batch)."""
+or in any batch). The recorded log-prob of a token is the policy's (``mapo_fast.policy``): the
+model's logits without the banned tokens, at the temperature, before the processor and the
+truncation, which is what ``mapo_loss`` recomputes."""
 
 from __future__ import annotations
 
@@ -14,13 +16,17 @@ Tensor = torch.Tensor
 
 
 def sample(logits: Tensor, gens: Sequence[Optional[torch.Generator]], temperature: float,
-           top_k: int, top_p: float) -> Tuple[List[int], List[float]]:
-    """Next token and its log-prob under the sampling distribution, per row of ``logits
-    [n, V]`` float32 (temperature 0: greedy, log-prob at temperature 1)."""
+           top_k: int, top_p: float, policy: Optional[Tensor] = None
+           ) -> Tuple[List[int], List[float]]:
+    """Next token of each row of ``logits [n, V]`` float32, drawn from the tempered softmax
+    truncated by ``top_k`` / ``top_p`` (temperature 0: greedy), and its log-prob under the
+    policy: ``log_softmax(policy / temperature)`` without truncation (``policy`` defaults to
+    ``logits``; at temperature 0 the log-prob is at temperature 1). See ``mapo_fast.policy``
+    for why the truncation is not part of the recorded distribution."""
+    policy = logits if policy is None else policy
     if temperature == 0:
-        logp = torch.log_softmax(logits, -1)
         tok = logits.argmax(-1)
-        return tok.tolist(), logp.gather(1, tok[:, None])[:, 0].tolist()
+        return tok.tolist(), torch.log_softmax(policy, -1).gather(1, tok[:, None])[:, 0].tolist()
     scaled = logits / temperature
     if top_k > 0:
         kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
@@ -30,13 +36,13 @@ def sample(logits: Tensor, gens: Sequence[Optional[torch.Generator]], temperatur
         cum = torch.softmax(sorted_l, -1).cumsum(-1)
         drop = cum - torch.softmax(sorted_l, -1) > top_p
         scaled = scaled.scatter(1, idx, sorted_l.masked_fill(drop, float("-inf")))
-    logp = torch.log_softmax(scaled, -1)
     # inverse-CDF sampling, one uniform per sample from its own generator: the draw does
     # not depend on the batch; ``right=True`` never lands on a zero-probability token
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
-    cdf = logp.double().exp().cumsum(-1)
+    cdf = torch.log_softmax(scaled, -1).double().exp().cumsum(-1)
     x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
     tok = torch.searchsorted(cdf, x, right=True).clamp_(max=logits.shape[-1] - 1)
+    logp = torch.log_softmax(policy / temperature, -1)
     return tok[:, 0].tolist(), logp.gather(1, tok)[:, 0].tolist()
 
 
@@ -74,7 +80,11 @@ class Sampler:
         if self.banned:
             logits = logits.clone()
             logits[:, self.banned] = float("-inf")
+        policy = logits
         if p.logits_processor is not None:
             logits = torch.stack([processed(p.logits_processor, list(s.tokens), row)
                                   for s, row in zip(seqs, logits)])
-        return sample(logits, [s.generator for s in seqs], p.temperature, p.top_k, p.top_p)
+            if self.banned:  # a processor cannot bring a banned token back
+                logits[:, self.banned] = float("-inf")
+        return sample(logits, [s.generator for s in seqs], p.temperature, p.top_k, p.top_p,
+                      policy)

@@ -29,6 +29,7 @@ import torch
 from ..advantage import mapo_advantages
 from ..logprobs import token_logprobs
 from ..loss import mapo_loss
+from ..policy import PolicyNumerics
 from ..rewards import (AccuracyReward, CompositeReward, FormatReward, OracleVerifier,
                        ToolUseReward)
 from ..rollout import RolloutEngine
@@ -65,11 +66,28 @@ class Collected:
 
 @dataclass
 class Update:
-    """The update's losses and loss metrics per micro-batch, and the first epoch's hidden
-    states."""
+    """The update's losses and loss metrics per micro-batch, the first epoch's hidden
+    states, and the LM head they were computed with (the step's weights before any PPO
+    epoch's optimizer step)."""
     losses: List[float] = field(default_factory=list)
     stats: List[Dict[str, float]] = field(default_factory=list)
     hidden: Optional[Tensor] = None
+    head: Optional[Tensor] = None
+
+
+@contextlib.contextmanager
+def config_errors(key: str):
+    """Loading what ``key`` names (a data file, a checkpoint folder): a ``ValueError`` or
+    ``OSError`` it raises (transformers' missing files, pyarrow's bad tables, PIL, bad JSON)
+    becomes one ``ConfigError`` line naming the key, at most ~300 characters of its message."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, OSError) as e:
+        text = " ".join(str(e).split()) or type(e).__name__
+        text = text[len("config: "):] if text.startswith("config: ") else text
+        raise ConfigError(f"config: `{key}`: {text[:300]}") from None
 
 
 def build_task(cfg: TrainConfig):
@@ -124,7 +142,8 @@ class Trainer:
         self.progress = progress and self.dist.main
         self.out = cfg.out
         _check_writable(self.out)
-        self.task = build_task(cfg)
+        with config_errors("task.data_path"):
+            self.task = build_task(cfg)
         ckpt.seed_everything(cfg.seed)
         state = None
         if cfg.resume:
@@ -141,6 +160,10 @@ class Trainer:
         self.adapter = VisionAdapter(self.model, min_pixels=cfg.rollout.min_pixels or pixels,
                                      max_pixels=cfg.rollout.max_pixels or pixels)
         self._build_engine()
+        r = cfg.rollout
+        #: the distribution sampled, recorded and trained on: one setting (mapo_fast.policy)
+        self.numerics = PolicyNumerics(temperature=r.temperature, top_p=r.top_p,
+                                       banned_tokens=self.engine.banned_tokens)
         self.runner = ToolRunner()
         self.expert_tools = ToolRunner(crop_kwargs=self.adapter.crop_kwargs)  # warm start's
         self.reward = CompositeReward([("accuracy", AccuracyReward(), 1.0),
@@ -153,7 +176,8 @@ class Trainer:
             if not os.path.isdir(cfg.verifier.clip_path):
                 raise ValueError(f"config: `verifier.clip_path` {cfg.verifier.clip_path!r} is "
                                  "not a local checkpoint folder")
-            self.verifier = CLIPVerifier.from_pretrained(cfg.verifier.clip_path)
+            with config_errors("verifier.clip_path"):
+                self.verifier = CLIPVerifier.from_pretrained(cfg.verifier.clip_path)
             self.verifier.model.to(self.device)
         self.ref_model = None
         if cfg.loss.kl_coef > 0:
@@ -197,7 +221,8 @@ class Trainer:
     def _build_model(self, state: Optional[Dict[str, Any]]) -> None:
         cfg = self.cfg
         if cfg.model.path:
-            model, self.tokenizer = load_pretrained(cfg.model.path, self.device)
+            with config_errors("model.path"):
+                model, self.tokenizer = load_pretrained(cfg.model.path, self.device)
         else:
             from ..tasks.tokenizer import build_tokenizer
             if state is not None and state.get("tokenizer"):
@@ -231,11 +256,11 @@ class Trainer:
         r = self.cfg.rollout
         self.rollout_model.eval()
         with self._autocast():
+            draw = dict(temperature=0.0) if greedy else self.numerics.sampling_kwargs()
             trajs = self.engine.generate(
                 [self.task.prompt(s) for s in samples], group_size=group_size,
-                max_new_tokens=r.max_new_tokens, temperature=0.0 if greedy else r.temperature,
-                top_p=1.0 if greedy else r.top_p, tools=self.runner, max_turns=r.max_turns,
-                observation_template=TEMPLATE, seed=seed)
+                max_new_tokens=r.max_new_tokens, tools=self.runner, max_turns=r.max_turns,
+                observation_template=TEMPLATE, seed=seed, **draw)
         self.engine.clear_prefix_cache()
         return trajs
 
@@ -316,8 +341,9 @@ class Trainer:
             targets = batch.input_ids[:, 1:].to(self.device)
             mask = batch.loss_mask[:, 1:].to(self.device)
             tokens = self.dist.sum(float(mask.sum()))
-            loss = self._policy(batch, lambda h, w: -(token_logprobs(
-                h[:, :-1], w, targets).float() * mask).sum() / tokens * self.dist.world)
+            loss = self._policy(batch, lambda h, w: -(token_logprobs(  # supervised: T = 1
+                h[:, :-1], w, targets, banned_tokens=self.numerics.banned_tokens).float()
+                * mask).sum() / tokens * self.dist.world)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
@@ -361,7 +387,7 @@ class Trainer:
         with timer("loss"):
             upd = self.update(ro.batch, adv)
         with timer("grad_var"):
-            gv = self.diagnose(ro.batch, adv, upd.hidden, step)
+            gv = self.diagnose(ro.batch, adv, upd, step)
         with timer("optimizer"):
             grad_norm = self._optimizer_step()
         self.step = step
@@ -405,7 +431,10 @@ class Trainer:
         norm = dict(global_tokens=self.dist.sum(float(full.loss_mask[:, 1:].sum())),
                     global_seqs=self.dist.sum(float(B)))
         self.model.train()
-        out = Update()
+        # the rollout copy holds the full weights of this step (synced after the last one);
+        # later epochs' optimizer steps change it, so keep the head the hidden states go with
+        head = self.rollout_model.lm_head.weight.detach()
+        out = Update(head=head.clone() if cfg.optim.ppo_epochs > 1 else head)
         mb = cfg.optim.micro_batch_size
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(cfg.optim.ppo_epochs):
@@ -434,14 +463,15 @@ class Trainer:
             with torch.no_grad(), self._autocast():
                 rh = policy_hidden(self.ref_model, batch)
                 ref = token_logprobs(rh[:, :-1], self.ref_model.lm_head.weight.to(rh.dtype),
-                                     targets).float()
+                                     targets, **self.numerics.loss_kwargs()).float()
 
         def objective(h: Tensor, w: Tensor):
             loss, m = mapo_loss(
                 h[:, :-1], w, targets, adv[:, 1:Tm].to(dev), batch.loss_mask[:, 1:].to(dev),
                 old_logprobs=batch.old_logprobs[:, 1:].to(dev), ref_logprobs=ref,
                 clip_low=cfg.loss.clip_low, clip_high=cfg.loss.clip_high,
-                kl_coef=cfg.loss.kl_coef, loss_agg=cfg.loss.loss_agg, **norm)
+                kl_coef=cfg.loss.kl_coef, loss_agg=cfg.loss.loss_agg, **norm,
+                **self.numerics.loss_kwargs())
             return loss, m, h[:, :-1].detach()
 
         loss, m, hidden = self._policy(batch, objective)
@@ -449,18 +479,20 @@ class Trainer:
         return float(loss.detach()), {**{k: float(v) for k, v in m.items()},
                                      "loss_path": m.path}, hidden
 
-    def diagnose(self, full: PolicyBatch, adv: Tensor, hidden: Tensor, step: int
+    def diagnose(self, full: PolicyBatch, adv: Tensor, upd: "Update", step: int
                  ) -> Dict[str, float]:
         """The relative variance of the loss gradient over resampled groups
-        (``loss_gradient_variance``) at the step's weights."""
+        (``loss_gradient_variance``) at the step's weights: the first epoch's hidden states
+        with the head they were computed with."""
+        hidden = upd.hidden
         dev, cfg = hidden.device, self.cfg
-        # the rollout copy holds the full weights of this step (synced after the last one)
-        head = self.rollout_model.lm_head.weight.detach().to(hidden.dtype)
+        head = upd.head.to(hidden.dtype)
         return loss_gradient_variance(
             hidden, head, full.input_ids[:, 1:].to(dev), adv[:, 1:].to(dev),
             full.loss_mask[:, 1:].to(dev), full.group_ids.to(dev),
             n_resamples=cfg.grad_var_resamples, seed=step,
-            old_logprobs=full.old_logprobs[:, 1:].to(dev), loss_agg=cfg.loss.loss_agg)
+            old_logprobs=full.old_logprobs[:, 1:].to(dev), loss_agg=cfg.loss.loss_agg,
+            **self.numerics.loss_kwargs())
 
     def _optimizer_step(self) -> float:
         norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
