@@ -67,3 +67,55 @@ def test_file_errors_are_named(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(ValueError, match="must end in .jsonl or .parquet"):
         read_records(str(tmp_path / "x.csv"))
+
+
+def test_each_line_is_decoded_on_its_own(tmp_path):
+    """A UTF-8 byte-order mark, a line that is not UTF-8, a line nested too deeply, a NUL in an
+    image path and an <image>-only question each spoil one record at most."""
+    root = tmp_path
+    PIL.new("RGB", (20, 20)).save(root / "ok.png")
+    good = json.dumps({"image": "ok.png", "question": "What?", "answer": "a"}).encode()
+    lines = [b"\xef\xbb\xbf" + good,                        # BOM on the first line
+             b'{"image": "ok.png", "question": "\xff\xfe", "answer": "a"}',  # not UTF-8
+             b"[" * 100_000 + b"]" * 100_000,                # nested too deeply
+             json.dumps({"image": "ok\u0000.png", "question": "q", "answer": "a"}).encode(),
+             json.dumps({"image": "ok.png", "question": "<image>", "answer": "a"}).encode(),
+             good]
+    path = root / "d.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    recs = read_records(str(path))
+    assert len(recs) == 6 and recs[0]["question"] == "What?" and recs[5] == recs[0]
+    assert "not UTF-8" in recs[1]["__error__"] and "too deeply" in recs[2]["__error__"]
+    task = RecordsTask(str(path), seed=0, eval_size=1)
+    task.splits = {"train": list(range(6)), "eval": task.splits["eval"]}
+    assert [s.index for s in task.batch("train", 0, 2)] == [0, 5]
+    assert task.skipped["bad_record"] == 2 and task.skipped["bad_image_path"] == 1
+    assert task.skipped["no_question"] == 1
+
+
+def test_a_bomb_header_is_too_many_pixels(tmp_path):
+    big = PIL.new("1", (20000, 20000))   # 400 MP in a few KB: over PIL's own bomb limit
+    big.save(tmp_path / "bomb.png")
+    (tmp_path / "d.jsonl").write_text(
+        json.dumps({"image": "bomb.png", "question": "q", "answer": "a"}) + "\n"
+        + json.dumps({"image": "ok.png", "question": "q", "answer": "a"}) + "\n")
+    PIL.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    task = RecordsTask(str(tmp_path / "d.jsonl"), seed=0, eval_size=1,
+                       max_image_pixels=10 ** 12)   # our limit off: PIL's check answers
+    task.splits = {"train": [0, 1], "eval": [1]}
+    assert [s.index for s in task.batch("train", 0, 1)] == [1]
+    assert dict(task.skipped) == {"too_many_pixels": 1}
+
+
+def test_the_eval_split_is_drawn_from_usable_records(tmp_path):
+    PIL.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    rows = [{"image": "missing.png", "question": "q", "answer": "a"}] * 8 + \
+        [{"image": "ok.png", "question": "q", "answer": "a"}] * 2
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for seed in range(5):
+        task = RecordsTask(str(tmp_path / "d.jsonl"), seed=seed, eval_size=2)
+        assert sorted(task.splits["eval"]) == [8, 9]
+        assert len(task.batch("eval", 0, 2)) == 2
+    (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match="no record is usable"):
+        RecordsTask(str(tmp_path / "bad.jsonl"), seed=0)

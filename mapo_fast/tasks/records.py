@@ -51,22 +51,37 @@ class RecordError(Exception):
         self.reason = reason
 
 
+def _json_line(n: int, raw: bytes) -> Dict[str, Any]:
+    """One JSONL line decoded on its own: the record, or ``{"__error__": reason}`` (a line
+    that is not UTF-8, not JSON, nested too deeply, or not an object is one bad record)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return {"__error__": f"line {n} is not UTF-8 (byte {e.start})"}
+    try:
+        rec = json.loads(text)
+    except RecursionError:
+        return {"__error__": f"line {n} is nested too deeply"}
+    except ValueError as e:
+        return {"__error__": f"line {n} is not JSON ({str(e)[:120]})"}
+    return rec if isinstance(rec, dict) else {"__error__": f"line {n} is not a JSON object"}
+
+
 def read_records(path: str) -> List[Dict[str, Any]]:
-    """All records of a ``.jsonl`` or ``.parquet`` file (unparseable JSON lines are kept as
-    ``{"__error__": ...}`` so that they are counted when used)."""
+    """All records of a ``.jsonl`` or ``.parquet`` file. Each JSONL line is decoded on its own
+    (a UTF-8 byte-order mark at the start is accepted): a bad line becomes
+    ``{"__error__": reason}``, counted as one skipped record when used, and never makes the
+    file unreadable."""
     if not os.path.isfile(path):
         raise ValueError(f"config: `task.data_path` {path!r} is not a file")
     if path.endswith(".jsonl") or path.endswith(".json"):
         out = []
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    out.append(rec if isinstance(rec, dict) else {"__error__": "not an object"})
-                except ValueError as e:
-                    out.append({"__error__": f"line {n} is not JSON ({e})"})
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                if raw.strip():
+                    out.append(_json_line(n, raw))
         return out
     if path.endswith(".parquet"):
         try:
@@ -104,16 +119,44 @@ class RecordsTask:
         self.max_image_pixels = int(max_image_pixels)
         order = list(range(len(self.records)))
         random.Random(seed).shuffle(order)
-        n_eval = min(eval_size, max(1, len(order) // 5))
-        self.splits = {"eval": order[:n_eval], "train": order[n_eval:] or order[:n_eval]}
         self.skipped: Counter = Counter()
         self._bad: set = set()
+        # the held-out split is drawn from usable records (checked now, in the shuffled order),
+        # so that an evaluation never meets a split of bad records
+        n_eval = min(eval_size, max(1, len(order) // 5))
+        held = []
+        for i in order:
+            if len(held) == n_eval:
+                break
+            if self._usable(i):
+                held.append(i)
+        if not held:
+            raise ValueError(f"config: `task.data_path` {data_path!r}: no record is usable "
+                             f"({dict(self.skipped)})")
+        rest = [i for i in order if i not in set(held)]
+        self.splits = {"eval": held, "train": rest or held}
+
+    def _usable(self, i: int) -> bool:
+        """Whether record ``i`` loads; a bad one is counted, logged and remembered."""
+        try:
+            self.load(i)
+            return True
+        except RecordError as e:
+            self._skip(i, e)
+            return False
+
+    def _skip(self, i: int, e: RecordError) -> None:
+        self._bad.add(i)
+        self.skipped[e.reason] += 1
+        log.warning("skipping record %d: %s", i, e)
 
     # ---- loading one record --------------------------------------------------------------------
     def resolve(self, rel: Any) -> str:
         """The real path of an image path inside the root, or ``RecordError``."""
         if not isinstance(rel, str) or not rel:
-            raise RecordError("bad_image_path", f"image path {rel!r} is not a string")
+            raise RecordError("bad_image_path", f"image path {str(rel)[:80]!r} is not a string")
+        if "\x00" in rel:
+            raise RecordError("bad_image_path", f"image path {rel[:80]!r} contains a NUL byte")
         full = os.path.realpath(os.path.join(self.root, rel))
         if os.path.commonpath([full, self.root]) != self.root:
             raise RecordError("outside_root", f"{rel!r} resolves outside the dataset root")
@@ -137,15 +180,17 @@ class RecordsTask:
                                 if isinstance(m, dict) and m.get("role") == "user"
                                 and isinstance(m.get("content"), str))
         answer = _first(rec, "answer", "solution", "ground_truth", "reward_model.ground_truth")
-        if not isinstance(question, str) or not question.strip():
-            raise RecordError("no_question", "record has no question text")
+        if isinstance(question, str):
+            question = question.replace("<image>", "").strip()
+        if not isinstance(question, str) or not question:
+            raise RecordError("no_question", "record has no question text (besides <image>)")
         if answer is None or not str(answer).strip():
             raise RecordError("no_answer", "record has no answer")
-        return RecordSample(self._image(path), question.replace("<image>", "").strip(),
-                            str(answer).strip(), i)
+        return RecordSample(self._image(path), question, str(answer).strip(), i)
 
     def _image(self, path: str) -> Tensor:
         from PIL import Image
+        name = os.path.basename(path)
         try:
             with Image.open(path) as im:
                 w, h = im.size  # from the header: nothing decoded yet
@@ -156,6 +201,8 @@ class RecordsTask:
                 data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
         except RecordError:
             raise
+        except Image.DecompressionBombError as e:  # PIL's own header check, before ours
+            raise RecordError("too_many_pixels", f"{name}: {e}") from None
         except Exception as e:  # PIL raises many types for non-images and broken files
             raise RecordError("not_an_image", f"{os.path.basename(path)} cannot be decoded as "
                               f"an image ({type(e).__name__})") from None
@@ -179,9 +226,7 @@ class RecordsTask:
             try:
                 out.append(self.load(i))
             except RecordError as e:
-                self._bad.add(i)
-                self.skipped[e.reason] += 1
-                log.warning("skipping record %d: %s", i, e)
+                self._skip(i, e)
                 if len(self._bad & set(order)) == len(order):
                     raise ValueError(f"RecordsTask: every record of the {split!r} split is "
                                      f"unusable ({dict(self.skipped)})") from None

@@ -158,6 +158,9 @@ class TrainConfig:
              "'visual_search' or 'jsonl'")
         need("task.data_path", self.task.name != "jsonl" or bool(self.task.data_path),
              "a .jsonl or .parquet file when task.name is 'jsonl'")
+        need("model.path", self.task.name != "jsonl" or bool(self.model.path),
+             "a local Qwen2.5-VL checkpoint when task.name is 'jsonl' (the tiny model's "
+             "tokenizer is trained on the built-in task's text)")
         need("task.view_size", self.task.view_size % 28 == 0, "a multiple of 28")
         need("task.distractors", self.task.distractors >= 0, "an int >= 0")
         from ..tasks.visual_search import BLIND_SPOTS, EXPERTS
@@ -217,6 +220,91 @@ class TrainConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+#: What each key does: ``mapo-train --help`` and the documentation's CLI reference are made
+#: from this table and the dataclasses' defaults (a test checks that every key has an entry).
+KEY_HELP: Dict[str, str] = {
+    "algo": "`mapo` (outcome + per-turn semantic scores) or `grpo` (outcome only, the ablation)",
+    "seed": "seeds every RNG; each step's data and sampling seeds derive from (seed, step)",
+    "steps": "RL steps after the warm start",
+    "out": "output folder: metrics.jsonl, eval.json, curves.png, checkpoints/",
+    "resume": "continue from the newest intact checkpoint in `out`",
+    "device": "`auto` (CUDA when available), `cpu` or `cuda[:i]`",
+    "checkpoint_every": "steps between checkpoints",
+    "keep_checkpoints": "newest checkpoints kept",
+    "eval_every": "steps between greedy evaluations on the held-out split (0: at the end only)",
+    "grad_var_resamples": "resampled group sets for the step's relative gradient variance",
+    "model.path": "a local Qwen2.5-VL checkpoint with its processor; none: the tiny model below",
+    "model.hidden_size": "tiny model: hidden size of the language model",
+    "model.layers": "tiny model: decoder layers",
+    "model.heads": "tiny model: attention heads (a divisor of hidden_size)",
+    "model.kv_heads": "tiny model: key/value heads (a divisor of heads)",
+    "model.intermediate_size": "tiny model: MLP width",
+    "model.vision_hidden_size": "tiny model: vision tower width",
+    "model.vision_depth": "tiny model: vision tower blocks",
+    "model.vocab_size": "tiny model: size of the BPE trained on the task's text",
+    "task.name": "`visual_search` (built in, generated from `seed`) or `jsonl` (records)",
+    "task.image_size": "built-in task: image side in pixels",
+    "task.view_size": "built-in task: side of the overview the model sees (a multiple of 28)",
+    "task.target_size": "built-in task: side of the ringed target shape",
+    "task.distractors": "built-in task: distractor shapes per image",
+    "task.blind_spot": "built-in task: where the scripted expert misses (`bottom_row`, "
+                       "`bottom_right`, `none`)",
+    "task.expert": "built-in task: `hallucinating` (describes the overview after a miss) or "
+                   "`honest` (the control)",
+    "task.hint_reliability": "built-in task: probability that the tinted disc shows the "
+                             "target's colour",
+    "task.data_path": "records: a .jsonl or .parquet file (image path, question, answer)",
+    "task.image_root": "records: the folder image paths are resolved under",
+    "task.max_image_pixels": "records: larger images are skipped (read from the header)",
+    "task.eval_size": "held-out prompts per evaluation",
+    "rollout.prompts_per_step": "prompts per RL step",
+    "rollout.group_size": "samples per prompt (G)",
+    "rollout.max_new_tokens": "tokens per assistant turn, at most",
+    "rollout.max_turns": "tool turns per trajectory, at most",
+    "rollout.temperature": "sampling temperature; the loss, reference and diagnosis use the same "
+                           "(mapo_fast.policy)",
+    "rollout.top_p": "nucleus truncation of the draw (not part of the trained distribution)",
+    "rollout.memory_budget_mb": "KV cache pool of the rollout engine",
+    "rollout.min_pixels": "smallest image the vision tower sees (none: the task's view)",
+    "rollout.max_pixels": "largest image the vision tower sees (none: the task's view)",
+    "warm_start.steps": "supervised steps on the scripted expert (built-in task; 0: none)",
+    "warm_start.batch_size": "expert trajectories per warm-start step",
+    "warm_start.lr": "warm-start learning rate (warm-up, flat, cosine decay)",
+    "optim.lr": "AdamW learning rate of the RL steps",
+    "optim.weight_decay": "AdamW weight decay",
+    "optim.grad_clip": "gradient norm clip",
+    "optim.ppo_epochs": "passes over each step's rollouts (an optimizer step after each)",
+    "optim.micro_batch_size": "trajectories per forward/backward",
+    "loss.clip_low": "PPO clip below 1 (ratio >= 1 - clip_low)",
+    "loss.clip_high": "PPO clip above 1 (ratio <= 1 + clip_high)",
+    "loss.kl_coef": "KL to the initial policy (0: no reference model)",
+    "loss.loss_agg": "aggregation, verl's `loss_agg_mode` names",
+    "loss.semantic_coef": "weight of the per-turn semantic advantage (MAPO)",
+    "loss.turn_discount": "discount of later turns' semantic credit (0: each turn its own)",
+    "verifier.kind": "`oracle` (the built-in task's ground truth) or `clip`",
+    "verifier.clip_path": "a local CLIP checkpoint for `verifier.kind clip`",
+}
+
+
+def reference(obj: Any = None, prefix: str = "") -> List[tuple]:
+    """``(key, type, default, help)`` of every key, in the dataclasses' order: the source of
+    ``mapo-train --help`` and of the documentation's CLI reference."""
+    obj = TrainConfig() if obj is None else obj
+    out = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if dataclasses.is_dataclass(v):
+            out += reference(v, f"{prefix}{f.name}.")
+            continue
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        kind = (args[0] if args else hint).__name__ + (" or none" if args else "")
+        key = f"{prefix}{f.name}"
+        out.append((key, kind, v, KEY_HELP.get(key, "")))
+    return out
 
 
 def _float_keys(obj: Any, prefix: str = "") -> List[str]:
