@@ -7,7 +7,10 @@
 #   make bench   install, then run the benchmarks at CPU scale and write bench/results/
 #   make compile-check   compile every Triton kernel configuration for sm_90 and sm_80 (no GPU
 #                needed), write the table to bench/results/compile-check.{json,md} and the
-#                default configurations' rows into the README
+#                default configurations' rows into docs/guides/gpu.md
+# and the documentation site (MkDocs; its pinned tools in .venvs/docs, never in .venv):
+#   make docs        mkdocs build --strict into site/ (broken links, missing API objects fail)
+#   make docs-serve  serve the site locally with live reload
 PYTHON ?= python3
 VENV ?= .venv
 # CPU build by default; e.g. TORCH_SPEC="torch==2.13.0 --index-url <your CUDA index>" for GPUs.
@@ -19,8 +22,10 @@ VERL_VENV := .venvs/verl-0.9.1
 VERL_STAMP := $(VERL_VENV)/.installed
 TRL_VENV := .venvs/trl-1.16.0
 TRL_STAMP := $(TRL_VENV)/.installed
+DOCS_VENV := .venvs/docs
+DOCS_STAMP := $(DOCS_VENV)/.installed
 
-.PHONY: install train test bench compile-check
+.PHONY: install train test bench compile-check docs docs-serve
 
 install: $(STAMP)
 
@@ -61,4 +66,15 @@ bench: $(STAMP)
 compile-check: $(STAMP)
 	$(BIN)/python -m mapo_fast.kernels.compile_check --full \
 		--json bench/results/compile-check.json --md bench/results/compile-check.md \
-		--readme README.md
+		--page docs/guides/gpu.md
+
+$(DOCS_STAMP): docs/requirements.txt
+	$(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install -q -r docs/requirements.txt
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(DOCS_VENV)/bin/mkdocs build --strict
+
+docs-serve: $(DOCS_STAMP)
+	$(DOCS_VENV)/bin/mkdocs serve

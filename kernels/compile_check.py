@@ -10,7 +10,7 @@ exceptions with their reason), and on sm_90 a half-precision ``tl.dot`` on a til
 64 rows becomes wgmma.
 
     python -m mapo_fast.kernels.compile_check [--full] [--targets 90,80] [--json F] [--md F]
-                                               [--readme README.md]
+                                               [--page docs/guides/gpu.md]
 """
 
 from __future__ import annotations
@@ -164,21 +164,21 @@ def markdown(results: Sequence[Result]) -> str:
     return "\n".join(lines) + "\n"
 
 
-README_BEGIN, README_END = "<!-- compile-table -->", "<!-- /compile-table -->"
+PAGE_BEGIN, PAGE_END = "<!-- compile-table -->", "<!-- /compile-table -->"
 
 
-def update_readme(path: str, results: Sequence[Result]) -> bool:
-    """Puts the default configurations' table between the README's compile-table markers;
-    False when the markers are absent."""
+def update_page(path: str, results: Sequence[Result]) -> bool:
+    """Puts the default configurations' table between the compile-table markers of the page
+    at ``path`` (the documentation's GPU guide); False when the markers are absent."""
     with open(path) as f:
         text = f.read()
-    if README_BEGIN not in text or README_END not in text:
+    if PAGE_BEGIN not in text or PAGE_END not in text:
         return False
-    head, rest = text.split(README_BEGIN, 1)
-    tail = rest.split(README_END, 1)[1]
+    head, rest = text.split(PAGE_BEGIN, 1)
+    tail = rest.split(PAGE_END, 1)[1]
     table = markdown([r for r in results if r.default])
     with open(path, "w") as f:
-        f.write(f"{head}{README_BEGIN}\n{table}{README_END}{tail}")
+        f.write(f"{head}{PAGE_BEGIN}\n{table}{PAGE_END}{tail}")
     return True
 
 
@@ -191,8 +191,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--json", help="write the results as JSON here")
     ap.add_argument("--md", help="write the markdown table here")
     ap.add_argument("--workers", type=int, help="compile processes (default: CPU cores)")
-    ap.add_argument("--readme", help="put the default configurations' table into this "
-                    "README (between its compile-table markers)")
+    ap.add_argument("--page", help="put the default configurations' table into this "
+                    "markdown page (between its compile-table markers)")
     args = ap.parse_args(argv)
     targets = [int(t) for t in args.targets.split(",")]
     bad = [t for t in targets if t not in SHARED_LIMIT]
@@ -207,8 +207,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.md:
         with open(args.md, "w") as f:
             f.write(table)
-    if args.readme and not update_readme(args.readme, results):
-        print(f"{args.readme}: no compile-table markers; not updated", file=sys.stderr)
+    if args.page and not update_page(args.page, results):
+        print(f"{args.page}: no compile-table markers; not updated", file=sys.stderr)
     return 1 if any(r.problems for r in results) else 0
 
 

@@ -32,19 +32,11 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     from .trainer import ConfigError, Trainer, parse_args
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
-        import dataclasses
-        from .trainer.config import TrainConfig
+        from .trainer.config import reference
         print(train_main.__doc__)
-        print("\nkeys and defaults:")
-
-        def walk(obj, prefix=""):
-            for f in dataclasses.fields(obj):
-                v = getattr(obj, f.name)
-                if dataclasses.is_dataclass(v):
-                    walk(v, f"{prefix}{f.name}.")
-                else:
-                    print(f"  --{prefix}{f.name} {v!r}")
-        walk(TrainConfig())
+        print("\nkeys, defaults and what they do:")
+        for key, _, default, text in reference():
+            print(f"  --{key} {default!r}\n      {text}")
         return
     try:
         cfg = parse_args(args)

@@ -1,5 +1,5 @@
-"""The benchmark harness writes its reports, and the README table is regenerated from them
-(between its markers, leaving the rest of the README as it was)."""
+"""The benchmark harness writes its reports, the documentation's benchmark tables page is
+generated from them, and the committed page is the one the committed reports generate."""
 
 import json
 import sys
@@ -13,7 +13,7 @@ import harness  # noqa: E402
 import run  # noqa: E402
 
 
-def test_report_and_readme_table(tmp_path):
+def test_report_and_tables_page(tmp_path):
     cases = [harness.measure("baseline", lambda: sum(range(1000)), torch.device("cpu"),
                              repeats=2, notes="plain"),
              harness.measure("mapo_fast", lambda: None, torch.device("cpu"), repeats=2)]
@@ -27,14 +27,17 @@ def test_report_and_readme_table(tmp_path):
     assert "**extra**" in paths["md"].read_text() and paths["png"].stat().st_size > 0
 
     (tmp_path / "train-cpu.json").write_text(json.dumps({"runs": {}}))  # not a report
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# title\\nbefore\\n{run.BEGIN}\\nold table\\n{run.END}\\nafter\\n")
-    assert run.update_readme(tmp_path, readme)
-    text = readme.read_text()
-    assert text.startswith("# title\\nbefore\\n") and text.endswith("after\\n")
-    assert "old table" not in text and "| baseline |" in text and "demo-cpu.json" in text
-    assert run.update_readme(tmp_path, readme)  # idempotent
-    assert readme.read_text() == text
-    assert not run.update_readme(tmp_path, tmp_path / "missing.md")
+    page = run.write_tables_page(tmp_path, tmp_path / "docs" / "results.md")
+    text = page.read_text()
+    assert text.startswith("# Benchmark tables") and "## Demo" in text
+    assert "| baseline |" in text and "`bench/results/demo-cpu.json`" in text
+    assert "train-cpu" not in text
     index = run.write_index(tmp_path).read_text()
     assert "demo-cpu.md" in index and "train-cpu" not in index
+
+
+def test_the_committed_tables_page_matches_the_committed_reports():
+    """docs/benchmarks/results.md is generated, never edited: regenerate it with
+    ``mapo-bench`` (or ``python -c "import run; run.write_tables_page(run.HERE / 'results')"``
+    from bench/) after changing a report."""
+    assert run.TABLES_PAGE.read_text() == run.tables_page(run.HERE / "results")

@@ -1,0 +1,47 @@
+"""MkDocs hook: pages whose content is made from the sources at build time, so that they can
+never drift from them.
+
+``<!-- mapo:cli-reference -->`` becomes the table of every ``mapo-train`` key, its type, default
+and help, from ``mapo_fast/trainer/config.py`` (``reference()``: the same source as
+``mapo-train --help``). The module is loaded from its file: it imports only the standard library,
+so the site builds without torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CLI_MARKER = "<!-- mapo:cli-reference -->"
+
+
+def _config_module():
+    path = ROOT / "mapo_fast" / "trainer" / "config.py"
+    spec = importlib.util.spec_from_file_location("_mapo_config_for_docs", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve their annotations through it
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def cli_table() -> str:
+    """The markdown table of every key (grouped by section)."""
+    rows = _config_module().reference()
+    out, section = [], None
+    for key, kind, default, text in rows:
+        head = key.split(".")[0] if "." in key else "top level"
+        if head != section:
+            section = head
+            out += ["", f"### `{head}`" if head != "top level" else "### Top level", "",
+                    "| key | type | default | what it does |", "|---|---|---|---|"]
+        shown = "none" if default is None else repr(default)
+        out.append(f"| `--{key}` | {kind} | `{shown}` | {text.replace('|', '/')} |")
+    return "\n".join(out).strip() + "\n"
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if CLI_MARKER in markdown:
+        markdown = markdown.replace(CLI_MARKER, cli_table())
+    return markdown
