@@ -71,6 +71,20 @@ def number(fn: str, arg: str, x, *, lo: Optional[float] = None, hi: Optional[flo
     return x
 
 
+def flag(fn: str, arg: str, x) -> bool:
+    """A bool (``True``/``False``; not a string or a number, whose truth is ambiguous)."""
+    if not isinstance(x, bool):
+        fail(fn, arg, f"must be True or False, got {type(x).__name__} {str(x)[:60]!r}")
+    return x
+
+
+def binary(fn: str, arg: str, x: Tensor) -> None:
+    """A bool tensor, or one whose every value is 0 or 1 (not 0.5, not NaN)."""
+    if x.dtype != torch.bool and x.numel() and not bool(((x == 0) | (x == 1)).all()):
+        bad = x[~((x == 0) | (x == 1))].flatten()[0].item()
+        fail(fn, arg, f"must hold only 0 and 1 (or be bool), found {bad}")
+
+
 def choice(fn: str, arg: str, x, options: Sequence[str]) -> str:
     if x not in options:
         fail(fn, arg, f"must be one of {list(options)}, got {x!r}")

@@ -67,6 +67,7 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
     """
     fn = "mapo_advantages"
     chk.choice(fn, "algo", algo, ALGOS)
+    chk.flag(fn, "norm_std", norm_std)
     chk.choice(fn, "baseline", baseline, BASELINES)
     coef = chk.number(fn, "semantic_coef", semantic_coef)
     eps = chk.number(fn, "eps", eps, lo=0.0, lo_open=True)
@@ -100,6 +101,7 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
             chk.fail(fn, "semantic_scores", f"must have shape [B={B}, K], got "
                                             f"{tuple(semantic_scores.shape)}")
         chk.tensor(fn, "turn_mask", turn_mask, dims=(2,))
+        chk.binary(fn, "turn_mask", turn_mask)
         chk.shape(fn, "turn_mask", turn_mask, tuple(semantic_scores.shape),
                   "like `semantic_scores`")
         valid = turn_mask.to(torch.bool)
@@ -113,7 +115,7 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
 
     seg = torch.unique(group_ids, return_inverse=True)[1]
     n_groups = int(seg.max()) + 1 if B else 0
-    kw = dict(coef=coef if algo == "mapo" else 0.0, norm_std=bool(norm_std), eps=eps,
+    kw = dict(coef=coef if algo == "mapo" else 0.0, norm_std=norm_std, eps=eps,
               loo=baseline == "loo", discount=discount)
     use_kernel = backend_for(rewards, KERNEL) == "triton"
     max_group = _max_group(seg) if use_kernel else 0

@@ -263,6 +263,9 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
     old = _per_token(fn, "old_logprobs", old_logprobs, bt, hidden)
     ref = _per_token(fn, "ref_logprobs", ref_logprobs, bt, hidden)
     isw = _per_token(fn, "rollout_is_weights", rollout_is_weights, bt, hidden)
+    if isw is not None and isw.numel() and bool((isw < 0).any()):
+        chk.fail(fn, "rollout_is_weights", f"must be >= 0 (importance weights), found "
+                                           f"{float(isw[isw < 0].flatten()[0])}")
     if cfg.kl_coef > 0 and ref is None:
         chk.fail(fn, "ref_logprobs", f"is required when kl_coef > 0 (kl_coef={kl_coef})")
     g_tokens = _as_number(fn, "global_tokens", global_tokens)

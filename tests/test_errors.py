@@ -76,6 +76,9 @@ BAD = {
     "temperature-zero": (lambda c: dict(temperature=0.0), "temperature", "0.0"),
     "kl-coef-neg": (lambda c: dict(kl_coef=-0.1), "kl_coef", "-0.1"),
     "kl-without-ref": (lambda c: dict(kl_coef=0.1, ref_logprobs=None), "ref_logprobs", "kl_coef=0.1"),
+    "is-weights-negative": (lambda c: dict(rollout_is_weights=nan_at(
+        torch.ones(2, 5, dtype=torch.float64), value=-0.5)), "rollout_is_weights", "-0.5"),
+    "banned-out-of-range": (lambda c: dict(banned_tokens=[11]), "banned_tokens", "11"),
 }
 
 
@@ -113,3 +116,28 @@ def test_unknown_backend_is_named(case, monkeypatch):
     monkeypatch.setenv("MAPO_FAST_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="MAPO_FAST_BACKEND.*cuda-please"):
         mapo_fast.token_logprobs(case["hidden"], case["weight"], case["targets"])
+
+
+@pytest.mark.parametrize("over, arg, value", [
+    (dict(turn_mask=torch.tensor([[0.5, 1.0], [1.0, 0.0]])), "turn_mask", "0.5"),
+    (dict(turn_mask=torch.tensor([[float("nan"), 1.0], [1.0, 0.0]])), "turn_mask", "nan"),
+    (dict(norm_std="no"), "norm_std", "'no'"),
+    (dict(norm_std=1), "norm_std", "int"),
+])
+def test_mapo_advantages_rejects(over, arg, value):
+    """A turn mask that is not 0/1 (0.5 and NaN would read as true) and a truthy string or
+    number for a bool are refused, naming the argument and the value."""
+    args = dict(rewards=torch.tensor([1.0, 0.0]), group_ids=torch.tensor([0, 0]),
+                semantic_scores=torch.tensor([[0.5, 0.2], [0.1, 0.0]]),
+                turn_mask=torch.tensor([[True, True], [True, False]]),
+                token_turn=torch.tensor([[0, 1, -1], [0, -1, -1]]))
+    args.update(over)
+    with pytest.raises(ValueError, match=f"mapo_advantages: `{arg}` .*{value}"):
+        mapo_fast.mapo_advantages(**args)
+
+
+def test_crop_sizes_beyond_any_encoder_are_refused_before_allocating():
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"crop_and_zoom: `size` \(200000, 200000\) is too "
+                                         "large"):
+        mapo_fast.crop_and_zoom([image], [(0, 0, 0, 16, 16)], size=(200000, 200000))

@@ -184,11 +184,56 @@ def test_trainer_refuses_bad_values_before_any_work(tmp_path, args, message, mon
     (["--task.hint_reliability", "2"], "`task.hint_reliability` must be in [0, 1]"),
     (["--device", "cuda:x"], "`device` must be 'auto', 'cpu' or 'cuda[:i]'"),
     (["--eval_every", "-1"], "`eval_every` must be an int >= 0"),
+    # sizes bounded by what the machine holds (config.machine_bytes), each naming the key
+    (["--model.layers", "1000000"], "`model.layers` must be small enough for the tiny model"),
+    (["--task.distractors", "1000000000"], "`task.distractors` must be at most 48"),
+    (["--rollout.memory_budget_mb", "1e12"], "`rollout.memory_budget_mb` must be at most this "
+                                             "machine's memory"),
+    (["--task.image_size", "100000"], "`task.image_size` must be small enough"),
+    (["--task.eval_size", "100000000"], "`task.eval_size` must be small enough"),
+    (["--seed", str(2 ** 64)], "`seed` must be at most 2147483647"),
+    (["--seed", "-1"], "`seed` must be in [0, 2**32)"),
+    (["--grad_var_resamples", "100000000"], "`grad_var_resamples` must be at most 4096"),
+    # model shapes the architecture cannot run
+    (["--model.hidden_size", "60"], "`model.heads` must be such that the head size"),
+    (["--model.vision_hidden_size", "70"], "`model.vision_hidden_size` must be such that"),
+    (["--model.vision_hidden_size", "34"], "`model.vision_hidden_size` must be such that"),
 ])
 def test_config_errors_name_the_key(args, message):
     with pytest.raises(ConfigError, match=None) as e:
         parse_args(args)
     assert message in str(e.value)
+
+
+BOMB = "".join(f"  - &{a} [{', '.join([prev] * 9)}]\n" for a, prev in
+               zip("abcdefgh", ["lol", "*a", "*b", "*c", "*d", "*e", "*f", "*g"]))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"seed: \xff\xfe\n", "is not UTF-8 text"),
+    (b"1: 2\n", "keys must be strings, got 1"),
+    (b"rollout:\n  1: 2\n", "the keys of `rollout` must be strings, got 1"),
+    (b"seed: *nowhere\n", "is not valid YAML: found undefined alias"),
+    (("out:\n" + BOMB).encode(), "`out` must be str, got [['lol'"),
+    (b"- 1\n", "must hold a mapping of keys, got list"),
+])
+def test_bad_yaml_is_one_short_config_line(tmp_path, content, message):
+    """Non-UTF-8 text, non-string keys, YAML errors and an alias bomb (9^8 shared nodes):
+    each one line naming the problem, echoing at most ~200 characters, in bounded time."""
+    path = tmp_path / "c.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as e:
+        parse_args(["--config", str(path)])
+    text = str(e.value)
+    assert message in text and "\n" not in text and len(text) < 400
+
+
+def test_huge_values_are_echoed_short():
+    for args in (["--rollout.group_size", "x" * 100000], ["--" + "a" * 5000, "1"],
+                 ["x" * 100000]):
+        with pytest.raises(ConfigError) as e:
+            parse_args(args)
+        assert len(str(e.value)) < 600
 
 
 def test_yaml_config_and_overrides(tmp_path):

@@ -164,6 +164,13 @@ def _describe(v) -> str:
     return f"{type(v).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
+#: Largest output side and area of one crop: far above any vision encoder's input (Qwen2-VL's
+#: default maximum is 12.8 M pixels), and refused here rather than failing inside torch's
+#: allocator (a 2^28-pixel crop is 768 MiB of uint8, 3 GiB of float patches).
+MAX_SIDE = 16384
+MAX_OUTPUT_PIXELS = 2 ** 28
+
+
 def _size(fn: str, arg: str, size) -> Tuple[int, int]:
     if isinstance(size, int) and not isinstance(size, bool):
         hw = (size, size)
@@ -175,6 +182,9 @@ def _size(fn: str, arg: str, size) -> Tuple[int, int]:
     if len(hw) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
                                for v in hw):
         raise ValueError(f"{fn}: `{arg}` must be a positive int or (height, width), got {size!r}")
+    if max(hw) > MAX_SIDE or hw[0] * hw[1] > MAX_OUTPUT_PIXELS:
+        raise ValueError(f"{fn}: `{arg}` {tuple(hw)} is too large: at most {MAX_SIDE} pixels a "
+                         f"side and {MAX_OUTPUT_PIXELS} pixels in all")
     return hw
 
 

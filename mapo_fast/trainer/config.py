@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -20,6 +22,44 @@ from typing import Any, Dict, List, Optional, Sequence
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key."""
+
+
+#: Most characters of a bad value echoed in an error message.
+ECHO_CHARS = 200
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12: set the limits one by one
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = ECHO_CHARS, ECHO_CHARS, 60
+
+
+def echo(value: Any) -> str:
+    """``repr(value)`` in at most ~``ECHO_CHARS`` characters, with bounded work however large
+    or nested ``value`` is (a YAML alias bomb is millions of shared nodes)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
+
+
+def machine_bytes() -> int:
+    """The memory the configuration's sizes are checked against: this machine's RAM, or a
+    visible GPU's memory when that is larger (a run puts its KV pool and model there)."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        import torch
+        if torch.cuda.is_available():
+            ram = max(ram, torch.cuda.get_device_properties(0).total_memory)
+    except ImportError:  # the documentation build reads this module without torch
+        pass
+    return int(ram)
+
+
+#: Largest value of any integer key (the C int range that torch, numpy and pyarrow agree on).
+MAX_INT = 2 ** 31 - 1
+#: Bytes per parameter of the tiny model while training: weights, the rollout's copy, the
+#: reference, the gradient and AdamW's two moments, in float32.
+TRAIN_BYTES_PER_PARAM = 6 * 4
+#: Bytes per pixel of one rendered built-in image while it is drawn (float32 planes and masks).
+RENDER_BYTES_PER_PIXEL = 64
+#: Most resampled group sets of the variance diagnosis (each is a loss pass per step).
+MAX_GRAD_VAR_RESAMPLES = 4096
 
 
 @dataclass
@@ -129,7 +169,7 @@ class TrainConfig:
         """Checks every value; raises ``ConfigError`` naming the first bad key."""
         def need(key: str, ok: bool, what: str) -> None:
             if not ok:
-                raise ConfigError(f"config: `{key}` must be {what}, got {get(self, key)!r}")
+                raise ConfigError(f"config: `{key}` must be {what}, got {echo(get(self, key))}")
 
         from ..loss import LOSS_AGG_MODES
         for key in _float_keys(self):
@@ -147,13 +187,22 @@ class TrainConfig:
                     "optim.ppo_epochs", "optim.micro_batch_size", "grad_var_resamples"):
             need(key, get(self, key) >= (0 if key == "steps" else 1), "an int >= "
                  f"{0 if key == 'steps' else 1}")
+        for key, _, value, _ in reference(self):
+            if isinstance(value, int) and not isinstance(value, bool):
+                need(key, value <= MAX_INT, f"at most {MAX_INT}")
+        need("seed", 0 <= self.seed < 2 ** 32, "in [0, 2**32) (numpy's seed range)")
         need("warm_start.steps", self.warm_start.steps >= 0, "an int >= 0")
+        need("grad_var_resamples", self.grad_var_resamples <= MAX_GRAD_VAR_RESAMPLES,
+             f"at most {MAX_GRAD_VAR_RESAMPLES} (each is a loss pass per step)")
         need("grad_var_resamples", self.grad_var_resamples >= 2, "an int >= 2")
         need("model.vocab_size", self.model.vocab_size >= 300, "an int >= 300")
         need("model.heads", self.model.hidden_size % self.model.heads == 0,
              f"a divisor of model.hidden_size ({self.model.hidden_size})")
         need("model.kv_heads", self.model.heads % self.model.kv_heads == 0,
              f"a divisor of model.heads ({self.model.heads})")
+        if self.model.path is None:  # a checkpoint brings its own shapes
+            self._check_model_shapes(need)
+        self._check_memory(need)
         need("task.name", self.task.name in ("visual_search", "jsonl"),
              "'visual_search' or 'jsonl'")
         need("task.data_path", self.task.name != "jsonl" or bool(self.task.data_path),
@@ -200,6 +249,51 @@ class TrainConfig:
         need("verifier.kind", self.verifier.kind != "oracle" or self.task.name == "visual_search",
              "'clip' for task.name 'jsonl' (the oracle needs the task's ground truth)")
         return self
+
+    def _check_model_shapes(self, need: Any) -> None:
+        """What the tiny Qwen2.5-VL's layers need of its sizes (checked here: a config that
+        passes builds and runs its first step)."""
+        m = self.model
+        need("model.heads", (m.hidden_size // m.heads) % 2 == 0,
+             f"such that the head size (model.hidden_size / model.heads = "
+             f"{m.hidden_size / m.heads:g}) is even (rotary embeddings rotate pairs)")
+        vheads = max(1, m.vision_hidden_size // 32)
+        need("model.vision_hidden_size", m.vision_hidden_size % vheads == 0 and
+             (m.vision_hidden_size // vheads) % 4 == 0,
+             f"such that its {vheads} head(s) of 32 or more channels each have a multiple of 4 "
+             "channels (the vision tower's 2-D rotary embedding), e.g. 32, 36, 48, 64")
+
+    def _check_memory(self, need: Any) -> None:
+        """Sizes bounded by what the machine holds (``machine_bytes``): the tiny model while it
+        trains, the KV pool, the built-in task's images while they are drawn."""
+        have = machine_bytes()
+        gib = f"{have / 2 ** 30:.1f} GiB"
+        if self.model.path is None:
+            m = self.model
+            head = m.hidden_size // m.heads
+            per_layer = (m.hidden_size * (m.heads + 2 * m.kv_heads) * head
+                         + m.heads * head * m.hidden_size + 3 * m.hidden_size * m.intermediate_size)
+            params = (2 * m.vocab_size * m.hidden_size + m.layers * per_layer
+                      + m.vision_depth * 12 * m.vision_hidden_size ** 2)
+            need("model.layers", params * TRAIN_BYTES_PER_PARAM <= have,
+                 f"small enough for the tiny model ({params:.3g} parameters, "
+                 f"{TRAIN_BYTES_PER_PARAM} bytes each while training) to fit in {gib}")
+        need("rollout.memory_budget_mb", self.rollout.memory_budget_mb * 2 ** 20 <= have,
+             f"at most this machine's memory ({have / 2 ** 20:.0f} MiB)")
+        if self.task.name == "visual_search":
+            t, r = self.task, self.rollout
+            pixel = RENDER_BYTES_PER_PIXEL * t.image_size ** 2
+            need("task.image_size", pixel <= have // 4,
+                 f"small enough to draw one image in a quarter of {gib}")
+            images = max(r.prompts_per_step, t.eval_size, self.warm_start.batch_size)
+            need("rollout.prompts_per_step" if images == r.prompts_per_step else
+                 "task.eval_size" if images == t.eval_size else "warm_start.batch_size",
+                 images * 3 * t.image_size ** 2 <= have // 4,
+                 f"small enough that a step's {t.image_size}-pixel images fit in a quarter of "
+                 f"{gib}")
+            cells = 3 * max(1, t.image_size // 2 // t.target_size) ** 2
+            need("task.distractors", t.distractors <= cells,
+                 f"at most {cells} (three quadrants of target-sized cells)")
 
     def visual_search_task(self) -> Any:
         """The built-in ``VisualSearchTask`` this config describes (``train.seed``, ``task.*``)."""
@@ -365,7 +459,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"config: `{key}` must be {base.__name__}, got {value!r}") from None
+        raise ConfigError(f"config: `{key}` must be {base.__name__}, got {echo(value)}") from None
     raise ConfigError(f"config: `{key}` has an unsupported type")
 
 
@@ -380,11 +474,12 @@ def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
             known = sorted(fields)
             close = difflib.get_close_matches(part, known, n=1)
             hint = f"; did you mean `{'.'.join(parts[:i] + close)}`?" if close else ""
-            raise ConfigError(f"config: unknown key `{key}`{hint} (keys of "
+            raise ConfigError(f"config: unknown key `{key[:ECHO_CHARS]}`{hint} (keys of "
                               f"`{where or 'the top level'}`: {', '.join(known)})")
         if i < len(parts) - 1:
             if not dataclasses.is_dataclass(getattr(obj, part)):
-                raise ConfigError(f"config: unknown key `{key}`: `{'.'.join(parts[:i + 1])}` "
+                raise ConfigError(f"config: unknown key `{key[:ECHO_CHARS]}`: "
+                                  f"`{'.'.join(parts[:i + 1])[:ECHO_CHARS]}` "
                                   "has no sub-keys")
             obj = getattr(obj, part)
             continue
@@ -394,6 +489,9 @@ def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
                 raise ConfigError(f"config: `{key}` is a section; give its keys "
                                   f"({', '.join(sorted(_fields(getattr(obj, part))))})")
             for k, v in value.items():
+                if not isinstance(k, str):
+                    raise ConfigError(f"config: the keys of `{key}` must be strings, got "
+                                      f"{echo(k)}")
                 set_key(cfg, f"{key}.{k}", v)
             return
         hint = typing.get_type_hints(type(hints_owner))[part]
@@ -401,19 +499,31 @@ def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
+    """The mapping of a ``--config`` file; any problem is one ``ConfigError`` line (the file's
+    text must be UTF-8 YAML whose keys are strings)."""
     import yaml
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError(f"config: cannot read `--config` file {path!r}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config: `--config` file {path!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"config: cannot read `--config` file {echo(path)}: "
+                          f"{e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config: `--config` file {echo(path)} is not UTF-8 text (byte "
+                          f"{e.start})") from None
+    except (yaml.YAMLError, RecursionError) as e:
+        first = " ".join(str(e).split())[:ECHO_CHARS]
+        raise ConfigError(f"config: `--config` file {echo(path)} is not valid YAML: "
+                          f"{first}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config: `--config` file {path!r} must hold a mapping of keys, got "
-                          f"{type(data).__name__}")
+        raise ConfigError(f"config: `--config` file {echo(path)} must hold a mapping of keys, "
+                          f"got {type(data).__name__}")
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"config: `--config` file {echo(path)}: keys must be strings, got "
+                          f"{echo(bad[0])}")
     return data
 
 
@@ -425,8 +535,8 @@ def parse_args(argv: Sequence[str], base: Optional[TrainConfig] = None) -> Train
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"config: expected `--key value`, got {arg!r} (keys are dotted, "
-                              "e.g. --rollout.group_size 8)")
+            raise ConfigError(f"config: expected `--key value`, got {echo(arg)} (keys are "
+                              "dotted, e.g. --rollout.group_size 8)")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
         if not eq:
@@ -434,7 +544,7 @@ def parse_args(argv: Sequence[str], base: Optional[TrainConfig] = None) -> Train
             if key == "resume" and (nxt is None or nxt.startswith("--")):
                 value = "true"
             elif nxt is None:
-                raise ConfigError(f"config: `--{key}` needs a value")
+                raise ConfigError(f"config: `--{key[:ECHO_CHARS]}` needs a value")
             else:
                 value, i = nxt, i + 1
         pairs.append((key, value))
