@@ -95,3 +95,64 @@ def test_an_empty_text_prompt_is_refused(model):
     with pytest.raises(ValueError, match=r"`prompts\[1\]` is empty \(no tokens\)"):
         eng.generate(["a red circle", ""], max_new_tokens=4)
     assert eng.blocks.num_free == eng.num_blocks
+
+
+def test_the_smallest_pool_a_call_is_admitted_to_finishes(model):
+    """One 32-token block for a group of two: the admission rule and the resume rule are one
+    (Scheduler.need), so the samples take turns in the block (preempted, resumed) and finish
+    with the large pool's tokens; before, the second sample waited forever."""
+    tiny = RolloutEngine(model, None, block_size=32, num_blocks=1)
+    got = tiny.generate([[1, 2]], group_size=2, max_new_tokens=10, temperature=0,
+                        stop_token_ids=[])
+    big = RolloutEngine(model, None, block_size=32, num_blocks=16)
+    want = big.generate([[1, 2]], group_size=2, max_new_tokens=10, temperature=0,
+                        stop_token_ids=[])
+    assert [t.token_ids for t in got] == [t.token_ids for t in want]
+    assert tiny.stats.get("preemptions", 0) >= 1 and tiny.blocks.num_free == 1
+    with pytest.raises(ValueError, match="exceeds the KV budget of 32 tokens"):
+        tiny.generate([[1, 2]], group_size=2, max_new_tokens=31, temperature=0)
+
+
+def test_a_nested_generate_is_refused_and_the_outer_call_cleans_up(model):
+    eng = RolloutEngine(model, None, block_size=16, num_blocks=64)
+
+    def nested(tokens, logits):
+        eng.generate([[1, 2, 3]], max_new_tokens=2)
+        return logits
+    with pytest.raises(RuntimeError, match="another generate call is running on this engine"):
+        eng.generate(PROMPTS, group_size=2, max_new_tokens=8, logits_processor=nested)
+    assert eng.blocks.num_free == eng.num_blocks
+    assert [t.token_ids for t in eng.generate(PROMPTS, group_size=2, max_new_tokens=8,
+                                              temperature=1.0, seed=5)] == reference(model)
+
+
+def test_nothing_of_a_call_outlives_it(model, monkeypatch):
+    """After generate returns (or fails), no prompt, sample or request of the call is
+    reachable (their weak references die) and the device block tables hold no row: the
+    engine keeps no per-call state (each sequence points to its call's Request), and rows are
+    keyed by sequence id and released when a sequence ends."""
+    import gc
+    import weakref
+    from mapo_fast.rollout.scheduler import Scheduler
+    refs = []
+    add_prompt, fork = Scheduler.add_prompt, Scheduler.fork
+
+    def tracked_add(self, prompt):
+        refs.extend([weakref.ref(prompt), weakref.ref(prompt.request)])
+        add_prompt(self, prompt)
+
+    def tracked_fork(self, prompt, samples):
+        refs.extend(weakref.ref(x) for x in samples)
+        fork(self, prompt, samples)
+    monkeypatch.setattr(Scheduler, "add_prompt", tracked_add)
+    monkeypatch.setattr(Scheduler, "fork", tracked_fork)
+    eng = RolloutEngine(model, None, block_size=16, num_blocks=64)
+    out = eng.generate(PROMPTS, group_size=2, max_new_tokens=8, temperature=1.0, seed=5)
+    assert len(out) == 4 and eng.runner.tables.rows == {}
+    with pytest.raises(RuntimeError, match="boom"):
+        eng.generate(PROMPTS, group_size=2, max_new_tokens=8,
+                     logits_processor=raises(RuntimeError("boom")))
+    assert eng.runner.tables.rows == {}
+    del out
+    gc.collect()
+    assert len(refs) >= 2 * 2 + 4 and all(r() is None for r in refs)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from mapo_fast.rollout.params import SchedulerParams
 from mapo_fast.rollout.scheduler import Scheduler
 from mapo_fast.rollout.sequence import PromptSeq, Sample, Status
+from mapo_fast.rollout.tool_turns import TurnEvent
 
 
 def make(num_blocks=64, block_size=16, max_batch_tokens=64, prefill_chunk=40, allocator="python"):
@@ -61,30 +62,22 @@ def drive(sch, prompts, group_size, rng, max_new, steps=10_000):
         assert batch.chunks, "nothing scheduled while work remains"
         check_batch(sch, batch)
         history.append([(s, a, b) for s, a, b in batch.chunks])
-        ready = []
-        for s, a, b in batch.chunks:
-            s.num_computed = b
-            if b < len(s.tokens):
-                continue
-            if isinstance(s, PromptSeq):
-                group = [Sample.fork(s, s.index * group_size + g) for g in range(group_size)]
-                sch.fork(s, group)
-                ready += group
-            else:
-                ready.append(s)
+        prompts_done, ready_rows = sch.postprocess(batch)  # the scheduler's own bookkeeping
+        ready = [s for s, _ in ready_rows]
+        for s, _ in prompts_done:
+            group = [Sample.fork(s, s.index * group_size + g) for g in range(group_size)]
+            sch.fork(s, group)
+            ready += group
         for s in ready:
-            if s.generated >= max_new or rng.random() < 0.05:
-                sch.finish(s)
-                continue
             s.append([rng.randrange(50)], 0.0)
             s.generated += 1
-            if rng.random() < 0.1 and not s.stats.get("observed"):
+            done = s.generated >= max_new or rng.random() < 0.05
+            sch.sampled(s, TurnEvent.FINISHED if done else TurnEvent.CONTINUE)
+            if not done and rng.random() < 0.1 and not s.stats.get("observed"):
                 # one observation per sample: up to 39 tokens to prefill (sequences stay
                 # within what the engine's capacity check admits)
                 s.stats["observed"] = 1
                 s.append([rng.randrange(50) for _ in range(rng.randrange(1, 40))])
-            else:
-                s.num_computed = len(s.tokens) - 1
         check_pool(sch)
     raise AssertionError("did not finish")
 
@@ -104,8 +97,7 @@ def test_budget_and_arrival_order():
     assert sch.stats["cached_prompt_tokens"] == 16
     assert prompts[2].sid < 0 and prompts[2].status is Status.WAITING
     check_batch(sch, batch)
-    for s, a, b in batch.chunks:
-        s.num_computed = b
+    sch.postprocess(batch)
     sch.fork(prompts[0], [])  # (no samples: the second step is prompts only)
     sch.fork(prompts[1], [])
     batch = sch.schedule()  # the others share the first blocks of the second: all fit
@@ -125,8 +117,7 @@ def test_a_prompt_waits_for_the_unfinished_prefill_before_it():
     for _ in range(3):
         batch = sch.schedule()
         seen.append([(s.index, a, b) for s, a, b in batch.chunks])
-        for s, a, b in batch.chunks:
-            s.num_computed = b
+        sch.postprocess(batch)
     # step 3 completes the first prompt; the second then reuses its three full blocks
     assert seen == [[(0, 0, 40)], [(0, 40, 80)], [(0, 80, 100), (1, 48, 59)]]
 
@@ -138,14 +129,13 @@ def test_running_samples_go_before_waiting_prompts():
     sch.add_prompt(first)
     while first.status is not Status.FINISHED:
         batch = sch.schedule()
-        for s, a, b in batch.chunks:
-            s.num_computed = b
-        if first.num_computed == len(first.tokens):
+        done, _ = sch.postprocess(batch)
+        if done:
             group = [Sample.fork(first, g) for g in range(3)]
             sch.fork(first, group)
             for s in group:
                 s.append([rng.randrange(50)], 0.0)
-                s.num_computed = len(s.tokens) - 1
+                sch.sampled(s, TurnEvent.CONTINUE)
     sch.add_prompt(PromptSeq(tokens=list(range(1, 30)), index=1))
     batch = sch.schedule()
     kinds = [type(s).__name__ for s, _, _ in batch.chunks]

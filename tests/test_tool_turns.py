@@ -7,7 +7,7 @@ import torch
 from mapo_fast.rollout.params import SamplingParams, ToolParams
 from mapo_fast.rollout.sampler import Sampler
 from mapo_fast.rollout.sequence import PromptSeq, Sample, Status
-from mapo_fast.rollout.tool_turns import ToolTurns, find_marker, observation_tokens
+from mapo_fast.rollout.tool_turns import ToolTurns, TurnEvent, find_marker, observation_tokens
 from mapo_fast.tools import ToolRunner
 from mapo_fast.trajectory import OBSERVATION_TEMPLATE
 
@@ -28,11 +28,16 @@ def sample(tok, text="Q:", **kw):
 
 
 def feed(turns, s, text):
-    """Emits the tokens of ``text`` one by one until the sample's turn ends."""
+    """Emits the tokens of ``text`` one by one until one ends the turn; returns the last
+    token's ``TurnEvent`` (the tool turns decide, the scheduler applies: they never write a
+    sample's status or counters)."""
+    event = TurnEvent.CONTINUE
     for t in ids(turns.tokenizer, text):
-        turns.emit(s, t, -0.5)
-        if s.status is Status.FINISHED or s.tool_text is not None:
-            return
+        event = turns.emit(s, t, -0.5)
+        if event is not TurnEvent.CONTINUE:
+            break
+    assert s.status is Status.WAITING and s.num_computed == s.prompt_len  # untouched
+    return event
 
 
 def test_find_marker_spans_tokens(tok):
@@ -56,32 +61,30 @@ def test_observation_tokens_text_is_cut_and_templated(tok):
 def test_turn_ends_on_stop_token_limit_string_and_tool_call(tok):
     turns = ToolTurns(tok, None, SamplingParams(max_new_tokens=50), ToolParams(), {})
     s = sample(tok)
-    feed(turns, s, "The answer")
-    turns.emit(s, tok.eos_token_id, -0.1)                      # the tokenizer's EOS
-    assert s.status is Status.FINISHED and s.num_computed == len(s.tokens)
+    assert feed(turns, s, "The answer") is TurnEvent.CONTINUE
+    assert turns.emit(s, tok.eos_token_id, -0.1) is TurnEvent.FINISHED  # the tokenizer's EOS
     assert s.loss_mask == [1] * len(s.logprobs) and s.logprobs[-1] == -0.1
 
     short = ToolTurns(tok, None, SamplingParams(max_new_tokens=3), ToolParams(), {})
     s = sample(tok)
-    feed(short, s, "a long answer that goes on")
-    assert s.status is Status.FINISHED and s.new_tokens == 3
+    assert feed(short, s, "a long answer that goes on") is TurnEvent.FINISHED
+    assert s.new_tokens == 3
 
     strings = ToolTurns(tok, None, SamplingParams(stop_strings=("says",)), ToolParams(), {})
     s = sample(tok)
-    feed(strings, s, "The sign says 42 and more")
-    assert s.status is Status.FINISHED and tok.decode(s.tokens[s.prompt_len:]).endswith("says")
+    assert feed(strings, s, "The sign says 42 and more") is TurnEvent.FINISHED
+    assert tok.decode(s.tokens[s.prompt_len:]).endswith("says")
 
     tools = ToolTurns(tok, None, SamplingParams(), ToolParams(runner=ToolRunner(), max_turns=2),
                       {})
     s = sample(tok, session=tools.new_session())
-    feed(tools, s, "<tool_call>{\"name\": \"x\"}</tool_call> never reached")
-    assert s.status is Status.RUNNING and s.tool_text.endswith("</tool_call>")
-    assert s.num_computed == len(s.tokens) - 1                 # the last token is pending
+    event = feed(tools, s, "<tool_call>{\"name\": \"x\"}</tool_call> never reached")
+    assert event is TurnEvent.TOOL_CALL and s.tool_text.endswith("</tool_call>")
 
     capped = ToolTurns(tok, None, SamplingParams(max_trajectory_tokens=2), ToolParams(), {})
     s = sample(tok)
-    feed(capped, s, "a long answer")
-    assert s.status is Status.FINISHED and s.stats["truncated"] == 1 and s.generated == 2
+    assert feed(capped, s, "a long answer") is TurnEvent.FINISHED
+    assert s.stats["truncated"] == 1 and s.generated == 2
 
 
 def test_failed_call_gets_a_text_observation_and_a_description_span(tok):
@@ -97,7 +100,7 @@ def test_failed_call_gets_a_text_observation_and_a_description_span(tok):
     obs = s.tokens[turn.observation.start:turn.observation.end]
     assert tok.decode(obs).startswith("<tool_response>") and s.loss_mask[-len(obs):] == \
         [0] * len(obs)
-    assert s.num_pending == len(obs) + 1                       # the '>' and the observation
+    assert turn.observation.end == len(s.tokens)               # appended, to be prefilled
     feed(turns, s, "<description>a red circle</description><answer>B</answer>")
     turns.emit(s, tok.eos_token_id, 0.0)
     turns.describe(s)

@@ -44,6 +44,14 @@ class DeviceBlockTables:
         self.free: List[int] = []
         self.steps = 0
 
+    def release(self, keys: Sequence[Hashable]) -> None:
+        """Gives back the rows of finished sequences (a key never seen is ignored)."""
+        for key in keys:
+            row = self.rows.pop(key, None)
+            if row is not None:
+                self.free.append(row)
+                del self.last_used[key]
+
     def _evict(self, present: set, step_size: int) -> None:
         keep = max(self.KEEP_MIN, 2 * step_size)
         if len(self.rows) + step_size <= keep:

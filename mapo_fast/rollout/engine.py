@@ -23,6 +23,7 @@ sequence carries on across turns (``rollout.multimodal``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -35,10 +36,21 @@ from .params import FN, MAX_BATCH_TOKENS, PREFILL_CHUNK, SamplingParams, Schedul
     ToolParams
 from .sampler import Sampler
 from .scheduler import Batch, Scheduler
-from .sequence import PromptSeq, Sample, Status, attach_images, encode_prompt
+from .sequence import PromptSeq, Sample, attach_images, encode_prompt
 from .tool_turns import ToolTurns
 
 Tensor = torch.Tensor
+
+
+@dataclass(eq=False)
+class Request:
+    """The settings of one ``generate`` call, which each of its sequences points to
+    (``Seq.request``): a step reads what it needs from its sequences, nothing from the engine,
+    and nothing of a call outlives it."""
+    sampling: SamplingParams
+    group_size: int
+    sampler: Sampler
+    turns: ToolTurns
 
 
 class RolloutEngine:
@@ -215,6 +227,10 @@ class RolloutEngine:
                                  max_observation_tokens=max_observation_tokens,
                                  observation_template=observation_template)
         self._check_call(prompts, group_size, tool_params, tool_contexts)
+        if not self.scheduler.idle:  # before the try: the running call keeps its state
+            raise RuntimeError(f"{FN}: another generate call is running on this engine (a "
+                               "nested call, e.g. from a logits processor or a tool, or a "
+                               "concurrent one); an engine runs one call at a time")
         # from here on blocks are held: a failure anywhere gives every block back, so a
         # failed call leaves the engine as usable as before (the prefix cache is emptied)
         try:
@@ -222,13 +238,15 @@ class RolloutEngine:
             while not self.scheduler.done:
                 self.step()
             out = sorted(self.scheduler.samples, key=lambda s: s.index)
-            for s in out:
-                self._turns.describe(s)
             self.scheduler.samples = []
+            for s in out:
+                s.request.turns.describe(s)
             return [s.trajectory(self.tokenizer, group_size) for s in out]
         except BaseException:
             self.scheduler.reset()
             raise
+        finally:
+            self.runner.tables.release(self.scheduler.drain_finished())
 
     def _stop_strings(self, stop_strings: Any) -> tuple:
         if stop_strings is not None and (self.tokenizer is None or isinstance(stop_strings, str)
@@ -262,18 +280,19 @@ class RolloutEngine:
                                     tools.observation_template, tools.max_observation_tokens)
         capacity = self.num_blocks * self.block_size
         for i, p in enumerate(encoded):
-            if len(p.tokens) + tools.max_turns * per_turn > capacity:
+            longest = len(p.tokens) + tools.max_turns * per_turn
+            if self.scheduler.need(longest - 1) > self.num_blocks:  # as resuming asks
                 raise ValueError(f"{FN}: `prompts[{i}]` ({len(p.tokens)} tokens) plus "
                                  f"{tools.max_turns} turn(s) of up to {per_turn} tokens exceeds "
                                  f"the KV budget of {capacity} tokens")
-        self._sampler = Sampler(sampling, self.banned_tokens)
-        self._turns = ToolTurns(self.tokenizer, self.vision, sampling, tools, self.stats)
-        self._sampling, self._group_size = sampling, group_size
+        req = Request(sampling, group_size, Sampler(sampling, self.banned_tokens),
+                      ToolTurns(self.tokenizer, self.vision, sampling, tools, self.stats))
         for i, p in enumerate(encoded):
+            p.request = req
             if self.vision is not None:
                 attach_images(p, self.vision, self.stats)
                 for im, insert in zip(p.raw_images, p.images):  # hashed once
-                    self._turns.image_keys[id(im)] = insert.key
+                    req.turns.image_keys[id(im)] = insert.key
             p.ctx = tool_contexts[i] if tool_contexts is not None else None
             if p.ctx is None and tools.runner is not None and p.raw_images:
                 from ..tools import ToolContext
@@ -291,44 +310,29 @@ class RolloutEngine:
         self._postprocess(batch, logits)
 
     def _postprocess(self, batch: Batch, logits: Tensor) -> None:
-        """Counts the step's tokens; forks each prompt whose prefill completed and samples its
-        group's first tokens; samples the next token of every sample whose chunk reached its
-        newest token; runs the tool calls that closed; frees finished samples."""
-        prompts, ready, rows = [], [], []
-        for r, (s, a, b) in enumerate(batch.chunks):
-            s.num_computed = b
-            if isinstance(s, PromptSeq):
-                if b == len(s.tokens):
-                    prompts.append((s, r))
-                continue
-            decoded = b == len(s.tokens)  # else a chunk of an observation or a recomputation
-            s.stats["prefill_tokens"] += b - a - decoded
-            s.stats["decode_tokens"] += decoded
-            self.stats["prefill_tokens"] += b - a - decoded
-            self.stats["decode_tokens"] += decoded
-            if decoded:
-                ready.append(s)
-                rows.append(r)
-        if any(isinstance(s, PromptSeq) for s, _, _ in batch.chunks):
-            self.stats["prefill_passes"] += 1
-        for p, r in prompts:
-            group = self._fork(p)
-            ready += group
-            rows += [r] * len(group)
-        if ready:
-            picked = logits[torch.tensor(rows, device=logits.device)]
-            for s, tok, lp in zip(ready, *self._sampler(ready, picked)):
-                self._turns.emit(s, tok, lp)
-        self._turns.run(ready)
-        for s in ready:
-            if s.status is Status.FINISHED:
-                self.scheduler.finish(s)
+        """The scheduler records what the step computed; each prompt whose prefill completed
+        is forked into its group; every sample whose chunk reached its newest token samples
+        its next one (per call's request), the tool turns say what the token did and the
+        scheduler applies it; the tool calls that closed run; finished rows are released."""
+        prompts, ready = self.scheduler.postprocess(batch)
+        for p, row in prompts:
+            ready += [(s, row) for s in self._fork(p)]
+        by_request: Dict[int, List[Tuple[Sample, int]]] = {}
+        for s, row in ready:
+            by_request.setdefault(id(s.request), []).append((s, row))
+        for group in by_request.values():
+            req, seqs = group[0][0].request, [s for s, _ in group]
+            picked = logits[torch.tensor([row for _, row in group], device=logits.device)]
+            for s, tok, lp in zip(seqs, *req.sampler(seqs, picked)):
+                self.scheduler.sampled(s, req.turns.emit(s, tok, lp))
+            req.turns.run(seqs)
+        self.runner.tables.release(self.scheduler.drain_finished())
 
     def _fork(self, p: PromptSeq) -> List[Sample]:
         """The group of a fully prefilled prompt: ``group_size`` samples sharing its blocks."""
-        G = self._group_size
-        group = [Sample.fork(p, j, generator=self._sampling.generator(j),
-                             session=self._turns.new_session())
+        req, G = p.request, p.request.group_size
+        group = [Sample.fork(p, j, generator=req.sampling.generator(j),
+                             session=req.turns.new_session())
                  for j in range(p.index * G, (p.index + 1) * G)]
         self.scheduler.fork(p, group)
         return group

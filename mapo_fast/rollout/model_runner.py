@@ -139,7 +139,7 @@ class ModelRunner:
         n_q = [b - a for _, a, b in batch.chunks]
         path = choose_path(dev, self.dtype, self.block_size, min(n_q) == max(n_q) > 0,
                            backend_for(self.k_caches[0], KERNEL))
-        tables = self.tables.update([seq for seq, _, _ in batch.chunks], batch.tables)
+        tables = self.tables.update([seq.seq_id for seq, _, _ in batch.chunks], batch.tables)
         step = _Step(self.k_caches, self.v_caches, torch.tensor(batch.slots, device=dev),
                      tables, torch.tensor(lens, dtype=torch.int32, device=dev),
                      torch.tensor(cu, dtype=torch.int32, device=dev), path)

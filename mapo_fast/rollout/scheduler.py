@@ -14,6 +14,12 @@ waits for the next step when older samples took the room. Waiting prompts never 
 new prompt is admitted only when no sample waits to be resumed. All running samples' new
 tokens are then appended in one batched ``append_tokens`` call, whose slots (and copy-on-write
 copies) go straight to the model runner.
+
+The scheduler is the only writer of a sequence's status, its computed-token count and the
+token counters: after the forward pass ``postprocess`` records what each chunk computed, and
+``sampled`` applies what a sampled token did (``TurnEvent``, decided by the tool turns). One
+capacity rule (``need``) admits a call's prompts and resumes preempted samples, so every call
+the engine admits can finish.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from .params import SchedulerParams
 from .sequence import PromptSeq, Sample, Seq, Status
+from .tool_turns import TurnEvent
 
 
 @dataclass
@@ -75,6 +82,25 @@ class Scheduler:
         self.blocks = self._manager(num_blocks, block_size)
         self.waiting: Deque[PromptSeq] = collections.deque()
         self.samples: List[Sample] = []  # in the order they started
+        self.finished_ids: List[int] = []  # seq_ids done since the last ``drain_finished``
+
+    def need(self, tokens: int) -> int:
+        """Blocks a sequence of ``tokens`` tokens needs to run a step: their KV and the next
+        token's slot. The one capacity rule: a call is admitted when its longest trajectory
+        (less its last, never computed, token) needs at most the pool, and a preempted sample
+        resumes when it needs at most the free blocks."""
+        return self.blocks.blocks_for(tokens + 1)
+
+    @property
+    def idle(self) -> bool:
+        """No sequence is queued or in flight (no ``generate`` call is running)."""
+        return not self.waiting and not self.samples
+
+    def drain_finished(self) -> List[int]:
+        """The ``seq_id`` of every sequence finished since the last call (their block-table
+        rows can go)."""
+        out, self.finished_ids = self.finished_ids, []
+        return out
 
     # ---- queues ----------------------------------------------------------------------------
     def add_prompt(self, prompt: PromptSeq) -> None:
@@ -84,8 +110,10 @@ class Scheduler:
         """Hands a fully prefilled prompt's blocks to its samples (shared until written)."""
         for s in samples:
             s.sid = self.blocks.fork_seq(prompt.sid)
+            s.status, s.num_computed = Status.RUNNING, len(prompt.tokens)
         self.blocks.free_seq(prompt.sid)
         prompt.sid, prompt.status = -1, Status.FINISHED
+        self.finished_ids.append(prompt.seq_id)
         self.waiting.remove(prompt)
         self.samples += samples
 
@@ -94,6 +122,40 @@ class Scheduler:
         until they are reused)."""
         self.blocks.free_seq(s.sid)
         s.sid, s.status = -1, Status.FINISHED
+        s.num_computed = len(s.tokens)  # nothing follows its last token
+        self.finished_ids.append(s.seq_id)
+
+    # ---- after the forward pass ------------------------------------------------------------
+    def postprocess(self, batch: Batch) -> Tuple[List[Tuple[PromptSeq, int]],
+                                                 List[Tuple[Sample, int]]]:
+        """Records what the step computed: each chunk's tokens are in the cache; the token
+        counters (a chunk's tokens are prefill, but for a sample's newest token: decode).
+        Returns the prompts whose prefill completed and the samples whose chunk reached their
+        newest token (ready to sample), each with its row of the step's logits."""
+        prompts, ready = [], []
+        for row, (s, a, b) in enumerate(batch.chunks):
+            s.num_computed = b
+            if isinstance(s, PromptSeq):
+                if b == len(s.tokens):
+                    prompts.append((s, row))
+                continue
+            decoded = int(b == len(s.tokens))  # else a chunk of an observation or a recompute
+            for counts in (s.stats, self.stats):
+                counts["prefill_tokens"] = counts.get("prefill_tokens", 0) + b - a - decoded
+                counts["decode_tokens"] = counts.get("decode_tokens", 0) + decoded
+            if decoded:
+                ready.append((s, row))
+        if any(isinstance(s, PromptSeq) for s, _, _ in batch.chunks):
+            self.stats["prefill_passes"] = self.stats.get("prefill_passes", 0) + 1
+        return prompts, ready
+
+    def sampled(self, s: Sample, event: TurnEvent) -> None:
+        """Applies what ``s``'s newly sampled token did: its token waits for the next step,
+        or the sample is finished and its blocks go back."""
+        if event is TurnEvent.FINISHED:
+            self.finish(s)
+        else:
+            s.num_computed = len(s.tokens) - 1
 
     @property
     def done(self) -> bool:
@@ -103,6 +165,7 @@ class Scheduler:
         """Every block back to the pool, an empty prefix index and no sequence (after a failed
         call)."""
         self.blocks = self._manager(self.num_blocks, self.block_size)
+        self.finished_ids += [s.seq_id for s in list(self.waiting) + self.samples]
         self.waiting.clear()
         self.samples = []
 
@@ -239,7 +302,7 @@ class Scheduler:
         for s in self.samples:
             if s.status is not Status.PREEMPTED:
                 continue
-            if self.blocks.blocks_for(len(s.tokens)) + 1 > self.blocks.num_free:
+            if self.need(len(s.tokens)) > self.blocks.num_free:
                 break
             keys = s.keys(0, s.num_computed)
             s.sid, s.num_computed = self.blocks.add(keys[:self._cached_prefix(keys)])

@@ -9,6 +9,7 @@ the newest sampled token, or what a preemption evicted) go through the model in 
 from __future__ import annotations
 
 import enum
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -19,6 +20,7 @@ from .multimodal import ImageInsert, VisionAdapter, image_key, render_chat
 
 Tensor = torch.Tensor
 FN = "RolloutEngine.generate"
+_SEQ_IDS = itertools.count()
 
 
 class Status(enum.Enum):
@@ -35,9 +37,11 @@ class Seq:
     images: List[ImageInsert] = field(default_factory=list)
     positions: Optional[List[tuple]] = None  # M-RoPE (t, h, w) per token (vision-language)
     next_pos: int = 0                        # M-RoPE position of the next token
-    status: Status = Status.WAITING
+    status: Status = Status.WAITING          # written by the scheduler only
     sid: int = -1                            # block-manager sequence id while it holds blocks
-    num_computed: int = 0                    # leading tokens whose KV is in the cache
+    num_computed: int = 0                    # leading tokens whose KV is in the cache (scheduler)
+    request: Any = None                      # the generate call's settings (engine.Request)
+    seq_id: int = field(default_factory=lambda: next(_SEQ_IDS))  # unique: block-table rows
 
     @property
     def num_pending(self) -> int:
@@ -89,23 +93,31 @@ class Sample(Seq):
         n = len(prompt.tokens)
         return cls(tokens=list(prompt.tokens), images=list(prompt.images),
                    positions=None if prompt.positions is None else list(prompt.positions),
-                   next_pos=prompt.next_pos, status=Status.RUNNING, num_computed=n,
+                   next_pos=prompt.next_pos, num_computed=n,
                    index=index, prompt_len=n, turn_start=n, ctx=prompt.ctx,
+                   request=prompt.request,
                    patches=list(prompt.patches),
                    stats={"tool_calls": 0, "tool_errors": 0, "prefill_tokens": 0,
                           "decode_tokens": 0}, **kw)
 
-    def append(self, tokens: List[int], logprob: Optional[float] = None) -> None:
+    def append(self, tokens: List[int], logprob: Optional[float] = None,
+               positions: Optional[List[tuple]] = None, next_pos: Optional[int] = None) -> None:
         """Appends one sampled token (``logprob`` given, loss mask 1) or observation tokens
-        (log-prob 0, loss mask 0); text models' positions advance with them."""
+        (log-prob 0, loss mask 0). The one place positions advance: a sampled token takes the
+        next position; an observation takes ``positions`` / ``next_pos`` (M-RoPE: its image's
+        grid positions, from ``VisionAdapter.positions``), else one position per token."""
         self.tokens += tokens
         sampled = logprob is not None
         self.logprobs += [logprob] if sampled else [0.0] * len(tokens)
         self.loss_mask += [int(sampled)] * len(tokens)
-        if sampled:
-            if self.positions is not None:
-                self.positions.append((self.next_pos,) * 3)
-            self.next_pos += 1
+        if self.positions is not None:
+            if positions is None:
+                positions = [(self.next_pos + i,) * 3 for i in range(len(tokens))]
+                next_pos = self.next_pos + len(tokens)
+            self.positions += positions
+            self.next_pos = next_pos
+        else:
+            self.next_pos += len(tokens)
 
     def trajectory(self, tokenizer: Any, group_size: int) -> Trajectory:
         text = tokenizer.decode(self.tokens[self.prompt_len:]) if tokenizer is not None else ""

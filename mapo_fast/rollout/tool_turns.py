@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import enum
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -20,10 +21,18 @@ import torch
 from ..trajectory import DESCRIPTION_TAG, TOOL_CALL_TAG, Span, ToolTurn
 from .multimodal import ImageInsert, VisionAdapter, crop_key, image_key
 from .params import SamplingParams, ToolParams
-from .sequence import Sample, Status
+from .sequence import Sample
 
 Tensor = torch.Tensor
 CALL_OPEN, CALL_CLOSE = f"<{TOOL_CALL_TAG}>", f"</{TOOL_CALL_TAG}>"
+
+
+class TurnEvent(enum.Enum):
+    """What a sampled token did to its sample (``ToolTurns.emit``); the scheduler, the only
+    writer of a sequence's status and counters, applies it (``Scheduler.sampled``)."""
+    CONTINUE = "continue"    # the turn goes on
+    TOOL_CALL = "tool_call"  # the turn closed a tool call: ``run`` appends its observation
+    FINISHED = "finished"    # the trajectory is done (a stop, its token limit)
 
 
 def observation_tokens(tokenizer: Any, template: str, *, vision: Optional[VisionAdapter] = None,
@@ -95,13 +104,12 @@ class ToolTurns:
         return ToolSession(max_calls=self.tools.max_tool_calls)
 
     # ---- one sampled token -------------------------------------------------------------------
-    def emit(self, s: Sample, tok: int, lp: float) -> None:
-        """Records a sampled token; ends the turn on a stop token or string or the turn's
-        token limit, marks a closed tool call (``tool_text``; ``run`` runs it), and ends the
-        trajectory at its token limit."""
+    def emit(self, s: Sample, tok: int, lp: float) -> TurnEvent:
+        """Records a sampled token and decides what it did: ends the trajectory on a stop
+        token or string, the turn's token limit (with no tool call) or the trajectory's limit
+        (``stats["truncated"]``), or closes a tool call (``tool_text``; ``run`` runs it)."""
         p = self.sampling
         s.append([tok], lp)
-        s.num_computed = len(s.tokens) - 1
         s.new_tokens += 1
         s.generated += 1
         stop = tok in self.stops or s.new_tokens >= p.max_new_tokens
@@ -115,13 +123,11 @@ class ToolTurns:
             text = self.tokenizer.decode(s.tokens[s.turn_start:])
         if p.max_trajectory_tokens is not None and s.generated >= p.max_trajectory_tokens:
             s.stats["truncated"] = 1
-            s.status = Status.FINISHED
-        elif text is not None and text.rstrip().endswith(CALL_CLOSE):
+            return TurnEvent.FINISHED
+        if text is not None and text.rstrip().endswith(CALL_CLOSE):
             s.tool_text = text
-        elif stop:
-            s.status = Status.FINISHED
-        if s.status is Status.FINISHED:
-            s.num_computed = len(s.tokens)  # nothing follows its last token: its KV is unneeded
+            return TurnEvent.TOOL_CALL
+        return TurnEvent.FINISHED if stop else TurnEvent.CONTINUE
 
     # ---- the tool calls closed in a step -----------------------------------------------------
     def run(self, batch: Sequence[Sample]) -> None:
@@ -187,12 +193,10 @@ class ToolTurns:
             turn.error = None if result is not None and result.ok else text
         turn.observation = Span(start, start + len(obs))
         s.turns.append(turn)
+        pos = nxt = None
         if s.positions is not None:
-            pos, s.next_pos = self.vision.positions(obs, grids, s.next_pos)
-            s.positions += pos
-        else:
-            s.next_pos += len(obs)
-        s.append(obs)
+            pos, nxt = self.vision.positions(obs, grids, s.next_pos)
+        s.append(obs, positions=pos, next_pos=nxt)
         s.turn_start = len(s.tokens)
         s.new_tokens = 0
 
