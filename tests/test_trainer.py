@@ -270,7 +270,7 @@ def test_micro_batch_select_equals_collating_its_rows(tmp_path):
     from mapo_fast.trainer.batch import collate
     t = Trainer(parse_args(["--out", str(tmp_path), "--steps", "0"] + TOY), progress=False)
     samples = t.task.batch("train", 0, 5)
-    trajs = [t.expert_trajectory(s) for s in samples]
+    trajs = [t.task.expert_trajectory(s, t.engine, t.expert_tools) for s in samples]
     ims = [t.task.images(s) for s in samples]
     full = collate(trajs, ims, t.adapter, t.tokenizer.pad_token_id)
     for rows in ([1, 3, 4], [2], [0, 1, 2, 3, 4]):
@@ -300,3 +300,22 @@ def test_the_first_on_policy_step_has_ratio_one(tmp_path, temperature):
     for s in upd.stats:  # every micro-batch of the first epoch (no optimizer step yet)
         assert abs(s["ratio_mean"] - 1) < 1e-5 and abs(s["ratio_max"] - 1) < 1e-4
         assert s["pg_clipfrac"] == 0
+
+
+def test_the_expert_trajectory_is_what_the_engine_builds(tmp_path):
+    """The warm start's targets: the task's expert trajectory, built by the engine from the
+    expert's call and answer, holds the same observation tokens the engine's rollout inserts
+    for that call (the one observation builder), and the reward weights come from the config."""
+    from mapo_fast.trajectory import OBSERVATION_TEMPLATE
+    t = Trainer(parse_args(["--out", str(tmp_path), "--steps", "0", "--reward.format", "0.3"]
+                           + TOY), progress=False)
+    s = t.task.batch("train", 0, 1)[0]
+    traj = t.task.expert_trajectory(s, t.engine, t.expert_tools)
+    call, answer = t.task.expert_turns(s)
+    turn, = traj.spans.turns
+    assert t.tokenizer.decode(traj.token_ids[turn.call.start:turn.call.end]) == call
+    assert traj.token_ids.count(t.model.config.image_token_id) > 0
+    pre = OBSERVATION_TEMPLATE.split("{}")[0]
+    assert t.tokenizer.decode(traj.token_ids[turn.observation.start:]).startswith(pre)
+    assert t.adapter is t.engine.vision
+    assert [w for _, _, w in t.reward.terms] == [1.0, 0.3, 1.0]

@@ -31,13 +31,13 @@ import torch
 from ..tools.ops import MAX_PIXELS, MIN_PIXELS
 from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
 from .model_runner import ModelRunner, kv_geometry
-from .multimodal import VisionAdapter, is_vision_language
+from .multimodal import VisionAdapter, is_vision_language, render_chat
 from .params import FN, MAX_BATCH_TOKENS, PREFILL_CHUNK, SamplingParams, SchedulerParams, \
     ToolParams
 from .sampler import Sampler
 from .scheduler import Batch, Scheduler
 from .sequence import PromptSeq, Sample, attach_images, encode_prompt
-from .tool_turns import ToolTurns
+from .tool_turns import ToolTurns, observation_tokens
 
 Tensor = torch.Tensor
 
@@ -172,6 +172,46 @@ class RolloutEngine:
             obs = max(obs, self.vision.max_image_tokens + 2 + len(self.tokenizer(
                 observation_template, add_special_tokens=False)["input_ids"]))
         return max_new_tokens + obs + 8
+
+    def group_capacity(self, prompt_tokens: int, group_size: int, max_new_tokens: int,
+                       max_turns: int, tools: bool = True,
+                       observation_template: str = OBSERVATION_TEMPLATE) -> Tuple[int, int]:
+        """``(need, have)`` in KV tokens: what one group of ``group_size`` samples of a
+        ``prompt_tokens``-token prompt may hold at once (every sample at its longest), and what
+        the pool holds. A caller that wants whole groups to run without preemption checks
+        ``need <= have``; ``generate`` itself only needs one sample to fit."""
+        per_turn = self.turn_tokens(max_new_tokens, tools, observation_template)
+        return group_size * (prompt_tokens + max_turns * per_turn), \
+            self.num_blocks * self.block_size
+
+    def scripted_trajectory(self, prompt: Any, call_text: str, answer_text: str,
+                            tools: Any) -> Trajectory:
+        """The trajectory ``generate`` would produce had the model written ``call_text`` then
+        (after the observation) ``answer_text``: the call is run by ``tools`` (a
+        ``ToolRunner``; crops cut at the vision tower's grid) and its observation built by the
+        engine's own builder (``observation_tokens``), so supervised targets (a scripted
+        expert's warm start) match what rollouts produce token for token."""
+        from ..tools import ToolContext, ToolSession
+        from ..trajectory import Span, ToolTurn, TrajectorySpans
+        tok, v = self.tokenizer, self.vision
+        ids, images = render_chat(prompt, tok, v)
+        ctx = ToolContext.for_images(images, v.factor, v.min_pixels, v.max_pixels)
+        (result,) = tools.run([call_text], [ctx], [ToolSession()])
+        if result is None or not result.ok:
+            raise RuntimeError(f"RolloutEngine.scripted_trajectory: the call {call_text!r} "
+                               f"failed: {None if result is None else result.text}")
+        call = tok(call_text, add_special_tokens=False)["input_ids"]
+        obs, _ = observation_tokens(tok, OBSERVATION_TEMPLATE, vision=v, grid=v.grid(result.box))
+        ans = tok(answer_text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        tokens = ids + call + obs + ans
+        mask = [0] * len(ids) + [1] * len(call) + [0] * len(obs) + [1] * len(ans)
+        c0 = len(ids)
+        turn = ToolTurn(call=Span(c0, c0 + len(call)),
+                        observation=Span(c0 + len(call), c0 + len(call) + len(obs)),
+                        crop_index=0, box=tuple(result.box))
+        spans = TrajectorySpans(turns=[turn], prompt_len=len(ids),
+                                answer=Span(len(tokens) - len(ans), len(tokens)))
+        return Trajectory(tokens, [0.0] * len(tokens), mask, spans, crops=[result.crop])
 
     def clear_prefix_cache(self) -> None:
         """Forgets every cached block. Call it after the model's weights change (each

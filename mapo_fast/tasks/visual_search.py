@@ -235,6 +235,13 @@ class VisualSearchTask:
         miss = BLIND_SPOTS[self.blind_spot].get(s.quadrant)
         return miss if miss is not None and s.index % 3 else s.quadrant
 
+    def expert_trajectory(self, s: Sample, engine: Any, tools: Any) -> Any:
+        """The scripted expert's ``Trajectory`` of ``s`` as ``engine`` would have produced it
+        (``RolloutEngine.scripted_trajectory``: the call run by ``tools``, its observation
+        built by the engine), for the supervised warm start."""
+        call, answer = self.expert_turns(s)
+        return engine.scripted_trajectory(self.prompt(s), call, answer, tools)
+
     def expert_turns(self, s: Sample) -> Tuple[str, str]:
         """The scripted expert: the tool call (see ``expert_quadrant``), and after the crop,
         the description and the answer. After a zoom on the ring's quadrant, or with the

@@ -139,6 +139,14 @@ class LossConfig:
 
 
 @dataclass
+class RewardConfig:
+    """Weights of the outcome reward's parts (``CompositeReward``)."""
+    accuracy: float = 1.0
+    format: float = 0.1
+    tool_use: float = 0.2
+
+
+@dataclass
 class VerifierConfig:
     """``oracle`` (the task's ground truth) or ``clip`` (``clip_path``: a local CLIP)."""
     kind: str = "oracle"
@@ -163,6 +171,7 @@ class TrainConfig:
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
     verifier: VerifierConfig = field(default_factory=VerifierConfig)
 
     def validate(self) -> "TrainConfig":
@@ -243,6 +252,8 @@ class TrainConfig:
         need("loss.loss_agg", self.loss.loss_agg in LOSS_AGG_MODES, f"one of {LOSS_AGG_MODES}")
         need("loss.semantic_coef", self.loss.semantic_coef >= 0, ">= 0")
         need("loss.turn_discount", 0 <= self.loss.turn_discount <= 1, "in [0, 1]")
+        for key in ("reward.accuracy", "reward.format", "reward.tool_use"):
+            need(key, get(self, key) >= 0, ">= 0")
         need("verifier.kind", self.verifier.kind in ("oracle", "clip"), "'oracle' or 'clip'")
         need("verifier.clip_path", self.verifier.kind != "clip" or bool(self.verifier.clip_path),
              "a local CLIP checkpoint when verifier.kind is 'clip'")
@@ -377,6 +388,9 @@ KEY_HELP: Dict[str, str] = {
     "loss.loss_agg": "aggregation, verl's `loss_agg_mode` names",
     "loss.semantic_coef": "weight of the per-turn semantic advantage (MAPO)",
     "loss.turn_discount": "discount of later turns' semantic credit (0: each turn its own)",
+    "reward.accuracy": "weight of the answer's correctness in the outcome reward",
+    "reward.format": "weight of the format reward (tags well formed)",
+    "reward.tool_use": "bonus for a trajectory that made a successful tool call",
     "verifier.kind": "`oracle` (the built-in task's ground truth) or `clip`",
     "verifier.clip_path": "a local CLIP checkpoint for `verifier.kind clip`",
 }

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import math
 import os
 import sys
 import time
@@ -33,18 +31,18 @@ from ..policy import PolicyNumerics
 from ..rewards import (AccuracyReward, CompositeReward, FormatReward, OracleVerifier,
                        ToolUseReward)
 from ..rollout import RolloutEngine
-from ..rollout.multimodal import VisionAdapter, render_chat
-from ..rollout.tool_turns import observation_tokens
-from ..tools import ToolContext, ToolRunner, ToolSession
-from ..trajectory import OBSERVATION_TEMPLATE, Span, ToolTurn, Trajectory, TrajectorySpans
+from ..rollout.multimodal import render_chat
+from ..tools import ToolRunner
+from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
 from ..variance import loss_gradient_variance
 from . import checkpoint as ckpt
 from .batch import PolicyBatch, collate
 from .config import ConfigError, TrainConfig
 from .distributed import DistContext
-from .metrics import (GAP_KEYS, MetricsLog, Progress, StepTimer, gap_metrics, plot_curves,
-                      run_summary, step_record)
+from .metrics import (MetricsLog, Progress, StepTimer, format_eval, gap_metrics, step_record,
+                      write_outputs)
 from .model import PolicyWithLoss, load_pretrained, policy_hidden, tiny_vl_model
+from .warm_start import warm_start as run_warm_start
 
 Tensor = torch.Tensor
 TEMPLATE = OBSERVATION_TEMPLATE
@@ -134,8 +132,8 @@ class Trainer:
         _check_device(want)
         self.dist = DistContext.from_env(torch.device(want).type)
         if self.dist.enabled and cfg.rollout.prompts_per_step % self.dist.world:
-            raise ValueError(f"config: `rollout.prompts_per_step` ({cfg.rollout.prompts_per_step}) "
-                             f"must be a multiple of the {self.dist.world} ranks")
+            raise ConfigError(f"config: `rollout.prompts_per_step` ({cfg.rollout.prompts_per_step}) "
+                              f"must be a multiple of the {self.dist.world} ranks")
         if want.startswith("cuda") and self.dist.enabled:
             want = f"cuda:{self.dist.local_rank}"
         self.device = torch.device(want)
@@ -156,26 +154,27 @@ class Trainer:
         self._build_model(state)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
-        pixels = cfg.task.view_size ** 2
-        self.adapter = VisionAdapter(self.model, min_pixels=cfg.rollout.min_pixels or pixels,
-                                     max_pixels=cfg.rollout.max_pixels or pixels)
         self._build_engine()
+        #: the one vision adapter: the engine's (prompts, crops, batches and the warm start
+        #: all see images as the rollout does)
+        self.adapter = self.engine.vision
         r = cfg.rollout
         #: the distribution sampled, recorded and trained on: one setting (mapo_fast.policy)
         self.numerics = PolicyNumerics(temperature=r.temperature, top_p=r.top_p,
                                        banned_tokens=self.engine.banned_tokens)
         self.runner = ToolRunner()
         self.expert_tools = ToolRunner(crop_kwargs=self.adapter.crop_kwargs)  # warm start's
-        self.reward = CompositeReward([("accuracy", AccuracyReward(), 1.0),
-                                       ("format", FormatReward(), 0.1),
-                                       ("tool", ToolUseReward(0.2), 1.0)])
+        w = cfg.reward
+        self.reward = CompositeReward([("accuracy", AccuracyReward(), w.accuracy),
+                                       ("format", FormatReward(), w.format),
+                                       ("tool", ToolUseReward(w.tool_use), 1.0)])
         if cfg.verifier.kind == "oracle":
             self.verifier = OracleVerifier(self.task.vocabulary)
         else:
             from ..rewards import CLIPVerifier
             if not os.path.isdir(cfg.verifier.clip_path):
-                raise ValueError(f"config: `verifier.clip_path` {cfg.verifier.clip_path!r} is "
-                                 "not a local checkpoint folder")
+                raise ConfigError(f"config: `verifier.clip_path` {cfg.verifier.clip_path!r} is "
+                                  "not a local checkpoint folder")
             with config_errors("verifier.clip_path"):
                 self.verifier = CLIPVerifier.from_pretrained(cfg.verifier.clip_path)
             self.verifier.model.to(self.device)
@@ -198,18 +197,18 @@ class Trainer:
         """The rollout engine, its pool checked against one group's longest rollout (the
         first training prompt's length) before any work starts."""
         r = self.cfg.rollout
+        pixels = self.cfg.task.view_size ** 2
         try:
             self.engine = RolloutEngine(self.rollout_model, self.tokenizer,
                                         memory_budget_mb=r.memory_budget_mb,
-                                        min_pixels=self.adapter.min_pixels,
-                                        max_pixels=self.adapter.max_pixels)
+                                        min_pixels=r.min_pixels or pixels,
+                                        max_pixels=r.max_pixels or pixels)
         except ValueError as e:
             raise ConfigError(f"config: `rollout.memory_budget_mb`: {e}") from None
         first = self.task.batch("train", 0, 1)[0]  # the built-in task's prompts are all alike
-        prompt, _ = render_chat(self.task.prompt(first), self.tokenizer, self.adapter)
-        need = r.group_size * (len(prompt) + r.max_turns * self.engine.turn_tokens(
-            r.max_new_tokens, True, TEMPLATE))
-        have = self.engine.num_blocks * self.engine.block_size
+        prompt, _ = render_chat(self.task.prompt(first), self.tokenizer, self.engine.vision)
+        need, have = self.engine.group_capacity(len(prompt), r.group_size, r.max_new_tokens,
+                                                r.max_turns, True, TEMPLATE)
         if need > have:
             blocks = -(-need // self.engine.block_size) + r.group_size
             raise ConfigError(
@@ -246,7 +245,7 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _policy(self, batch: PolicyBatch, fn: Any) -> Any:
+    def policy_call(self, batch: PolicyBatch, fn: Any) -> Any:
         """``fn(hidden, lm_head_weight)`` inside the policy's forward (see PolicyWithLoss)."""
         with self._autocast():
             return self.policy(batch, fn)
@@ -284,77 +283,15 @@ class Trainer:
         gap = gap_metrics(parts["accuracy"], scores, turn_mask, hits)
         return rewards, parts, scores, turn_mask, gap
 
-    def _shard(self, start: int, n: int) -> Tuple[int, int]:
+    def shard(self, start: int, n: int) -> Tuple[int, int]:
+        """This rank's ``(start, count)`` of ``n`` items from ``start``."""
         per = n // self.dist.world
         return start + self.dist.rank * per, per
 
     # ---- warm start ----------------------------------------------------------------------------
-    def expert_trajectory(self, sample: Any) -> Trajectory:
-        """The scripted expert's trajectory of ``sample`` as the engine would have produced
-        it: prompt, tool call, its observation (the zoom tool's crop, cut by the rollout's tool
-        runner, as image tokens built by the engine's observation builder), answer."""
-        tok = self.tokenizer
-        prompt, images = render_chat(self.task.prompt(sample), tok, self.adapter)
-        call_text, answer_text = self.task.expert_turns(sample)
-        a = self.adapter
-        ctx = ToolContext.for_images(images, a.factor, a.min_pixels, a.max_pixels)
-        (result,) = self.expert_tools.run([call_text], [ctx], [ToolSession()])
-        if result is None or not result.ok:
-            raise RuntimeError(f"Trainer.expert_trajectory: the task's expert call {call_text!r} "
-                               f"failed: {None if result is None else result.text}")
-        call_ids = tok(call_text, add_special_tokens=False)["input_ids"]
-        obs, _ = observation_tokens(tok, TEMPLATE, vision=a, grid=a.grid(result.box))
-        ans = tok(answer_text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        tokens = prompt + call_ids + obs + ans
-        mask = [0] * len(prompt) + [1] * len(call_ids) + [0] * len(obs) + [1] * len(ans)
-        c0 = len(prompt)
-        turn = ToolTurn(call=Span(c0, c0 + len(call_ids)),
-                        observation=Span(c0 + len(call_ids), c0 + len(call_ids) + len(obs)),
-                        crop_index=0, box=tuple(result.box))
-        spans = TrajectorySpans(turns=[turn], prompt_len=len(prompt),
-                                answer=Span(len(tokens) - len(ans), len(tokens)))
-        return Trajectory(tokens, [0.0] * len(tokens), mask, spans, crops=[result.crop])
-
     def warm_start(self) -> None:
-        """Supervised warm start on expert trajectories (built-in task; skipped for 0 steps
-        or a task without an expert)."""
-        ws = self.cfg.warm_start
-        if ws.steps == 0 or not hasattr(self.task, "expert_turns"):
-            return
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=ws.lr)
-        # linear warm-up over the first 5%, constant, cosine decay to a tenth over the last 30%
-        warm, flat = max(1, ws.steps // 20), int(ws.steps * 0.7)
-
-        def factor(i: int) -> float:
-            decay = max(0.0, (i - flat) / max(1, ws.steps - flat))
-            return min(1.0, (i + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * decay)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        log = MetricsLog(os.path.join(self.out, "warm_start.jsonl"))
-        bar = Progress(ws.steps, "warm start", enabled=self.progress)
-        self.model.train()
-        for i in range(ws.steps):
-            start, n = self._shard(10_000_000 + i * ws.batch_size, ws.batch_size)
-            samples = self.task.batch("train", start, n)
-            trajs = [self.expert_trajectory(s) for s in samples]
-            batch = collate(trajs, [self.task.images(s) for s in samples], self.adapter,
-                            self.tokenizer.pad_token_id)
-            targets = batch.input_ids[:, 1:].to(self.device)
-            mask = batch.loss_mask[:, 1:].to(self.device)
-            tokens = self.dist.sum(float(mask.sum()))
-            loss = self._policy(batch, lambda h, w: -(token_logprobs(  # supervised: T = 1
-                h[:, :-1], w, targets, banned_tokens=self.numerics.banned_tokens).float()
-                * mask).sum() / tokens * self.dist.world)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.optim.grad_clip)
-            opt.step()
-            sched.step()
-            rec = self.dist.mean({"step": i + 1, "nll": float(loss.detach()) / self.dist.world})
-            if self.dist.main:
-                log.append(rec)
-            bar.update(i + 1, rec, ("nll",))
-        bar.close()
-        self.dist.sync_replica(self.policy, self.rollout_model)
+        """Supervised warm start on the task's scripted expert (``trainer/warm_start.py``)."""
+        run_warm_start(self)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> Dict[str, float]:
@@ -362,7 +299,7 @@ class Trainer:
         and the gap metrics (``action_accuracy``, ``faithfulness``,
         ``right_answer_wrong_action``; see ``gap_metrics``)."""
         n = self.cfg.task.eval_size - self.cfg.task.eval_size % self.dist.world
-        start, per = self._shard(0, n)
+        start, per = self.shard(0, n)
         samples = self.task.batch("eval", start, per)
         trajs = self._generate(samples, group_size=1, greedy=True, seed=0)
         _, parts, scores, turn_mask, gap = self._score(samples, trajs)
@@ -403,7 +340,7 @@ class Trainer:
         and the padded policy batch."""
         cfg, r = self.cfg, self.cfg.rollout
         with timer("rollout"):
-            start, per = self._shard((step - 1) * r.prompts_per_step, r.prompts_per_step)
+            start, per = self.shard((step - 1) * r.prompts_per_step, r.prompts_per_step)
             samples = self.task.batch("train", start, per)
             seed = (cfg.seed * 1_000_003 + step * 7_919 + start * 131) % 2 ** 31
             trajs = self._generate(samples, group_size=r.group_size, greedy=False, seed=seed)
@@ -474,7 +411,7 @@ class Trainer:
                 **self.numerics.loss_kwargs())
             return loss, m, h[:, :-1].detach()
 
-        loss, m, hidden = self._policy(batch, objective)
+        loss, m, hidden = self.policy_call(batch, objective)
         (loss * self.dist.world).backward()
         return float(loss.detach()), {**{k: float(v) for k, v in m.items()},
                                      "loss_path": m.path}, hidden
@@ -521,7 +458,7 @@ class Trainer:
         if not self.warm_done:
             self.warm_start()
             self.evals["warm_start"] = self.evaluate()
-            self._say(f"eval after warm start: {self._fmt_eval(self.evals['warm_start'])}")
+            self._say(f"eval after warm start: {format_eval(self.evals['warm_start'])}")
             self.save()
         bar = Progress(cfg.steps, cfg.algo, initial=self.step, enabled=self.progress)
         while self.step < cfg.steps:
@@ -537,22 +474,15 @@ class Trainer:
         # a run of no RL steps (a warm start alone) is already evaluated
         self.evals["final"] = self.evaluate() if self.step or "warm_start" not in self.evals \
             else self.evals["warm_start"]
-        self._say(f"eval after {cfg.algo}: {self._fmt_eval(self.evals['final'])}")
+        self._say(f"eval after {cfg.algo}: {format_eval(self.evals['final'])}")
         summary = {"algo": cfg.algo, "steps": self.step, "evals": self.evals,
                    "wall_s": time.perf_counter() - t_start, "world_size": self.dist.world,
                    "parameter_checksums": self.dist.gather(self.checksum())}
         if hasattr(self.task, "counts"):
             summary["records"], summary["skipped_records"] = self.task.counts()
         if self.dist.main:
-            records = self.metrics.read()
-            summary.update(run_summary(records))
-            if records:
-                plot_curves(records, os.path.join(self.out, "curves.png"),
-                            title=f"{cfg.algo} on {cfg.task.name} (seed {cfg.seed})",
-                            evals={k: v["accuracy"] for k, v in self.evals.items()
-                                   if not k.startswith("step_")})
-            with open(os.path.join(self.out, "eval.json"), "w") as f:
-                json.dump(summary, f, indent=2)
+            write_outputs(self.out, summary, self.metrics.read(), self.evals,
+                          title=f"{cfg.algo} on {cfg.task.name} (seed {cfg.seed})")
         return summary
 
     def checksum(self) -> str:
@@ -567,10 +497,3 @@ class Trainer:
     def _say(self, text: str) -> None:
         if self.dist.main and self.progress:
             print(text, flush=True)
-
-    @staticmethod
-    def _fmt_eval(e: Dict[str, float]) -> str:
-        gap = "".join(f", {k.replace('_', ' ')} {e[k]:.3f}" for k in GAP_KEYS
-                      if e.get(k) is not None)
-        return (f"accuracy {e['accuracy']:.3f}, semantic {e['semantic_score']:.3f}{gap}, tool "
-                f"use {e['tool_use']:.2f} (n={e['eval_size']})")

@@ -226,3 +226,24 @@ def run_summary(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     gv = [r["grad_var"] for r in records if r.get("grad_var") is not None]
     return {"mean_step_time": {k[5:]: _mean([r[k] for r in records]) for k in keys},
             "mean_grad_var": _mean(gv) if gv else None}
+
+
+def format_eval(e: Dict[str, Any]) -> str:
+    """One line of an evaluation's results, for the console."""
+    gap = "".join(f", {k.replace('_', ' ')} {e[k]:.3f}" for k in GAP_KEYS
+                  if e.get(k) is not None)
+    return (f"accuracy {e['accuracy']:.3f}, semantic {e['semantic_score']:.3f}{gap}, tool "
+            f"use {e['tool_use']:.2f} (n={e['eval_size']})")
+
+
+def write_outputs(out: str, summary: Dict[str, Any], records: Sequence[Dict[str, Any]],
+                  evals: Dict[str, Dict[str, Any]], title: str) -> None:
+    """The end of a run: ``eval.json`` (``summary`` with the step records' summary, see
+    ``run_summary``) and ``curves.png`` (the step curves with the evaluations' accuracy)."""
+    summary.update(run_summary(records))
+    if records:
+        plot_curves(records, os.path.join(out, "curves.png"), title=title,
+                    evals={k: v["accuracy"] for k, v in evals.items()
+                           if not k.startswith("step_")})
+    with open(os.path.join(out, "eval.json"), "w") as f:
+        json.dump(summary, f, indent=2)
