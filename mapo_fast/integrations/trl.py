@@ -77,6 +77,8 @@ def _unsupported(trainer: Any) -> Dict[str, Any]:
 
 
 def _trainer_class():
+    from . import _compat
+    _compat.check(_compat.TRL)
     from trl import GRPOTrainer
 
     class MAPOGRPOTrainer(GRPOTrainer):

@@ -29,6 +29,7 @@ import torch
 
 from ..advantage import mapo_advantages
 from ..logprobs import token_logprobs
+from . import _compat
 
 Tensor = torch.Tensor
 NAME = "mapo"
@@ -62,22 +63,88 @@ def turns_from_text(response: str, tokenizer: Any, scores: Sequence[float]) -> D
     return turns_info(out, scores)
 
 
-def _parse_turns(entries: Any, B: int) -> List[List[Tuple[int, int, float]]]:
+def _bad(b: int, problem: str) -> ValueError:
+    return ValueError(f"mapo advantage: non_tensor_batch[{TURNS_KEY!r}][{b}] {problem}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_score(x: Any) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and \
+        not isinstance(x, (bool, np.bool_))
+
+
+def _sample_turns(b: int, entry: Any, length: int) -> List[Tuple[int, int, float]]:
+    """Sample ``b``'s turns, checked: JSON ``[[start, end, score], ...]`` with integer spans
+    inside its own ``length`` response tokens, in order and not overlapping, and finite
+    numeric scores in [0, 1]; else ``ValueError`` naming the key, the sample and the problem."""
+    turns = entry
+    if isinstance(entry, (str, bytes)):
+        try:
+            turns = json.loads(entry)
+        except (ValueError, RecursionError) as e:
+            raise _bad(b, f"is not valid JSON ({str(e)[:80]}): {str(entry)[:80]!r}") from None
+    if not isinstance(turns, (list, tuple)):
+        raise _bad(b, f"must be a list [[start, end, score], ...], got {type(turns).__name__}")
+    out, last = [], 0
+    for k, t in enumerate(turns):
+        if not isinstance(t, (list, tuple)) or len(t) != 3:
+            raise _bad(b, f"turn {k} must be [start, end, score], got {str(t)[:60]}")
+        a, z, s = t
+        if not (_is_int(a) and _is_int(z)):
+            raise _bad(b, f"turn {k} has a non-integer span [{a!r}, {z!r})")
+        if not _is_score(s) or not np.isfinite(float(s)) or not 0.0 <= float(s) <= 1.0:
+            raise _bad(b, f"turn {k} has score {s!r}: scores are finite numbers in [0, 1]")
+        if not 0 <= a < z <= length:
+            raise _bad(b, f"turn {k} spans [{a}, {z}), outside the sample's {length} response "
+                          "tokens")
+        if a < last:
+            raise _bad(b, f"turn {k} [{a}, {z}) starts before turn {k - 1} ends ({last}): "
+                          "turns are in order and do not overlap")
+        out.append((int(a), int(z), float(s)))
+        last = z
+    return out
+
+
+def _parse_turns(entries: Any, lengths: Sequence[int]) -> List[List[Tuple[int, int, float]]]:
+    """Every sample's checked turns (``_sample_turns``); ``lengths``: each sample's own
+    response length (its response mask's extent, not the padded width)."""
+    B = len(lengths)
     if entries is None:
         raise ValueError(f"mapo advantage: `non_tensor_batch` has no {TURNS_KEY!r}: the reward "
                          "function must return it (see mapo_fast.integrations.verl.turns_info)")
     if len(entries) != B:
-        raise ValueError(f"mapo advantage: {TURNS_KEY!r} has {len(entries)} entries for {B} "
-                         "samples")
-    out = []
-    for b, e in enumerate(entries):
-        turns = json.loads(e) if isinstance(e, (str, bytes)) else e
-        try:
-            out.append([(int(a), int(z), float(s)) for a, z, s in turns])
-        except (TypeError, ValueError):
-            raise ValueError(f"mapo advantage: {TURNS_KEY}[{b}] must be [[start, end, score], "
-                             f"...], got {e!r}") from None
-    return out
+        raise ValueError(f"mapo advantage: non_tensor_batch[{TURNS_KEY!r}] has {len(entries)} "
+                         f"entries for {B} samples")
+    return [_sample_turns(b, e, n) for b, (e, n) in enumerate(zip(entries, lengths))]
+
+
+def _response_lengths(response_mask: Tensor) -> List[int]:
+    """Each row's response extent: one past its last masked-in token (0 for an empty row)."""
+    m = response_mask.detach().to("cpu", torch.bool)
+    T = m.shape[1]
+    last = T - torch.flip(m, [1]).to(torch.int8).argmax(1)
+    return torch.where(m.any(1), last, 0).tolist()
+
+
+def _verl_norm(config: Any) -> Optional[bool]:
+    """verl's ``norm_adv_by_std_in_grpo`` from its algorithm config (an object or a dict)."""
+    if config is None:
+        return None
+    v = config.get("norm_adv_by_std_in_grpo") if isinstance(config, dict) else \
+        getattr(config, "norm_adv_by_std_in_grpo", None)
+    return None if v is None else bool(v)
+
+
+def resolve_norm_std(option: Optional[bool], verl_value: Optional[bool]) -> bool:
+    """``register(norm_std=...)`` against verl's ``algorithm.norm_adv_by_std_in_grpo``: the one
+    given wins (verl's default, True, when neither is); both given and different is an error."""
+    if option is not None and verl_value is not None and option != verl_value:
+        raise ValueError(f"mapo advantage: register(norm_std={option}) disagrees with verl's "
+                         f"algorithm.norm_adv_by_std_in_grpo={verl_value}; set one of them")
+    return option if option is not None else (True if verl_value is None else verl_value)
 
 
 def group_ids(index: Any) -> Tensor:
@@ -89,17 +156,28 @@ def group_ids(index: Any) -> Tensor:
 def mapo_advantage(token_level_rewards: Tensor, response_mask: Tensor, index: Any = None,
                    config: Any = None, non_tensor_batch: Optional[Dict[str, Any]] = None, *,
                    semantic_coef: float = 1.0, turn_discount: float = 0.0,
-                   norm_std: bool = True, singleton: str = "zero", epsilon: float = 1e-6,
+                   norm_std: Optional[bool] = None, singleton: str = "zero",
+                   epsilon: float = 1e-6, norm_adv_by_std_in_grpo: Optional[bool] = None,
                    **_: Any) -> Tuple[Tensor, Tensor]:
     """verl's advantage-estimator interface over ``mapo_advantages``: returns ``(advantages,
-    returns)``, both ``[B, T]`` (masked by ``response_mask``). ``singleton``: what a group of
-    one sample gets as its outcome part, ``"zero"`` (mapo_fast's) or ``"reward"`` (verl's GRPO:
-    ``R / (1 + epsilon)``)."""
+    returns)``, both ``[B, T]`` (masked by ``response_mask``). ``index``: the samples' ``uid``
+    (their groups; required, as verl's GRPO requires it). ``singleton``: what a group of one
+    sample gets as its outcome part, ``"zero"`` (mapo_fast's) or ``"reward"`` (verl's GRPO:
+    ``R / (1 + epsilon)``). ``norm_std``: see ``resolve_norm_std`` (verl's
+    ``norm_adv_by_std_in_grpo``, from ``compute_advantage``'s argument or the algorithm config,
+    is honoured). Bad turn data is refused (``_sample_turns``)."""
     if singleton not in SINGLETONS:
         raise ValueError(f"mapo advantage: `singleton` must be one of {list(SINGLETONS)}, got "
                          f"{singleton!r}")
+    if index is None:
+        raise ValueError("mapo advantage: the batch has no `uid` (non_tensor_batch['uid']): "
+                         "the groups of G samples per prompt are needed, as for verl's GRPO")
+    verl_norm = norm_adv_by_std_in_grpo if norm_adv_by_std_in_grpo is not None else \
+        _verl_norm(config)
+    norm_std = resolve_norm_std(norm_std, verl_norm)
     B, T = response_mask.shape
-    turns = _parse_turns((non_tensor_batch or {}).get(TURNS_KEY), B)
+    turns = _parse_turns((non_tensor_batch or {}).get(TURNS_KEY),
+                         _response_lengths(response_mask))
     K = max([len(t) for t in turns] + [1])
     scores = torch.zeros(B, K, dtype=torch.float32)
     mask = torch.zeros(B, K, dtype=torch.bool)
@@ -111,7 +189,7 @@ def mapo_advantage(token_level_rewards: Tensor, response_mask: Tensor, index: An
                                  f"outside the {T} response tokens")
             scores[b, k], mask[b, k] = s, True
             token_turn[b, a:z] = k
-    groups = group_ids(index if index is not None else np.arange(B))
+    groups = group_ids(index)
     rewards = token_level_rewards.sum(-1).float().cpu()
     adv = mapo_advantages(rewards, groups, scores, mask, token_turn, algo="mapo",
                           semantic_coef=semantic_coef, norm_std=norm_std, eps=epsilon,
@@ -151,9 +229,12 @@ def _wrap_compute_advantage(original: Any, options: Dict[str, Any]) -> Any:
         if "response_mask" not in data.batch.keys():
             from verl.trainer.ppo.ray_trainer import compute_response_mask
             data.batch["response_mask"] = compute_response_mask(data)
+        # verl's signature: (data, adv_estimator, gamma, lam, num_repeat,
+        # norm_adv_by_std_in_grpo, config)
+        norm = kwargs.get("norm_adv_by_std_in_grpo", args[3] if len(args) > 3 else None)
         adv, ret = mapo_advantage(data.batch["token_level_rewards"], data.batch["response_mask"],
                                   data.non_tensor_batch.get("uid"), config,
-                                  data.non_tensor_batch, **options)
+                                  data.non_tensor_batch, norm_adv_by_std_in_grpo=norm, **options)
         data.batch["advantages"], data.batch["returns"] = adv, ret
         return data
     compute_advantage._mapo_fast = True
@@ -161,15 +242,21 @@ def _wrap_compute_advantage(original: Any, options: Dict[str, Any]) -> Any:
     return compute_advantage
 
 
-def register(*, semantic_coef: float = 1.0, turn_discount: float = 0.0, norm_std: bool = True,
-             singleton: str = "zero", fused_kernel: bool = True) -> None:
+def register(*, semantic_coef: float = 1.0, turn_discount: float = 0.0,
+             norm_std: Optional[bool] = None, singleton: str = "zero",
+             fused_kernel: bool = True) -> None:
     """Registers the ``mapo`` advantage estimator with verl (``get_adv_estimator_fn("mapo")``)
     with these options, wraps ``compute_advantage`` so that it receives ``non_tensor_batch``,
     and (``fused_kernel``) replaces ``verl.utils.experimental.torch_functional.
-    FusedLinearForPPO`` with ``FusedLinearForPPO`` above. Call it again to change the options."""
+    FusedLinearForPPO`` with ``FusedLinearForPPO`` above. Call it again to change the options.
+    ``norm_std`` None follows verl's ``algorithm.norm_adv_by_std_in_grpo``. The installed
+    verl is checked first (``_compat.VERL``: its version, every private symbol patched)."""
     if singleton not in SINGLETONS:
         raise ValueError(f"register: `singleton` must be one of {list(SINGLETONS)}, got "
                          f"{singleton!r}")
+    if norm_std is not None and not isinstance(norm_std, bool):
+        raise ValueError(f"register: `norm_std` must be True, False or None, got {norm_std!r}")
+    _compat.check(_compat.VERL)
     from verl.trainer.ppo import core_algos
     options = dict(semantic_coef=semantic_coef, turn_discount=turn_discount, norm_std=norm_std,
                    singleton=singleton)

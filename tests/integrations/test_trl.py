@@ -169,3 +169,18 @@ def test_semantic_scores_fn_gives_per_token_advantages(tmp_path):
     torch.testing.assert_close(l_ours, l_ref, atol=1e-6, rtol=1e-5)
     for k, g in g_ref.items():
         torch.testing.assert_close(g_ours[k], g, atol=1e-6, rtol=1e-4, msg=k)
+
+
+def test_the_compatibility_check_names_versions_and_missing_symbols(monkeypatch):
+    """Building MAPOGRPOTrainer checks TRL first: the tested range, every private symbol the
+    integration overrides or reads (mapo_fast.integrations._compat.TRL)."""
+    from mapo_fast.integrations import _compat
+    assert _compat.check(_compat.TRL) == "1.16.0"
+    monkeypatch.setattr(_compat, "installed_version", lambda name: "1.20.0")
+    with pytest.warns(UserWarning, match=r"trl 1.20.0 is installed; the integration is tested "
+                                         r"with trl >= 1.16.0, < 1.17"):
+        _compat.check(_compat.TRL)
+    gone = _compat.Framework("trl", ("1.16.0", "1.17"),
+                             (("trl:GRPOTrainer._no_such_method", "a test"),))
+    with pytest.raises(ImportError, match="has no `trl:GRPOTrainer._no_such_method`"):
+        _compat.check(gone)

@@ -128,7 +128,7 @@ def test_registered_estimator_and_compute_advantage():
     mask = torch.ones(B, T)
     mask[:, 10:] = 0
     uids = np.array(["a", "b", "a", "c", "b", "a", "c", "b"], dtype=object)
-    turns = batch_turns(B, T)
+    turns = batch_turns(B, 10)  # inside each sample's own 10 response tokens
     want = expected(rewards, uids, turns, T, semantic_coef=0.5) * mask
     fn = core_algos.get_adv_estimator_fn("mapo")
     adv, ret = fn(token_level_rewards=tlr, response_mask=mask, index=uids, config=None,
@@ -216,3 +216,82 @@ def test_kernel_swap_through_verls_patched_model_forward():
     torch.testing.assert_close(res["ours"][1], res["verl"][1], atol=1e-10, rtol=1e-10)
     for k, g in res["verl"][2].items():
         torch.testing.assert_close(res["ours"][2][k], g, atol=1e-10, rtol=1e-8, msg=k)
+
+
+def _call(turns, uids=("a", "a"), T=8, length=6, **kw):
+    mask = torch.zeros(2, T)
+    mask[:, :length] = 1
+    tlr = torch.zeros(2, T)
+    tlr[0, length - 1] = 1.0
+    return mv.mapo_advantage(tlr, mask, None if uids is None else np.array(uids, dtype=object),
+                             None, {mv.TURNS_KEY: np.array(turns, dtype=object)}, **kw)
+
+
+@pytest.mark.parametrize("turns, message", [
+    (['[[0, 2, 0.5]', "[]"], r"\['mapo_turns'\]\[0\] is not valid JSON"),
+    (["[]", '{"a": 1}'], r"\[1\] must be a list"),
+    (["[[0, 7, 0.5]]", "[]"], r"\[0\] turn 0 spans \[0, 7\), outside the sample's 6 response"),
+    (["[[3, 5, 0.5], [1, 2, 0.1]]", "[]"], r"\[0\] turn 1 \[1, 2\) starts before turn 0 ends"),
+    (["[[0, 3, 0.5], [2, 4, 0.1]]", "[]"], r"turn 1 \[2, 4\) starts before turn 0 ends"),
+    (["[]", "[[0, 2, 1.5]]"], r"\[1\] turn 0 has score 1.5"),
+    (["[]", "[[0, 2, -0.2]]"], r"turn 0 has score -0.2"),
+    (["[]", '[[0, 2, "0.5"]]'], r"turn 0 has score '0.5'"),
+    (["[]", "[[0, 2, true]]"], r"turn 0 has score True"),
+    (["[]", '[[0, 2, NaN]]'], r"turn 0 has score nan"),
+    (["[]", "[[0.5, 2, 0.1]]"], r"turn 0 has a non-integer span"),
+    (["[]", "[[0, 2]]"], r"turn 0 must be \[start, end, score\]"),
+])
+def test_bad_turn_data_is_refused_naming_the_key_the_sample_and_the_problem(turns, message):
+    with pytest.raises(ValueError, match=message):
+        _call(turns)
+
+
+def test_a_batch_without_uid_is_refused_like_verls_grpo():
+    with pytest.raises(ValueError, match="the batch has no `uid`"):
+        _call(["[]", "[]"], uids=None)
+    with pytest.raises((AssertionError, ValueError, TypeError, KeyError)):
+        core_algos.compute_grpo_outcome_advantage(torch.zeros(2, 4), torch.ones(2, 4), None)
+
+
+def test_norm_adv_by_std_in_grpo_is_honoured():
+    """verl's algorithm.norm_adv_by_std_in_grpo reaches the estimator (through compute_advantage's
+    argument or the config): False gives Dr.GRPO's centred advantages; a register() option that
+    disagrees with it is refused."""
+    from verl.protocol import DataProto
+    from verl.trainer.ppo import ray_trainer
+    mv.register()
+    turns = ["[[0, 2, 0.9]]", "[[0, 2, 0.1]]"]
+    tlr = torch.tensor([[0.0, 1.0, 0, 0], [0.0, 0.0, 0, 0]])
+    mask = torch.ones(2, 4)
+    uids = np.array(["a", "a"], dtype=object)
+    data = DataProto.from_dict(tensors={"token_level_rewards": tlr, "response_mask": mask},
+                               non_tensors={"uid": uids,
+                                            mv.TURNS_KEY: np.array(turns, dtype=object)})
+    centred = ray_trainer.compute_advantage(data, adv_estimator="mapo",
+                                            norm_adv_by_std_in_grpo=False).batch["advantages"]
+    assert abs(float(centred[0, 3]) - 0.5) < 1e-6  # outcome only: R - mean = 0.5, not / std
+    scaled = ray_trainer.compute_advantage(data, adv_estimator="mapo").batch["advantages"]
+    assert float(scaled[0, 3]) > 0.6
+    fn = core_algos.get_adv_estimator_fn("mapo")
+    by_config, _ = fn(token_level_rewards=tlr, response_mask=mask, index=uids,
+                      config={"norm_adv_by_std_in_grpo": False},
+                      non_tensor_batch={mv.TURNS_KEY: np.array(turns, dtype=object)})
+    torch.testing.assert_close(by_config, centred)
+    mv.register(norm_std=True)
+    with pytest.raises(ValueError, match="disagrees with verl's "
+                                         "algorithm.norm_adv_by_std_in_grpo=False"):
+        ray_trainer.compute_advantage(data, adv_estimator="mapo", norm_adv_by_std_in_grpo=False)
+    mv.register()
+
+
+def test_the_compatibility_check_names_versions_and_missing_symbols(monkeypatch):
+    from mapo_fast.integrations import _compat
+    assert _compat.check(_compat.VERL) == "0.9.1"
+    monkeypatch.setattr(_compat, "installed_version", lambda name: "0.11.0")
+    with pytest.warns(UserWarning, match=r"verl 0.11.0 is installed; the integration is tested "
+                                         r"with verl >= 0.9.1, < 0.10"):
+        _compat.check(_compat.VERL)
+    gone = _compat.Framework("verl", ("0.9.1", "0.10"),
+                             (("verl.trainer.ppo.core_algos:no_such_symbol", "a test"),))
+    with pytest.raises(ImportError, match="has no `verl.trainer.ppo.core_algos:no_such_symbol`"):
+        _compat.check(gone)

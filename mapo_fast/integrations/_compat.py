@@ -1,0 +1,95 @@
+"""What each framework integration relies on, in one place: the versions it is tested against
+and the private symbols it reads or patches. ``check(FRAMEWORK)`` runs when ``register()`` is
+called or the trainer is built: a version outside the tested range is a ``UserWarning`` naming
+the installed and the supported versions, and a missing private symbol (the next release moved
+it) is an ``ImportError`` naming it, before anything is patched.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import warnings
+from dataclasses import dataclass
+from typing import Tuple
+
+
+@dataclass(frozen=True)
+class Framework:
+    """``name``: the distribution; ``tested``: ``(lowest, below)``, the versions the
+    integration's tests ran against (``lowest <= v < below``); ``private``: every non-public
+    symbol the integration touches, ``"module:attr.attr"``, with what it does with it."""
+    name: str
+    tested: Tuple[str, str]
+    private: Tuple[Tuple[str, str], ...]
+
+
+VERL = Framework("verl", ("0.9.1", "0.10"), (
+    ("verl.trainer.ppo.core_algos:ADV_ESTIMATOR_REGISTRY",
+     "the `mapo` estimator is added to it (verl's registry, written directly: its "
+     "register_adv_est decorator refuses re-registration with new options)"),
+    ("verl.trainer.ppo.ray_trainer:compute_advantage",
+     "wrapped so that the `mapo` estimator receives non_tensor_batch"),
+    ("verl.trainer.ppo.v1.utils:compute_advantage", "wrapped likewise (the v1 trainer)"),
+    ("verl.experimental.separation.ray_trainer:compute_advantage",
+     "wrapped likewise (the separation trainer)"),
+    ("verl.utils.experimental.torch_functional:FusedLinearForPPO",
+     "replaced by mapo_fast's fused log-prob module (use_fused_kernels)"),
+))
+
+TRL = Framework("trl", ("1.16.0", "1.17"), (
+    ("trl:GRPOTrainer._compute_loss", "overridden: the policy loss is mapo_loss"),
+    ("trl:GRPOTrainer._generate_and_score_completions",
+     "its batch (advantages, masks, old log-probs, model inputs) is what the loss reads"),
+))
+
+
+def installed_version(name: str) -> str:
+    return importlib.metadata.version(name)
+
+
+def _lookup(spec: str) -> bool:
+    module, _, attrs = spec.partition(":")
+    try:
+        obj = importlib.import_module(module)
+    except ImportError:
+        return False
+    for attr in attrs.split("."):
+        if not hasattr(obj, attr):
+            return False
+        obj = getattr(obj, attr)
+    return True
+
+
+def _tuple(version: str) -> Tuple[int, ...]:
+    """The release numbers of a version string (``"0.9.1.dev0"`` -> ``(0, 9, 1)``)."""
+    out = []
+    for part in version.split("."):
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def check(fw: Framework, optional: Tuple[str, ...] = ()) -> str:
+    """The installed version of ``fw``, after checking it: outside the tested range, a
+    ``UserWarning``; a private symbol missing (except those in ``optional``, parts of the
+    framework an installation may lack), an ``ImportError`` naming it and what it was for."""
+    try:
+        version = installed_version(fw.name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(f"mapo_fast.integrations: {fw.name} is not installed (tested with "
+                          f"{fw.name} >= {fw.tested[0]}, < {fw.tested[1]})") from None
+    lo, hi = fw.tested
+    if not _tuple(lo) <= _tuple(version) < _tuple(hi):
+        warnings.warn(f"mapo_fast.integrations: {fw.name} {version} is installed; the "
+                      f"integration is tested with {fw.name} >= {lo}, < {hi}. Its private "
+                      "symbols were found, but their behaviour may differ.", UserWarning,
+                      stacklevel=3)
+    for spec, purpose in fw.private:
+        if spec not in optional and not _lookup(spec):
+            raise ImportError(f"mapo_fast.integrations: {fw.name} {version} has no `{spec}` "
+                              f"(used: {purpose}); the integration supports {fw.name} >= {lo}, "
+                              f"< {hi}")
+    return version
