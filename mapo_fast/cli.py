@@ -43,7 +43,10 @@ def train_main(argv: Optional[List[str]] = None) -> None:
         trainer = Trainer(cfg)
     except ConfigError as e:
         sys.exit(f"mapo-train: {e}")
-    summary = trainer.run()
+    try:
+        summary = trainer.run()
+    except ConfigError as e:  # the data turned out unusable while training (records)
+        sys.exit(f"mapo-train: {e}")
     trainer.dist.close()
     if trainer.dist.main:
         print(f"mapo-train: wrote {cfg.out}/metrics.jsonl, eval.json, curves.png and "

@@ -28,7 +28,10 @@ ANSWERS = ["red", "exit", "three", "circle"]
 
 
 def _save_policy(folder):
-    """A 2-layer Qwen2.5-VL and the BPE it was built for, saved as a local checkpoint."""
+    """A 2-layer Qwen2.5-VL, the BPE it was built for and a Qwen2-VL image processor, saved as
+    a local checkpoint folder is laid out (the processor's PIL backend: its video part, which
+    wants torchvision, is left out)."""
+    from transformers import Qwen2VLImageProcessorPil
     from mapo_fast.tasks.tokenizer import build_tokenizer
     from mapo_fast.trainer.model import tiny_vl_model
     from mapo_fast.tasks.records import SYSTEM
@@ -39,6 +42,8 @@ def _save_policy(folder):
                                       vision_hidden_size=32), tok, seed=0)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=84 * 84).save_pretrained(folder)
+    assert os.path.isfile(os.path.join(folder, "preprocessor_config.json"))
 
 
 def _save_clip(folder):

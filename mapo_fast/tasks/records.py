@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from ..tools import ToolRegistry
+from ..trainer.config import ConfigError
 from ..trajectory import ANSWER_TAG, DESCRIPTION_TAG
 
 Tensor = torch.Tensor
@@ -214,8 +215,7 @@ class RecordsTask:
         skipped, counted in ``skipped`` and logged once each."""
         order = self.splits[split]
         if len(self._bad & set(order)) == len(order):
-            raise ValueError(f"RecordsTask: every record of the {split!r} split is unusable "
-                             f"({dict(self.skipped)})")
+            raise self._exhausted(split)
         out: List[RecordSample] = []
         pos = start
         while len(out) < n:
@@ -228,9 +228,13 @@ class RecordsTask:
             except RecordError as e:
                 self._skip(i, e)
                 if len(self._bad & set(order)) == len(order):
-                    raise ValueError(f"RecordsTask: every record of the {split!r} split is "
-                                     f"unusable ({dict(self.skipped)})") from None
+                    raise self._exhausted(split) from None
         return out
+
+    def _exhausted(self, split: str) -> ConfigError:
+        """The data's problem when no record of ``split`` is usable (one ``config:`` line)."""
+        return ConfigError(f"config: `task.data_path`: every record of the {split!r} split is "
+                           f"unusable ({dict(self.skipped)})")
 
     @staticmethod
     def images(s: RecordSample) -> List[Tensor]:
