@@ -82,7 +82,8 @@ class PolicyNumerics:
     def __post_init__(self) -> None:
         fn = "PolicyNumerics"
         chk.number(fn, "temperature", self.temperature, lo=0.0, lo_open=True)
-        chk.number(fn, "top_k", self.top_k, lo=0, integer=True)
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
+            chk.fail(fn, "top_k", f"must be an int >= 0, got {self.top_k!r}")
         chk.number(fn, "top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         object.__setattr__(self, "banned_tokens", _token_ids(fn, "banned_tokens",
                                                              self.banned_tokens))

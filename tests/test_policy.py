@@ -105,6 +105,7 @@ def test_the_sampler_records_what_token_logprobs_computes():
     (dict(temperature=0), "`temperature` must be"),
     (dict(top_p=0), "`top_p` must be"),
     (dict(top_k=-1), "`top_k` must be"),
+    (dict(top_k=2.0), "`top_k` must be an int >= 0, got 2.0"),
     (dict(banned_tokens=[-1]), "`banned_tokens` must hold non-negative int"),
     (dict(banned_tokens="ab"), "`banned_tokens` must be a sequence"),
     (dict(softcap=0.0), "`softcap` must be"),
