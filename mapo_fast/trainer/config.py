@@ -396,36 +396,33 @@ KEY_HELP: Dict[str, str] = {
 }
 
 
-def reference(obj: Any = None, prefix: str = "") -> List[tuple]:
-    """``(key, type, default, help)`` of every key, in the dataclasses' order: the source of
-    ``mapo-train --help`` and of the documentation's CLI reference."""
-    obj = TrainConfig() if obj is None else obj
+def _leaves(obj: Any, prefix: str = "") -> List[tuple]:
+    """``(dotted key, base type, optional, value)`` of every non-section field of ``obj``, in
+    the dataclasses' order (the one walk of the configuration tree)."""
     out = []
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
         if dataclasses.is_dataclass(v):
-            out += reference(v, f"{prefix}{f.name}.")
+            out += _leaves(v, f"{prefix}{f.name}.")
             continue
         hint = hints[f.name]
         args = [a for a in typing.get_args(hint) if a is not type(None)]
-        kind = (args[0] if args else hint).__name__ + (" or none" if args else "")
-        key = f"{prefix}{f.name}"
-        out.append((key, kind, v, KEY_HELP.get(key, "")))
+        out.append((f"{prefix}{f.name}", args[0] if args else hint, bool(args), v))
     return out
 
 
-def _float_keys(obj: Any, prefix: str = "") -> List[str]:
-    """Dotted keys of every float (or optional float) field, for the finiteness check."""
-    out = []
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        if dataclasses.is_dataclass(v):
-            out += _float_keys(v, f"{prefix}{f.name}.")
-        elif isinstance(v, float) and float in (hints[f.name], *typing.get_args(hints[f.name])):
-            out.append(f"{prefix}{f.name}")
-    return out
+def reference(obj: Any = None) -> List[tuple]:
+    """``(key, type, default, help)`` of every key, in the dataclasses' order: the source of
+    ``mapo-train --help`` and of the documentation's CLI reference."""
+    return [(key, base.__name__ + (" or none" if optional else ""), v, KEY_HELP.get(key, ""))
+            for key, base, optional, v in _leaves(TrainConfig() if obj is None else obj)]
+
+
+def _float_keys(obj: Any) -> List[str]:
+    """Dotted keys of every float (or optional float) field holding a float, for the
+    finiteness check."""
+    return [key for key, base, _, v in _leaves(obj) if base is float and isinstance(v, float)]
 
 
 def get(cfg: Any, key: str) -> Any:
