@@ -27,6 +27,7 @@ def sample(logits: Tensor, gens: Sequence[Optional[torch.Generator]], temperatur
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok.tolist(), torch.log_softmax(policy, -1).gather(1, tok[:, None])[:, 0].tolist()
+    logp = torch.log_softmax(policy / temperature, -1)
     scaled = logits / temperature
     if top_k > 0:
         kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
@@ -39,10 +40,12 @@ def sample(logits: Tensor, gens: Sequence[Optional[torch.Generator]], temperatur
     # inverse-CDF sampling, one uniform per sample from its own generator: the draw does
     # not depend on the batch; ``right=True`` never lands on a zero-probability token
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
-    cdf = torch.log_softmax(scaled, -1).double().exp().cumsum(-1)
+    # drawn from the policy itself when nothing narrows it (its log-softmax is computed once)
+    narrowed = top_k > 0 or top_p < 1.0 or policy is not logits
+    drawn = torch.log_softmax(scaled, -1) if narrowed else logp
+    cdf = drawn.double().exp().cumsum(-1)
     x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
     tok = torch.searchsorted(cdf, x, right=True).clamp_(max=logits.shape[-1] - 1)
-    logp = torch.log_softmax(policy / temperature, -1)
     return tok[:, 0].tolist(), logp.gather(1, tok)[:, 0].tolist()
 
 
