@@ -33,9 +33,17 @@ VERL = Framework("verl", ("0.9.1", "0.10"), (
     ("verl.trainer.ppo.v1.utils:compute_advantage", "wrapped likewise (the v1 trainer)"),
     ("verl.experimental.separation.ray_trainer:compute_advantage",
      "wrapped likewise (the separation trainer)"),
+    ("verl.trainer.ppo.v1.trainer_base:PPOTrainer._compute_advantage",
+     "wrapped so that, for `mapo`, the batch's extra_fields (the reward function's "
+     "mapo_turns) reach compute_advantage (the default v1 trainer)"),
     ("verl.utils.experimental.torch_functional:FusedLinearForPPO",
      "replaced by mapo_fast's fused log-prob module (use_fused_kernels)"),
 ))
+
+#: parts of verl an installation may lack (the v1 trainer needs verl's ``verl-core`` extra,
+#: TransferQueue): skipped when their module cannot be imported, checked when it can
+VERL_OPTIONAL = ("verl.trainer.ppo.v1.trainer_base:PPOTrainer._compute_advantage",
+                 "verl.experimental.separation.ray_trainer:compute_advantage")
 
 TRL = Framework("trl", ("1.16.0", "1.17"), (
     ("trl:GRPOTrainer._compute_loss", "overridden: the policy loss is mapo_loss"),
@@ -48,17 +56,18 @@ def installed_version(name: str) -> str:
     return importlib.metadata.version(name)
 
 
-def _lookup(spec: str) -> bool:
+def _lookup(spec: str) -> str:
+    """``"found"``, ``"no module"`` (its module cannot be imported) or ``"no symbol"``."""
     module, _, attrs = spec.partition(":")
     try:
         obj = importlib.import_module(module)
     except ImportError:
-        return False
+        return "no module"
     for attr in attrs.split("."):
         if not hasattr(obj, attr):
-            return False
+            return "no symbol"
         obj = getattr(obj, attr)
-    return True
+    return "found"
 
 
 def _tuple(version: str) -> Tuple[int, ...]:
@@ -74,8 +83,9 @@ def _tuple(version: str) -> Tuple[int, ...]:
 
 def check(fw: Framework, optional: Tuple[str, ...] = ()) -> str:
     """The installed version of ``fw``, after checking it: outside the tested range, a
-    ``UserWarning``; a private symbol missing (except those in ``optional``, parts of the
-    framework an installation may lack), an ``ImportError`` naming it and what it was for."""
+    ``UserWarning``; a private symbol missing, an ``ImportError`` naming it and what it was
+    for (those in ``optional``, parts of the framework an installation may lack, only when
+    their module imports and the symbol is not there)."""
     try:
         version = installed_version(fw.name)
     except importlib.metadata.PackageNotFoundError:
@@ -88,7 +98,8 @@ def check(fw: Framework, optional: Tuple[str, ...] = ()) -> str:
                       "symbols were found, but their behaviour may differ.", UserWarning,
                       stacklevel=3)
     for spec, purpose in fw.private:
-        if spec not in optional and not _lookup(spec):
+        found = _lookup(spec)
+        if found == "no symbol" or (found == "no module" and spec not in optional):
             raise ImportError(f"mapo_fast.integrations: {fw.name} {version} has no `{spec}` "
                               f"(used: {purpose}); the integration supports {fw.name} >= {lo}, "
                               f"< {hi}")

@@ -16,8 +16,9 @@ per-sequence advantages into per-token ones for multi-turn tool-use completions,
 from __future__ import annotations
 
 import functools
+import inspect
 import types
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -74,6 +75,51 @@ def _unsupported(trainer: Any) -> Dict[str, Any]:
         if getattr(cfg, name, None) not in (None, 1.0):  # logit multipliers of other names
             out[f"model.config.{name}"] = getattr(cfg, name)
     return out
+
+
+#: keys of TRL's batch that are not model inputs (the loss reads them, or TRL bookkeeps)
+LOSS_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "tool_mask",
+             "advantages", "old_per_token_logps", "ref_per_token_logps",
+             "sampling_per_token_logps", "importance_sampling_ratio", "num_items_in_batch")
+
+
+def _trl_model_keys() -> Tuple[str, ...]:
+    """The multimodal inputs TRL's ``_compute_loss`` hands its model-input builder: the keyword
+    parameters of ``GRPOTrainer._get_per_token_logps_and_entropies`` after its own options
+    (read from TRL's signature, so a key TRL adds is forwarded without a change here)."""
+    from trl import GRPOTrainer
+    params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
+    names = list(params)
+    return tuple(names[names.index("compute_aux_loss") + 1:])
+
+
+def _check_inputs(inputs: Dict[str, Any]) -> None:
+    """Refuses a batch key that is neither read by the loss nor a model input TRL forwards (a
+    model input this integration would drop), naming it."""
+    known = set(LOSS_KEYS) | set(_trl_model_keys())
+    extra = sorted(k for k, v in inputs.items() if k not in known and v is not None)
+    if extra:
+        raise NotImplementedError(
+            f"MAPOGRPOTrainer: TRL's batch holds {extra}, which TRL's _compute_loss does not pass "
+            f"to the model and mapo_fast's loss does not read; known keys: {sorted(known)}")
+
+
+class _ModelCall:
+    """Stands in for the model in TRL's ``_get_per_token_logps_and_entropies``: called with
+    TRL's model inputs (plus its ``labels`` and ``fused_lm_head``, which the objective
+    replaces), it runs ``model(**inputs, mapo_objective=objective)`` once, keeps its
+    ``(loss, metrics)`` in ``result`` and returns what TRL slices (placeholder log-probs)."""
+
+    def __init__(self, model: Any, objective: Callable):
+        self.model, self.objective, self.result = model, objective, None
+
+    def __call__(self, *, labels: Tensor, fused_lm_head: bool = True, **model_inputs: Any):
+        if self.result is not None:
+            raise RuntimeError("MAPOGRPOTrainer: TRL split the batch into several model calls; "
+                               "the loss needs one")
+        self.result = self.model(mapo_objective=self.objective, **model_inputs)
+        return types.SimpleNamespace(log_probs=torch.zeros(labels.shape),
+                                     entropy=None, aux_loss=None)
 
 
 def _trainer_class():
@@ -155,13 +201,26 @@ def _trainer_class():
                     weight = weight.to(hidden.dtype)
                 return mapo_loss(hidden[:, -L:], weight, completion_ids, adv, mask, **kw)
 
-            model_inputs = {k: inputs[k] for k in ("pixel_values", "image_grid_thw")
-                            if inputs.get(k) is not None}
-            with self.accelerator.autocast():
-                loss, metrics = model(input_ids=input_ids, attention_mask=attention_mask,
-                                      mapo_objective=objective, **model_inputs)
+            loss, metrics = self._forward(model, inputs, input_ids, attention_mask, L,
+                                          objective)
             self._log_loss_metrics(metrics, training)
             return loss
+
+        def _forward(self, model: Any, inputs: Dict[str, Any], input_ids: Tensor,
+                     attention_mask: Tensor, L: int, objective: Callable) -> Tuple[Tensor, Any]:
+            """The model's forward with ``mapo_objective``, on exactly the inputs TRL's own
+            ``_compute_loss`` gives it: TRL's ``_get_per_token_logps_and_entropies`` builds
+            them (every multimodal key its ``_compute_loss`` passes: pixel values, grids,
+            ``mm_token_type_ids``, ...) and calls ``_ModelCall``, which runs the model with the
+            objective instead of TRL's fused head. A key TRL's batch holds that its call
+            does not forward is refused (``_check_inputs``)."""
+            _check_inputs(inputs)
+            call = _ModelCall(model, objective)
+            self._get_per_token_logps_and_entropies(
+                call, input_ids, attention_mask, L, batch_size=input_ids.size(0),
+                compute_entropy=False, compute_aux_loss=False,
+                **{k: inputs.get(k) for k in _trl_model_keys()})
+            return call.result
 
         def _log_loss_metrics(self, m: Dict[str, Tensor], training: bool) -> None:
             """TRL's loss metrics (global token means over processes) from mapo_loss's."""

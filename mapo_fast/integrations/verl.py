@@ -13,14 +13,31 @@ different lengths do not stack.
 verl 0.9 hands ``non_tensor_batch`` only to its own ``gdpo`` estimator, so ``register()`` also
 wraps ``compute_advantage`` (in ``verl.trainer.ppo.ray_trainer`` and the modules that import
 it by name): for ``adv_estimator == "mapo"`` the wrapper calls the estimator with the batch's
-``non_tensor_batch``; every other estimator goes to verl's function unchanged. That wrapper is
-the whole patch.
+``non_tensor_batch``; every other estimator goes to verl's function unchanged.
+
+verl 0.9's default trainer (``trainer.use_v1``) keeps each sample in its TransferQueue, and
+its ``PPOTrainer._compute_advantage`` fetches a fixed field list, so ``non_tensor_batch``
+holds only ``uid`` there; the reward function's extra keys are in each sample's
+``extra_fields["reward_extra_info"]``. verl has no setting to carry another field to that
+step, so ``register()`` wraps that method too (the smallest patch): for ``mapo`` it fetches
+the batch's ``extra_fields`` by the same keys, in the same order, and hands their
+``mapo_turns`` to the ``compute_advantage`` wrapper for the duration of the call.
+
+verl's trainer and workers are separate Ray processes, so ``register()`` in the launching
+script does not reach them. verl imports every module named in ``VERL_USE_EXTERNAL_MODULES``
+when it is imported, in every process: set it to ``mapo_fast.integrations.verl_worker``
+(``WORKER_MODULE``), which calls ``register()`` with the options in the
+``MAPO_FAST_VERL_OPTIONS`` environment variable (JSON; ``OPTIONS_ENV``).
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import importlib
+import inspect
 import json
+import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -38,6 +55,14 @@ TURNS_KEY = "mapo_turns"
 ADVANTAGE_CALLERS = ("verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.v1.utils",
                      "verl.experimental.separation.ray_trainer")
 SINGLETONS = ("zero", "reward")
+#: The module verl imports in each of its processes (``VERL_USE_EXTERNAL_MODULES``) and the
+#: environment variable holding ``register()``'s options there, as a JSON object.
+WORKER_MODULE = "mapo_fast.integrations.verl_worker"
+OPTIONS_ENV = "MAPO_FAST_VERL_OPTIONS"
+#: verl's default (v1) trainer, whose ``PPOTrainer._compute_advantage`` is wrapped.
+V1_TRAINER = "verl.trainer.ppo.v1.trainer_base"
+#: the v1 batch's turn data while its ``_compute_advantage`` runs (set by the wrapper)
+_V1_TURNS: contextvars.ContextVar = contextvars.ContextVar("mapo_v1_turns", default=None)
 
 
 def turns_info(spans: Sequence[Tuple[int, int]], scores: Sequence[float]) -> Dict[str, str]:
@@ -81,6 +106,9 @@ def _sample_turns(b: int, entry: Any, length: int) -> List[Tuple[int, int, float
     inside its own ``length`` response tokens, in order and not overlapping, and finite
     numeric scores in [0, 1]; else ``ValueError`` naming the key, the sample and the problem."""
     turns = entry
+    if entry is None:
+        raise _bad(b, "is missing: the reward function must return it for every sample "
+                      "(an empty list '[]' for a sample without scored turns)")
     if isinstance(entry, (str, bytes)):
         try:
             turns = json.loads(entry)
@@ -232,14 +260,91 @@ def _wrap_compute_advantage(original: Any, options: Dict[str, Any]) -> Any:
         # verl's signature: (data, adv_estimator, gamma, lam, num_repeat,
         # norm_adv_by_std_in_grpo, config)
         norm = kwargs.get("norm_adv_by_std_in_grpo", args[3] if len(args) > 3 else None)
+        extra = data.non_tensor_batch
+        if TURNS_KEY not in extra and _V1_TURNS.get() is not None:  # the v1 trainer's batch
+            extra = {**extra, TURNS_KEY: _V1_TURNS.get()}
         adv, ret = mapo_advantage(data.batch["token_level_rewards"], data.batch["response_mask"],
-                                  data.non_tensor_batch.get("uid"), config,
-                                  data.non_tensor_batch, norm_adv_by_std_in_grpo=norm, **options)
+                                  data.non_tensor_batch.get("uid"), config, extra,
+                                  norm_adv_by_std_in_grpo=norm, **options)
         data.batch["advantages"], data.batch["returns"] = adv, ret
         return data
     compute_advantage._mapo_fast = True
     compute_advantage.__wrapped__ = original
     return compute_advantage
+
+
+def _extra_field_dict(value: Any) -> Dict[str, Any]:
+    value = getattr(value, "data", value)  # a NonTensorData holds its object in .data
+    return value if isinstance(value, dict) else {}
+
+
+def v1_turns(keys: Sequence[str], extra_fields: Sequence[Any]) -> np.ndarray:
+    """The ``mapo_turns`` of a v1 batch, one per key in ``keys`` order, from each sample's
+    ``extra_fields["reward_extra_info"]`` (None where absent: the estimator then names the
+    sample). Keys are verl's ``{uid}_{session}_{index}``; an agent loop that returns several
+    outputs per session is refused, since verl copies the last output's reward information to
+    the earlier ones, whose responses the turn spans do not describe."""
+    sessions: Dict[str, int] = {}
+    for key in keys:
+        session = str(key).rsplit("_", 1)[0]
+        sessions[session] = sessions.get(session, 0) + 1
+    multi = [s for s, n in sessions.items() if n > 1]
+    if multi:
+        raise NotImplementedError(
+            f"mapo advantage: session {multi[0]!r} has {sessions[multi[0]]} agent-loop outputs; "
+            "the mapo estimator takes one output per session (one response per sample)")
+    if len(extra_fields) != len(keys):
+        raise ValueError(f"mapo advantage: {len(extra_fields)} extra_fields for {len(keys)} keys")
+    out = np.empty(len(keys), dtype=object)
+    for i, value in enumerate(extra_fields):
+        out[i] = _extra_field_dict(_extra_field_dict(value).get("reward_extra_info")) \
+            .get(TURNS_KEY)
+    return out
+
+
+def _wrap_v1_compute_advantage(original: Any) -> Any:
+    if getattr(original, "_mapo_fast", False):
+        return original
+
+    @functools.wraps(original)
+    def _compute_advantage(self, batch, metrics):
+        name = getattr(self.config.algorithm.adv_estimator, "value",
+                       self.config.algorithm.adv_estimator)
+        if name != NAME:
+            return original(self, batch, metrics)
+        import transfer_queue as tq
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                               select_fields=["extra_fields"])
+        extra = data["extra_fields"]
+        extra = extra.tolist() if hasattr(extra, "tolist") else list(extra)
+        token = _V1_TURNS.set(v1_turns(list(batch.keys), extra))
+        try:
+            return original(self, batch, metrics)
+        finally:
+            _V1_TURNS.reset(token)
+    _compute_advantage._mapo_fast = True
+    _compute_advantage.__wrapped__ = original
+    return _compute_advantage
+
+
+def options_from_env(environ: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """``register()``'s keyword options from ``OPTIONS_ENV`` (a JSON object; empty or unset:
+    none), checked: a bad value names the variable and the problem."""
+    raw = (os.environ if environ is None else environ).get(OPTIONS_ENV, "").strip()
+    if not raw:
+        return {}
+    try:
+        options = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{OPTIONS_ENV} is not valid JSON ({e}): {raw[:80]!r}") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{OPTIONS_ENV} must be a JSON object of register() options, got "
+                         f"{raw[:80]!r}")
+    allowed = tuple(inspect.signature(register).parameters)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"{OPTIONS_ENV}: unknown option(s) {unknown}; valid: {list(allowed)}")
+    return options
 
 
 def register(*, semantic_coef: float = 1.0, turn_discount: float = 0.0,
@@ -256,7 +361,7 @@ def register(*, semantic_coef: float = 1.0, turn_discount: float = 0.0,
                          f"{singleton!r}")
     if norm_std is not None and not isinstance(norm_std, bool):
         raise ValueError(f"register: `norm_std` must be True, False or None, got {norm_std!r}")
-    _compat.check(_compat.VERL)
+    _compat.check(_compat.VERL, optional=_compat.VERL_OPTIONAL)
     from verl.trainer.ppo import core_algos
     options = dict(semantic_coef=semantic_coef, turn_discount=turn_discount, norm_std=norm_std,
                    singleton=singleton)
@@ -265,6 +370,14 @@ def register(*, semantic_coef: float = 1.0, turn_discount: float = 0.0,
         return mapo_advantage(token_level_rewards, response_mask, index, config,
                               kwargs.pop("non_tensor_batch", None), **options)
     core_algos.ADV_ESTIMATOR_REGISTRY[NAME] = estimator
+    _patch_callers(options)
+    if fused_kernel:
+        from verl.utils.experimental import torch_functional
+        torch_functional.FusedLinearForPPO = FusedLinearForPPO
+
+
+def _patch_callers(options: Dict[str, Any]) -> None:
+    """Wraps ``compute_advantage`` where verl calls it, and the v1 trainer's advantage step."""
     for mod_name in ADVANTAGE_CALLERS:
         try:
             mod = sys.modules.get(mod_name) or importlib.import_module(mod_name)
@@ -272,6 +385,10 @@ def register(*, semantic_coef: float = 1.0, turn_discount: float = 0.0,
             continue
         original = getattr(mod.compute_advantage, "__wrapped__", mod.compute_advantage)
         mod.compute_advantage = _wrap_compute_advantage(original, options)
-    if fused_kernel:
-        from verl.utils.experimental import torch_functional
-        torch_functional.FusedLinearForPPO = FusedLinearForPPO
+    try:
+        v1 = sys.modules.get(V1_TRAINER) or importlib.import_module(V1_TRAINER)
+    except ImportError:  # an installation without the v1 trainer's dependencies
+        return
+    method = v1.PPOTrainer._compute_advantage
+    v1.PPOTrainer._compute_advantage = _wrap_v1_compute_advantage(
+        getattr(method, "__wrapped__", method))

@@ -295,3 +295,26 @@ def test_the_compatibility_check_names_versions_and_missing_symbols(monkeypatch)
                              (("verl.trainer.ppo.core_algos:no_such_symbol", "a test"),))
     with pytest.raises(ImportError, match="has no `verl.trainer.ppo.core_algos:no_such_symbol`"):
         _compat.check(gone)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ("{bad", "MAPO_FAST_VERL_OPTIONS is not valid JSON"),
+    ("[1, 2]", "MAPO_FAST_VERL_OPTIONS must be a JSON object"),
+    ('{"semantic_coeff": 1}', r"unknown option\(s\) \['semantic_coeff'\]; valid: "
+                              r"\['semantic_coef', 'turn_discount'"),
+])
+def test_worker_options_from_the_environment_are_checked(raw, message):
+    assert mv.options_from_env({mv.OPTIONS_ENV: ""}) == {}
+    assert mv.options_from_env({mv.OPTIONS_ENV: '{"semantic_coef": 0.5}'}) == \
+        {"semantic_coef": 0.5}
+    with pytest.raises(ValueError, match=message):
+        mv.options_from_env({mv.OPTIONS_ENV: raw})
+
+
+def test_the_v1_turns_come_from_each_samples_reward_extra_info():
+    keys = ["u_0_0", "u_1_0", "v_0_0"]
+    extra = [{"reward_extra_info": {mv.TURNS_KEY: "[[0, 1, 0.5]]"}},
+             {"reward_extra_info": {}}, {"reward_extra_info": {mv.TURNS_KEY: "[]"}}]
+    assert mv.v1_turns(keys, extra).tolist() == ["[[0, 1, 0.5]]", None, "[]"]
+    with pytest.raises(NotImplementedError, match="session 'u_0' has 2 agent-loop outputs"):
+        mv.v1_turns(["u_0_0", "u_0_1"], extra[:2])
