@@ -58,7 +58,7 @@ test: $(STAMP) $(VERL_STAMP) $(TRL_STAMP)
 	$(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning \
 		tests/integrations/test_verl.py tests/integrations/test_verl_ray.py
 	$(TRL_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning \
-		tests/integrations/test_trl.py
+		tests/integrations/test_trl.py tests/integrations/test_trl_vl.py
 
 bench: $(STAMP)
 	$(BIN)/mapo-bench --scale cpu

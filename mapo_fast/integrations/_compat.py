@@ -47,6 +47,10 @@ VERL_OPTIONAL = ("verl.trainer.ppo.v1.trainer_base:PPOTrainer._compute_advantage
 
 TRL = Framework("trl", ("1.16.0", "1.17"), (
     ("trl:GRPOTrainer._compute_loss", "overridden: the policy loss is mapo_loss"),
+    ("trl:GRPOTrainer._get_per_token_logps_and_entropies",
+     "called with a stand-in for the model, so that TRL itself builds the model inputs "
+     "(pixel values, grids, mm_token_type_ids, ...); its keyword parameters are the "
+     "multimodal keys forwarded"),
     ("trl:GRPOTrainer._generate_and_score_completions",
      "its batch (advantages, masks, old log-probs, model inputs) is what the loss reads"),
 ))
