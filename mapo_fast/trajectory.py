@@ -227,18 +227,46 @@ def spans_from_text(text: str, tokenizer: Any, *, prompt_chars: int = 0,
     Each ``<tool_call>`` opens a turn; the first observation after it (before the next call) is
     its observation: an image (``image_pattern``) is the turn's crop, numbered in order; a text
     response (``text_response_pattern``, its first group the text) is a tool error, recorded in
-    ``error``. The first ``<description>`` after an image observation (before the next call) is
+    ``error`` (unless it wraps an image: a chat template's tool message holding the crop). The
+    first ``<description>`` after an image observation (before the next call) is
     its description. A call followed by no observation is recorded with ``error`` set. The last
     ``<answer>`` is the answer. ``prompt_chars``: length of the prompt part of ``text`` (tool
     calls in it are ignored). Returns ``(token_ids, spans)``.
     """
     ids, offsets = _offsets(tokenizer, text)
+    return ids, _spans(text, offsets, prompt_chars, description_tag, tool_call_tag, answer_tag,
+                       image_pattern, text_response_pattern)
+
+
+def spans_from_ids(ids: Sequence[int], tokenizer: Any, **markers: Any) -> TrajectorySpans:
+    """``spans_from_text``'s spans for token ids as they were generated (no re-encoding: a
+    policy may sample a tokenization its tokenizer would not produce, and a framework's
+    response holds observation tokens its decoder drops as special). The text is the ids'
+    pieces, each decoded alone with special tokens kept, so every character maps to the token
+    it came from. ``markers``: ``spans_from_text``'s tag and pattern options."""
+    pieces = [tokenizer.decode([int(t)], skip_special_tokens=False) for t in ids]
+    ends = list(itertools.accumulate(len(p) for p in pieces))
+    offsets = [(e - len(p), e) for p, e in zip(pieces, ends)]
+    markers.setdefault("prompt_chars", 0)
+    return _spans("".join(pieces), offsets, **markers)
+
+
+def _spans(text: str, offsets: Sequence[Tuple[int, int]], prompt_chars: int = 0,
+           description_tag: str = DESCRIPTION_TAG, tool_call_tag: str = TOOL_CALL_TAG,
+           answer_tag: str = ANSWER_TAG,
+           image_pattern: Union[str, Tuple[str, str]] = IMAGE_PATTERN,
+           text_response_pattern: Union[str, Tuple[str, str]] = TEXT_RESPONSE_PATTERN
+           ) -> TrajectorySpans:
+    """The spans of ``text`` whose tokens cover ``offsets`` (see ``spans_from_text``)."""
     index = _TokenIndex(offsets)
     calls = [c for c in find_tags(text, tool_call_tag) if c[0] >= prompt_chars]
-    observations = sorted(
-        [(a, b, None) for a, b, _ in _blocks(image_pattern, text)]
-        + [(a, b, body.strip()) for a, b, body in _blocks(text_response_pattern, text)],
-        key=lambda o: o[:2])
+    images = [(a, b, None) for a, b, _ in _blocks(image_pattern, text)]
+    image_starts = [a for a, _, _ in images]
+    # a text response wrapping an image (a chat template's tool message holding the crop) is
+    # that image's observation, not an error
+    texts = [(a, b, body.strip()) for a, b, body in _blocks(text_response_pattern, text)
+             if _first_from(images, image_starts, a, b) is None]
+    observations = sorted(images + texts, key=lambda o: o[:2])
     obs_starts = [o[0] for o in observations]
     descriptions = [(a, b, text[c:d].strip()) for a, b, c, d in find_tags(text, description_tag)]
     desc_starts = [d[0] for d in descriptions]
@@ -267,7 +295,7 @@ def spans_from_text(text: str, tokenizer: Any, *, prompt_chars: int = 0,
         a, b, c, d = answers[-1]
         spans.answer = index.span(a, b)
         spans.answer_text = text[c:d].strip()
-    return ids, spans
+    return spans
 
 
 def token_turns(spans: Sequence[TrajectorySpans], lengths: Sequence[int],

@@ -7,10 +7,21 @@ the head for it as it does for TRL's own fused LM head, and no ``[tokens x vocab
 exist. Every TRL option the loss supports is mapped (the README's option table); any other
 raises ``NotImplementedError`` naming it, at construction.
 
-Per-turn credit (MAPO): ``semantic_scores_fn(inputs) -> [B, T]`` (optional) turns TRL's
-per-sequence advantages into per-token ones for multi-turn tool-use completions, e.g. with
-``mapo_advantages`` over the completions' tool turns; its result replaces
-``inputs["advantages"]``.
+Per-turn credit (MAPO): ``semantic_scores_fn(batch) -> [B, T]`` (optional) turns TRL's
+per-sequence advantages into per-token ones for multi-turn tool-use completions. It is called
+once per generation batch, right after TRL's ``_generate_and_score_completions`` and before
+TRL shuffles and splits the batch (so whole groups are there), with TRL's batch plus
+``"inputs"`` (the dataset rows, images included) and ``"group_ids"`` ``[B]`` (TRL keeps the
+``num_generations`` completions of a prompt together); its result replaces
+``batch["advantages"]``.
+
+The recipe, ready: ``ZoomEnvironment`` is the zoom tool for TRL's own multi-turn loop
+(``environment_factory=ZoomEnvironment.factory(processor)``: one instance per rollout, the
+row's image, ``ToolRunner``'s box rules and error texts, the crop returned as an image), and
+``MAPOTurnScores(verifier, processor)`` is a ``semantic_scores_fn`` that finds each
+description after each tool response in TRL's completions, recomputes that turn's crop, scores
+them all in one verifier call and returns MAPO's per-token advantages (TRL's outcome advantage
+plus ``semantic_coef`` times the group-normalised turn scores).
 """
 
 from __future__ import annotations
@@ -24,6 +35,11 @@ import torch
 
 from ..loss import mapo_loss
 from ..policy import PolicyNumerics
+from ..rewards.verifier import SemanticVerifier
+from ..tools.ops import FACTOR, MAX_PIXELS, MIN_PIXELS, smart_resize
+from ..tools.protocol import (ToolContext, ToolRunner, ToolSession, ZoomInTool,
+                              format_tool_call)
+from .recipe import TurnScorer, image_tensor, pil_image
 
 Tensor = torch.Tensor
 #: TRL loss types and how mapo_loss aggregates them (TRL's normalisers, written as globals).
@@ -122,6 +138,114 @@ class _ModelCall:
                                      entropy=None, aux_loss=None)
 
 
+def _resize_of(processing_class: Any) -> Dict[str, int]:
+    """``min_pixels`` / ``max_pixels`` of a Qwen2-VL-style processor's image processor (the
+    resize the model's view of the image went through); the defaults where it has none."""
+    ip = getattr(processing_class, "image_processor", None)
+    size = getattr(ip, "size", None)
+
+    def field(name: str) -> Any:
+        return size.get(name) if isinstance(size, dict) else getattr(size, name, None)
+    lo = getattr(ip, "min_pixels", None) or field("shortest_edge") or MIN_PIXELS
+    hi = getattr(ip, "max_pixels", None) or field("longest_edge") or MAX_PIXELS
+    factor = getattr(ip, "patch_size", 14) * getattr(ip, "merge_size", 2) if ip else FACTOR
+    return dict(min_pixels=int(lo), max_pixels=int(hi), factor=int(factor))
+
+
+class ZoomEnvironment:
+    """The zoom tool in TRL's multi-turn loop: pass ``environment_factory=
+    ZoomEnvironment.factory(processor)``. TRL makes one instance per rollout, calls ``reset``
+    with the dataset row (its ``image_key`` column holds the image) and exposes
+    ``image_zoom_in_tool`` to the model. A call goes through ``ToolRunner`` (the box rules and
+    error texts of mapo_fast's own rollouts, ``crop_and_zoom``); a crop comes back to TRL as
+    an image part, which TRL merges into the conversation and the forward; an error as text.
+    ``max_calls``: zoom calls per rollout."""
+
+    def __init__(self, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                 factor: int = FACTOR, max_calls: int = 4, image_key: str = "image"):
+        self._resize = dict(min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
+        self._runner = ToolRunner()
+        self._max_calls, self._image_key = max_calls, image_key
+        self._context, self._session = None, None
+
+    @classmethod
+    def factory(cls, processing_class: Any = None, **kwargs: Any) -> Callable[[], "ZoomEnvironment"]:
+        """A zero-argument factory for TRL, with ``processing_class``'s resize rule."""
+        options = dict(_resize_of(processing_class), **kwargs)
+        return functools.partial(cls, **options)
+
+    def reset(self, **row: Any) -> None:
+        image = row.get(self._image_key)
+        if image is None and row.get("images"):
+            image = row["images"][0]
+        if image is None:
+            raise ValueError(f"ZoomEnvironment.reset: the row has no {self._image_key!r} (or "
+                             f"'images') column; its columns: {sorted(row)}")
+        t = image_tensor(image, f"row[{self._image_key!r}]")
+        self._context = ToolContext([t], [smart_resize(*t.shape[1:], **self._resize)])
+        self._session = ToolSession(max_calls=self._max_calls)
+
+    def image_zoom_in_tool(self, bbox_2d: list, label: str = "") -> list:
+        """Zoom in on a region of the image: crops the bounding box and returns it at a higher
+        resolution. Describe what you see in <description>...</description>.
+
+        Args:
+            bbox_2d: The box [x1, y1, x2, y2], in pixels of the image as you see it.
+            label: What you expect to find there.
+        """
+        if self._context is None:
+            raise RuntimeError("ZoomEnvironment: image_zoom_in_tool called before reset")
+        call = format_tool_call(ZoomInTool.name, {"bbox_2d": bbox_2d, "label": label})
+        (result,) = self._runner.run([call], [self._context], [self._session])
+        if not result.ok:
+            return result.text
+        return [{"type": "image", "image": pil_image(result.crop)}]
+
+
+class MAPOTurnScores:
+    """A ready ``semantic_scores_fn`` for ``MAPOGRPOTrainer``: for each completion of TRL's
+    batch, finds every zoom turn (call, the crop's image tokens TRL inserted, the description
+    after it), recomputes the crop from the row's image (``TurnScorer``), scores all
+    descriptions of the batch in one ``verifier`` call and returns ``[B, T]`` advantages: TRL's
+    outcome advantage on every token plus ``semantic_coef`` times the group-normalised
+    (``norm_std``: by the std too, as TRL's ``scale_rewards="group"``) credited scores on each
+    turn's tokens. ``metrics`` holds the last batch's counts and mean score (logged by the
+    trainer under ``mapo/``)."""
+
+    def __init__(self, verifier: SemanticVerifier, processing_class: Any, *,
+                 semantic_coef: float = 1.0, turn_discount: float = 0.0, norm_std: bool = True,
+                 image_key: str = "image"):
+        tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        self.scorer = TurnScorer(verifier, tokenizer, **_resize_of(processing_class))
+        self.options = dict(semantic_coef=semantic_coef, turn_discount=turn_discount,
+                            norm_std=norm_std)
+        self.image_key = image_key
+        self.metrics: Dict[str, float] = {}
+
+    def _image(self, row: Dict[str, Any], b: int) -> Any:
+        image = row.get(self.image_key)
+        if image is None and row.get("images"):
+            image = row["images"][0]
+        if image is None:
+            raise ValueError(f"MAPOTurnScores: inputs[{b}] has no {self.image_key!r} (or "
+                             f"'images') column; its columns: {sorted(row)}")
+        return image
+
+    def __call__(self, batch: Dict[str, Any]) -> Tensor:
+        ids, mask = batch["completion_ids"], batch["completion_mask"]
+        lengths = [int(m.nonzero().max()) + 1 if m.any() else 0 for m in mask]
+        responses = [row[:n].tolist() for row, n in zip(ids, lengths)]
+        images = [self._image(row, b) for b, row in enumerate(batch["inputs"])]
+        turns = self.scorer.score(responses, images)
+        T = ids.shape[1]
+        pad = torch.full((ids.shape[0], T), -1, dtype=torch.int64)
+        pad[:, :turns.token_turn.shape[1]] = turns.token_turn[:, :T]
+        turns.token_turn = pad
+        adv = turns.advantages(batch["advantages"], batch["group_ids"], **self.options)
+        self.metrics = dict(turns.stats)
+        return adv.to(ids.device)
+
+
 def _trainer_class():
     from . import _compat
     _compat.check(_compat.TRL)
@@ -144,6 +268,26 @@ def _trainer_class():
                 else self.model
             add_mapo_head(base)
             self.semantic_scores_fn = semantic_scores_fn
+
+        def _generate_and_score_completions(self, inputs: Any) -> Dict[str, Any]:
+            """TRL's batch; with ``semantic_scores_fn``, its per-token advantages in place of
+            TRL's per-sequence ones (see the module doc)."""
+            out = super()._generate_and_score_completions(inputs)
+            if self.semantic_scores_fn is None:
+                return out
+            B, T = out["completion_ids"].shape
+            G = self.num_generations if self.model.training else self.num_generations_eval
+            adv = self.semantic_scores_fn(dict(out, inputs=inputs,
+                                               group_ids=torch.arange(B) // G))
+            if not isinstance(adv, Tensor) or tuple(adv.shape) != (B, T):
+                raise ValueError(f"MAPOGRPOTrainer: semantic_scores_fn must return a [B, T] = "
+                                 f"[{B}, {T}] tensor, got "
+                                 f"{tuple(adv.shape) if isinstance(adv, Tensor) else type(adv)}")
+            out["advantages"] = adv.to(out["completion_ids"].device, torch.float32)
+            mode = "train" if self.model.training else "eval"
+            for k, v in getattr(self.semantic_scores_fn, "metrics", {}).items():
+                self._metrics[mode][f"mapo/{k}"].append(float(v))
+            return out
 
         def _logit_map(self) -> Dict[str, Any]:
             """The model's ``logit_scale`` and ``final_logit_softcapping``, as TRL's fused head
@@ -180,8 +324,7 @@ def _trainer_class():
             L = completion_ids.size(1)
             mask = completion_mask if "tool_mask" not in inputs else \
                 completion_mask * inputs["tool_mask"]
-            adv = self.semantic_scores_fn(inputs) if self.semantic_scores_fn is not None \
-                else inputs["advantages"]
+            adv = inputs["advantages"]
             training = self.model.training
             isw = None
             if self.use_vllm and self.vllm_importance_sampling_correction:

@@ -154,21 +154,32 @@ def test_unsupported_options_are_named(tmp_path, option, value):
 
 
 def test_semantic_scores_fn_gives_per_token_advantages(tmp_path):
-    """``semantic_scores_fn(inputs) -> [B, T]`` replaces TRL's per-sequence advantages: the
-    loss equals TRL's given those per-token advantages directly."""
+    """``semantic_scores_fn(batch) -> [B, T]`` runs once per generation batch, on TRL's batch
+    plus the rows and the group ids, before TRL shuffles and splits it; its result is the
+    batch's advantages, and the loss on it equals TRL's loss given those advantages."""
     ref, ours = trainers(tmp_path, loss_type="bnpo")
-    batch = inputs(ref)
+    seen = {}
 
-    def per_token(inp):  # e.g. MAPO's credit on the tool turns' tokens
-        adv = inp["advantages"][:, None].expand_as(inp["completion_mask"]).clone()
+    def per_token(batch):  # e.g. MAPO's credit on the tool turns' tokens
+        seen.update(batch)
+        adv = batch["advantages"][:, None].expand_as(batch["completion_mask"]).clone()
         adv[:, 2:4] += 0.5
         return adv
     ours.semantic_scores_fn = per_token
+    rows = [{"prompt": p} for p in ("the cat sat", "zoom in") for _ in range(4)]
+    torch.manual_seed(0)
+    ours.model.train()
+    batch = ours._generate_and_score_completions(rows)
+    assert seen["inputs"] == rows and seen["group_ids"].tolist() == [0] * 4 + [1] * 4
+    torch.testing.assert_close(batch["advantages"][:, 2], seen["advantages"] + 0.5)
     l_ours, g_ours = compute(ours, batch, 1)
-    l_ref, g_ref = compute(ref, dict(batch, advantages=per_token(batch)), 1)
+    l_ref, g_ref = compute(ref, batch, 1)
     torch.testing.assert_close(l_ours, l_ref, atol=1e-6, rtol=1e-5)
     for k, g in g_ref.items():
         torch.testing.assert_close(g_ours[k], g, atol=1e-6, rtol=1e-4, msg=k)
+    ours.semantic_scores_fn = lambda b: b["advantages"]
+    with pytest.raises(ValueError, match=r"must return a \[B, T\] = \[8, 6\] tensor, got \(8,\)"):
+        ours._generate_and_score_completions(rows)
 
 
 def test_the_compatibility_check_names_versions_and_missing_symbols(monkeypatch):

@@ -119,3 +119,102 @@ def test_a_batch_key_trl_does_not_forward_is_refused(checkpoint, tmp_path):
     batch = dict(trl_batch(ref), pixel_values_videos=torch.zeros(1))
     with pytest.raises(NotImplementedError, match=r"TRL's batch holds \['pixel_values_videos'\]"):
         compute(ours, batch)
+
+
+# --- the MAPO recipe in TRL's own multi-turn loop --------------------------------------------
+
+@pytest.fixture(scope="module")
+def tool_user(tmp_path_factory):
+    """A checkpoint taught to call the zoom tool and then describe the crop one of two ways,
+    and its processor with TRL's own Qwen-VL chat template (TRL parses tool calls with it)."""
+    from trl.chat_template_utils import qwen3_vl_chat_template
+
+    from vl_assets import warm_start_tool_use
+    path = tmp_path_factory.mktemp("tool_user")
+    save_tiny_vl(path)
+    proc = processor(path, qwen3_vl_chat_template)
+    warm_start_tool_use(path, proc, rows())
+    return str(path), proc
+
+
+def answer_reward(completions, **kwargs):
+    return [float("<answer>red</answer>" in str(c[-1]["content"])) for c in completions]
+
+
+def verifier():
+    from mapo_fast.rewards.clip import CLIPVerifier
+    from test_clip_verifier import tiny_clip
+    return CLIPVerifier(*tiny_clip())
+
+
+def tool_trainer(cls, tool_user, tmp_path, name, **kw):
+    from trl import GRPOConfig
+
+    from mapo_fast.integrations.trl import ZoomEnvironment
+    path, proc = tool_user
+    args = GRPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=8,
+                      num_generations=4, max_completion_length=160, max_steps=2,
+                      logging_steps=1, report_to="none", use_cpu=True, bf16=False, seed=0,
+                      learning_rate=1e-3, save_strategy="no", loss_type="bnpo", beta=0.04,
+                      temperature=1.0)
+    return cls(model=path, reward_funcs=answer_reward, args=args, processing_class=proc,
+               train_dataset=datasets.Dataset.from_list(rows()),
+               environment_factory=ZoomEnvironment.factory(proc), **kw)
+
+
+def test_mapo_trains_a_vl_tool_user_with_trls_generation(tool_user, tmp_path):
+    """Two training steps with TRL's generation and tool loop: zoom calls run, their crops
+    enter the forward, each turn's score reaches the loss as per-token advantages."""
+    import time
+
+    from mapo_fast.integrations.trl import MAPOTurnScores
+    scores = MAPOTurnScores(verifier(), tool_user[1])
+    tr = tool_trainer(MAPOGRPOTrainer, tool_user, tmp_path, "mapo", semantic_scores_fn=scores)
+    seen = []
+    original = tr._compute_loss
+
+    def spy(model, inputs):
+        seen.append({k: inputs[k] for k in ("advantages", "num_images", "completion_mask")})
+        return original(model, inputs)
+    tr._compute_loss = spy
+    torch.manual_seed(0)
+    start = time.perf_counter()
+    tr.train()
+    wall = time.perf_counter() - start
+    logs = [h for h in tr.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    calls = [h["tools/call_frequency"] for h in logs]
+    crops = [h["mapo/crops"] for h in logs]
+    score = [h["mapo/score_mean"] for h in logs]
+    assert min(calls) > 0 and min(crops) > 0 and min(h["mapo/scored"] for h in logs) > 0
+    # the crops are in the forward: a completion's images are its prompt image and its crops
+    assert any(n > 1 for s in seen for n in s["num_images"])
+    # per-token advantages, differing within a completion where a scored turn's tokens are
+    assert all(s["advantages"].dim() == 2 for s in seen)
+    varies = [(row[m.bool()].max() - row[m.bool()].min()) > 1e-6
+              for s in seen for row, m in zip(s["advantages"], s["completion_mask"])]
+    assert any(varies)
+    print(f"TRL VL e2e: {len(logs)} steps, tool calls per completion {calls}, crops {crops}, "
+          f"mean semantic score {score}, wall {wall:.1f} s")
+
+
+def test_with_semantic_coef_0_the_run_equals_grpo_trainer(tool_user, tmp_path):
+    """The same tool-use run, semantic_coef=0: MAPO's advantage is GRPO's, so the logged loss
+    and grad norm equal plain ``GRPOTrainer``'s step for step."""
+    from trl import GRPOTrainer
+
+    from mapo_fast.integrations.trl import MAPOTurnScores
+    logs = {}
+    for name, cls, kw in (
+            ("trl", GRPOTrainer, {}),
+            ("ours", MAPOGRPOTrainer,
+             dict(semantic_scores_fn=MAPOTurnScores(verifier(), tool_user[1],
+                                                    semantic_coef=0.0)))):
+        tr = tool_trainer(cls, tool_user, tmp_path, name, **kw)
+        torch.manual_seed(0)
+        tr.train()
+        logs[name] = [(h["loss"], h["grad_norm"], h["tools/call_frequency"])
+                      for h in tr.state.log_history if "loss" in h]
+    assert len(logs["trl"]) == 2 and min(c for _, _, c in logs["trl"]) > 0
+    torch.testing.assert_close(torch.tensor(logs["ours"]), torch.tensor(logs["trl"]),
+                               atol=1e-5, rtol=1e-4)

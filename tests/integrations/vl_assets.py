@@ -30,6 +30,11 @@ CHAT_TEMPLATE = (
 
 QUESTIONS = ["What colour is the square?", "What is written on the sign?",
              "How many dots are there?", "Which shape is red?"]
+#: the tool-use trajectories ``warm_start_tool_use`` teaches: a zoom call, then one of two
+#: descriptions of the crop and its answer (so a group's samples differ there)
+CALL = {"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [0, 0, 28, 28], "label": "sign"}}
+AFTERS = ("<description>a red square</description><answer>red</answer>",
+          "<description>blue dots</description><answer>blue</answer>")
 
 
 def _processor_class():
@@ -48,14 +53,14 @@ def _processor_class():
     return ImageOnlyProcessor
 
 
-def processor(folder):
+def processor(folder, chat_template: str = CHAT_TEMPLATE):
     """The checkpoint's processor: its tokenizer, a Qwen2-VL image processor (28-56 px sides)
-    and ``CHAT_TEMPLATE``."""
+    and ``chat_template``."""
     from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     return _processor_class()(
         image_processor=Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56),
-        tokenizer=tok, chat_template=CHAT_TEMPLATE)
+        tokenizer=tok, chat_template=chat_template)
 
 
 def save_tiny_vl(folder, seed: int = 0) -> None:
@@ -63,10 +68,11 @@ def save_tiny_vl(folder, seed: int = 0) -> None:
     from mapo_fast.tasks.tokenizer import build_tokenizer
     from mapo_fast.trainer.config import ModelConfig
     from mapo_fast.trainer.model import tiny_vl_model
-    corpus = QUESTIONS + ["<description>a red square</description>", "<answer>red</answer>",
-                          '<tool_call>{"name": "zoom", "arguments": {"bbox_2d": [0, 0, 28, 28]}}'
-                          '</tool_call>'] * 4
-    tok = build_tokenizer(corpus, vocab_size=320)
+    import json
+    corpus = QUESTIONS + [*AFTERS, f"<tool_call>\n{json.dumps(CALL)}\n</tool_call>",
+                          "<tool_response>\n", "\n</tool_response>", "assistant\n",
+                          "user\n"] * 8
+    tok = build_tokenizer(corpus, vocab_size=400)
     model = tiny_vl_model(ModelConfig(hidden_size=64, intermediate_size=64,
                                       vision_hidden_size=32), tok, seed=seed)
     model.save_pretrained(folder)
@@ -80,3 +86,59 @@ def image(seed: int, size: int = 56):
     px = torch.randint(0, 256, (size // 14, size // 14, 3), generator=g, dtype=torch.uint8)
     px = px.repeat_interleave(14, 0).repeat_interleave(14, 1)
     return Image.fromarray(px.numpy())
+
+
+def _assistant_labels(ids, tok):
+    """Labels on the assistant turns' tokens (after ``<|im_start|>assistant\n``, through
+    ``<|im_end|>``), -100 elsewhere."""
+    start = tok.encode("<|im_start|>assistant\n", add_special_tokens=False)
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    labels = torch.full_like(ids, -100)
+    i, inside = 0, False
+    while i < len(ids):
+        if not inside and ids[i:i + len(start)].tolist() == start:
+            i, inside = i + len(start), True
+            continue
+        if inside:
+            labels[i] = ids[i]
+            inside = int(ids[i]) != end
+        i += 1
+    return labels
+
+
+def warm_start_tool_use(folder, proc, rows, steps: int = 160, seed: int = 0) -> None:
+    """Teaches the saved model two tool-use trajectories per row (``CALL``, the crop in a tool
+    message, then each of ``AFTERS``), rendered by ``proc``'s chat template as a trainer
+    renders them, then saves it back: a random model never calls a tool."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from mapo_fast.integrations.recipe import pil_image
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+    crop = pil_image(torch.zeros(3, 28, 28, dtype=torch.uint8))
+    examples = []
+    for row, after in [(r, a) for r in rows for a in AFTERS]:
+        msgs = row["prompt"] + [
+            {"role": "assistant", "content": "",
+             "tool_calls": [{"type": "function", "function": CALL}]},
+            {"role": "tool", "name": CALL["name"], "content": [{"type": "image"}]},
+            {"role": "assistant", "content": after}]
+        text = proc.apply_chat_template(msgs, tokenize=False, tools=[_tool_schema()])
+        enc = proc(text=[text], images=[row["image"], crop], return_tensors="pt")
+        enc["labels"] = _assistant_labels(enc["input_ids"][0], proc.tokenizer)[None]
+        examples.append(enc)
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(steps):
+        loss = model(**examples[step % len(examples)]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(folder)
+
+
+def _tool_schema():
+    from transformers.utils import get_json_schema
+
+    from mapo_fast.integrations.trl import ZoomEnvironment
+    return get_json_schema(ZoomEnvironment.image_zoom_in_tool)
