@@ -56,7 +56,8 @@ $(TRL_STAMP): tests/integrations/requirements-trl.txt setup.py pyproject.toml
 test: $(STAMP) $(VERL_STAMP) $(TRL_STAMP)
 	$(BIN)/python -m pytest -q tests
 	$(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning \
-		tests/integrations/test_verl.py tests/integrations/test_verl_ray.py
+		tests/integrations/test_verl.py tests/integrations/test_verl_ray.py \
+		tests/integrations/test_verl_recipe.py
 	$(TRL_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning \
 		tests/integrations/test_trl.py tests/integrations/test_trl_vl.py
 

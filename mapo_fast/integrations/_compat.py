@@ -36,6 +36,9 @@ VERL = Framework("verl", ("0.9.1", "0.10"), (
     ("verl.trainer.ppo.v1.trainer_base:PPOTrainer._compute_advantage",
      "wrapped so that, for `mapo`, the batch's extra_fields (the reward function's "
      "mapo_turns) reach compute_advantage (the default v1 trainer)"),
+    ("verl.experimental.reward_loop.reward_manager:register",
+     "registers the `mapo` reward manager (verl_recipe.MAPORewardManager, a RewardManagerBase)"),
+    ("verl.tools.base_tool:BaseTool", "subclassed by verl_recipe.ZoomInTool"),
     ("verl.utils.experimental.torch_functional:FusedLinearForPPO",
      "replaced by mapo_fast's fused log-prob module (use_fused_kernels)"),
 ))

@@ -328,8 +328,9 @@ def _wrap_v1_compute_advantage(original: Any) -> Any:
 
 
 def options_from_env(environ: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    """``register()``'s keyword options from ``OPTIONS_ENV`` (a JSON object; empty or unset:
-    none), checked: a bad value names the variable and the problem."""
+    """The options in ``OPTIONS_ENV`` (a JSON object; empty or unset: none): ``register()``'s
+    keyword options, and ``"reward"`` (the recipe's, ``verl_recipe.reward_options``); checked:
+    a bad value names the variable and the problem."""
     raw = (os.environ if environ is None else environ).get(OPTIONS_ENV, "").strip()
     if not raw:
         return {}
@@ -340,7 +341,7 @@ def options_from_env(environ: Optional[Dict[str, str]] = None) -> Dict[str, Any]
     if not isinstance(options, dict):
         raise ValueError(f"{OPTIONS_ENV} must be a JSON object of register() options, got "
                          f"{raw[:80]!r}")
-    allowed = tuple(inspect.signature(register).parameters)
+    allowed = tuple(inspect.signature(register).parameters) + ("reward",)
     unknown = sorted(set(options) - set(allowed))
     if unknown:
         raise ValueError(f"{OPTIONS_ENV}: unknown option(s) {unknown}; valid: {list(allowed)}")
