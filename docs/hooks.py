@@ -3,27 +3,47 @@ never drift from them.
 
 ``<!-- mapo:cli-reference -->`` becomes the table of every ``mapo-train`` key, its type, default
 and help, from ``mapo_fast/trainer/config.py`` (``reference()``: the same source as
-``mapo-train --help``). The module is loaded from its file: it imports only the standard library,
-so the site builds without torch.
+``mapo-train --help``). ``<!-- mapo:compat NAME -->`` (``VERL``, ``TRL``) becomes the tested
+version range and the table of private symbols an integration touches, from
+``mapo_fast/integrations/_compat.py`` (the list ``register()`` / the trainer check). Both
+modules are loaded from their files: they import only the standard library, so the site builds
+without torch.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_MARKER = "<!-- mapo:cli-reference -->"
+COMPAT_MARKER = re.compile(r"<!-- mapo:compat (\w+) -->")
 
 
-def _config_module():
-    path = ROOT / "mapo_fast" / "trainer" / "config.py"
-    spec = importlib.util.spec_from_file_location("_mapo_config_for_docs", path)
+def _load(relative: str, name: str):
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses resolve their annotations through it
     spec.loader.exec_module(mod)
     return mod
+
+
+def _config_module():
+    return _load("mapo_fast/trainer/config.py", "_mapo_config_for_docs")
+
+
+def compat_table(name: str) -> str:
+    """The tested range and the private-symbol table of ``_compat.<name>``."""
+    fw = getattr(_load("mapo_fast/integrations/_compat.py", "_mapo_compat_for_docs"), name)
+    lo, hi = fw.tested
+    rows = [f"Tested with {fw.name} >= {lo}, < {hi}.", "", "| symbol | what the integration "
+            "does with it |", "|---|---|"]
+    rows += [f"| `{spec.replace(':', '.')}` | {purpose.replace('|', '/')} |"
+             for spec, purpose in fw.private]
+    return "\n".join(rows) + "\n"
 
 
 def cli_table() -> str:
@@ -44,4 +64,4 @@ def cli_table() -> str:
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_table())
-    return markdown
+    return COMPAT_MARKER.sub(lambda m: compat_table(m.group(1)), markdown)

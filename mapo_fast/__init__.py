@@ -10,7 +10,8 @@ Public API:
                             logit map), one setting for the rollout, the loss and the
                             reference log-probs (mapo_fast.policy says what the ratio means)
     mapo_advantages         the MAPO advantage: group-relative outcome + semantic scores
-    Trajectory, TrajectorySpans, ToolTurn, Span, spans_from_text, turn_batch, token_turns
+    Trajectory, TrajectorySpans, ToolTurn, Span, spans_from_text, spans_from_ids, turn_batch,
+    token_turns
                             where each tool turn, description and answer sit in the tokens
     SemanticVerifier, OracleVerifier, CLIPVerifier
                             description-vs-crop scores in [0, 1] (mapo_fast.rewards also has
@@ -37,8 +38,8 @@ from .rollout import RolloutEngine, SamplingParams, ToolParams
 from .rewards import CLIPVerifier, OracleVerifier, SemanticVerifier
 from .tools import (ToolRegistry, ToolRunner, ZoomInTool, crop_and_zoom, crop_to_patches,
                     crops_to_patches, format_tool_call, parse_tool_calls, smart_resize)
-from .trajectory import (Span, ToolTurn, Trajectory, TrajectorySpans, spans_from_text,
-                         token_turns, turn_batch)
+from .trajectory import (Span, ToolTurn, Trajectory, TrajectorySpans, spans_from_ids,
+                         spans_from_text, token_turns, turn_batch)
 from .variance import gradient_variance, loss_gradient_variance
 
 __version__ = "0.1.0"
@@ -47,7 +48,7 @@ __all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LossMetrics", "LOSS_AGG_M
            "PolicyNumerics",
            "mapo_advantages",
            "Trajectory", "TrajectorySpans", "ToolTurn", "Span", "spans_from_text", "turn_batch",
-           "token_turns",
+           "spans_from_ids", "token_turns",
            "SemanticVerifier", "OracleVerifier", "CLIPVerifier", "gradient_variance",
            "loss_gradient_variance",
            "crop_and_zoom", "crop_to_patches", "crops_to_patches", "smart_resize",

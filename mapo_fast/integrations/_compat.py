@@ -49,13 +49,15 @@ VERL_OPTIONAL = ("verl.trainer.ppo.v1.trainer_base:PPOTrainer._compute_advantage
                  "verl.experimental.separation.ray_trainer:compute_advantage")
 
 TRL = Framework("trl", ("1.16.0", "1.17"), (
-    ("trl:GRPOTrainer._compute_loss", "overridden: the policy loss is mapo_loss"),
+    ("trl:GRPOTrainer._compute_loss", "overridden: the policy loss is mapo_loss; its metrics "
+     "go into the trainer's `_metrics` (an instance attribute, not checked here)"),
     ("trl:GRPOTrainer._get_per_token_logps_and_entropies",
      "called with a stand-in for the model, so that TRL itself builds the model inputs "
      "(pixel values, grids, mm_token_type_ids, ...); its keyword parameters are the "
      "multimodal keys forwarded"),
     ("trl:GRPOTrainer._generate_and_score_completions",
-     "its batch (advantages, masks, old log-probs, model inputs) is what the loss reads"),
+     "extended: its batch (advantages, masks, old log-probs, model inputs) is what the loss "
+     "reads; with semantic_scores_fn its advantages become per-token"),
 ))
 
 
