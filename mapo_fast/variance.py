@@ -10,7 +10,8 @@ advantages are rescaled, the fair basis for comparing estimators.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence
+import math
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -96,3 +97,73 @@ def loss_gradient_variance(hidden: Tensor, weight: Tensor, targets: Tensor, adva
 
     return gradient_variance(loss_fn, [w], len(uniq), n_resamples=n_resamples,
                              subset_size=groups_per_batch, seed=seed)
+
+
+def _trace_and_signal(G: Tensor) -> Tuple[Tensor, Tensor]:
+    """For ``[..., K, P]`` gradients: the unbiased trace of their covariance over the K rows and
+    the squared norm of their mean, each ``[...]``."""
+    K = G.shape[-2]
+    mean = G.mean(-2, keepdim=True)
+    return ((G - mean) ** 2).sum((-2, -1)) / (K - 1), mean.squeeze(-2).pow(2).sum(-1)
+
+
+def paired_estimator_variance(grads: Dict[str, Tensor], *, reference: str, n_boot: int = 2000,
+                              level: float = 0.95, seed: int = 0) -> Dict[str, Dict[str, float]]:
+    """The variance of policy-gradient estimators measured on the same rollouts.
+
+    ``grads[name]``: ``[K, P]``, the gradient estimator ``name`` gives on each of ``K``
+    independent rollout batches drawn at one set of weights; row ``k`` of every entry comes
+    from the same batch ``k`` (the same trajectories, only the advantages differ). For each
+    estimator: ``trace_var`` (the unbiased trace of the covariance over batches: how much the
+    gradient changes from one batch to the next), ``mean_sq_norm`` (the squared norm of the
+    mean gradient) and ``relative_var`` (their ratio). For each estimator but ``reference``:
+    ``var_ratio`` = its ``trace_var`` over the reference's and ``relative_var_ratio`` likewise,
+    each with a percentile bootstrap interval at ``level`` (``*_lo``, ``*_hi``) from ``n_boot``
+    resamplings of the batches, the same resampled batches for both estimators (paired;
+    resamples in which the reference has no spread are left out).
+    """
+    fn = "paired_estimator_variance"
+    if not isinstance(grads, dict) or reference not in grads:
+        chk.fail(fn, "reference", f"must name one of the estimators {sorted(grads)}, got "
+                                  f"{reference!r}")
+    K, P = None, None
+    for name, g in grads.items():
+        chk.tensor(fn, f"grads[{name!r}]", g, dims=(2,), floating=True)
+        chk.finite_tensor(fn, f"grads[{name!r}]", g)
+        if K is None:
+            K, P = g.shape
+        elif tuple(g.shape) != (K, P):
+            chk.fail(fn, f"grads[{name!r}]", f"must be [{K}, {P}] like the others (the same "
+                                             f"batches), got {tuple(g.shape)}")
+    if K < 3:
+        chk.fail(fn, "grads", f"needs at least 3 batches per estimator, got {K}")
+    n_boot = int(chk.number(fn, "n_boot", n_boot, lo=10, integer=True))
+    level = chk.number(fn, "level", level, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, K, (n_boot, K), generator=gen)
+    out: Dict[str, Dict[str, float]] = {}
+    boot: Dict[str, Tuple[Tensor, Tensor]] = {}
+    for name, g in grads.items():
+        G = g.detach().double().cpu()
+        tv, sq = _trace_and_signal(G)
+        out[name] = {"trace_var": float(tv), "mean_sq_norm": float(sq),
+                     "relative_var": float(tv / sq) if sq > 0 else float("inf"),
+                     "batches": float(K)}
+        btv, bsq = _trace_and_signal(G[idx])  # [n_boot] each
+        boot[name] = (btv, btv / bsq.clamp(min=torch.finfo(torch.float64).tiny))
+    q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    ref_tv, ref_rel = boot[reference]
+    for name in grads:
+        if name == reference:
+            continue
+        r = out[reference]
+        for key, num, den, b_num, b_den in (
+                ("var_ratio", out[name]["trace_var"], r["trace_var"], boot[name][0], ref_tv),
+                ("relative_var_ratio", out[name]["relative_var"], r["relative_var"],
+                 boot[name][1], ref_rel)):
+            out[name][key] = num / den if den > 0 else float("inf")
+            valid = b_den > 0  # a resample of one batch repeated has no spread: skipped
+            ratio = b_num[valid] / b_den[valid]
+            lo, hi = torch.quantile(ratio, q).tolist() if valid.any() else (math.nan,) * 2
+            out[name][f"{key}_lo"], out[name][f"{key}_hi"] = lo, hi
+    return out

@@ -66,3 +66,46 @@ def test_gradient_variance_rejects(kw, arg):
     args.update(kw)
     with pytest.raises(ValueError, match=f"`{arg}`"):
         gradient_variance(**args)
+
+
+def test_paired_estimator_variance_against_a_float64_reference():
+    """Two estimators on the same K batches: g_b = mean + noise_b (shared) and h_b = mean +
+    0.5 noise_b + own noise. Each figure against a direct float64 computation; the bootstrap
+    interval holds the point ratio; rescaling an estimator rescales its variance, not its
+    relative variance."""
+    from mapo_fast.variance import paired_estimator_variance
+    g = torch.Generator().manual_seed(0)
+    K, P = 24, 50
+    mean = torch.randn(P, generator=g, dtype=torch.float64)
+    noise = torch.randn(K, P, generator=g, dtype=torch.float64)
+    grpo = mean + noise
+    mapo = mean + 0.5 * noise + 0.1 * torch.randn(K, P, generator=g, dtype=torch.float64)
+    out = paired_estimator_variance({"grpo": grpo, "mapo": mapo},
+                                    reference="grpo", n_boot=500)
+    for name, G in (("grpo", grpo), ("mapo", mapo)):
+        want_tv = float(G.var(0, unbiased=True).sum())
+        want_sq = float(G.mean(0).pow(2).sum())
+        assert abs(out[name]["trace_var"] - want_tv) <= 1e-12 * want_tv
+        assert abs(out[name]["mean_sq_norm"] - want_sq) <= 1e-12 * want_sq
+    m = out["mapo"]
+    assert abs(m["var_ratio"] - out["mapo"]["trace_var"] / out["grpo"]["trace_var"]) < 1e-12
+    assert m["var_ratio_lo"] < m["var_ratio"] < m["var_ratio_hi"] < 0.5  # ~0.26 by design
+    assert m["relative_var_ratio_lo"] < m["relative_var_ratio"] < m["relative_var_ratio_hi"]
+    scaled = paired_estimator_variance({"grpo": grpo, "mapo": 3 * mapo}, reference="grpo",
+                                       n_boot=500)
+    assert abs(scaled["mapo"]["var_ratio"] / m["var_ratio"] - 9) < 1e-9
+    assert abs(scaled["mapo"]["relative_var_ratio"] / m["relative_var_ratio"] - 1) < 1e-9
+    same = paired_estimator_variance({"grpo": grpo, "mapo": grpo.clone()}, reference="grpo")
+    assert same["mapo"]["var_ratio_lo"] == same["mapo"]["var_ratio_hi"] == 1.0
+
+
+@pytest.mark.parametrize("grads, reference, message", [
+    ({"a": torch.zeros(4, 3)}, "b", r"`reference` must name one of the estimators \['a'\]"),
+    ({"a": torch.zeros(4, 3), "b": torch.zeros(5, 3)}, "a", r"must be \[4, 3\] like the others"),
+    ({"a": torch.zeros(2, 3)}, "a", "needs at least 3 batches"),
+    ({"a": torch.full((4, 3), float("nan"))}, "a", "finite"),
+])
+def test_paired_estimator_variance_rejects(grads, reference, message):
+    from mapo_fast.variance import paired_estimator_variance
+    with pytest.raises(ValueError, match=message):
+        paired_estimator_variance(grads, reference=reference)

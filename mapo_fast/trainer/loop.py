@@ -364,29 +364,39 @@ class Trainer:
         step between epochs; the last one is the caller's). Keeps the first epoch's hidden
         states ``[B, T - 1, H]`` for the gradient-variance estimate."""
         cfg = self.cfg
-        B, T = full.input_ids.shape
-        norm = dict(global_tokens=self.dist.sum(float(full.loss_mask[:, 1:].sum())),
-                    global_seqs=self.dist.sum(float(B)))
         self.model.train()
         # the rollout copy holds the full weights of this step (synced after the last one);
         # later epochs' optimizer steps change it, so keep the head the hidden states go with
         head = self.rollout_model.lm_head.weight.detach()
         out = Update(head=head.clone() if cfg.optim.ppo_epochs > 1 else head)
-        mb = cfg.optim.micro_batch_size
         self.optimizer.zero_grad(set_to_none=True)
         for epoch in range(cfg.optim.ppo_epochs):
-            for lo in range(0, B, mb):
-                rows = list(range(lo, min(B, lo + mb)))
-                loss, stats, hidden = self._micro_step(full.select(rows), adv[rows], norm)
-                out.losses.append(loss)
-                out.stats.append(stats)
-                if epoch == 0:
-                    if out.hidden is None:
-                        out.hidden = hidden.new_zeros(B, T - 1, hidden.shape[-1])
-                    out.hidden[rows, :hidden.shape[1]] = hidden
+            self.backward(full, adv, out, keep_hidden=epoch == 0)
             if epoch + 1 < cfg.optim.ppo_epochs:
                 self._optimizer_step()
         return out
+
+    def backward(self, full: PolicyBatch, adv: Tensor, out: Optional["Update"] = None, *,
+                 keep_hidden: bool = False) -> None:
+        """One pass of the loss over ``full``'s micro-batches, forward and backward (gradients
+        accumulate in the policy's parameters; the loss is normalised over the whole batch).
+        ``out`` records each micro-batch's loss and metrics, and with ``keep_hidden`` the
+        hidden states ``[B, T - 1, H]``."""
+        B, T = full.input_ids.shape
+        norm = dict(global_tokens=self.dist.sum(float(full.loss_mask[:, 1:].sum())),
+                    global_seqs=self.dist.sum(float(B)))
+        mb = self.cfg.optim.micro_batch_size
+        for lo in range(0, B, mb):
+            rows = list(range(lo, min(B, lo + mb)))
+            loss, stats, hidden = self._micro_step(full.select(rows), adv[rows], norm)
+            if out is None:
+                continue
+            out.losses.append(loss)
+            out.stats.append(stats)
+            if keep_hidden:
+                if out.hidden is None:
+                    out.hidden = hidden.new_zeros(B, T - 1, hidden.shape[-1])
+                out.hidden[rows, :hidden.shape[1]] = hidden
 
     def _micro_step(self, batch: PolicyBatch, adv: Tensor, norm: Dict[str, float]
                     ) -> Tuple[float, Dict[str, float], Tensor]:

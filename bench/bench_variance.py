@@ -1,0 +1,149 @@
+"""The policy-gradient estimator's variance, MAPO against GRPO on the same rollouts, at fixed
+weights (``mapo_fast.trainer.estimator``): at each measured point, K independent rollout
+batches are drawn with the policy, and on each the training loss's gradient (the LM head and
+the last decoder layer) is taken with GRPO's and with MAPO's advantages on the same
+trajectories. Reported per point: each estimator's variance over batches (trace of the
+covariance), the squared norm of its mean, their ratio, and the paired ratios MAPO / GRPO with
+95% bootstrap intervals over batches; over points, the mean of the log ratio with its 95%
+t-interval.
+
+    python bench/bench_variance.py [--seeds 3] [--batches 16] [--runs RUN_DIR ...]
+                                   [--report DIR] [--tag cpu] [-- extra mapo-train keys]
+
+Without ``--runs`` the points are the warm starts of seeds ``0 .. seeds-1`` (the default
+configuration, or it changed by the extra keys); with ``--runs`` they are the newest checkpoints
+of those ``mapo-train`` output folders (e.g. the training study's runs, whose seed and expert
+are read from bench_train's folder layout; each is copied, never changed). Writes ``DIR/estimator-variance-<tag>.json`` and ``.md`` (default ``bench/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_train import interval  # noqa: E402
+
+
+def measure(args: List[str], batches: int, resume_from: Optional[Path] = None,
+            n_boot: int = 2000) -> Dict[str, Any]:
+    """One point: a trainer built from ``args`` (warm-started, or resumed from a copy of
+    ``resume_from``'s checkpoints), then ``estimator_variance`` over ``batches`` batches."""
+    from mapo_fast.trainer import Trainer, parse_args
+    from mapo_fast.trainer.estimator import estimator_variance
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = []
+        if resume_from is not None:
+            shutil.copytree(resume_from / "checkpoints", Path(tmp) / "checkpoints")
+            extra = ["--resume"]
+        trainer = Trainer(parse_args(["--out", tmp, *args, *extra]), progress=False)
+        start = time.perf_counter()
+        if resume_from is None:
+            trainer.warm_start()
+        warm = time.perf_counter() - start
+        out = estimator_variance(trainer, batches, n_boot=n_boot)
+        out["wall_s"] = {"warm_start": warm, "measure": time.perf_counter() - start - warm}
+        out["step"] = trainer.step
+    return out
+
+
+def run_args(run: Path) -> List[str]:
+    """The keys of a training-study run that its folder names (``.../seed<k>/...``,
+    ``.../honest/...``: bench_train's layout); others go after ``--``."""
+    args = []
+    for part in run.parts:
+        if re.fullmatch(r"seed\d+", part):
+            args += ["--seed", part[4:]]
+        if part == "honest":
+            args += ["--task.expert", "honest"]
+    return args
+
+
+def summarise(points: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """Over points: the mean log paired ratios with their t-intervals, as ratios."""
+    out = {}
+    for key in ("var_ratio", "relative_var_ratio"):
+        logs = [math.log(p["mapo"][key]) for p in points.values()
+                if 0 < p["mapo"][key] < math.inf]
+        iv = interval(logs)
+        if iv["mean"] is None:
+            out[key] = {"geo_mean": None, "lo": None, "hi": None, "n": 0}
+            continue
+        half = iv["ci95"] or 0.0
+        out[key] = {"geo_mean": math.exp(iv["mean"]), "lo": math.exp(iv["mean"] - half)
+                    if iv["ci95"] is not None else None,
+                    "hi": math.exp(iv["mean"] + half) if iv["ci95"] is not None else None,
+                    "n": iv["n"]}
+    return out
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    def ratio(m: Dict[str, float], key: str) -> str:
+        return f"{m[key]:.3f} [{m[key + '_lo']:.3f}, {m[key + '_hi']:.3f}]"
+    lines = [f"# Estimator variance, MAPO vs GRPO on the same rollouts ({result['tag']})", "",
+             f"{result['batches']} rollout batches per point; gradient of the LM head and the "
+             "last decoder layer; 95% bootstrap intervals over batches.", "",
+             "| point | step | GRPO trace var | MAPO trace var | GRPO rel. var | MAPO rel. var "
+             "| var ratio MAPO/GRPO | rel. var ratio |", "|---|---|---|---|---|---|---|---|"]
+    for name, p in result["points"].items():
+        g, m = p["grpo"], p["mapo"]
+        lines.append(f"| {name} | {p['step']} | {g['trace_var']:.4g} | {m['trace_var']:.4g} | "
+                     f"{g['relative_var']:.4g} | {m['relative_var']:.4g} | "
+                     f"{ratio(m, 'var_ratio')} | {ratio(m, 'relative_var_ratio')} |")
+    lines += ["", "Over points (geometric mean of the paired ratio, 95% t-interval):", ""]
+    for key, s in result["summary"].items():
+        shown = "n/a" if s["geo_mean"] is None else (
+            f"{s['geo_mean']:.3f}" + ("" if s["lo"] is None else
+                                      f" [{s['lo']:.3f}, {s['hi']:.3f}]") + f" (n={s['n']})")
+        lines.append(f"- {key}: {shown}")
+    lines += ["", f"Wall time: {result['wall_s']:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="bench_variance.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--batches", type=int, default=16)
+    p.add_argument("--runs", type=Path, nargs="*", default=[])
+    p.add_argument("--report", type=Path, default=HERE / "results")
+    p.add_argument("--tag", default="cpu")
+    a = p.parse_args(argv)
+    if a.seeds < 1 or a.batches < 3:
+        p.error(f"--seeds must be >= 1 and --batches >= 3, got {a.seeds} and {a.batches}")
+    for run in a.runs:
+        if not (run / "checkpoints").is_dir():
+            p.error(f"--runs: {run} has no checkpoints folder")
+    start = time.perf_counter()
+    points: Dict[str, Dict[str, Any]] = {}
+    todo = [(str(r), run_args(r), r) for r in a.runs] if a.runs else \
+        [(f"warm start, seed {s}", ["--seed", str(s)], None) for s in range(a.seeds)]
+    for i, (name, args, run) in enumerate(todo):
+        print(f"[{i + 1}/{len(todo)}] {name} ...", flush=True)
+        points[name] = measure(args + extra, a.batches, run)
+        m = points[name]["mapo"]
+        print(f"    var ratio MAPO/GRPO {m['var_ratio']:.3f} [{m['var_ratio_lo']:.3f}, "
+              f"{m['var_ratio_hi']:.3f}]", flush=True)
+    result = {"tag": a.tag, "batches": a.batches, "extra_args": extra, "points": points,
+              "summary": summarise(points), "wall_s": time.perf_counter() - start}
+    a.report.mkdir(parents=True, exist_ok=True)
+    stem = a.report / f"estimator-variance-{a.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
