@@ -48,6 +48,25 @@ def image_tensor(image: Any, what: str = "image") -> Tensor:
     return t
 
 
+def zoom_context(image: Any, resize: Dict[str, int], what: str = "image") -> ToolContext:
+    """The zoom tool's context for one image: the original (``image_tensor``), and its size as
+    the model sees it (``smart_resize`` with ``resize``: factor, min_pixels, max_pixels)."""
+    t = image_tensor(image, what)
+    return ToolContext(images=[t], model_sizes=[smart_resize(*t.shape[1:], **resize)])
+
+
+def row_image(row: Dict[str, Any], key: str, who: str) -> Any:
+    """A dataset row's image: ``row[key]``, else the first of ``row["images"]``; a
+    ``ValueError`` starting with ``who`` when neither is there."""
+    image = row.get(key)
+    if image is None and row.get("images"):
+        image = row["images"][0]
+    if image is None:
+        raise ValueError(f"{who} has no {key!r} (or 'images') column; its columns: "
+                         f"{sorted(row)}")
+    return image
+
+
 def pil_image(crop: Tensor) -> Any:
     """A PIL RGB image of a uint8 ``[3, h, w]`` crop."""
     from PIL import Image
@@ -112,10 +131,7 @@ class TurnScorer:
         self.stats: Counter = Counter()
 
     def context(self, image: Any, what: str = "image") -> ToolContext:
-        """The zoom tool's context for one image: the original, and its size as the model
-        sees it."""
-        t = image_tensor(image, what)
-        return ToolContext(images=[t], model_sizes=[smart_resize(*t.shape[1:], **self.resize)])
+        return zoom_context(image, self.resize, what)
 
     def score(self, responses: Sequence[Sequence[int]], images: Sequence[Any]) -> ScoredTurns:
         """``responses[b]``: response ``b``'s token ids (observations included, padding

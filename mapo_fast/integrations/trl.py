@@ -36,10 +36,9 @@ import torch
 from ..loss import mapo_loss
 from ..policy import PolicyNumerics
 from ..rewards.verifier import SemanticVerifier
-from ..tools.ops import FACTOR, MAX_PIXELS, MIN_PIXELS, smart_resize
-from ..tools.protocol import (ToolContext, ToolRunner, ToolSession, ZoomInTool,
-                              format_tool_call)
-from .recipe import TurnScorer, image_tensor, pil_image
+from ..tools.ops import FACTOR, MAX_PIXELS, MIN_PIXELS
+from ..tools.protocol import ToolRunner, ToolSession, ZoomInTool, format_tool_call
+from .recipe import TurnScorer, pil_image, row_image, zoom_context
 
 Tensor = torch.Tensor
 #: TRL loss types and how mapo_loss aggregates them (TRL's normalisers, written as globals).
@@ -169,20 +168,15 @@ class ZoomEnvironment:
         self._context, self._session = None, None
 
     @classmethod
-    def factory(cls, processing_class: Any = None, **kwargs: Any) -> Callable[[], "ZoomEnvironment"]:
+    def factory(cls, processing_class: Any = None, **kwargs: Any
+                ) -> Callable[[], "ZoomEnvironment"]:
         """A zero-argument factory for TRL, with ``processing_class``'s resize rule."""
         options = dict(_resize_of(processing_class), **kwargs)
         return functools.partial(cls, **options)
 
     def reset(self, **row: Any) -> None:
-        image = row.get(self._image_key)
-        if image is None and row.get("images"):
-            image = row["images"][0]
-        if image is None:
-            raise ValueError(f"ZoomEnvironment.reset: the row has no {self._image_key!r} (or "
-                             f"'images') column; its columns: {sorted(row)}")
-        t = image_tensor(image, f"row[{self._image_key!r}]")
-        self._context = ToolContext([t], [smart_resize(*t.shape[1:], **self._resize)])
+        image = row_image(row, self._image_key, "ZoomEnvironment.reset: the row")
+        self._context = zoom_context(image, self._resize, f"row[{self._image_key!r}]")
         self._session = ToolSession(max_calls=self._max_calls)
 
     def image_zoom_in_tool(self, bbox_2d: list, label: str = "") -> list:
@@ -222,20 +216,12 @@ class MAPOTurnScores:
         self.image_key = image_key
         self.metrics: Dict[str, float] = {}
 
-    def _image(self, row: Dict[str, Any], b: int) -> Any:
-        image = row.get(self.image_key)
-        if image is None and row.get("images"):
-            image = row["images"][0]
-        if image is None:
-            raise ValueError(f"MAPOTurnScores: inputs[{b}] has no {self.image_key!r} (or "
-                             f"'images') column; its columns: {sorted(row)}")
-        return image
-
     def __call__(self, batch: Dict[str, Any]) -> Tensor:
         ids, mask = batch["completion_ids"], batch["completion_mask"]
         lengths = [int(m.nonzero().max()) + 1 if m.any() else 0 for m in mask]
         responses = [row[:n].tolist() for row, n in zip(ids, lengths)]
-        images = [self._image(row, b) for b, row in enumerate(batch["inputs"])]
+        images = [row_image(row, self.image_key, f"MAPOTurnScores: inputs[{b}]")
+                  for b, row in enumerate(batch["inputs"])]
         turns = self.scorer.score(responses, images)
         T = ids.shape[1]
         pad = torch.full((ids.shape[0], T), -1, dtype=torch.int64)

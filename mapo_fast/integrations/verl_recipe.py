@@ -38,10 +38,9 @@ from verl.tools.schemas import OpenAIFunctionToolSchema, ToolResponse
 from verl.utils.reward_score import default_compute_score
 
 from ..rewards.outcome import AccuracyReward
-from ..tools.ops import FACTOR, MAX_PIXELS, MIN_PIXELS, smart_resize
-from ..tools.protocol import (ToolContext, ToolRunner, ToolSession, ZoomInTool as _Zoom,
-                              format_tool_call)
-from .recipe import TurnScorer, image_tensor, pil_image
+from ..tools.ops import FACTOR, MAX_PIXELS, MIN_PIXELS
+from ..tools.protocol import ToolRunner, ToolSession, ZoomInTool as _Zoom, format_tool_call
+from .recipe import TurnScorer, pil_image, zoom_context
 from .verl import OPTIONS_ENV, turns_info
 
 #: the reward manager's name in verl's registry
@@ -134,8 +133,7 @@ class ZoomInTool(BaseTool):
         images = images if isinstance(images, list) else [images]
         if not images:
             return ToolResponse(text="Error: the conversation has no image to zoom into"), 0.0, {}
-        t = image_tensor(_load_image(images[0]), "agent_data.image_data[0]")
-        ctx = ToolContext([t], [smart_resize(*t.shape[1:], **self._resize)])
+        ctx = zoom_context(_load_image(images[0]), self._resize, "agent_data.image_data[0]")
         session = self._sessions.setdefault(instance_id, ToolSession(max_calls=self._max_calls))
         (result,) = self._runner.run([format_tool_call(self.name, parameters)], [ctx], [session])
         if not result.ok:
