@@ -99,12 +99,15 @@ def loss_gradient_variance(hidden: Tensor, weight: Tensor, targets: Tensor, adva
                              subset_size=groups_per_batch, seed=seed)
 
 
-def _trace_and_signal(G: Tensor) -> Tuple[Tensor, Tensor]:
-    """For ``[..., K, P]`` gradients: the unbiased trace of their covariance over the K rows and
-    the squared norm of their mean, each ``[...]``."""
-    K = G.shape[-2]
-    mean = G.mean(-2, keepdim=True)
-    return ((G - mean) ** 2).sum((-2, -1)) / (K - 1), mean.squeeze(-2).pow(2).sum(-1)
+def _trace_and_signal(gram: Tensor, counts: Tensor) -> Tuple[Tensor, Tensor]:
+    """The unbiased trace of the covariance and the squared norm of the mean of K gradients
+    drawn with multiplicities ``counts [..., K]`` (each row sums to K) from K batches whose
+    gradients have the Gram matrix ``gram [K, K]``: every figure is a quadratic form of the
+    Gram matrix, so a bootstrap never materialises its resampled gradients."""
+    K = counts.shape[-1]
+    sum_sq = counts @ torch.diagonal(gram)                    # sum_k ||g_k||^2
+    mean_sq = ((counts @ gram) * counts).sum(-1) / K ** 2     # ||mean||^2
+    return (sum_sq - K * mean_sq) / (K - 1), mean_sq
 
 
 def paired_estimator_variance(grads: Dict[str, Tensor], *, reference: str, n_boot: int = 2000,
@@ -141,15 +144,26 @@ def paired_estimator_variance(grads: Dict[str, Tensor], *, reference: str, n_boo
     level = chk.number(fn, "level", level, lo=0.0, hi=1.0, lo_open=True, hi_open=True)
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, K, (n_boot, K), generator=gen)
+    counts = torch.zeros(n_boot, K, dtype=torch.float64).scatter_add_(
+        1, idx, torch.ones(n_boot, K, dtype=torch.float64))
     out: Dict[str, Dict[str, float]] = {}
     boot: Dict[str, Tuple[Tensor, Tensor]] = {}
     for name, g in grads.items():
         G = g.detach().double().cpu()
-        tv, sq = _trace_and_signal(G)
+        G = G - G.mean(0)  # centred: the same covariance, a better-conditioned Gram matrix
+        mean = g.detach().double().cpu().mean(0)
+        gram = G @ G.T
+        tv, _ = _trace_and_signal(gram, torch.ones(K, dtype=torch.float64))
+        sq = mean.pow(2).sum()
         out[name] = {"trace_var": float(tv), "mean_sq_norm": float(sq),
                      "relative_var": float(tv / sq) if sq > 0 else float("inf"),
                      "batches": float(K)}
-        btv, bsq = _trace_and_signal(G[idx])  # [n_boot] each
+        # a resample's mean: the full mean plus the resampled centred rows' mean
+        full = torch.cat([G, mean[None]], 0)
+        gram_full = full @ full.T  # [K + 1, K + 1]
+        btv, _ = _trace_and_signal(gram, counts)
+        w = torch.cat([counts / K, torch.ones(n_boot, 1, dtype=torch.float64)], 1)
+        bsq = ((w @ gram_full) * w).sum(-1)
         boot[name] = (btv, btv / bsq.clamp(min=torch.finfo(torch.float64).tiny))
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
     ref_tv, ref_rel = boot[reference]
