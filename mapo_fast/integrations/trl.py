@@ -204,7 +204,9 @@ class MAPOTurnScores:
     outcome advantage on every token plus ``semantic_coef`` times the group-normalised
     (``norm_std``: by the std too, as TRL's ``scale_rewards="group"``) credited scores on each
     turn's tokens. ``metrics`` holds the last batch's counts and mean score (logged by the
-    trainer under ``mapo/``)."""
+    trainer under ``mapo/``). The semantic term is normalised over each group's rows in this
+    process's batch: with several processes, a group TRL splits between them is normalised
+    per part (TRL's outcome advantage, computed over all processes, is unaffected)."""
 
     def __init__(self, verifier: SemanticVerifier, processing_class: Any, *,
                  semantic_coef: float = 1.0, turn_discount: float = 0.0, norm_std: bool = True,

@@ -377,6 +377,12 @@ def register(*, semantic_coef: float = 1.0, turn_discount: float = 0.0,
         torch_functional.FusedLinearForPPO = FusedLinearForPPO
 
 
+def _unwrapped(fn: Any) -> Any:
+    """verl's own function under one of our wrappers (a repeated ``register()``), else
+    ``fn`` itself (never a decorator of verl's)."""
+    return fn.__wrapped__ if getattr(fn, "_mapo_fast", False) else fn
+
+
 def _patch_callers(options: Dict[str, Any]) -> None:
     """Wraps ``compute_advantage`` where verl calls it, and the v1 trainer's advantage step."""
     for mod_name in ADVANTAGE_CALLERS:
@@ -384,12 +390,11 @@ def _patch_callers(options: Dict[str, Any]) -> None:
             mod = sys.modules.get(mod_name) or importlib.import_module(mod_name)
         except ImportError:  # a part of verl this installation cannot import
             continue
-        original = getattr(mod.compute_advantage, "__wrapped__", mod.compute_advantage)
-        mod.compute_advantage = _wrap_compute_advantage(original, options)
+        mod.compute_advantage = _wrap_compute_advantage(_unwrapped(mod.compute_advantage),
+                                                        options)
     try:
         v1 = sys.modules.get(V1_TRAINER) or importlib.import_module(V1_TRAINER)
     except ImportError:  # an installation without the v1 trainer's dependencies
         return
-    method = v1.PPOTrainer._compute_advantage
     v1.PPOTrainer._compute_advantage = _wrap_v1_compute_advantage(
-        getattr(method, "__wrapped__", method))
+        _unwrapped(v1.PPOTrainer._compute_advantage))
