@@ -11,7 +11,10 @@ Runs from a source checkout with the machine's own torch and Triton (no install,
 ``mapo_fast.kernels`` is mapped onto ``kernels/`` when the package is not installed, and the
 rollout uses the C++ block manager when it is built, else its Python model. Each section is
 independent: a failure is recorded (with its traceback) and the next section runs; the exit
-status is 1 when any check failed.
+status is 1 when any check failed. Each section's report goes to standard output as it ends,
+and both files are rewritten after every section (``complete`` says whether all ran), so a
+run cut short keeps what it measured. The rollout section also checks greedy tokens against
+the eager torch path (Hugging Face's ``generate``) on a float32 copy of the same model.
 """
 
 from __future__ import annotations
@@ -275,65 +278,107 @@ def rollout_section(sz: Sizes, dev: torch.device, measure) -> Dict:
                             seed=0)
     ms = measure(run)
     generated = n_prompts * group * new
+    check = greedy_check(model, prompts[:2], min(new, 16), allocator)
     return {"sizes": dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6,
                           prompts=n_prompts, prompt_tokens=plen, group=group, new_tokens=new),
             "allocator": allocator, "ms": {"generate": ms},
             "new_tokens_per_s": generated / (ms / 1e3),
             "attention_passes": {k: v for k, v in eng.stats.items() if k.startswith("attention")},
-            "ok": True}
+            "greedy_equal": check["equal"], "first_divergence": check["first_divergence"],
+            "ok": check["equal"]}
+
+
+def greedy_check(model, prompts: List[List[int]], new: int, allocator: str) -> Dict:
+    """Greedy tokens of ``RolloutEngine`` against the eager torch path (Hugging Face's
+    ``generate``) on a float32 copy of the same model, TF32 off: equal, or the first
+    ``(prompt, position)`` where they differ."""
+    import copy
+
+    from mapo_fast.rollout.engine import RolloutEngine
+    model32 = copy.deepcopy(model).float()
+    dev = next(model32.parameters()).device
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        blocks = 2 * -(-len(prompts) * (len(prompts[0]) + new) // 16)
+        eng = RolloutEngine(model32, None, block_size=16, num_blocks=blocks, allocator=allocator)
+        ours = [t.token_ids[len(p):] for t, p in zip(
+            eng.generate(prompts, max_new_tokens=new, temperature=0.0), prompts)]
+        with torch.no_grad():
+            ref = model32.generate(torch.tensor(prompts, device=dev), do_sample=False,
+                                   max_new_tokens=new, min_new_tokens=new,
+                                   pad_token_id=0)[:, len(prompts[0]):].tolist()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    for i, (a, b) in enumerate(zip(ours, ref)):
+        for j, (x, y) in enumerate(zip(list(a), list(b))):
+            if x != y:
+                return {"equal": False, "first_divergence": [i, j]}
+        if len(a) != len(b):
+            return {"equal": False, "first_divergence": [i, min(len(a), len(b))]}
+    return {"equal": True, "first_divergence": None}
 
 
 SECTIONS = {"loss": loss_section, "paged_attention": paged_section, "crops": crop_section,
             "advantage": advantage_section, "rollout": rollout_section}
 
 
-def run(toy: bool, dev: torch.device, repeats: int, only: Optional[List[str]] = None) -> Dict:
+def run(toy: bool, dev: torch.device, repeats: int, only: Optional[List[str]] = None,
+        on_section: Optional[Callable[[str, Dict], None]] = None) -> Dict:
+    """Every section (or ``only`` these) in turn; after each, ``on_section(name, result)``
+    with the result so far (``complete`` False until the last)."""
     sz = TOY if toy else REAL
     measure = timer(dev, repeats)
-    result = {"toy": toy, "info": device_info(dev), "sections": {}}
+    result = {"toy": toy, "info": device_info(dev), "sections": {}, "complete": False,
+              "ok": True}
     import triton
     result["info"]["triton"] = triton.__version__
-    for name, fn in SECTIONS.items():
-        if only and name not in only:
-            continue
+    names = [n for n in SECTIONS if not only or n in only]
+    for i, name in enumerate(names):
         print(f"[gpu-check] {name} ...", flush=True)
         t0 = time.perf_counter()
         try:
-            res = fn(sz, dev, measure)
+            res = SECTIONS[name](sz, dev, measure)
         except Exception:  # a broken section is recorded; the others still run
             res = {"ok": False, "error": traceback.format_exc()}
         res["seconds"] = round(time.perf_counter() - t0, 1)
         result["sections"][name] = res
-        print(f"[gpu-check] {name}: {'ok' if res['ok'] else 'FAILED'} ({res['seconds']} s)",
-              flush=True)
+        result["ok"] = all(s["ok"] for s in result["sections"].values())
+        result["complete"] = i + 1 == len(names)
+        if on_section is not None:
+            on_section(name, result)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    result["ok"] = all(s["ok"] for s in result["sections"].values())
     return result
+
+
+def section_markdown(name: str, sec: Dict) -> List[str]:
+    lines = [f"## {name}: {'ok' if sec['ok'] else 'FAILED'} ({sec['seconds']} s)", ""]
+    if "error" in sec:
+        return lines + ["```", sec["error"].strip(), "```", ""]
+    lines.append(f"sizes: {sec.get('sizes')}")
+    for key in ("errors", "max_level_diff", "max_abs_err", "tolerance", "auto_choice",
+                "copy_gbps", "new_tokens_per_s", "allocator", "greedy_equal",
+                "first_divergence"):
+        if key in sec:
+            lines.append(f"{key}: {sec[key]}")
+    ms = sec.get("ms", {})
+    if ms:
+        base = min(ms.values())
+        lines += ["", "| case | ms | vs fastest |", "|---|---:|---:|"]
+        lines += [f"| {k} | {v:.3f} | {v / base:.2f}x |" for k, v in ms.items()]
+    return lines + [""]
 
 
 def markdown(result: Dict) -> str:
     info = result["info"]
+    state = ("ok" if result["ok"] else "FAILED") + ("" if result["complete"] else
+                                                   " so far (INCOMPLETE: the run stopped early)")
     lines = [f"# GPU check — {info.get('device_name')}", "",
              f"torch {info['torch']}, Triton {info.get('triton')}, CUDA {info.get('cuda', '-')}"
-             f"{' — TOY SIZES' if result['toy'] else ''}; overall: "
-             f"{'ok' if result['ok'] else 'FAILED'}", ""]
+             f"{' — TOY SIZES' if result['toy'] else ''}; overall: {state}", ""]
     for name, sec in result["sections"].items():
-        lines += [f"## {name}: {'ok' if sec['ok'] else 'FAILED'} ({sec['seconds']} s)", ""]
-        if "error" in sec:
-            lines += ["```", sec["error"].strip(), "```", ""]
-            continue
-        lines.append(f"sizes: {sec.get('sizes')}")
-        for key in ("errors", "max_level_diff", "max_abs_err", "tolerance", "auto_choice",
-                    "copy_gbps", "new_tokens_per_s", "allocator"):
-            if key in sec:
-                lines.append(f"{key}: {sec[key]}")
-        ms = sec.get("ms", {})
-        if ms:
-            base = min(ms.values())
-            lines += ["", "| case | ms | vs fastest |", "|---|---:|---:|"]
-            lines += [f"| {k} | {v:.3f} | {v / base:.2f}x |" for k, v in ms.items()]
-        lines.append("")
+        lines += section_markdown(name, sec)
     return "\n".join(lines)
 
 
@@ -347,11 +392,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and not a.toy:
         p.error("no GPU here: run with --toy (and TRITON_INTERPRET=1) to exercise the command")
-    result = run(a.toy, dev, a.repeats, a.only)
     a.out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu-check-{device_slug(dev)}{'-toy' if a.toy else ''}"
-    (a.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    (a.out / f"{stem}.md").write_text(markdown(result))
+
+    def write(name: str, result: Dict) -> None:
+        """Each section as it ends: its report on standard output, and both files rewritten
+        with everything so far (a run cut short keeps what it measured)."""
+        print("\n".join(section_markdown(name, result["sections"][name])), flush=True)
+        (a.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
+        (a.out / f"{stem}.md").write_text(markdown(result))
+    result = run(a.toy, dev, a.repeats, a.only, on_section=write)
     print(f"[gpu-check] wrote {a.out / stem}.json and .md; overall "
           f"{'ok' if result['ok'] else 'FAILED'}")
     return 0 if result["ok"] else 1

@@ -35,6 +35,29 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path):
     rollout = result["sections"]["rollout"]
     assert rollout["new_tokens_per_s"] > 0
     assert rollout["attention_passes"].get("attention_triton_passes", 0) > 0
+    assert rollout["greedy_equal"] is True and rollout["first_divergence"] is None
+    assert result["complete"] is True
+    # each section's report reached standard output as it ended, in order
+    heads = [line for line in proc.stdout.splitlines() if line.startswith("## ")]
+    assert [h.split(":")[0][3:] for h in heads] == list(result["sections"])
+
+
+def test_a_run_cut_short_keeps_what_it_measured(tmp_path):
+    """The crops section is interrupted (as a killed run would be): the files written after
+    the loss section hold it, marked incomplete."""
+    env = dict(os.environ, TRITON_INTERPRET="1", MAPO_FAST_BACKEND="triton")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import gpu_check as g\n"
+            "def stop(*a): raise KeyboardInterrupt\n"
+            "g.SECTIONS['crops'] = stop\n"
+            "g.main(['--toy', '--repeats', '1', '--only', 'loss', '--only', 'crops', "
+            "'--out', sys.argv[2]])")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "bench"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    result = json.loads((tmp_path / "gpu-check-cpu-toy.json").read_text())
+    assert list(result["sections"]) == ["loss"] and result["complete"] is False
+    assert "INCOMPLETE" in (tmp_path / "gpu-check-cpu-toy.md").read_text()
+    assert "## loss: ok" in proc.stdout
 
 
 def test_gpu_check_refuses_real_sizes_without_a_gpu(tmp_path):
