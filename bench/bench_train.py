@@ -339,7 +339,8 @@ def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
     t0 = time.perf_counter()
     failed = execute(runs, jobs, progress) if launch else {}
     flags = ["--seeds", str(seeds)] + ([] if control_seeds is None else
-                                        ["--control-seeds", str(control_seeds)])
+                                        ["--control-seeds", str(control_seeds)]) \
+        + ([] if tuple(experts) == EXPERTS else ["--experts", *experts])
     result = {"study": "train", "seeds": seeds, "control_seeds": control_seeds or seeds,
               "jobs": jobs, "args": args,
               "command": " ".join(["python bench/bench_train.py", *flags]

@@ -4,11 +4,12 @@ batches are drawn with the policy, and on each the training loss's gradient (the
 the last decoder layer) is taken with GRPO's and with MAPO's advantages on the same
 trajectories. Reported per point: each estimator's variance over batches (trace of the
 covariance), the squared norm of its mean, their ratio, and the paired ratios MAPO / GRPO with
-95% bootstrap intervals over batches; over points, the mean of the log ratio with its 95%
-t-interval.
+95% bootstrap intervals over batches; over all points and over each kind of point (warm
+start, MAPO's and GRPO's final weights), the mean of the log ratio with its 95% t-interval.
 
     python bench/bench_variance.py [--seeds 3] [--batches 16] [--runs RUN_DIR ...]
                                    [--report DIR] [--tag cpu] [-- extra mapo-train keys]
+    python bench/bench_variance.py --from-json bench/results/estimator-variance-cpu.json
 
 Without ``--runs`` the points are the warm starts of seeds ``0 .. seeds-1`` (the default
 configuration, or it changed by the extra keys); with ``--runs`` they are the newest checkpoints
@@ -68,8 +69,24 @@ def run_args(run: Path) -> List[str]:
     return args
 
 
+def kind(name: str) -> str:
+    """A point's group in the summary: a run folder's last part (``warm``, ``mapo``,
+    ``grpo``: bench_train's layout), or ``warm start`` for a seed's warm start."""
+    return "warm start" if name.startswith("warm start") else Path(name).name
+
+
 def summarise(points: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
-    """Over points: the mean log paired ratios with their t-intervals, as ratios."""
+    """Over all points and over each ``kind`` of point: the geometric means of the paired
+    ratios with their 95% t-intervals (from the logs)."""
+    groups: Dict[str, Dict[str, Dict[str, Any]]] = {"all points": points}
+    for name, p in points.items():
+        groups.setdefault(kind(name), {})[name] = p
+    if len(groups) == 2:  # one kind: its group is the whole
+        groups = {"all points": points}
+    return {g: _summary(ps) for g, ps in groups.items()}
+
+
+def _summary(points: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     out = {}
     for key in ("var_ratio", "relative_var_ratio"):
         logs = [math.log(p["mapo"][key]) for p in points.values()
@@ -99,12 +116,17 @@ def markdown(result: Dict[str, Any]) -> str:
         lines.append(f"| {name} | {p['step']} | {g['trace_var']:.4g} | {m['trace_var']:.4g} | "
                      f"{g['relative_var']:.4g} | {m['relative_var']:.4g} | "
                      f"{ratio(m, 'var_ratio')} | {ratio(m, 'relative_var_ratio')} |")
-    lines += ["", "Over points (geometric mean of the paired ratio, 95% t-interval):", ""]
-    for key, s in result["summary"].items():
-        shown = "n/a" if s["geo_mean"] is None else (
-            f"{s['geo_mean']:.3f}" + ("" if s["lo"] is None else
-                                      f" [{s['lo']:.3f}, {s['hi']:.3f}]") + f" (n={s['n']})")
-        lines.append(f"- {key}: {shown}")
+    lines += ["", "Over points (geometric mean of the paired ratio MAPO/GRPO, 95% t-interval):",
+              "", "| points | variance ratio | relative variance ratio |", "|---|---|---|"]
+    for group, summary in result["summary"].items():
+        cells = []
+        for key in ("var_ratio", "relative_var_ratio"):
+            s = summary[key]
+            cells.append("n/a" if s["geo_mean"] is None else (
+                f"{s['geo_mean']:.3f}" + ("" if s["lo"] is None else
+                                          f" [{s['lo']:.3f}, {s['hi']:.3f}]")
+                + f" (n={s['n']})"))
+        lines.append(f"| {group} | {cells[0]} | {cells[1]} |")
     lines += ["", f"Wall time: {result['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -120,7 +142,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--runs", type=Path, nargs="*", default=[])
     p.add_argument("--report", type=Path, default=HERE / "results")
     p.add_argument("--tag", default="cpu")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="rewrite the report of a saved result (no measurement)")
     a = p.parse_args(argv)
+    if a.from_json is not None:
+        result = json.loads(a.from_json.read_text())
+        result["summary"] = summarise(result["points"])
+        a.from_json.write_text(json.dumps(result, indent=1) + "\n")
+        a.from_json.with_suffix(".md").write_text(markdown(result))
+        print(markdown(result))
+        return
     if a.seeds < 1 or a.batches < 3:
         p.error(f"--seeds must be >= 1 and --batches >= 3, got {a.seeds} and {a.batches}")
     for run in a.runs:

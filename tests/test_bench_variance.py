@@ -23,7 +23,8 @@ def test_points_from_warm_starts_and_runs(tmp_path, capsys):
     res = json.loads((tmp_path / "estimator-variance-toy.json").read_text())
     assert list(res["points"]) == ["warm start, seed 0", "warm start, seed 1"]
     logs = [math.log(p["mapo"]["var_ratio"]) for p in res["points"].values()]
-    assert abs(res["summary"]["var_ratio"]["geo_mean"] - math.exp(sum(logs) / 2)) < 1e-9
+    got = res["summary"]["all points"]["var_ratio"]["geo_mean"]
+    assert abs(got - math.exp(sum(logs) / 2)) < 1e-9
     md = (tmp_path / "estimator-variance-toy.md").read_text()
     assert "| warm start, seed 1 | 0 |" in md and "var ratio MAPO/GRPO" in md
     # a run's newest checkpoint, its seed from bench_train's layout
@@ -36,6 +37,10 @@ def test_points_from_warm_starts_and_runs(tmp_path, capsys):
     res = json.loads((tmp_path / "estimator-variance-run.json").read_text())
     assert res["points"][str(folder)]["step"] == 1
     assert sorted(os.listdir(folder / "checkpoints")) == before
+    assert bv.kind(str(folder)) == "mapo" and bv.kind("warm start, seed 1") == "warm start"
+    # the report of a saved result, rewritten without measuring
+    bv.main(["--from-json", str(tmp_path / "estimator-variance-toy.json")])
+    assert "| all points |" in (tmp_path / "estimator-variance-toy.md").read_text()
     with pytest.raises(SystemExit):
         bv.main(["--batches", "2"])
     assert "--batches >= 3, got 3 and 2" in capsys.readouterr().err
