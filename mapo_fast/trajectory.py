@@ -116,12 +116,18 @@ class TrajectorySpans:
         ``-1`` elsewhere. Only successful turns (``ToolTurn.ok``) are numbered, in order, as the
         rows of ``semantic_scores``; a failed call's tokens belong to the next turn."""
         out = torch.full((length,), -1, dtype=torch.int64)
-        start, k = self.prompt_len, 0
+        for k, (start, end) in enumerate(self.turn_ranges(length)):
+            out[start:end] = k
+        return out
+
+    def turn_ranges(self, length: int) -> List[Tuple[int, int]]:
+        """``[start, end)`` of each successful turn's tokens (turn ``k`` is entry ``k``),
+        clipped to ``length``: the ranges ``token_turn`` numbers."""
+        out, start = [], self.prompt_len
         for turn in self.turns:
             end = (turn.description or turn.observation or turn.call).end
             if turn.ok:
-                out[max(0, start):min(length, end)] = k
-                k += 1
+                out.append((max(0, start), min(length, end)))
                 start = end
         return out
 

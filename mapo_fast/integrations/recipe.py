@@ -21,7 +21,7 @@ import torch
 
 from ..advantage import mapo_advantages
 from ..rewards.verifier import SemanticVerifier
-from ..tools.ops import FACTOR, MAX_PIXELS, MIN_PIXELS, smart_resize
+from ..tools.ops import FACTOR, MAX_PIXELS, MIN_PIXELS
 from ..tools.protocol import ToolContext, ToolRunner, ToolSession
 from ..trajectory import TrajectorySpans, spans_from_ids
 
@@ -51,8 +51,7 @@ def image_tensor(image: Any, what: str = "image") -> Tensor:
 def zoom_context(image: Any, resize: Dict[str, int], what: str = "image") -> ToolContext:
     """The zoom tool's context for one image: the original (``image_tensor``), and its size as
     the model sees it (``smart_resize`` with ``resize``: factor, min_pixels, max_pixels)."""
-    t = image_tensor(image, what)
-    return ToolContext(images=[t], model_sizes=[smart_resize(*t.shape[1:], **resize)])
+    return ToolContext.for_images([image_tensor(image, what)], **resize)
 
 
 def row_image(row: Dict[str, Any], key: str, who: str) -> Any:
@@ -87,15 +86,9 @@ class ScoredTurns:
     def turn_spans(self, b: int) -> List[Tuple[int, int, float]]:
         """Response ``b``'s scored turns as ``(start, end, score)``, ``[start, end)`` its token
         positions (the turn's first and one past its last token)."""
-        out = []
-        row = self.token_turn[b]
-        for k in range(self.scores.shape[1]):
-            if not bool(self.mask[b, k]):
-                continue
-            pos = (row == k).nonzero().flatten()
-            if len(pos):
-                out.append((int(pos[0]), int(pos[-1]) + 1, float(self.scores[b, k])))
-        return out
+        ranges = self.spans[b].turn_ranges(self.token_turn.shape[1])
+        return [(a, z, float(self.scores[b, k])) for k, (a, z) in enumerate(ranges)
+                if bool(self.mask[b, k]) and a < z]
 
     def advantages(self, outcome: Tensor, group_ids: Tensor, *, semantic_coef: float = 1.0,
                    norm_std: bool = True, turn_discount: float = 0.0) -> Tensor:

@@ -80,12 +80,7 @@ def turns_from_text(response: str, tokenizer: Any, scores: Sequence[float]) -> D
     ``spans_from_text``; exact when the tokenizer re-encodes the decoded response as it was."""
     from ..trajectory import spans_from_text
     ids, spans = spans_from_text(response, tokenizer)
-    turn = spans.token_turn(len(ids)).tolist()
-    out = []
-    for k in range(spans.n_scored_turns):
-        pos = [t for t, v in enumerate(turn) if v == k]
-        out.append((pos[0], pos[-1] + 1))
-    return turns_info(out, scores)
+    return turns_info(spans.turn_ranges(len(ids)), scores)
 
 
 def _bad(b: int, problem: str) -> ValueError:

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..advantage import ALGOS, mapo_advantages
+from ..advantage import ALGOS
 from ..variance import paired_estimator_variance
 from .metrics import StepTimer
 
@@ -57,17 +57,13 @@ def estimator_gradients(trainer: Any, n_batches: int, algos: Sequence[str] = ("g
     if trainer.dist.world != 1:
         raise ValueError("estimator_gradients: runs in one process (world size 1)")
     params = params if params is not None else variance_params(trainer.model)
-    cfg = trainer.cfg
     out: Dict[str, List[Tensor]] = {a: [] for a in algos}
     trainer.model.train()
     try:
         for k in range(n_batches):
             ro = trainer.collect(first_step + k, StepTimer())
             for a in algos:
-                adv = mapo_advantages(ro.rewards, ro.batch.group_ids, ro.scores, ro.turn_mask,
-                                      ro.batch.token_turn, algo=a,
-                                      semantic_coef=cfg.loss.semantic_coef,
-                                      turn_discount=cfg.loss.turn_discount)
+                adv = trainer.advantages(ro, algo=a)
                 trainer.optimizer.zero_grad(set_to_none=True)
                 trainer.backward(ro.batch, adv)
                 out[a].append(torch.cat([

@@ -351,11 +351,11 @@ class Trainer:
             batch = collate(trajs, images, self.adapter, self.tokenizer.pad_token_id)
         return Collected(trajs, rewards, parts, scores, turn_mask, gap, batch)
 
-    def advantages(self, ro: "Collected") -> Tensor:
-        """Per-token advantages ``[B, T]`` (``cfg.algo``: MAPO or GRPO)."""
+    def advantages(self, ro: "Collected", algo: Optional[str] = None) -> Tensor:
+        """Per-token advantages ``[B, T]`` (``algo``, default ``cfg.algo``: MAPO or GRPO)."""
         cfg = self.cfg
         return mapo_advantages(ro.rewards, ro.batch.group_ids, ro.scores, ro.turn_mask,
-                               ro.batch.token_turn, algo=cfg.algo,
+                               ro.batch.token_turn, algo=algo or cfg.algo,
                                semantic_coef=cfg.loss.semantic_coef,
                                turn_discount=cfg.loss.turn_discount)
 
