@@ -98,10 +98,12 @@ LOSS_KEYS = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "
              "sampling_per_token_logps", "importance_sampling_ratio", "num_items_in_batch")
 
 
+@functools.lru_cache(maxsize=None)
 def _trl_model_keys() -> Tuple[str, ...]:
     """The multimodal inputs TRL's ``_compute_loss`` hands its model-input builder: the keyword
     parameters of ``GRPOTrainer._get_per_token_logps_and_entropies`` after its own options
-    (read from TRL's signature, so a key TRL adds is forwarded without a change here)."""
+    (read from TRL's signature, so a key TRL adds is forwarded without a change here; once
+    per process, not per step)."""
     from trl import GRPOTrainer
     params = inspect.signature(GRPOTrainer._get_per_token_logps_and_entropies).parameters
     names = list(params)
