@@ -15,7 +15,7 @@ Scores use ``scale``; softmax in float32 (float64 for float64 inputs).
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -37,7 +37,7 @@ def gather_kv(cache: Tensor, block_table: Tensor, length: int) -> Tensor:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: float,
-            with_lse: bool = False):
+            with_lse: bool = False, causal: bool = False):
     """``q [S, n, H, D]`` against ``k``/``v [S, L, kv_heads, D]`` where ``allowed [S, n, L]``
     (None: everything). GQA: the ``H // kv_heads`` query heads of each KV head form one
     batched matmul against a strided view of that head's keys (K/V are never copied per query
@@ -92,12 +92,20 @@ def shared_prefixes(tables: List[List[int]], lens: List[int], block_size: int,
     return shared
 
 
+#: ``attend(q, k, v, allowed, scale, with_lse=False, causal=False)``: ``_attend``'s contract
+#: (``causal``: ``allowed`` is the causal mask of a whole sequence, ``n == L``, which an
+#: implementation may use instead of reading it)
+Attend = Callable[..., Any]
+
+
 def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]],
-            lens: List[int], scale: float) -> Tensor:
+            lens: List[int], scale: float, attend: Attend = None) -> Tensor:
     """One query per sequence (``q [S, H, D]``, compute dtype), as a cascade: the blocks a
     group of sequences shares (``shared_prefixes``) are gathered once and attended by all
     the group's queries together; each sequence's own blocks are gathered into one padded
-    batch; the two parts merge by their log-sum-exps. Returns ``[S, H, D]``."""
+    batch; the two parts merge by their log-sum-exps. Returns ``[S, H, D]``. ``attend``
+    (default ``_attend``) computes each part."""
+    attend = attend or _attend
     S, bs, dev, cd = len(tables), k_cache.shape[1], q.device, q.dtype
     kv_shape = k_cache.shape[2:]
     shared = shared_prefixes(tables, lens, bs, CASCADE_MIN_SAVED)
@@ -109,8 +117,8 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]]
     own_len = torch.tensor([L - p * bs for L, p in zip(lens, shared)], device=dev)
     allowed = (torch.arange(nb * bs, device=dev)[None, :] < own_len[:, None])[:, None, :]
     if not any(shared):
-        return _attend(q[:, None], k, v, allowed, scale)[:, 0]
-    out, lse = _attend(q[:, None], k, v, allowed, scale, with_lse=True)
+        return attend(q[:, None], k, v, allowed, scale)[:, 0]
+    out, lse = attend(q[:, None], k, v, allowed, scale, with_lse=True)
     out, lse = out[:, 0], lse[:, 0]                                   # [S, H, D], [S, H]
     groups: Dict[tuple, List[int]] = {}
     for r, p in enumerate(shared):
@@ -121,7 +129,7 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]]
         kp = k_cache.index_select(0, common).view(1, p * bs, *kv_shape).to(cd)
         vp = v_cache.index_select(0, common).view(1, p * bs, *kv_shape).to(cd)
         idx = torch.tensor(rows, device=dev)
-        o_p, l_p = _attend(q[idx][None], kp, vp, None, scale, with_lse=True)
+        o_p, l_p = attend(q[idx][None], kp, vp, None, scale, with_lse=True)
         m = torch.maximum(lse[idx], l_p[0])
         w_own, w_p = (lse[idx] - m).exp()[..., None], (l_p[0] - m).exp()[..., None]
         out[idx] = (out[idx] * w_own + o_p[0] * w_p) / (w_own + w_p)
@@ -129,12 +137,15 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]]
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
-                    context_lens: Tensor, cu_q: Tensor, scale: float) -> Tensor:
+                    context_lens: Tensor, cu_q: Tensor, scale: float,
+                    attend: Attend = None) -> Tensor:
     """``[total_q, heads, head_dim]`` in ``q``'s dtype; see the module doc.
 
     Sequences with one query (decode) are attended together (``_decode``: the blocks a group
     shares once, each sequence's own blocks in one padded batch). Longer chunks (prefill) go
-    one sequence at a time."""
+    one sequence at a time. ``attend`` (default ``_attend``, the plain-torch reference)
+    computes each attention; ``paged_attention_cpu`` passes a fused one."""
+    attend = attend or _attend
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q)
     starts, lens = cu_q.tolist(), context_lens.tolist()
@@ -145,7 +156,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         rows = cu_q.index_select(0, idx)
         tables = block_tables.index_select(0, idx).tolist()
         out[rows] = _decode(q[rows].to(cd), k_cache, v_cache, tables,
-                            [lens[s] for s in single], scale).to(q.dtype)
+                            [lens[s] for s in single], scale, attend).to(q.dtype)
     for s, n in enumerate(n_q):
         if n <= 1:
             continue
@@ -154,6 +165,6 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         v = gather_kv(v_cache, block_tables[s], L).to(cd)[None]
         pos = L - n + torch.arange(n, device=q.device)
         allowed = torch.arange(L, device=q.device)[None, :] <= pos[:, None]
-        out[q0:q0 + n] = _attend(q[q0:q0 + n].to(cd)[None], k, v, allowed[None], scale)[0] \
-            .to(q.dtype)
+        out[q0:q0 + n] = attend(q[q0:q0 + n].to(cd)[None], k, v, allowed[None], scale,
+                                causal=n == L)[0].to(q.dtype)
     return out

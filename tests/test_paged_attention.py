@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from mapo_fast.kernels import paged_attention_cpu as C
 from mapo_fast.kernels import paged_attention_ref as R
 from mapo_fast.rollout import paged_attention, write_kv
 
@@ -60,6 +61,9 @@ CASES = {
 }
 
 
+IMPLS = {"reference": R.paged_attention, "fused": C.paged_attention}
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_torch_path_matches_dense_reference(case):
     lens, n_q = CASES[case]
@@ -67,6 +71,25 @@ def test_torch_path_matches_dense_reference(case):
     out = paged_attention(q, kc, vc, tables, L, cu_q)
     want = dense_reference(q, dense, lens, n_q, 1 / math.sqrt(24))
     torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.skipif(not C.available(), reason="torch without the fused CPU attention operator")
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3), (8, 1)])
+def test_fused_cpu_path_matches_dense_reference(case, dtype, heads, kv_heads):
+    # the fused operator through every branch: decode rows (row blocks of a KV head's query
+    # heads), prefill chunks (additive mask), a whole prompt (the causal flag, n == L: the
+    # first sequence of prefill-chunks). float64: 1e-12; float32: 2e-6 (its blocked online
+    # softmax sums in another order than the dense reference)
+    lens, n_q = CASES[case]
+    q, kc, vc, tables, L, cu_q, dense = make_batch(lens, n_q, heads=heads, kv_heads=kv_heads,
+                                                  dtype=dtype)
+    out = C.paged_attention(q, kc, vc, tables, L, cu_q, 0.3)
+    want = dense_reference(q, dense, lens, n_q, 0.3)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -136,11 +159,12 @@ def test_flash_attn_adapter_passes_flash_layout(n):
     want = dense_reference(q, dense, lens, [n] * 3, 0.25)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     if not q.is_cuda:
-        assert attention_path(q, kc, cu_q) == "torch"
+        assert attention_path(q, kc, cu_q) == ("torch_fused" if C.available() else "torch")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_decode_cascade_over_shared_blocks_matches_dense(dtype, monkeypatch):
+def test_decode_cascade_over_shared_blocks_matches_dense(dtype, impl, monkeypatch):
     """Decode rows whose block tables share leading blocks, as the samples of a group do
     after a fork (four share their first 3 blocks and then have 1 to 3 of their own, one
     shares nothing; lengths not block multiples; one more sequence is a prefill chunk): the cascade (shared blocks once, own blocks batched, merged by
@@ -169,8 +193,10 @@ def test_decode_cascade_over_shared_blocks_matches_dense(dtype, monkeypatch):
                       v_cache[blocks].reshape(-1, kv_heads, d)[:L]))
     want = dense_reference(q, dense, lens, n_q, 0.2)
     monkeypatch.setattr(R, "CASCADE_MIN_SAVED", 0)
-    got = R.paged_attention(q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), bt,
-                            torch.tensor(lens), cu_q, 0.2)
+    if impl == "fused" and not C.available():
+        pytest.skip("torch without the fused CPU attention operator")
+    got = IMPLS[impl](q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), bt,
+                      torch.tensor(lens), cu_q, 0.2)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
 

@@ -2,10 +2,12 @@
 dispatch, once. On CUDA: flash-attn's ``flash_attn_with_kvcache`` with a block table when it is
 importable and the batch fits it (every sequence the same number of queries, e.g. a decode
 step; fp16/bf16; blocks of a multiple of 256 tokens, flash-attn's page size rule), else the
-Triton kernel (``kernels/paged_attention.py``, any page size). Elsewhere the torch path that
-gathers pages (``kernels/paged_attention_ref.py``). Layout and semantics are documented in the
-latter; they are flash-attn's (``[num_blocks, block_size, kv_heads, head_dim]`` pages, causal queries
-aligned to the end of each sequence's context)."""
+Triton kernel (``kernels/paged_attention.py``, any page size). On CPU the torch path that
+gathers pages with each attention in torch's fused CPU flash-attention kernel
+(``kernels/paged_attention_cpu.py``, ``"torch_fused"``) where torch has it; elsewhere the
+plain-torch reference (``kernels/paged_attention_ref.py``, ``"torch"``). Layout and
+semantics are documented in the latter; they are flash-attn's (``[num_blocks, block_size,
+kv_heads, head_dim]`` pages, causal queries aligned to the end of each sequence's context)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 
 from .. import _checks as chk
 from .._dispatch import backend_for, triton_module
-from ..kernels import paged_attention_ref
+from ..kernels import paged_attention_cpu, paged_attention_ref
 
 Tensor = torch.Tensor
 KERNEL = "paged_attention"
@@ -42,7 +44,8 @@ def choose_path(device: torch.device, dtype: torch.dtype, page: int, uniform: bo
     """The implementation for a batch, from host facts only: ``backend`` (``backend_for``),
     whether every sequence has the same positive number of queries (``uniform``)."""
     if backend != "triton":
-        return "torch"
+        return "torch_fused" if device.type == "cpu" and paged_attention_cpu.available() \
+            else "torch"
     if device.type == "cuda" and dtype in FLASH_DTYPES and page % FLASH_PAGE_MULTIPLE == 0 \
             and uniform and flash_kvcache_fn() is not None:
         return "flash_attn"
@@ -51,7 +54,8 @@ def choose_path(device: torch.device, dtype: torch.dtype, page: int, uniform: bo
 
 def attention_path(q: Tensor, k_cache: Tensor, cu_q: Tensor) -> str:
     """Which implementation ``paged_attention`` uses for these inputs: ``"flash_attn"``,
-    ``"triton"`` or ``"torch"`` (reads ``cu_q``: a host synchronisation on CUDA)."""
+    ``"triton"``, ``"torch_fused"`` or ``"torch"`` (reads ``cu_q``: a host synchronisation on
+    CUDA)."""
     n_q = cu_q[1:] - cu_q[:-1]
     uniform = bool(n_q.numel()) and bool((n_q == n_q[0]).all()) and int(n_q[0]) > 0
     return choose_path(q.device, q.dtype, k_cache.shape[1], uniform, backend_for(q, KERNEL))
@@ -155,8 +159,8 @@ def run_paged_attention(path: str, q: Tensor, k_cache: Tensor, v_cache: Tensor,
     if path == "triton":
         return triton_module(KERNEL).paged_attention(q, k_cache, v_cache, block_tables,
                                                      context_lens, cu_q, scale, plan_=plan)
-    return paged_attention_ref.paged_attention(q, k_cache, v_cache, block_tables,
-                                               context_lens, cu_q, scale)
+    impl = paged_attention_cpu if path == "torch_fused" else paged_attention_ref
+    return impl.paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_q, scale)
 
 
 def triton_plan(q: Tensor, k_cache: Tensor, block_tables: Tensor, context_lens: Tensor,

@@ -1,0 +1,68 @@
+"""The CPU path of paged attention: ``paged_attention_ref``'s gathers and decode cascade, each
+attention computed by torch's fused CPU flash-attention kernel
+(``aten::_scaled_dot_product_flash_attention_for_cpu``: one pass over the keys, no
+``[n, L]`` score matrix, log-sum-exp returned for the cascade's merge) instead of the
+reference's matmul / mask / softmax / matmul. Same layout and semantics as the reference
+(its module doc); available where torch has that operator (``available``)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from . import paged_attention_ref as ref
+
+Tensor = torch.Tensor
+#: the first torch release whose CPU flash-attention operator takes ``attn_mask`` and returns
+#: the log-sum-exp
+MIN_TORCH = (2, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def available() -> bool:
+    """Whether this torch has the fused CPU operator (checked by version, then by name)."""
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return (major, minor) >= MIN_TORCH and hasattr(
+        torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: float,
+           with_lse: bool = False, causal: bool = False):
+    """``paged_attention_ref._attend``'s contract through the fused operator: ``q [S, n, H,
+    D]`` against ``k``/``v [S, L, kv_heads, D]`` where ``allowed [S, n, L]`` (None:
+    everything). ``causal`` (a whole sequence, ``n == L``): the operator's causal flag and its
+    own grouped heads (head ``h`` reads KV head ``h // (H // kv_heads)``). Otherwise the ``H //
+    kv_heads`` query heads of a KV head and the ``n`` queries form one row block of that head
+    (``[S, kv_heads, n * group, D]``: each key is read once per KV head, not per query head)
+    with ``allowed`` as an additive mask. Returns ``[S, n, H, D]`` (and the log-sum-exp
+    ``[S, n, H]``)."""
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    S, n, H, D = q.shape
+    if causal:
+        out, lse = op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, True,
+                      scale=scale)
+        out, lse = out.transpose(1, 2), lse.transpose(1, 2)
+        return (out, lse) if with_lse else out
+    kv, L = k.shape[2], k.shape[1]
+    group = H // kv
+    qh = q.view(S, n, kv, group, D).permute(0, 2, 1, 3, 4).reshape(S, kv, n * group, D)
+    mask = None
+    if allowed is not None:
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device)
+        bias.masked_fill_(~allowed, float("-inf"))
+        mask = bias[:, None, :, None, :].expand(S, 1, n, group, L).reshape(S, 1, n * group, L)
+    out, lse = op(qh, k.transpose(1, 2), v.transpose(1, 2), 0.0, False, attn_mask=mask,
+                  scale=scale)
+    out = out.view(S, kv, n, group, D).permute(0, 2, 1, 3, 4).reshape(S, n, H, D)
+    if not with_lse:
+        return out
+    return out, lse.view(S, kv, n, group).permute(0, 2, 1, 3).reshape(S, n, H)
+
+
+def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+                    context_lens: Tensor, cu_q: Tensor, scale: float) -> Tensor:
+    """``paged_attention_ref.paged_attention`` with the fused ``attend``."""
+    return ref.paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_q, scale,
+                               attend=attend)
