@@ -2,7 +2,7 @@
 control, reported as means with 95% intervals and paired differences.
 
     python bench/bench_train.py [--seeds 5] [--control-seeds N] [--jobs N] [--out RUNS]
-                                [--report DIR] [-- extra mapo-train keys]
+                                [--report DIR] [--warm-only] [-- extra mapo-train keys]
     mapo-bench --only train [--quick]
 
 For each expert (``hallucinating``, the default task, and ``honest``, the control) and seed,
@@ -392,7 +392,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--tag", default="cpu")
     p.add_argument("--report-only", action="store_true",
                    help="report the seeds whose runs are finished; start no run")
+    p.add_argument("--warm-only", action="store_true",
+                   help="run the warm starts only (e.g. to check them before any RL run)")
     a = p.parse_args(argv)
+    if a.warm_only:
+        warm = [r for r in plan(a.out, a.seeds, a.experts, extra, a.control_seeds)
+                if r.kind == "warm"]
+        failed = execute(warm, a.jobs)
+        sys.exit(f"failed: {failed}" if failed else None)
     try:
         paths = study(a.out, a.seeds, a.jobs, extra, a.tag, a.experts,
                       control_seeds=a.control_seeds, report=a.report,

@@ -319,3 +319,34 @@ def test_the_expert_trajectory_is_what_the_engine_builds(tmp_path):
     assert t.tokenizer.decode(traj.token_ids[turn.observation.start:]).startswith(pre)
     assert t.adapter is t.engine.vision
     assert [w for _, _, w in t.reward.terms] == [1.0, 0.3, 1.0]
+
+
+def test_forced_openings_answer_at_once_or_zoom_on_the_target(tmp_path):
+    # ``evaluate(opening)``: ``no_zoom`` trajectories call no tool and open with the answer;
+    # ``right_zoom`` ones begin with the call on the target's quadrant (action accuracy 1)
+    from mapo_fast.trainer.loop import ForcedOpening
+    trainer = Trainer(parse_args(["--out", str(tmp_path), "--steps", "0", *TOY,
+                                  "--task.eval_size", "4", "--task.detail", "checker",
+                                  "--rollout.max_new_tokens", "64"]), progress=False)
+    trainer.warm_start()
+    samples = trainer.task.batch("eval", 0, 4)
+    for way in ("no_zoom", "right_zoom"):
+        trajs = trainer._generate(samples, group_size=1, greedy=True, seed=0, opening=way)
+        assert [t.group_id for t in trajs] == [0, 1, 2, 3]
+        for s, t in zip(samples, trajs):
+            assert t.response_text.startswith(trainer.task.opening(s, way))
+    res = trainer.evaluate("no_zoom")
+    assert res["tool_use"] == 0.0 and res["action_accuracy"] is None
+    res = trainer.evaluate("right_zoom")
+    assert res["tool_use"] == 1.0 and res["action_accuracy"] == 1.0
+    with pytest.raises(ValueError, match="`name` must be one of"):
+        trainer.evaluate("peek")
+    trainer.cfg.rollout.max_new_tokens = 20
+    with pytest.raises(ValueError, match=r"the 'right_zoom' opening .* takes \d+ tokens, not "
+                                         r"fewer than `rollout.max_new_tokens` \(20\)"):
+        trainer.evaluate("right_zoom")
+    proc = ForcedOpening(3, [7, 9])
+    logits = torch.zeros(12)
+    assert int(proc([0, 0, 0], logits).argmax()) == 7
+    assert torch.isinf(proc([0, 0, 0, 7], logits)).sum() == 11
+    assert proc([0, 0, 0, 7, 9], logits) is logits

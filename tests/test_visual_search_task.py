@@ -103,6 +103,10 @@ def test_oracle_scores_an_absent_target_below_a_present_one():
     ({"expert": "liar"}, "`expert` must be one of"),
     ({"hint_reliability": 1.5}, "`hint_reliability` must be a number in"),
     ({"blind_spot": "left"}, "`blind_spot` must be one of"),
+    ({"detail": "stripes"}, r"`detail` must be one of \['solid', 'checker'\], got 'stripes'"),
+    ({"detail": "checker", "image_size": 168, "target_size": 14},
+     r"`detail` 'checker' needs `image_size` \(168\) to be an even multiple of `view_size` "
+     r"\(56\)"),
 ])
 def test_bad_task_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -123,3 +127,64 @@ def test_gap_metrics_count_what_they_name():
     assert none["faithfulness"] is None and none["action_accuracy"] is None
     with pytest.raises(ValueError, match="rows of `hits`"):
         gap_metrics(correct, scores, mask, hits[:2])
+
+
+
+def _overview_and_crop(task, s, image):
+    from mapo_fast.tools.ops import crop_and_zoom
+    S, v = task.image_size, task.view_size
+    ov = crop_and_zoom([image], [[0, 0, 0, S, S]], size=(v, v))[0].float()
+    crop = crop_and_zoom([image], [crop_box(task, s, s.quadrant)], size=(v, v))[0].float()
+    return ov, crop
+
+
+def _recoloured(task, s, colour, monkeypatch):
+    """``s`` drawn again with every shape in ``colour`` (layout, noise and tint unchanged)."""
+    objects = [(colour, shape, cx, cy) for _, shape, cx, cy in s.objects]
+    monkeypatch.setattr(task, "_hint", lambda c, g: s.hint)
+    image, _ = task._render(objects, torch.Generator().manual_seed(0))
+    return image
+
+
+@pytest.mark.parametrize("detail", ["checker", "solid"])
+def test_only_the_checker_detail_hides_the_colour_from_the_overview(detail, monkeypatch):
+    # one sample with its shapes in each palette colour in turn. Checker: the overviews differ
+    # by at most 6 of 255 anywhere (the pattern's residue, about 2 per colour, and uint8
+    # rounding; the background's noise is +-18), the quadrant crops by more than 100 on the
+    # target. Solid: the overviews already differ by more than 100.
+    task = VisualSearchTask(2, detail=detail)
+    s = task.sample("train", 5)
+    views = [_overview_and_crop(task, s, _recoloured(task, s, c, monkeypatch))
+             for c in task.colours]
+    ov_gap = max(float((a[0] - b[0]).abs().max()) for a in views for b in views)
+    crop_gap = max(float((a[1] - b[1]).abs().max()) for a in views for b in views)
+    assert crop_gap > 100
+    if detail == "checker":
+        assert ov_gap <= 6.0
+        assert list(task.colours) == ["red", "green", "blue", "white"]
+        assert task.vocabulary[:4] == list(task.colours)
+    else:
+        assert ov_gap > 100
+
+
+def test_checker_samples_are_deterministic_and_use_their_palette():
+    task = VisualSearchTask(1, detail="checker")
+    a, b = task.sample("eval", 7), task.sample("eval", 7)
+    assert torch.equal(a.image, b.image) and a.answer == b.answer
+    answers = {task.sample("train", i).answer for i in range(40)}
+    assert answers == {"red", "green", "blue", "white"}
+
+
+def test_openings_force_an_answer_a_missed_or_the_right_call():
+    task = VisualSearchTask(0)
+    s = task.sample("train", 3)
+    assert task.opening(s, "no_zoom") == "<answer>"
+    r, c = s.quadrant
+    for name, quadrant in (("right_zoom", (r, c)), ("wrong_zoom", (1 - r, c))):
+        call = task.opening(s, name)
+        box = json.loads(call[len("<tool_call>"):-len("</tool_call>")])["arguments"]["bbox_2d"]
+        assert box == task.quadrant_box(quadrant)
+        assert task.target_in(s, crop_box(task, s, quadrant)) == (name == "right_zoom")
+    with pytest.raises(ValueError, match=r"`name` must be one of \['no_zoom', 'wrong_zoom', "
+                                         r"'right_zoom'\], got 'peek'"):
+        task.opening(s, "peek")

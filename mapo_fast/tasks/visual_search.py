@@ -20,6 +20,17 @@ in the overview, so a policy can guess the answer without zooming, and the guess
 three times in four: right answers after wrong zooms are common, and outcome-only credit for
 the zoom is noisy.
 
+**How the shapes are drawn** (``detail``, one of ``DETAILS``). ``solid`` (default): in flat
+colour, so the target's colour also shows, blurred, in the overview. ``checker`` (the zoom-only
+task): each shape is a checkerboard of its colour and that colour's complement (the palette is
+then ``CHECKER_COLOURS``, whose four complementary pairs are the RGB cube's diagonals), in cells
+of ``image_size / view_size`` pixels laid so that every overview pixel is centred on a cell
+corner, and faded in over ``3 x cell + 1`` pixels at its edge. Resized to the overview, every
+shape becomes the same grey blob whatever its colour (what is left of the pattern, about 2 of
+255, is under the background's noise); a quadrant crop, at twice the overview's detail, shows
+the cells. Only the zoom answers the question: without it, the tint is the only clue, and it is
+right ``hint_reliability`` of the time.
+
 **The scripted expert** writes one trajectory per sample for the supervised warm start. It has
 a blind spot (``blind_spot``, one of ``BLIND_SPOTS``): by default (``bottom_row``), when the
 ring is in a bottom quadrant it looks there only one time in three (``index % 3 == 0``) and
@@ -74,8 +85,19 @@ BLIND_SPOTS: Dict[str, Dict[Tuple[int, int], Tuple[int, int]]] = {
     "bottom_right": {(1, 1): (0, 0)},
     "none": {},
 }
+#: Forced openings of the first assistant turn (``VisualSearchTask.opening``) for checking
+#: what the overview alone and a perfect zoom give a policy.
+OPENINGS = ("no_zoom", "wrong_zoom", "right_zoom")
 #: How much of the hint colour tints the disc inside the ring (the rest is background).
 HINT_ALPHA = 0.5
+#: The zoom-only palette (``detail="checker"``): each colour and its complement (a checker
+#: cell's other colour) average to mid-grey; the four pairs are distinct.
+CHECKER_COLOURS: Dict[str, Tuple[int, int, int]] = {
+    "red": (225, 30, 30), "green": (30, 225, 30), "blue": (30, 30, 225),
+    "white": (225, 225, 225)}
+#: How shapes are drawn (see the module doc), and each way's palette.
+DETAILS: Dict[str, Dict[str, Tuple[int, int, int]]] = {"solid": COLOURS,
+                                                       "checker": CHECKER_COLOURS}
 
 
 @dataclass
@@ -106,12 +128,17 @@ class VisualSearchTask:
         blind_spot: where the scripted expert mostly misses, one of ``BLIND_SPOTS``.
         expert: what the expert writes after a missed zoom, one of ``EXPERTS``.
         hint_reliability: probability that the ring's tint is the target's colour.
+        detail: how shapes are drawn, one of ``DETAILS`` (``checker``: only a zoom shows their
+            colour).
     """
 
     def __init__(self, seed: int = 0, *, image_size: int = 224, view_size: int = 56,
                  target_size: int = 28, distractors: int = 3, blind_spot: str = "bottom_row",
-                 expert: str = "hallucinating", hint_reliability: float = 0.75):
+                 expert: str = "hallucinating", hint_reliability: float = 0.75,
+                 detail: str = "solid"):
         fn = "VisualSearchTask"
+        if detail not in DETAILS:
+            raise ValueError(f"{fn}: `detail` must be one of {list(DETAILS)}, got {detail!r}")
         if blind_spot not in BLIND_SPOTS:
             raise ValueError(f"{fn}: `blind_spot` must be one of {list(BLIND_SPOTS)}, got "
                              f"{blind_spot!r}")
@@ -132,11 +159,18 @@ class VisualSearchTask:
         if 4 * target_size > image_size // 2:
             raise ValueError(f"{fn}: `target_size` {target_size} is too large for a quadrant of "
                              f"{image_size // 2} pixels (at most {image_size // 8})")
+        if detail == "checker" and (image_size % view_size or image_size // view_size % 2
+                                    or image_size < 4 * view_size):
+            raise ValueError(f"{fn}: `detail` 'checker' needs `image_size` ({image_size}) to be "
+                             f"an even multiple of `view_size` ({view_size}), at least 4 times "
+                             "it (checker cells that the overview averages and a quadrant crop "
+                             "resolves)")
         self.seed, self.image_size, self.view_size = int(seed), image_size, view_size
         self.target_size, self.distractors = target_size, distractors
         self.blind_spot = blind_spot
         self.expert, self.hint_reliability = expert, float(hint_reliability)
         self.ring_radius = 1.6 * target_size
+        self.detail, self.colours = detail, DETAILS[detail]
 
     # ---- samples -----------------------------------------------------------------------------
     def sample(self, split: str, index: int) -> Sample:
@@ -153,7 +187,7 @@ class VisualSearchTask:
         def randint(n: int) -> int:
             return int(torch.randint(n, (1,), generator=g))
 
-        colours, shapes = list(COLOURS), list(SHAPES)
+        colours, shapes = list(self.colours), list(SHAPES)
         colour, shape = colours[randint(len(colours))], shapes[randint(len(shapes))]
         qr, qc = randint(2), randint(2)
         margin = self.ring_radius + 4
@@ -175,7 +209,7 @@ class VisualSearchTask:
     def _hint(self, colour: str, g: torch.Generator) -> str:
         """The disc's tint: ``colour`` with probability ``hint_reliability``, else another."""
         right = float(torch.rand((), generator=g)) < self.hint_reliability
-        others = [c for c in COLOURS if c != colour]
+        others = [c for c in self.colours if c != colour]
         other = others[int(torch.randint(len(others), (1,), generator=g))]
         return colour if right else other
 
@@ -193,7 +227,7 @@ class VisualSearchTask:
         tcx, tcy = objects[0][2], objects[0][3]
         d = torch.sqrt((xs - tcx) ** 2 + (ys - tcy) ** 2)
         disc = d < self.ring_radius - 2.0
-        tint = torch.tensor(COLOURS[hint], dtype=torch.float32)[:, None]
+        tint = torch.tensor(self.colours[hint], dtype=torch.float32)[:, None]
         img[:, disc] = (1 - HINT_ALPHA) * img[:, disc] + HINT_ALPHA * tint
         ring = (d - self.ring_radius).abs() <= 2.0
         img[:, ring] = 20.0
@@ -206,8 +240,27 @@ class VisualSearchTask:
                 inside = (dx.abs() <= h * 0.85) & (dy.abs() <= h * 0.85)
             else:  # triangle, apex up
                 inside = (dy <= h) & (dy >= -h) & (dx.abs() <= (dy + h) / 2)
-            img[:, inside] = torch.tensor(COLOURS[colour], dtype=torch.float32)[:, None]
+            rgb = torch.tensor(self.colours[colour], dtype=torch.float32)[:, None]
+            if self.detail == "solid":
+                img[:, inside] = rgb
+            else:
+                img = self._checker(img, inside, rgb[:, :, None], xs, ys)
         return img.round().clamp(0, 255).to(torch.uint8), hint
+
+    def _checker(self, img: Tensor, inside: Tensor, rgb: Tensor, xs: Tensor, ys: Tensor
+                 ) -> Tensor:
+        """``img`` with the shape ``inside`` drawn as a checkerboard of ``rgb [3, 1, 1]`` and
+        its complement (see the module doc): cells of ``image_size / view_size`` pixels
+        offset by half a cell, faded in over ``3 x cell + 1`` pixels at the shape's edge."""
+        cell = self.image_size // self.view_size
+        k = 3 * cell + 1
+        alpha = torch.nn.functional.avg_pool2d(inside[None, None].float(), k, 1, k // 2,
+                                               count_include_pad=False)[0, 0]
+        off = cell // 2
+        sign = ((torch.div(xs.long() + off, cell, rounding_mode="floor")
+                 + torch.div(ys.long() + off, cell, rounding_mode="floor")) % 2) * 2 - 1
+        pattern = 127.5 + sign * (rgb - 127.5)
+        return img * (1 - alpha) + alpha * pattern
 
     def batch(self, split: str, start: int, n: int) -> List[Sample]:
         return [self.sample(split, i) for i in range(start, start + n)]
@@ -259,6 +312,22 @@ class VisualSearchTask:
         return (call, f"<{DESCRIPTION_TAG}>{colour} {shape}</{DESCRIPTION_TAG}>"
                       f"<{ANSWER_TAG}>{colour}</{ANSWER_TAG}>")
 
+    def opening(self, s: Sample, name: str) -> str:
+        """The text a forced first turn of ``s`` begins with (``OPENINGS``): ``no_zoom`` opens
+        the answer at once (the overview is all the policy sees; a turn the expert never
+        writes), ``wrong_zoom`` is the call on the quadrant above or below the target's (the
+        expert's kind of miss: its crop holds a distractor, so only the overview tells of the
+        target), ``right_zoom`` the call on the target's quadrant (a perfect zoom). The policy
+        writes the rest."""
+        r, c = s.quadrant
+        if name == "no_zoom":
+            return f"<{ANSWER_TAG}>"
+        if name in ("wrong_zoom", "right_zoom"):
+            quadrant = (1 - r, c) if name == "wrong_zoom" else (r, c)
+            return format_tool_call(ZoomInTool.name, {"bbox_2d": self.quadrant_box(quadrant)})
+        raise ValueError(f"VisualSearchTask.opening: `name` must be one of {list(OPENINGS)}, "
+                         f"got {name!r}")
+
     @property
     def expected_gap_share(self) -> float:
         """The share of expert trajectories whose zoom misses the target but whose answer is
@@ -287,7 +356,7 @@ class VisualSearchTask:
     @property
     def vocabulary(self) -> List[str]:
         """The terms the ``OracleVerifier`` looks for in descriptions."""
-        return list(COLOURS) + list(SHAPES)
+        return list(self.colours) + list(SHAPES)
 
     def corpus(self, n: int = 64) -> List[str]:
         """Text for training the task's tokenizer: prompts and expert turns, with every box a

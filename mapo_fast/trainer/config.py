@@ -82,8 +82,9 @@ class TaskConfig:
     """``name``: ``visual_search`` (built in, generated from ``train.seed``) or ``jsonl``
     (records from ``data_path``, a .jsonl or .parquet file, images under ``image_root``).
     ``blind_spot``, ``expert`` (``hallucinating`` or ``honest``, the control) and
-    ``hint_reliability`` shape the built-in task's reasoning-action gap (see
-    ``mapo_fast.tasks.visual_search``)."""
+    ``hint_reliability`` shape the built-in task's reasoning-action gap, ``detail``
+    (``solid`` or ``checker``, the zoom-only task) whether the overview shows the target's
+    colour (see ``mapo_fast.tasks.visual_search``)."""
     name: str = "visual_search"
     image_size: int = 224
     view_size: int = 56
@@ -92,6 +93,7 @@ class TaskConfig:
     blind_spot: str = "bottom_row"
     expert: str = "hallucinating"
     hint_reliability: float = 0.75
+    detail: str = "solid"
     data_path: Optional[str] = None
     image_root: Optional[str] = None
     max_image_pixels: int = 4096 * 4096
@@ -221,7 +223,8 @@ class TrainConfig:
              "tokenizer is trained on the built-in task's text)")
         need("task.view_size", self.task.view_size % 28 == 0, "a multiple of 28")
         need("task.distractors", self.task.distractors >= 0, "an int >= 0")
-        from ..tasks.visual_search import BLIND_SPOTS, EXPERTS
+        from ..tasks.visual_search import BLIND_SPOTS, DETAILS, EXPERTS
+        need("task.detail", self.task.detail in DETAILS, f"one of {list(DETAILS)}")
         need("task.expert", self.task.expert in EXPERTS, f"one of {list(EXPERTS)}")
         need("task.blind_spot", self.task.blind_spot in BLIND_SPOTS, f"one of {list(BLIND_SPOTS)}")
         need("task.hint_reliability", 0 <= self.task.hint_reliability <= 1, "in [0, 1]")
@@ -313,7 +316,7 @@ class TrainConfig:
         return VisualSearchTask(self.seed, image_size=t.image_size, view_size=t.view_size,
                                 target_size=t.target_size, distractors=t.distractors,
                                 blind_spot=t.blind_spot, expert=t.expert,
-                                hint_reliability=t.hint_reliability)
+                                hint_reliability=t.hint_reliability, detail=t.detail)
 
     def _check_task(self) -> None:
         """The built-in task's own checks (sizes it can draw), as config errors."""
@@ -360,6 +363,8 @@ KEY_HELP: Dict[str, str] = {
                    "`honest` (the control)",
     "task.hint_reliability": "built-in task: probability that the tinted disc shows the "
                              "target's colour",
+    "task.detail": "built-in task: `solid` shapes (their colour shows in the overview) or "
+                   "`checker` (the zoom-only task: only a crop shows their colour)",
     "task.data_path": "records: a .jsonl or .parquet file (image path, question, answer)",
     "task.image_root": "records: the folder image paths are resolved under",
     "task.max_image_pixels": "records: larger images are skipped (read from the header)",

@@ -122,6 +122,23 @@ def _check_writable(folder: str) -> None:
                           f"{e.strerror or e}") from None
 
 
+class ForcedOpening:
+    """A logits processor that makes a turn begin with the tokens ``ids``: while fewer than
+    ``len(ids)`` tokens follow the ``prompt_len``-token prompt, only the next one of ``ids``
+    can be drawn; after that the logits pass unchanged."""
+
+    def __init__(self, prompt_len: int, ids: Sequence[int]):
+        self.prompt_len, self.ids = prompt_len, list(ids)
+
+    def __call__(self, tokens: Sequence[int], logits: Tensor) -> Tensor:
+        k = len(tokens) - self.prompt_len
+        if not 0 <= k < len(self.ids):
+            return logits
+        out = torch.full_like(logits, float("-inf"))
+        out[self.ids[k]] = 0.0
+        return out
+
+
 class Trainer:
     """Runs ``cfg`` end to end (``run``); the stages are also callable one by one."""
 
@@ -251,7 +268,12 @@ class Trainer:
             return self.policy(batch, fn)
 
     def _generate(self, samples: Sequence[Any], *, group_size: int, greedy: bool,
-                  seed: int) -> List[Trajectory]:
+                  seed: int, opening: Optional[str] = None) -> List[Trajectory]:
+        """Rollouts of ``samples``; with ``opening`` (one of the task's ``OPENINGS``) each
+        first turn begins with the task's text for it (one call per distinct text, the
+        trajectories back in the samples' order)."""
+        if opening is not None:
+            return self._generate_opened(samples, greedy=greedy, seed=seed, opening=opening)
         r = self.cfg.rollout
         self.rollout_model.eval()
         with self._autocast():
@@ -262,6 +284,34 @@ class Trainer:
                 observation_template=TEMPLATE, seed=seed, **draw)
         self.engine.clear_prefix_cache()
         return trajs
+
+    def _generate_opened(self, samples: Sequence[Any], *, greedy: bool, seed: int,
+                         opening: str) -> List[Trajectory]:
+        r = self.cfg.rollout
+        prompts = [self.task.prompt(s) for s in samples]
+        # one call per (opening text, prompt length): the processor knows where turns start
+        keys = [(self.task.opening(s, opening),
+                 len(render_chat(p, self.tokenizer, self.adapter)[0]))
+                for s, p in zip(samples, prompts)]
+        out: List[Optional[Trajectory]] = [None] * len(samples)
+        self.rollout_model.eval()
+        draw = dict(temperature=0.0) if greedy else self.numerics.sampling_kwargs()
+        for text, n in dict.fromkeys(keys):
+            rows = [i for i, k in enumerate(keys) if k == (text, n)]
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if len(ids) >= r.max_new_tokens:
+                raise ValueError(f"Trainer.evaluate: the {opening!r} opening {text!r} takes "
+                                 f"{len(ids)} tokens, not fewer than `rollout.max_new_tokens` "
+                                 f"({r.max_new_tokens})")
+            with self._autocast():
+                trajs = self.engine.generate(
+                    [prompts[i] for i in rows], max_new_tokens=r.max_new_tokens,
+                    tools=self.runner, max_turns=r.max_turns, observation_template=TEMPLATE,
+                    seed=seed, logits_processor=ForcedOpening(n, ids), **draw)
+            self.engine.clear_prefix_cache()
+            for i, t in zip(rows, trajs):
+                t.group_id, out[i] = i, t
+        return out  # type: ignore[return-value]
 
     def _score(self, samples: Sequence[Any], trajs: Sequence[Trajectory]
                ) -> Tuple[Tensor, Dict[str, Tensor], Tensor, Tensor, Dict[str, float]]:
@@ -294,14 +344,21 @@ class Trainer:
         run_warm_start(self)
 
     # ---- evaluation ----------------------------------------------------------------------------
-    def evaluate(self) -> Dict[str, float]:
+    def evaluate(self, opening: Optional[str] = None) -> Dict[str, float]:
         """Greedy rollouts on the held-out split: accuracy, semantic score, tool use, format
         and the gap metrics (``action_accuracy``, ``faithfulness``,
-        ``right_answer_wrong_action``; see ``gap_metrics``)."""
+        ``right_answer_wrong_action``; see ``gap_metrics``). ``opening``, one of the built-in
+        task's ``OPENINGS``, forces how each first turn begins (``no_zoom``: the answer at
+        once; ``right_zoom``: the call on the target's quadrant); the policy writes the rest."""
+        if opening is not None and not hasattr(self.task, "opening"):
+            raise ValueError(f"Trainer.evaluate: `opening` {opening!r} needs the built-in task "
+                             f"(task.name 'visual_search'), got {self.cfg.task.name!r}")
+        if opening is not None:
+            self.task.opening(self.task.sample("eval", 0), opening)  # the name, checked
         n = self.cfg.task.eval_size - self.cfg.task.eval_size % self.dist.world
         start, per = self.shard(0, n)
         samples = self.task.batch("eval", start, per)
-        trajs = self._generate(samples, group_size=1, greedy=True, seed=0)
+        trajs = self._generate(samples, group_size=1, greedy=True, seed=0, opening=opening)
         _, parts, scores, turn_mask, gap = self._score(samples, trajs)
         res = {"accuracy": float(parts["accuracy"].mean()),
                "semantic_score": float(scores[turn_mask].mean()) if turn_mask.any() else 0.0,

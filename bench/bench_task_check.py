@@ -1,0 +1,139 @@
+"""What a warm-started policy answers from the overview alone and after a perfect zoom, before
+any RL run: the check of a task option (e.g. ``--task.detail checker``, the zoom-only task)
+that the overview cannot answer and the zoom can.
+
+    python bench/bench_task_check.py [--seeds 5] [--runs WARM_DIR ...] [--report DIR]
+                                     [--tag cpu-checker] [-- extra mapo-train keys]
+
+At each point (a warm start of seeds ``0 .. seeds-1``, or the checkpoint of each ``--runs``
+folder, e.g. the training study's ``.../seed<k>/warm``, copied, never changed) the held-out
+split is evaluated greedily four ways (``Trainer.evaluate(opening)``): ``free`` (the policy
+as is), ``no_zoom`` (its first turn opens the answer: the overview and its tint are all it
+has, in a turn the expert never writes), ``wrong_zoom`` (its first turn is the call above or
+below the target, the expert's kind of miss: the crop shows a distractor) and ``right_zoom``
+(the call on the target's quadrant); the policy describes and answers. Next to them:
+``hint_reliability``, the share of those samples whose tint is the answer (the ceiling of
+answering from the overview when the overview hides the colour).
+Writes ``DIR/task-check-<tag>.json`` and ``.md`` (default ``bench/results``): per point, and
+means with 95% t-intervals over points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_train import interval  # noqa: E402
+from bench_variance import run_args  # noqa: E402
+
+WAYS = ("free", "no_zoom", "wrong_zoom", "right_zoom")
+SHOWN = ("accuracy", "action_accuracy", "tool_use")
+
+
+def measure(args: List[str], resume_from: Optional[Path] = None) -> Dict[str, Any]:
+    """One point: a trainer built from ``args`` (warm-started, or resumed from a copy of
+    ``resume_from``'s checkpoints), evaluated each of the ``WAYS``."""
+    from mapo_fast.trainer import Trainer, parse_args
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = []
+        if resume_from is not None:
+            shutil.copytree(resume_from / "checkpoints", Path(tmp) / "checkpoints")
+            extra = ["--resume"]
+        trainer = Trainer(parse_args(["--out", tmp, *args, *extra]), progress=False)
+        if not hasattr(trainer.task, "opening"):
+            raise SystemExit("bench_task_check: needs the built-in task (task.name "
+                             "'visual_search')")
+        start = time.perf_counter()
+        if resume_from is None:
+            trainer.warm_start()
+        out: Dict[str, Any] = {w: trainer.evaluate(None if w == "free" else w) for w in WAYS}
+        eval_size = out["free"]["eval_size"]
+        samples = trainer.task.batch("eval", 0, eval_size)
+        out["hint_reliability"] = sum(s.hint == s.answer for s in samples) / len(samples)
+        out["wall_s"] = time.perf_counter() - start
+    return out
+
+
+def summarise(points: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """Means with 95% t-intervals over points of each way's shown metrics and the hint's
+    reliability."""
+    ps = list(points.values())
+    out: Dict[str, Any] = {w: {m: interval([p[w].get(m) for p in ps]) for m in SHOWN}
+                           for w in WAYS}
+    out["hint_reliability"] = interval([p["hint_reliability"] for p in ps])
+    return out
+
+
+def _fmt(iv: Dict[str, Any]) -> str:
+    if iv["mean"] is None:
+        return "n/a"
+    return f"{iv['mean']:.3f}" + ("" if iv["ci95"] is None else f" ± {iv['ci95']:.3f}")
+
+
+def markdown(result: Dict[str, Any]) -> str:
+    s = result["summary"]
+    extra = " ".join(result["extra_args"])
+    lines = [f"# Task check ({result['tag']})", "",
+             f"Keys: `{extra or '(defaults)'}`; {len(result['points'])} points; "
+             f"{result['wall_s']:.0f} s. Greedy evaluation on the held-out split; "
+             "mean ± half-width of the 95% t-interval over points.", "",
+             "| evaluation | accuracy | action accuracy | tool use |", "|---|---|---|---|"]
+    names = {"free": "the policy as is", "no_zoom": "no zoom (forced to answer at once)",
+             "wrong_zoom": "a missed zoom (forced call above / below the target)",
+             "right_zoom": "a perfect zoom (forced call on the target's quadrant)"}
+    for w in WAYS:
+        lines.append(f"| {names[w]} | " + " | ".join(_fmt(s[w][m]) for m in SHOWN) + " |")
+    lines += ["", f"The tint names the answer on {_fmt(s['hint_reliability'])} of these "
+                  "samples (the ceiling of answering from the overview alone, when it hides "
+                  "the colour).", "", "| point | free | no zoom | missed zoom | right zoom | tint right |",
+              "|---|---|---|---|---|---|"]
+    for name, p in result["points"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{p[w]['accuracy']:.3f}" for w in WAYS)
+                     + f" | {p['hint_reliability']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="bench_task_check.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--runs", type=Path, nargs="*", default=[])
+    p.add_argument("--report", type=Path, default=HERE / "results")
+    p.add_argument("--tag", default="cpu-checker")
+    a = p.parse_args(argv)
+    if a.seeds < 1:
+        p.error(f"--seeds must be >= 1, got {a.seeds}")
+    for run in a.runs:
+        if not (run / "checkpoints").is_dir():
+            p.error(f"--runs: {run} has no checkpoints folder")
+    start = time.perf_counter()
+    todo = [(str(r), run_args(r), r) for r in a.runs] if a.runs else \
+        [(f"warm start, seed {s}", ["--seed", str(s)], None) for s in range(a.seeds)]
+    points: Dict[str, Dict[str, Any]] = {}
+    for i, (name, args, run) in enumerate(todo):
+        print(f"[{i + 1}/{len(todo)}] {name} ...", flush=True)
+        points[name] = m = measure(args + extra, run)
+        print("    accuracy " + ", ".join(f"{w} {m[w]['accuracy']:.3f}" for w in WAYS)
+              + f"; tint right {m['hint_reliability']:.3f}", flush=True)
+    result = {"tag": a.tag, "extra_args": extra, "points": points,
+              "summary": summarise(points), "wall_s": time.perf_counter() - start}
+    a.report.mkdir(parents=True, exist_ok=True)
+    stem = a.report / f"task-check-{a.tag}"
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+"""bench/bench_task_check.py at toy size: each point evaluated the four ways, the tint's
+reliability counted on the same samples, the JSON and markdown written, a run's checkpoint
+copied and left unchanged."""
+
+import json
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("mapo_fast.kernels._block_manager")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+import bench_task_check as tc  # noqa: E402
+from test_trainer import TOY, run  # noqa: E402
+
+SMALL = [*TOY, "--warm_start.steps", "2", "--task.eval_size", "4", "--task.detail", "checker",
+         "--rollout.max_new_tokens", "64"]
+
+
+def test_points_are_evaluated_four_ways(tmp_path):
+    folder = tmp_path / "runs" / "hallucinating" / "seed1" / "warm"
+    run(folder, 0, "--seed", "1", "--task.detail", "checker")
+    before = sorted(os.listdir(folder / "checkpoints"))
+    tc.main(["--runs", str(folder), "--report", str(tmp_path), "--tag", "toy", "--", *SMALL])
+    res = json.loads((tmp_path / "task-check-toy.json").read_text())
+    point = res["points"][str(folder)]
+    assert set(tc.WAYS) <= set(point)
+    assert point["no_zoom"]["tool_use"] == 0.0 and point["right_zoom"]["action_accuracy"] == 1.0
+    assert point["wrong_zoom"]["action_accuracy"] == 0.0
+    from mapo_fast.tasks.visual_search import VisualSearchTask
+    task = VisualSearchTask(1, detail="checker")
+    want = sum(s.hint == s.answer for s in task.batch("eval", 0, 4)) / 4
+    assert point["hint_reliability"] == want
+    assert res["summary"]["right_zoom"]["accuracy"]["mean"] == point["right_zoom"]["accuracy"]
+    md = (tmp_path / "task-check-toy.md").read_text()
+    assert "| a perfect zoom (forced call on the target's quadrant) |" in md
+    assert sorted(os.listdir(folder / "checkpoints")) == before
