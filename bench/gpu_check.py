@@ -64,18 +64,20 @@ from harness import device_info, device_slug  # noqa: E402
 class Sizes:
     loss: tuple          # tokens N, hidden H, vocabulary V
     paged: tuple         # batch, context, heads, kv_heads, head_dim, page
+    prefill: tuple       # sequences, new queries each (a chunked-prefill batch, paged sizes)
     crops: tuple         # boxes, images, image side, output side
     advantage: tuple     # sequences, group size, tokens, turns
     rollout: dict        # Qwen2 config
     prompts: tuple       # prompts, prompt tokens, group size, new tokens
 
 
-REAL = Sizes(loss=(16384, 3584, 152064), paged=(256, 8192, 28, 4, 128, 16),
+REAL = Sizes(loss=(16384, 3584, 152064), paged=(256, 8192, 28, 4, 128, 16), prefill=(8, 512),
              crops=(64, 4, 4096, 448), advantage=(4096, 8, 2048, 4),
              rollout=dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                           num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2),
              prompts=(16, 256, 8, 256))
-TOY = Sizes(loss=(40, 48, 160), paged=(3, 80, 6, 2, 32, 16), crops=(3, 2, 96, 28),
+TOY = Sizes(loss=(40, 48, 160), paged=(3, 80, 6, 2, 32, 16), prefill=(2, 17),
+            crops=(3, 2, 96, 28),
             advantage=(24, 4, 40, 3),
             rollout=dict(vocab_size=256, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
@@ -108,33 +110,29 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 # ---- sections ---------------------------------------------------------------------------------
+#: the loss's variants checked besides the plain one: a bias, a soft cap with a logit scale, a
+#: temperature, and a row subset (targets for every other hidden row, as packed sequences give)
+LOSS_VARIANTS = {"plain": {}, "bias_cap_temp_rows": dict(bias=True, cap=30.0, scale=0.8,
+                                                         inv_temp=1 / 0.7, rows=True)}
+
+
 def loss_section(sz: Sizes, dev: torch.device, measure) -> Dict:
-    """Fused and chunked paths against the torch path with fp32 GEMMs (bf16 inputs); their
-    times and the three-GEMM floor (logits, d_hidden, d_weight as bf16 cuBLAS GEMMs)."""
+    """Fused and chunked paths against the torch path with fp32 GEMMs (bf16 inputs), plain and
+    with bias / soft cap / temperature / rows (``LOSS_VARIANTS``); the plain one's times and the
+    three-GEMM floor (logits, d_hidden, d_weight as bf16 cuBLAS GEMMs)."""
     from mapo_fast import loss_path as LP
-    from mapo_fast.kernels import linear_logprob_ref as ref
-    from mapo_fast.logprobs import LogitMap, _value_and_grad, objective_pass
+    from mapo_fast.logprobs import LogitMap, objective_pass
     N, H, V = sz.loss
     g = torch.Generator(device=dev).manual_seed(0)
     h = torch.randn(N, H, generator=g, device=dev).to(torch.bfloat16)
     w = (torch.randn(V, H, generator=g, device=dev) / math.sqrt(H)).to(torch.bfloat16)
-    y = torch.randint(0, V, (N,), generator=g, device=dev)
-    adv = torch.randn(N, generator=g, device=dev)
-
-    def objective(sl, logp, ent):  # token-mean policy-gradient surrogate plus an entropy term
-        return (-adv[sl] * logp - 0.01 * ent) / N
-
-    lm = LogitMap()
-    want = ref.fused_forward_backward(h, w, None, y, 1.0, _value_and_grad(objective),
-                                      gemm=torch.float32)
     out = {"sizes": dict(N=N, H=H, V=V, dtype="bfloat16"), "errors": {}, "ms": {}}
+    for name, var in LOSS_VARIANTS.items():
+        args = _loss_args(var, h, V, dev, g)
+        for path, errs in _loss_errors(h, w, args).items():
+            out["errors"][path if name == "plain" else f"{path}, {name}"] = errs
+    b, y, rows, lm, objective = _loss_args({}, h, V, dev, g)
     for path in ("fused", "chunked"):
-        value, logp, ent, grads = objective_pass(path, h, w, None, y, None, lm, objective, True)
-        out["errors"][path] = dict(value=rel_err(value, want[2]), logp=rel_err(logp, want[0]),
-                                   entropy=rel_err(ent, want[1]),
-                                   d_hidden=rel_err(grads[0], want[3]),
-                                   d_weight=rel_err(grads[1], want[4]))
-        del grads
         out["ms"][path] = measure(lambda p=path: objective_pass(p, h, w, None, y, None, lm,
                                                               objective, True))
     chooser = LP.PathChooser(timer=lambda fn: time_once(dev, fn))
@@ -146,14 +144,52 @@ def loss_section(sz: Sizes, dev: torch.device, measure) -> Dict:
         out["ms"]["three_gemm_floor"] = measure(
             lambda: (h @ w.t(), dz @ w, dz.t() @ h))
     # bf16 rounding of dz (8 bits) bounds the gradients; values and log-probs are fp32 sums
-    out["tolerance"] = dict(value=1e-3, logp=1e-3, entropy=1e-3, d_hidden=3e-2, d_weight=3e-2)
+    out["tolerance"] = dict(value=1e-3, logp=1e-3, entropy=1e-3, d_hidden=3e-2, d_weight=3e-2,
+                            d_bias=3e-2)
     out["ok"] = all(e[k] <= out["tolerance"][k] for e in out["errors"].values() for k in e)
     return out
 
 
+def _loss_args(var: Dict, h, V: int, dev: torch.device, g):
+    """``(bias, targets, rows, LogitMap, objective)`` of a ``LOSS_VARIANTS`` entry."""
+    from mapo_fast.logprobs import LogitMap
+    N = h.shape[0]
+    rows = torch.arange(0, N, 2, device=dev) if var.get("rows") else None
+    n = N if rows is None else rows.numel()
+    b = torch.randn(V, generator=g, device=dev).to(h.dtype) if var.get("bias") else None
+    y = torch.randint(0, V, (n,), generator=g, device=dev)
+    adv = torch.randn(n, generator=g, device=dev)
+
+    def objective(sl, logp, ent):  # token-mean policy-gradient surrogate plus an entropy term
+        return (-adv[sl] * logp - 0.01 * ent) / n
+    lm = LogitMap(inv_temp=var.get("inv_temp", 1.0), cap=var.get("cap", 0.0),
+                  scale=var.get("scale", 1.0))
+    return b, y, rows, lm, objective
+
+
+def _loss_errors(h, w, args) -> Dict[str, Dict[str, float]]:
+    """Each path's relative errors against the torch path with fp32 GEMMs."""
+    from mapo_fast.kernels import linear_logprob_ref as ref
+    from mapo_fast.logprobs import _value_and_grad, objective_pass
+    b, y, rows, lm, objective = args
+    want = ref.fused_forward_backward(h, w, b, y, lm.inv_temp, _value_and_grad(objective),
+                                      rows=rows, cap=lm.cap, scale=lm.scale, gemm=torch.float32)
+    out = {}
+    for path in ("fused", "chunked"):
+        value, logp, ent, grads = objective_pass(path, h, w, b, y, rows, lm, objective, True)
+        out[path] = dict(value=rel_err(value, want[2]), logp=rel_err(logp, want[0]),
+                         entropy=rel_err(ent, want[1]), d_hidden=rel_err(grads[0], want[3]),
+                         d_weight=rel_err(grads[1], want[4]))
+        if b is not None:
+            out[path]["d_bias"] = rel_err(grads[2], want[5])
+        del grads
+    return out
+
+
 def paged_section(sz: Sizes, dev: torch.device, measure) -> Dict:
-    """Decode (one query per sequence) at ``page`` and at 16x that page, against the torch
-    path; kernel time vs reading K and V once at the measured copy bandwidth, and vs SDPA on
+    """Decode (one query per sequence) at ``page`` and at 16x that page, the split-KV merge
+    (4 splits, forced) and a chunked-prefill batch (``Sizes.prefill``), against the torch
+    path; decode time vs reading K and V once at the measured copy bandwidth, and vs SDPA on
     K/V already gathered contiguous."""
     from mapo_fast.kernels import paged_attention as K
     from mapo_fast.kernels import paged_attention_ref as R
@@ -169,6 +205,27 @@ def paged_section(sz: Sizes, dev: torch.device, measure) -> Dict:
         out["ms"][f"triton_page{pg}"] = measure(
             lambda: K.paged_attention(q, kc, vc, tables, lens, cu_q, D ** -0.5, plan_=plan))
         out[f"splits_page{pg}"] = plan.splits
+    # the split-KV merge at this size (forced: the plan may not split a full batch)
+    q, kc, vc, tables, lens, cu_q = _paged_batch(B, ctx, heads, kvh, D, page, dev)
+    want = R.paged_attention(q, kc, vc, tables, lens, cu_q, D ** -0.5)
+    plan = K.plan(q.shape, q.dtype, kvh, page, tables, lens, cu_q, splits=4)
+    out["errors"]["split_kv"] = rel_err(K.paged_attention(q, kc, vc, tables, lens, cu_q,
+                                                          D ** -0.5, plan_=plan), want)
+    out["ms"]["triton_split_kv4"] = measure(
+        lambda: K.paged_attention(q, kc, vc, tables, lens, cu_q, D ** -0.5, plan_=plan))
+    # the prefill tile: ``n`` new queries per sequence at the end of its context
+    S, n = sz.prefill
+    qp, kc, vc, tables, lens, _ = _paged_batch(S, ctx, heads, kvh, D, page, dev)
+    cu_p = torch.arange(S + 1, device=dev) * n
+    qp = torch.randn(S * n, heads, D, device=dev).to(torch.bfloat16)
+    want = R.paged_attention(qp, kc, vc, tables, lens, cu_p, D ** -0.5)
+    plan = K.plan(qp.shape, qp.dtype, kvh, page, tables, lens, cu_p)
+    out["errors"]["prefill"] = rel_err(K.paged_attention(qp, kc, vc, tables, lens, cu_p,
+                                                         D ** -0.5, plan_=plan), want)
+    out["ms"]["triton_prefill"] = measure(
+        lambda: K.paged_attention(qp, kc, vc, tables, lens, cu_p, D ** -0.5, plan_=plan))
+    out["sizes"]["prefill"] = dict(sequences=S, queries=n, context=ctx)
+    q, kc, vc, tables, lens, cu_q = _paged_batch(B, ctx, heads, kvh, D, page, dev)
     kv_bytes = 2 * int(lens.sum()) * kvh * D * q.element_size()
     buf = torch.empty(kv_bytes // 2, dtype=torch.uint8, device=dev)
     copy_ms = measure(lambda: buf.clone())

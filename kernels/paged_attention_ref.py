@@ -32,8 +32,18 @@ def write_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, slots: Tens
 def gather_kv(cache: Tensor, block_table: Tensor, length: int) -> Tensor:
     """``[length, kv_heads, head_dim]``: the first ``length`` tokens of one sequence."""
     bs = cache.shape[1]
-    blocks = block_table[: (length + bs - 1) // bs]
-    return cache.index_select(0, blocks).reshape(-1, *cache.shape[2:])[:length]
+    blocks = block_table[: (length + bs - 1) // bs].tolist()
+    return gather_blocks(cache, blocks).reshape(-1, *cache.shape[2:])[:length]
+
+
+def gather_blocks(cache: Tensor, blocks: List[int]) -> Tensor:
+    """``cache``'s ``blocks`` in order, ``[len(blocks), block_size, kv_heads, head_dim]``: a
+    view when they are consecutive (a prompt's blocks, allocated together, usually are),
+    else a copy."""
+    if blocks and blocks[-1] - blocks[0] == len(blocks) - 1 and \
+            blocks == list(range(blocks[0], blocks[0] + len(blocks))):
+        return cache[blocks[0]:blocks[0] + len(blocks)]
+    return cache.index_select(0, torch.tensor(blocks, dtype=torch.long, device=cache.device))
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: float,
@@ -125,9 +135,9 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]]
         if p:
             groups.setdefault((tables[r][0], p), []).append(r)
     for (_, p), rows in groups.items():
-        common = torch.tensor(tables[rows[0]][:p], device=dev)
-        kp = k_cache.index_select(0, common).view(1, p * bs, *kv_shape).to(cd)
-        vp = v_cache.index_select(0, common).view(1, p * bs, *kv_shape).to(cd)
+        common = tables[rows[0]][:p]
+        kp = gather_blocks(k_cache, common).reshape(1, p * bs, *kv_shape).to(cd)
+        vp = gather_blocks(v_cache, common).reshape(1, p * bs, *kv_shape).to(cd)
         idx = torch.tensor(rows, device=dev)
         o_p, l_p = attend(q[idx][None], kp, vp, None, scale, with_lse=True)
         m = torch.maximum(lse[idx], l_p[0])

@@ -31,6 +31,12 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path):
                                        "rollout"}
     loss = result["sections"]["loss"]
     assert set(loss["ms"]) == {"fused", "chunked", "three_gemm_floor"}
+    assert set(loss["errors"]) == {"fused", "chunked", "fused, bias_cap_temp_rows",
+                                   "chunked, bias_cap_temp_rows"}
+    assert "d_bias" in loss["errors"]["fused, bias_cap_temp_rows"]
+    paged = result["sections"]["paged_attention"]
+    assert {"split_kv", "prefill"} <= set(paged["errors"])
+    assert {"triton_split_kv4", "triton_prefill"} <= set(paged["ms"])
     assert loss["auto_choice"] in ("fused", "chunked")
     rollout = result["sections"]["rollout"]
     assert rollout["new_tokens_per_s"] > 0

@@ -311,3 +311,16 @@ def test_triton_kernel_covers_tall_groups_in_chunks(dtype, case):
     tol = 2e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), dense_reference(q, dense, lens, n_q, 0.07),
                                atol=tol, rtol=tol)
+
+
+def test_consecutive_blocks_are_read_in_place():
+    # a prompt's blocks, allocated together, are usually consecutive: read as a view of the
+    # pool (no copy); any other order is gathered; both equal index_select
+    cache = torch.randn(12, 4, 2, 8)
+    for blocks in ([3, 4, 5, 6], [7], [3, 5, 4], [6, 7, 9], []):
+        got = R.gather_blocks(cache, blocks)
+        torch.testing.assert_close(got, cache.index_select(0, torch.tensor(blocks,
+                                                                           dtype=torch.long)))
+        if blocks:
+            viewed = blocks == list(range(blocks[0], blocks[0] + len(blocks)))
+            assert (got.data_ptr() == cache[blocks[0]].data_ptr()) == viewed
