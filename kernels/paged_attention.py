@@ -66,7 +66,7 @@ def config(dtype: torch.dtype, head_dim: int, block_m: int) -> Config:
     if block_d > 128:
         block_n = 16
     elif block_m == DECODE_M:
-        block_n = 64 if dtype != torch.float32 else 32
+        block_n = 64 if dtype != torch.float32 else 16
     else:
         block_n = 16
     return Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d),

@@ -49,16 +49,22 @@ def sample(logits: Tensor, gens: Sequence[Optional[torch.Generator]], temperatur
     return tok[:, 0].tolist(), logp.gather(1, tok)[:, 0].tolist()
 
 
-def processed(processor: Any, tokens: List[int], row: Tensor) -> Tensor:
-    """``processor(tokens, row)``, checked: a float tensor of the row's shape with at least one
-    finite logit and no NaN (else nothing could be sampled)."""
-    out = processor(tokens, row)
+def processed(processor: Any, seqs: Sequence[Any], logits: Tensor) -> Tensor:
+    """``processor(tokens, row)`` of each sequence's row of ``logits [n, V]``, stacked and
+    checked: float rows of the row's shape (each as it returns), then, for the whole batch at
+    once, at least one finite logit per row and no NaN (else nothing could be sampled)."""
     name = getattr(processor, "__name__", type(processor).__name__)
-    if not isinstance(out, Tensor) or out.shape != row.shape or not out.is_floating_point():
-        got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"{FN}: `logits_processor` ({name}) must return float logits of shape "
-                         f"{tuple(row.shape)}, got {got}")
-    if not bool(torch.isfinite(out).any()) or bool(torch.isnan(out).any()):
+    rows = []
+    for s, row in zip(seqs, logits):
+        out = processor(list(s.tokens), row)
+        if not isinstance(out, Tensor) or out.shape != row.shape or not out.is_floating_point():
+            got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) \
+                else type(out).__name__
+            raise ValueError(f"{FN}: `logits_processor` ({name}) must return float logits of "
+                             f"shape {tuple(row.shape)}, got {got}")
+        rows.append(out)
+    out = torch.stack(rows)
+    if not bool(torch.isfinite(out).any(-1).all()) or bool(torch.isnan(out).any()):
         raise ValueError(f"{FN}: `logits_processor` ({name}) returned logits with no finite "
                          "value or with NaN: nothing can be sampled")
     return out
@@ -85,8 +91,7 @@ class Sampler:
             logits[:, self.banned] = float("-inf")
         policy = logits
         if p.logits_processor is not None:
-            logits = torch.stack([processed(p.logits_processor, list(s.tokens), row)
-                                  for s, row in zip(seqs, logits)])
+            logits = processed(p.logits_processor, seqs, logits)
             if self.banned:  # a processor cannot bring a banned token back
                 logits[:, self.banned] = float("-inf")
         return sample(logits, [s.generator for s in seqs], p.temperature, p.top_k, p.top_p,
