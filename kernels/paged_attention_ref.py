@@ -134,15 +134,23 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]]
     for r, p in enumerate(shared):
         if p:
             groups.setdefault((tables[r][0], p), []).append(r)
-    for (_, p), rows in groups.items():
+    order = [r for rows in groups.values() for r in rows]
+    q_grouped = q[torch.tensor(order, device=dev)]
+    parts, start = [], 0
+    for (_, p), rows in groups.items():  # each group's shared blocks, attended once
         common = tables[rows[0]][:p]
         kp = gather_blocks(k_cache, common).reshape(1, p * bs, *kv_shape).to(cd)
         vp = gather_blocks(v_cache, common).reshape(1, p * bs, *kv_shape).to(cd)
-        idx = torch.tensor(rows, device=dev)
-        o_p, l_p = attend(q[idx][None], kp, vp, None, scale, with_lse=True)
-        m = torch.maximum(lse[idx], l_p[0])
-        w_own, w_p = (lse[idx] - m).exp()[..., None], (l_p[0] - m).exp()[..., None]
-        out[idx] = (out[idx] * w_own + o_p[0] * w_p) / (w_own + w_p)
+        parts.append(attend(q_grouped[None, start:start + len(rows)], kp, vp, None, scale,
+                            with_lse=True))
+        start += len(rows)
+    # one merge of every grouped row's two parts by their log-sum-exps
+    idx = torch.tensor(order, device=dev)
+    o_p = torch.cat([o[0] for o, _ in parts])
+    l_p = torch.cat([lse_p[0] for _, lse_p in parts])
+    m = torch.maximum(lse[idx], l_p)
+    w_own, w_p = (lse[idx] - m).exp()[..., None], (l_p - m).exp()[..., None]
+    out[idx] = (out[idx] * w_own + o_p * w_p) / (w_own + w_p)
     return out
 
 

@@ -166,22 +166,26 @@ def test_flash_attn_adapter_passes_flash_layout(n):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_decode_cascade_over_shared_blocks_matches_dense(dtype, impl, monkeypatch):
     """Decode rows whose block tables share leading blocks, as the samples of a group do
-    after a fork (four share their first 3 blocks and then have 1 to 3 of their own, one
-    shares nothing; lengths not block multiples; one more sequence is a prefill chunk): the cascade (shared blocks once, own blocks batched, merged by
-    log-sum-exp) equals the dense reference. float64: 1e-12; float32: 2e-6 (summation order)."""
+    after a fork (four share their first 3 blocks and then have 1 to 3 of their own, two
+    more share another 3 consecutive blocks, read in place; one shares nothing; lengths not
+    block multiples; one more sequence is a prefill chunk): the cascade (each group's shared
+    blocks once, own blocks batched, merged by log-sum-exp) equals the dense reference, through
+    the reference's attention and the fused one. float64: 1e-12; float32: 2e-6 (summation
+    order)."""
     from mapo_fast.kernels.paged_attention_ref import shared_prefixes
     g = torch.Generator().manual_seed(5)
     bs, kv_heads, heads, d = 16, 2, 6, 24
-    num_blocks = 40
+    num_blocks = 48
     k_cache = torch.randn(num_blocks, bs, kv_heads, d, generator=g, dtype=torch.float64)
     v_cache = torch.randn(num_blocks, bs, kv_heads, d, generator=g, dtype=torch.float64)
     prefix = [7, 3, 12]
     tables = [prefix + [20, 21], prefix + [22], prefix + [23, 24, 25], [30, 31], prefix + [26],
-              [33, 34]]
-    lens = [70, 50, 89, 20, 63, 29]
-    n_q = [1, 1, 1, 1, 1, 4]
+              [33, 34], [40, 41, 42, 43], [40, 41, 42, 44]]  # a second group: [40, 41, 42]
+    lens = [70, 50, 89, 20, 63, 29, 60, 55]
+    n_q = [1, 1, 1, 1, 1, 4, 1, 1]
     assert shared_prefixes(tables[:5], lens[:5], bs, min_saved=0) == [3, 3, 3, 0, 3]
     assert shared_prefixes(tables[:5], lens[:5], bs, min_saved=145) == [0] * 5  # saves 144
+    assert shared_prefixes(tables[6:], lens[6:], bs, min_saved=0) == [3, 3]
     width = max(map(len, tables))
     bt = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     cu_q = torch.tensor([0] + list(torch.tensor(n_q).cumsum(0)))
