@@ -84,3 +84,19 @@ def test_vllm_rows_are_checked_against_the_engines_output_tokens(monkeypatch):
                                                                       "vLLM 0.0 (CPU build)"]
     assert [rows[i].extra["same_output_tokens"] for i in (0, 1, 3)] == [True, True, False]
     assert rows[0].times_ms == [2000.0] and "computed 800, cached 100" in rows[0].notes
+
+
+def test_the_step_profile_accounts_for_every_step():
+    # bench/profile_rollout.py at toy size: decode and prefill steps apart, each part's
+    # exclusive time adding up to the step's (the hooks nest, nothing counted twice), the
+    # attention and the LM head seen with their operators
+    import profile_rollout as P
+    res = P.profile("quick", "multi_turn")
+    assert set(res["kinds"]) == {"decode", "prefill"}
+    for kind in res["kinds"].values():
+        parts = kind["parts"]
+        assert abs(sum(p["share"] for p in parts.values()) - 1.0) < 0.02
+        assert parts["attention"]["ops_per_step"] > 0 and parts["lm head"]["ops_per_step"] >= 1
+        assert set(parts) <= set(P.PARTS)
+    assert res["kinds"]["decode"]["steps"] > res["kinds"]["prefill"]["steps"]
+    assert "| attention |" in P.markdown([res])
