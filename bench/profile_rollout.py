@@ -49,6 +49,7 @@ class StepProfile(TorchDispatchMode):
         self.kind = "other"
         self.totals: Dict[str, Dict[str, Dict[str, float]]] = {}
         self.steps: Dict[str, Dict[str, float]] = {}
+        self.patched: List[tuple] = []  # (owner, attribute, original): undone by restore()
 
     def _slot(self, part: str) -> Dict[str, float]:
         return self.totals.setdefault(self.kind, {}).setdefault(part, {"s": 0.0, "ops": 0})
@@ -78,11 +79,19 @@ class StepProfile(TorchDispatchMode):
     def wrap(self, owner: Any, attr: str, name: str) -> None:
         """``owner.attr`` (a function or method) timed as part ``name``."""
         inner = getattr(owner, attr)
+        self.patched.append((owner, attr, owner.__dict__.get(attr, inner)))
 
         def timed(*args, **kwargs):
             with self.part(name):
                 return inner(*args, **kwargs)
         setattr(owner, attr, timed)
+
+    def restore(self) -> None:
+        """Puts back every wrapped function (module-level and class attributes outlive the
+        profiled run)."""
+        for owner, attr, original in reversed(self.patched):
+            setattr(owner, attr, original)
+        self.patched = []
 
     def hook_modules(self, model: torch.nn.Module) -> None:
         for mod in model.modules():
@@ -152,9 +161,13 @@ def profile(scale: str, workload: str) -> Dict[str, Any]:
         if prof is not None:
             instrument(prof, eng, model)
         t0 = time.perf_counter()
-        with prof if prof is not None else _null():
-            eng.generate(spec["prompts"], group_size=spec["group"], max_new_tokens=N,
-                         temperature=1.0, seed=0, stop_token_ids=[], **kw)
+        try:
+            with prof if prof is not None else _null():
+                eng.generate(spec["prompts"], group_size=spec["group"], max_new_tokens=N,
+                             temperature=1.0, seed=0, stop_token_ids=[], **kw)
+        finally:
+            if prof is not None:
+                prof.restore()
         return time.perf_counter() - t0
     plain = run(None)
     prof = StepProfile()

@@ -91,7 +91,10 @@ def test_the_step_profile_accounts_for_every_step():
     # exclusive time adding up to the step's (the hooks nest, nothing counted twice), the
     # attention and the LM head seen with their operators
     import profile_rollout as P
+    from mapo_fast.rollout import model_runner, sampler
+    before = (model_runner.run_paged_attention, sampler.Sampler.__call__)
     res = P.profile("quick", "multi_turn")
+    assert (model_runner.run_paged_attention, sampler.Sampler.__call__) == before  # restored
     assert set(res["kinds"]) == {"decode", "prefill"}
     for kind in res["kinds"].values():
         parts = kind["parts"]
