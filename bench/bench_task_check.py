@@ -4,6 +4,7 @@ that the overview cannot answer and the zoom can.
 
     python bench/bench_task_check.py [--seeds 5] [--runs WARM_DIR ...] [--report DIR]
                                      [--tag cpu-checker] [-- extra mapo-train keys]
+    python bench/bench_task_check.py --from-json bench/results/task-check-cpu-checker.json
 
 At each point (a warm start of seeds ``0 .. seeds-1``, or the checkpoint of each ``--runs``
 folder, e.g. the training study's ``.../seed<k>/warm``, copied, never changed) the held-out
@@ -96,7 +97,8 @@ def markdown(result: Dict[str, Any]) -> str:
                   "the colour).", "", "| point | free | no zoom | missed zoom | right zoom | tint right |",
               "|---|---|---|---|---|---|"]
     for name, p in result["points"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{p[w]['accuracy']:.3f}" for w in WAYS)
+        short = "/".join(Path(name).parts[-3:]) if "/" in name else name
+        lines.append(f"| {short} | " + " | ".join(f"{p[w]['accuracy']:.3f}" for w in WAYS)
                      + f" | {p['hint_reliability']:.3f} |")
     return "\n".join(lines) + "\n"
 
@@ -111,7 +113,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--runs", type=Path, nargs="*", default=[])
     p.add_argument("--report", type=Path, default=HERE / "results")
     p.add_argument("--tag", default="cpu-checker")
+    p.add_argument("--from-json", type=Path, default=None,
+                   help="rewrite the report of a saved result (no measurement)")
     a = p.parse_args(argv)
+    if a.from_json is not None:
+        result = json.loads(a.from_json.read_text())
+        a.from_json.with_suffix(".md").write_text(markdown(result))
+        print(markdown(result))
+        return
     if a.seeds < 1:
         p.error(f"--seeds must be >= 1, got {a.seeds}")
     for run in a.runs:

@@ -249,6 +249,9 @@ def markdown(result: Dict[str, Any]) -> str:
              "same warm start).", ""]
     names = {"hallucinating": "Default task (hallucinating expert: the reasoning-action gap)",
              "honest": "Control (honest expert: no gap)"}
+    task_keys = " ".join(result.get("args", []))
+    if "--task." in task_keys:  # another task than the default: say which
+        names = {e: f"{e.capitalize()} expert, task keys `{task_keys}`" for e in EXPERTS}
     cols = list(METRICS) + ["mean_grad_var"]
     for expert, res in result["experts"].items():
         lines += [f"## {names.get(expert, expert)}", "",
