@@ -113,7 +113,8 @@ def markdown(result: Dict[str, Any]) -> str:
              "| var ratio MAPO/GRPO | rel. var ratio |", "|---|---|---|---|---|---|---|---|"]
     for name, p in result["points"].items():
         g, m = p["grpo"], p["mapo"]
-        lines.append(f"| {name} | {p['step']} | {g['trace_var']:.4g} | {m['trace_var']:.4g} | "
+        short = "/".join(Path(name).parts[-3:]) if "/" in name else name  # the run's layout
+        lines.append(f"| {short} | {p['step']} | {g['trace_var']:.4g} | {m['trace_var']:.4g} | "
                      f"{g['relative_var']:.4g} | {m['relative_var']:.4g} | "
                      f"{ratio(m, 'var_ratio')} | {ratio(m, 'relative_var_ratio')} |")
     lines += ["", "Over points (geometric mean of the paired ratio MAPO/GRPO, 95% t-interval):",
@@ -127,7 +128,9 @@ def markdown(result: Dict[str, Any]) -> str:
                                           f" [{s['lo']:.3f}, {s['hi']:.3f}]")
                 + f" (n={s['n']})"))
         lines.append(f"| {group} | {cells[0]} | {cells[1]} |")
-    lines += ["", f"Wall time: {result['wall_s']:.0f} s."]
+    extra = " ".join(result.get("extra_args", []))
+    lines += ["", f"Wall time: {result['wall_s']:.0f} s." + (f" Keys: `{extra}`." if extra
+                                                              else "")]
     return "\n".join(lines) + "\n"
 
 
