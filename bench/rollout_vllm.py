@@ -3,16 +3,18 @@ vllm-env``), never imported by the package or its tests' environment.
 
     python bench/rollout_vllm.py SPEC.json OUT.json
 
-``SPEC.json``: ``{"model": dir, "threads": n, "kv_cache_gib": g, "workloads": [{"name",
-"prompts": [[ids]], "group": G, "rounds": [{"new": N, "obs": [ids] | null}, ...]}]}``. One
-``LLM`` (``dtype``, default float32; prefix caching on, no tokenizer: token ids in and out) is built once, its
-start-up timed apart; then each workload runs: round 1 samples ``n = G`` continuations of each
-prompt, and every later round re-submits each sample's whole history (prompt, its tokens so far,
-the previous round's observation) for ``new`` more tokens, as a client of vLLM does for a
-multi-turn tool loop (its prefix cache finds the history). Every round's length is fixed
-(``min_tokens = max_tokens``, EOS ignored), temperature 1. ``OUT.json``: start-up seconds, and
-per workload its wall seconds, output tokens, prompt tokens submitted and those its prefix
-cache served (so computed = submitted - cached).
+``SPEC.json``: ``{"model": dir, "threads": n, "kv_cache_gib": g, "dtype": d, "workloads":
+[{"name", "prompts": [[ids]], "group": G, "rounds": [{"new": N, "obs": [ids] | null}, ...]}]}``.
+One ``LLM`` (``dtype``, default float32; prefix caching on; no tokenizer: token ids in and
+out) is built once, its start-up timed apart; then each workload runs: round 1 samples
+``n = G`` continuations of each prompt, and every later round re-submits each sample's whole
+history (prompt, its tokens so far, the previous round's observation) for ``new`` more tokens,
+as a client of vLLM does for a multi-turn tool loop (its prefix cache finds the history).
+Every round's length is fixed (``min_tokens = max_tokens``, EOS ignored), temperature 1, drawn
+from the ``LLM``'s seed (a per-request seed fails in vLLM 0.32's CPU worker: "CPU Generator
+does not use offset"). ``OUT.json``: start-up seconds, and per workload its wall seconds,
+output tokens, prompt tokens submitted and those its prefix cache served (so computed =
+submitted - cached).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def counters(llm: Any) -> Dict[str, float]:
     return out
 
 
-def run_workload(llm: Any, w: Dict[str, Any], seed: int) -> Dict[str, Any]:
+def run_workload(llm: Any, w: Dict[str, Any]) -> Dict[str, Any]:
     from vllm import SamplingParams
     G = w["group"]
     before = counters(llm)
@@ -45,14 +47,14 @@ def run_workload(llm: Any, w: Dict[str, Any], seed: int) -> Dict[str, Any]:
         N = rnd["new"]
         if k == 0:
             params = SamplingParams(n=G, temperature=1.0, max_tokens=N, min_tokens=N,
-                                    ignore_eos=True, seed=seed, detokenize=False)
+                                    ignore_eos=True, detokenize=False)
             outs = llm.generate([{"prompt_token_ids": p} for p in w["prompts"]], params,
                                 use_tqdm=False)
             histories = [list(o.prompt_token_ids) + list(c.token_ids)
                          for o in outs for c in o.outputs]
         else:
             params = SamplingParams(n=1, temperature=1.0, max_tokens=N, min_tokens=N,
-                                    ignore_eos=True, seed=seed + k, detokenize=False)
+                                    ignore_eos=True, detokenize=False)
             outs = llm.generate([{"prompt_token_ids": h} for h in histories], params,
                                 use_tqdm=False)
             histories = [h + list(o.outputs[0].token_ids) for h, o in zip(histories, outs)]
@@ -86,9 +88,9 @@ def main(spec_path: str, out_path: str) -> None:
     startup = time.perf_counter() - t0
     result = {"vllm": vllm.__version__, "torch": torch.__version__, "threads": threads,
               "startup_s": startup, "workloads": {}}
-    for i, w in enumerate(spec["workloads"]):
+    for w in spec["workloads"]:
         print(f"  vLLM: {w['name']} ...", flush=True)
-        result["workloads"][w["name"]] = r = run_workload(llm, w, seed=1000 * i)
+        result["workloads"][w["name"]] = r = run_workload(llm, w)
         print(f"    {r['wall_s']:.1f} s, {r['output_tokens']} output tokens, "
               f"{r['computed_tokens']} prompt tokens computed ({r['cached_tokens']} cached)",
               flush=True)
