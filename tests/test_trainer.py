@@ -339,7 +339,8 @@ def test_forced_openings_answer_at_once_or_zoom_on_the_target(tmp_path):
     assert res["tool_use"] == 0.0 and res["action_accuracy"] is None
     res = trainer.evaluate("right_zoom")
     assert res["tool_use"] == 1.0 and res["action_accuracy"] == 1.0
-    with pytest.raises(ValueError, match="`name` must be one of"):
+    with pytest.raises(ValueError, match=r"`opening` must be one of \['no_zoom', 'wrong_zoom', "
+                                         r"'right_zoom'\] or None, got 'peek'"):
         trainer.evaluate("peek")
     trainer.cfg.rollout.max_new_tokens = 20
     with pytest.raises(ValueError, match=r"the 'right_zoom' opening .* takes \d+ tokens, not "

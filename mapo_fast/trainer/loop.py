@@ -349,12 +349,17 @@ class Trainer:
         and the gap metrics (``action_accuracy``, ``faithfulness``,
         ``right_answer_wrong_action``; see ``gap_metrics``). ``opening``, one of the built-in
         task's ``OPENINGS``, forces how each first turn begins (``no_zoom``: the answer at
-        once; ``right_zoom``: the call on the target's quadrant); the policy writes the rest."""
-        if opening is not None and not hasattr(self.task, "opening"):
-            raise ValueError(f"Trainer.evaluate: `opening` {opening!r} needs the built-in task "
-                             f"(task.name 'visual_search'), got {self.cfg.task.name!r}")
+        once; ``wrong_zoom``: the call above or below the target's quadrant; ``right_zoom``:
+        the call on it); the policy writes the rest."""
         if opening is not None:
-            self.task.opening(self.task.sample("eval", 0), opening)  # the name, checked
+            from ..tasks.visual_search import OPENINGS
+            if not hasattr(self.task, "opening"):
+                raise ValueError(f"Trainer.evaluate: `opening` {opening!r} needs the built-in "
+                                 f"task (task.name 'visual_search'), got "
+                                 f"{self.cfg.task.name!r}")
+            if opening not in OPENINGS:
+                raise ValueError(f"Trainer.evaluate: `opening` must be one of "
+                                 f"{list(OPENINGS)} or None, got {opening!r}")
         n = self.cfg.task.eval_size - self.cfg.task.eval_size % self.dist.world
         start, per = self.shard(0, n)
         samples = self.task.batch("eval", start, per)
