@@ -49,12 +49,15 @@ def gather_blocks(cache: Tensor, blocks: List[int]) -> Tensor:
 def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: float,
             with_lse: bool = False, causal: bool = False):
     """``q [S, n, H, D]`` against ``k``/``v [S, L, kv_heads, D]`` where ``allowed [S, n, L]``
-    (None: everything). GQA: the ``H // kv_heads`` query heads of each KV head form one
-    batched matmul against a strided view of that head's keys (K/V are never copied per query
-    head). Returns ``[S, n, H, D]`` in ``q``'s dtype, and with ``with_lse`` also the
-    log-sum-exp of each row's scores, ``[S, n, H]``."""
+    (None: everything; with ``causal``, a whole sequence, ``n == L``: query ``i`` sees keys
+    ``0..i``). GQA: the ``H // kv_heads`` query heads of each KV head form one batched matmul
+    against a strided view of that head's keys (K/V are never copied per query head). Returns
+    ``[S, n, H, D]`` in ``q``'s dtype, and with ``with_lse`` also the log-sum-exp of each
+    row's scores, ``[S, n, H]``."""
     S, n, H, D = q.shape
     kv_heads, L = k.shape[2], k.shape[1]
+    if causal:
+        allowed = torch.ones(n, L, dtype=torch.bool, device=q.device).tril()[None]
     group = H // kv_heads
     out = q.new_empty(S, n, kv_heads, group, D)
     lse = q.new_empty(S, n, kv_heads, group) if with_lse else None
@@ -103,8 +106,7 @@ def shared_prefixes(tables: List[List[int]], lens: List[int], block_size: int,
 
 
 #: ``attend(q, k, v, allowed, scale, with_lse=False, causal=False)``: ``_attend``'s contract
-#: (``causal``: ``allowed`` is the causal mask of a whole sequence, ``n == L``, which an
-#: implementation may use instead of reading it)
+#: (``causal``: a whole sequence, ``n == L``, causally masked, with ``allowed`` None)
 Attend = Callable[..., Any]
 
 
@@ -135,7 +137,8 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]]
         if p:
             groups.setdefault((tables[r][0], p), []).append(r)
     order = [r for rows in groups.values() for r in rows]
-    q_grouped = q[torch.tensor(order, device=dev)]
+    idx = torch.tensor(order, device=dev)
+    q_grouped = q[idx]
     parts, start = [], 0
     for (_, p), rows in groups.items():  # each group's shared blocks, attended once
         common = tables[rows[0]][:p]
@@ -145,7 +148,6 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]]
                             with_lse=True))
         start += len(rows)
     # one merge of every grouped row's two parts by their log-sum-exps
-    idx = torch.tensor(order, device=dev)
     o_p = torch.cat([o[0] for o, _ in parts])
     l_p = torch.cat([lse_p[0] for _, lse_p in parts])
     m = torch.maximum(lse[idx], l_p)
@@ -181,8 +183,10 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
         L, q0 = lens[s], starts[s]
         k = gather_kv(k_cache, block_tables[s], L).to(cd)[None]
         v = gather_kv(v_cache, block_tables[s], L).to(cd)[None]
-        pos = L - n + torch.arange(n, device=q.device)
-        allowed = torch.arange(L, device=q.device)[None, :] <= pos[:, None]
-        out[q0:q0 + n] = attend(q[q0:q0 + n].to(cd)[None], k, v, allowed[None], scale,
+        allowed = None  # a whole sequence: causal, left to ``attend``
+        if n != L:  # a chunk: its queries sit at the end of the context
+            pos = L - n + torch.arange(n, device=q.device)
+            allowed = (torch.arange(L, device=q.device)[None, :] <= pos[:, None])[None]
+        out[q0:q0 + n] = attend(q[q0:q0 + n].to(cd)[None], k, v, allowed, scale,
                                 causal=n == L)[0].to(q.dtype)
     return out

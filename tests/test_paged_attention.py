@@ -73,6 +73,16 @@ def test_torch_path_matches_dense_reference(case):
     torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("case", CASES)
+def test_reference_matches_dense_reference(case):
+    # the plain-torch reference itself (the public entry point takes the fused path on CPU):
+    # decode rows, chunks with a mask, a whole prompt through ``causal``
+    lens, n_q = CASES[case]
+    q, kc, vc, tables, L, cu_q, dense = make_batch(lens, n_q)
+    torch.testing.assert_close(R.paged_attention(q, kc, vc, tables, L, cu_q, 0.3),
+                               dense_reference(q, dense, lens, n_q, 0.3), atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.skipif(not C.available(), reason="torch without the fused CPU attention operator")
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
