@@ -268,10 +268,10 @@ class Trainer:
             return self.policy(batch, fn)
 
     def _generate(self, samples: Sequence[Any], *, group_size: int, greedy: bool,
-                  seed: int, opening: Optional[str] = None) -> List[Trajectory]:
+                  seed: int, opening: Optional[str] = None,
+                  logits_processor: Optional[Any] = None) -> List[Trajectory]:
         """Rollouts of ``samples``; with ``opening`` (one of the task's ``OPENINGS``) each
-        first turn begins with the task's text for it (one call per distinct text, the
-        trajectories back in the samples' order)."""
+        first turn begins with the task's text for it (``_generate_opened``)."""
         if opening is not None:
             return self._generate_opened(samples, greedy=greedy, seed=seed, opening=opening)
         r = self.cfg.rollout
@@ -281,34 +281,29 @@ class Trainer:
             trajs = self.engine.generate(
                 [self.task.prompt(s) for s in samples], group_size=group_size,
                 max_new_tokens=r.max_new_tokens, tools=self.runner, max_turns=r.max_turns,
-                observation_template=TEMPLATE, seed=seed, **draw)
+                observation_template=TEMPLATE, seed=seed, logits_processor=logits_processor,
+                **draw)
         self.engine.clear_prefix_cache()
         return trajs
 
     def _generate_opened(self, samples: Sequence[Any], *, greedy: bool, seed: int,
                          opening: str) -> List[Trajectory]:
-        r = self.cfg.rollout
-        prompts = [self.task.prompt(s) for s in samples]
-        # one call per (opening text, prompt length): the processor knows where turns start
+        """One ``_generate`` call per (opening text, prompt length), so that ``ForcedOpening``
+        knows where each turn starts; the trajectories come back in the samples' order."""
+        limit = self.cfg.rollout.max_new_tokens
         keys = [(self.task.opening(s, opening),
-                 len(render_chat(p, self.tokenizer, self.adapter)[0]))
-                for s, p in zip(samples, prompts)]
+                 len(render_chat(self.task.prompt(s), self.tokenizer, self.adapter)[0]))
+                for s in samples]
         out: List[Optional[Trajectory]] = [None] * len(samples)
-        self.rollout_model.eval()
-        draw = dict(temperature=0.0) if greedy else self.numerics.sampling_kwargs()
         for text, n in dict.fromkeys(keys):
             rows = [i for i, k in enumerate(keys) if k == (text, n)]
             ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if len(ids) >= r.max_new_tokens:
+            if len(ids) >= limit:
                 raise ValueError(f"Trainer.evaluate: the {opening!r} opening {text!r} takes "
                                  f"{len(ids)} tokens, not fewer than `rollout.max_new_tokens` "
-                                 f"({r.max_new_tokens})")
-            with self._autocast():
-                trajs = self.engine.generate(
-                    [prompts[i] for i in rows], max_new_tokens=r.max_new_tokens,
-                    tools=self.runner, max_turns=r.max_turns, observation_template=TEMPLATE,
-                    seed=seed, logits_processor=ForcedOpening(n, ids), **draw)
-            self.engine.clear_prefix_cache()
+                                 f"({limit})")
+            trajs = self._generate([samples[i] for i in rows], group_size=1, greedy=greedy,
+                                   seed=seed, logits_processor=ForcedOpening(n, ids))
             for i, t in zip(rows, trajs):
                 t.group_id, out[i] = i, t
         return out  # type: ignore[return-value]
