@@ -121,7 +121,7 @@ def loss_section(sz: Sizes, dev: torch.device, measure) -> Dict:
     with bias / soft cap / temperature / rows (``LOSS_VARIANTS``); the plain one's times and the
     three-GEMM floor (logits, d_hidden, d_weight as bf16 cuBLAS GEMMs)."""
     from mapo_fast import loss_path as LP
-    from mapo_fast.logprobs import LogitMap, objective_pass
+    from mapo_fast.logprobs import objective_pass
     N, H, V = sz.loss
     g = torch.Generator(device=dev).manual_seed(0)
     h = torch.randn(N, H, generator=g, device=dev).to(torch.bfloat16)
@@ -205,27 +205,13 @@ def paged_section(sz: Sizes, dev: torch.device, measure) -> Dict:
         out["ms"][f"triton_page{pg}"] = measure(
             lambda: K.paged_attention(q, kc, vc, tables, lens, cu_q, D ** -0.5, plan_=plan))
         out[f"splits_page{pg}"] = plan.splits
-    # the split-KV merge at this size (forced: the plan may not split a full batch)
-    q, kc, vc, tables, lens, cu_q = _paged_batch(B, ctx, heads, kvh, D, page, dev)
-    want = R.paged_attention(q, kc, vc, tables, lens, cu_q, D ** -0.5)
-    plan = K.plan(q.shape, q.dtype, kvh, page, tables, lens, cu_q, splits=4)
-    out["errors"]["split_kv"] = rel_err(K.paged_attention(q, kc, vc, tables, lens, cu_q,
-                                                          D ** -0.5, plan_=plan), want)
-    out["ms"]["triton_split_kv4"] = measure(
-        lambda: K.paged_attention(q, kc, vc, tables, lens, cu_q, D ** -0.5, plan_=plan))
-    # the prefill tile: ``n`` new queries per sequence at the end of its context
-    S, n = sz.prefill
-    qp, kc, vc, tables, lens, _ = _paged_batch(S, ctx, heads, kvh, D, page, dev)
-    cu_p = torch.arange(S + 1, device=dev) * n
-    qp = torch.randn(S * n, heads, D, device=dev).to(torch.bfloat16)
-    want = R.paged_attention(qp, kc, vc, tables, lens, cu_p, D ** -0.5)
-    plan = K.plan(qp.shape, qp.dtype, kvh, page, tables, lens, cu_p)
-    out["errors"]["prefill"] = rel_err(K.paged_attention(qp, kc, vc, tables, lens, cu_p,
-                                                         D ** -0.5, plan_=plan), want)
-    out["ms"]["triton_prefill"] = measure(
-        lambda: K.paged_attention(qp, kc, vc, tables, lens, cu_p, D ** -0.5, plan_=plan))
-    out["sizes"]["prefill"] = dict(sequences=S, queries=n, context=ctx)
-    q, kc, vc, tables, lens, cu_q = _paged_batch(B, ctx, heads, kvh, D, page, dev)
+        if pg == page:  # the split-KV merge on the same batch (forced: a full batch may not)
+            split = K.plan(q.shape, q.dtype, kvh, pg, tables, lens, cu_q, splits=4)
+            out["errors"]["split_kv"] = rel_err(K.paged_attention(
+                q, kc, vc, tables, lens, cu_q, D ** -0.5, plan_=split), want)
+            out["ms"]["triton_split_kv4"] = measure(lambda: K.paged_attention(
+                q, kc, vc, tables, lens, cu_q, D ** -0.5, plan_=split))
+    _prefill_tile(sz, dev, measure, out)
     kv_bytes = 2 * int(lens.sum()) * kvh * D * q.element_size()
     buf = torch.empty(kv_bytes // 2, dtype=torch.uint8, device=dev)
     copy_ms = measure(lambda: buf.clone())
@@ -239,6 +225,25 @@ def paged_section(sz: Sizes, dev: torch.device, measure) -> Dict:
     out["tolerance"] = 2e-2  # bf16 products, fp32 softmax sums in another order
     out["ok"] = all(e <= out["tolerance"] for e in out["errors"].values())
     return out
+
+
+def _prefill_tile(sz: Sizes, dev: torch.device, measure, out: Dict) -> None:
+    """The prefill tile against the torch path: ``Sizes.prefill`` sequences, each with ``n``
+    new queries at the end of its context (``paged`` sizes); into ``out``."""
+    from mapo_fast.kernels import paged_attention as K
+    from mapo_fast.kernels import paged_attention_ref as R
+    B, ctx, heads, kvh, D, page = sz.paged
+    S, n = sz.prefill
+    _, kc, vc, tables, lens, _ = _paged_batch(S, ctx, heads, kvh, D, page, dev)
+    cu = torch.arange(S + 1, device=dev) * n
+    q = torch.randn(S * n, heads, D, device=dev).to(torch.bfloat16)
+    want = R.paged_attention(q, kc, vc, tables, lens, cu, D ** -0.5)
+    plan = K.plan(q.shape, q.dtype, kvh, page, tables, lens, cu)
+    out["errors"]["prefill"] = rel_err(K.paged_attention(q, kc, vc, tables, lens, cu,
+                                                         D ** -0.5, plan_=plan), want)
+    out["ms"]["triton_prefill"] = measure(
+        lambda: K.paged_attention(q, kc, vc, tables, lens, cu, D ** -0.5, plan_=plan))
+    out["sizes"]["prefill"] = dict(sequences=S, queries=n, context=ctx)
 
 
 def _paged_batch(B, ctx, heads, kvh, D, page, dev):
