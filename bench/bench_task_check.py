@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -33,33 +31,23 @@ from typing import Any, Dict, List, Optional
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_train import interval  # noqa: E402
-from bench_variance import run_args  # noqa: E402
+from bench_variance import points, trainer_at  # noqa: E402
 
 WAYS = ("free", "no_zoom", "wrong_zoom", "right_zoom")
 SHOWN = ("accuracy", "action_accuracy", "tool_use")
 
 
 def measure(args: List[str], resume_from: Optional[Path] = None) -> Dict[str, Any]:
-    """One point: a trainer built from ``args`` (warm-started, or resumed from a copy of
-    ``resume_from``'s checkpoints), evaluated each of the ``WAYS``."""
-    from mapo_fast.trainer import Trainer, parse_args
-    with tempfile.TemporaryDirectory() as tmp:
-        extra = []
-        if resume_from is not None:
-            shutil.copytree(resume_from / "checkpoints", Path(tmp) / "checkpoints")
-            extra = ["--resume"]
-        trainer = Trainer(parse_args(["--out", tmp, *args, *extra]), progress=False)
+    """One point (``bench_variance.trainer_at``), evaluated each of the ``WAYS``."""
+    with trainer_at(args, resume_from) as trainer:
         if not hasattr(trainer.task, "opening"):
             raise SystemExit("bench_task_check: needs the built-in task (task.name "
                              "'visual_search')")
         start = time.perf_counter()
-        if resume_from is None:
-            trainer.warm_start()
         out: Dict[str, Any] = {w: trainer.evaluate(None if w == "free" else w) for w in WAYS}
-        eval_size = out["free"]["eval_size"]
-        samples = trainer.task.batch("eval", 0, eval_size)
+        samples = trainer.task.batch("eval", 0, out["free"]["eval_size"])
         out["hint_reliability"] = sum(s.hint == s.answer for s in samples) / len(samples)
-        out["wall_s"] = time.perf_counter() - start
+        out["wall_s"] = trainer.warm_s + time.perf_counter() - start
     return out
 
 
@@ -123,20 +111,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     if a.seeds < 1:
         p.error(f"--seeds must be >= 1, got {a.seeds}")
-    for run in a.runs:
-        if not (run / "checkpoints").is_dir():
-            p.error(f"--runs: {run} has no checkpoints folder")
+    todo = points(p, a.runs, a.seeds)
     start = time.perf_counter()
-    todo = [(str(r), run_args(r), r) for r in a.runs] if a.runs else \
-        [(f"warm start, seed {s}", ["--seed", str(s)], None) for s in range(a.seeds)]
-    points: Dict[str, Dict[str, Any]] = {}
+    measured: Dict[str, Dict[str, Any]] = {}
     for i, (name, args, run) in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] {name} ...", flush=True)
-        points[name] = m = measure(args + extra, run)
+        measured[name] = m = measure(args + extra, run)
         print("    accuracy " + ", ".join(f"{w} {m[w]['accuracy']:.3f}" for w in WAYS)
               + f"; tint right {m['hint_reliability']:.3f}", flush=True)
-    result = {"tag": a.tag, "extra_args": extra, "points": points,
-              "summary": summarise(points), "wall_s": time.perf_counter() - start}
+    result = {"tag": a.tag, "extra_args": extra, "points": measured,
+              "summary": summarise(measured), "wall_s": time.perf_counter() - start}
     a.report.mkdir(parents=True, exist_ok=True)
     stem = a.report / f"task-check-{a.tag}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")

@@ -20,6 +20,7 @@ are read from bench_train's folder layout; each is copied, never changed). Write
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
@@ -28,19 +29,19 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_train import interval  # noqa: E402
 
 
-def measure(args: List[str], batches: int, resume_from: Optional[Path] = None,
-            n_boot: int = 2000) -> Dict[str, Any]:
-    """One point: a trainer built from ``args`` (warm-started, or resumed from a copy of
-    ``resume_from``'s checkpoints), then ``estimator_variance`` over ``batches`` batches."""
+@contextlib.contextmanager
+def trainer_at(args: List[str], resume_from: Optional[Path] = None) -> Iterator[Any]:
+    """A trainer built from ``args`` in a temporary folder, warm-started, or resumed from a
+    copy of ``resume_from``'s checkpoints (the run itself is never changed); the point of a
+    measurement. Its warm start's seconds are ``trainer.warm_s``."""
     from mapo_fast.trainer import Trainer, parse_args
-    from mapo_fast.trainer.estimator import estimator_variance
     with tempfile.TemporaryDirectory() as tmp:
         extra = []
         if resume_from is not None:
@@ -50,9 +51,31 @@ def measure(args: List[str], batches: int, resume_from: Optional[Path] = None,
         start = time.perf_counter()
         if resume_from is None:
             trainer.warm_start()
-        warm = time.perf_counter() - start
+        trainer.warm_s = time.perf_counter() - start
+        yield trainer
+
+
+def points(p: argparse.ArgumentParser, runs: List[Path], seeds: int
+           ) -> List[Tuple[str, List[str], Optional[Path]]]:
+    """``(name, keys, run)`` of each point: every ``--runs`` folder (checked to hold
+    checkpoints; its keys from ``run_args``), else the warm starts of seeds ``0 ..
+    seeds-1``."""
+    for run in runs:
+        if not (run / "checkpoints").is_dir():
+            p.error(f"--runs: {run} has no checkpoints folder")
+    if runs:
+        return [(str(r), run_args(r), r) for r in runs]
+    return [(f"warm start, seed {s}", ["--seed", str(s)], None) for s in range(seeds)]
+
+
+def measure(args: List[str], batches: int, resume_from: Optional[Path] = None,
+            n_boot: int = 2000) -> Dict[str, Any]:
+    """One point (``trainer_at``), then ``estimator_variance`` over ``batches`` batches."""
+    from mapo_fast.trainer.estimator import estimator_variance
+    with trainer_at(args, resume_from) as trainer:
+        start = time.perf_counter()
         out = estimator_variance(trainer, batches, n_boot=n_boot)
-        out["wall_s"] = {"warm_start": warm, "measure": time.perf_counter() - start - warm}
+        out["wall_s"] = {"warm_start": trainer.warm_s, "measure": time.perf_counter() - start}
         out["step"] = trainer.step
     return out
 
@@ -157,21 +180,17 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     if a.seeds < 1 or a.batches < 3:
         p.error(f"--seeds must be >= 1 and --batches >= 3, got {a.seeds} and {a.batches}")
-    for run in a.runs:
-        if not (run / "checkpoints").is_dir():
-            p.error(f"--runs: {run} has no checkpoints folder")
+    todo = points(p, a.runs, a.seeds)
     start = time.perf_counter()
-    points: Dict[str, Dict[str, Any]] = {}
-    todo = [(str(r), run_args(r), r) for r in a.runs] if a.runs else \
-        [(f"warm start, seed {s}", ["--seed", str(s)], None) for s in range(a.seeds)]
+    measured: Dict[str, Dict[str, Any]] = {}
     for i, (name, args, run) in enumerate(todo):
         print(f"[{i + 1}/{len(todo)}] {name} ...", flush=True)
-        points[name] = measure(args + extra, a.batches, run)
-        m = points[name]["mapo"]
+        measured[name] = measure(args + extra, a.batches, run)
+        m = measured[name]["mapo"]
         print(f"    var ratio MAPO/GRPO {m['var_ratio']:.3f} [{m['var_ratio_lo']:.3f}, "
               f"{m['var_ratio_hi']:.3f}]", flush=True)
-    result = {"tag": a.tag, "batches": a.batches, "extra_args": extra, "points": points,
-              "summary": summarise(points), "wall_s": time.perf_counter() - start}
+    result = {"tag": a.tag, "batches": a.batches, "extra_args": extra, "points": measured,
+              "summary": summarise(measured), "wall_s": time.perf_counter() - start}
     a.report.mkdir(parents=True, exist_ok=True)
     stem = a.report / f"estimator-variance-{a.tag}"
     stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
