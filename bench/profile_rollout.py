@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -162,7 +162,7 @@ def profile(scale: str, workload: str) -> Dict[str, Any]:
             instrument(prof, eng, model)
         t0 = time.perf_counter()
         try:
-            with prof if prof is not None else _null():
+            with prof if prof is not None else nullcontext():
                 eng.generate(spec["prompts"], group_size=spec["group"], max_new_tokens=N,
                              temperature=1.0, seed=0, stop_token_ids=[], **kw)
         finally:
@@ -186,11 +186,6 @@ def profile(scale: str, workload: str) -> Dict[str, Any]:
                           "ops_per_step": parts[p]["ops"] / n}
                       for p in PARTS if p in parts}}
     return out
-
-
-@contextmanager
-def _null():
-    yield
 
 
 def markdown(results: List[Dict[str, Any]]) -> str:
