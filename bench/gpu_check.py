@@ -1,7 +1,8 @@
 """The first thing to run on any GPU: every kernel against its torch reference at real sizes, the
 timings that decide the design (fused vs chunked loss vs the three-GEMM floor, paged decode vs
 its KV-read bandwidth floor and vs SDPA on gathered KV, crops vs torch ``interpolate``, the
-advantage kernel vs its torch path, a rollout of a random-weight ~0.5B Qwen2), written to
+advantage kernel vs its torch path, a rollout of a random-weight ~0.5B Qwen2, its decode steps
+as CUDA graphs vs eager), written to
 ``bench/results/gpu-check-<device>.json`` and ``.md``.
 
     python bench/gpu_check.py            (or: mapo-bench --gpu-check)
@@ -14,7 +15,9 @@ independent: a failure is recorded (with its traceback) and the next section run
 status is 1 when any check failed. Each section's report goes to standard output as it ends,
 and both files are rewritten after every section (``complete`` says whether all ran), so a
 run cut short keeps what it measured. The rollout section also checks greedy tokens against
-the eager torch path (Hugging Face's ``generate``) on a float32 copy of the same model.
+the eager torch path (Hugging Face's ``generate``) on a float32 copy of the same model; the
+decode-graph section checks graph-replayed greedy tokens against the engine's eager steps and
+counts launches and kernels per decode step both ways.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import statistics
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -318,10 +322,9 @@ def advantage_section(sz: Sizes, dev: torch.device, measure) -> Dict:
                                                               valid, token_turn, **kw))}}
 
 
-def rollout_section(sz: Sizes, dev: torch.device, measure) -> Dict:
-    """A random-weight Qwen2 (bf16 on GPU) through ``RolloutEngine``: tokens per second."""
+def _rollout_setup(sz: Sizes, dev: torch.device):
+    """The rollout sections' random-weight Qwen2 (bf16 on GPU), prompts and engine settings."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    from mapo_fast.rollout.engine import RolloutEngine
     allocator = "cpp" if importlib.util.find_spec("mapo_fast.kernels._block_manager") \
         else "python"
     torch.manual_seed(4)
@@ -331,23 +334,124 @@ def rollout_section(sz: Sizes, dev: torch.device, measure) -> Dict:
     n_prompts, plen, group, new = sz.prompts
     prompts = [[(7 * i + j) % (cfg.vocab_size - 1) + 1 for j in range(plen)]
                for i in range(n_prompts)]
-    tokens = n_prompts * group * (plen + new)
-    blocks = 2 * -(-tokens // 16)
-    eng = RolloutEngine(model, None, block_size=16, num_blocks=blocks, allocator=allocator)
+    blocks = 2 * -(-n_prompts * group * (plen + new) // 16)
+    sizes = dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6, prompts=n_prompts,
+                 prompt_tokens=plen, group=group, new_tokens=new)
+    return model, prompts, dict(block_size=16, num_blocks=blocks, allocator=allocator), sizes
+
+
+def rollout_section(sz: Sizes, dev: torch.device, measure) -> Dict:
+    """A random-weight Qwen2 (bf16 on GPU) through ``RolloutEngine`` (its default decode
+    mode: CUDA graphs on a GPU): tokens per second, and greedy tokens against Hugging Face."""
+    from mapo_fast.rollout.engine import RolloutEngine
+    model, prompts, kw, sizes = _rollout_setup(sz, dev)
+    eng = RolloutEngine(model, None, **kw)
+    group, new = sizes["group"], sizes["new_tokens"]
 
     def run():
         return eng.generate(prompts, group_size=group, max_new_tokens=new, temperature=1.0,
                             seed=0)
     ms = measure(run)
-    generated = n_prompts * group * new
-    check = greedy_check(model, prompts[:2], min(new, 16), allocator)
-    return {"sizes": dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6,
-                          prompts=n_prompts, prompt_tokens=plen, group=group, new_tokens=new),
-            "allocator": allocator, "ms": {"generate": ms},
-            "new_tokens_per_s": generated / (ms / 1e3),
+    generated = len(prompts) * group * new
+    check = greedy_check(model, prompts[:2], min(new, 16), kw["allocator"])
+    return {"sizes": sizes, "allocator": kw["allocator"], "decode_mode": eng.runner.decode_mode,
+            "ms": {"generate": ms}, "new_tokens_per_s": generated / (ms / 1e3),
             "attention_passes": {k: v for k, v in eng.stats.items() if k.startswith("attention")},
             "greedy_equal": check["equal"], "first_divergence": check["first_divergence"],
             "ok": check["equal"]}
+
+
+#: runtime calls that launch work on the GPU (a replayed CUDA graph is one)
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+                "cudaGraphLaunch")
+
+
+def decode_graph_section(sz: Sizes, dev: torch.device, measure) -> Dict:
+    """Decode steps captured as CUDA graphs (``decode_mode="graph"``; without a GPU the same
+    padded static-buffer path uncaptured, ``"static"``) against eager, on the rollout
+    section's model and workload: greedy tokens equal (a float32 copy, TF32 off), new tokens
+    per second both ways, and per decode step the torch operators dispatched from Python and,
+    on a GPU, the launches (runtime calls) and the kernels run."""
+    import copy
+
+    from mapo_fast.rollout.engine import RolloutEngine
+    model, prompts, kw, sizes = _rollout_setup(sz, dev)
+    group, new = sizes["group"], sizes["new_tokens"]
+    fast = "graph" if dev.type == "cuda" else "static"
+    ms, per_step = {}, {}
+    for mode in ("eager", fast):
+        eng = RolloutEngine(model, None, decode_mode=mode, **kw)
+
+        def run(e=eng):
+            return e.generate(prompts, group_size=group, max_new_tokens=new, temperature=1.0,
+                              seed=0)
+        ms[mode] = measure(run)
+        per_step[mode] = decode_step_counts(eng, run, dev)
+    model32 = copy.deepcopy(model).float()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        greedy = {m: [t.token_ids for t in RolloutEngine(model32, None, decode_mode=m, **kw)
+                      .generate(prompts, group_size=group, max_new_tokens=min(new, 32),
+                                temperature=0.0)]
+                  for m in ("eager", fast)}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    diverge = next(([i, j] for i, (a, b) in enumerate(zip(greedy["eager"], greedy[fast]))
+                    for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    generated = len(prompts) * group * new
+    return {"sizes": sizes, "modes": ["eager", fast],
+            "ms": {f"generate, {m}": v for m, v in ms.items()},
+            "new_tokens_per_s": {m: round(generated / (v / 1e3), 1) for m, v in ms.items()},
+            "per_decode_step": per_step, "greedy_equal": diverge is None,
+            "first_divergence": diverge, "ok": diverge is None}
+
+
+def decode_step_counts(eng, run: Callable[[], object], dev: torch.device,
+                       steps: range = range(3, 6)) -> Dict[str, float]:
+    """Median counts over decode steps ``steps`` (1-based) of one ``run()``: ``operators``
+    (torch operators dispatched from Python) and, on CUDA, ``launches`` (``LAUNCH_CALLS``)
+    and ``kernels`` (GPU kernels run). A step that captured a graph is left out."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Operators(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += 1
+            return func(*args, **(kwargs or {}))
+    cuda = dev.type == "cuda"
+    inner, seen, rows = eng.runner.run, [0], []
+
+    def counted(batch):
+        if any(b - a != 1 for _, a, b in batch.chunks):
+            return inner(batch)
+        seen[0] += 1
+        if seen[0] not in steps:
+            return inner(batch)
+        captured = eng.stats.get("decode_graphs_captured", 0)
+        prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) if cuda \
+            else nullcontext()
+        with prof, Operators() as ops:
+            out = inner(batch)
+            if cuda:
+                torch.cuda.synchronize()
+        if eng.stats.get("decode_graphs_captured", 0) == captured:
+            row = {"operators": ops.n}
+            if cuda:
+                events = prof.events()
+                row["launches"] = sum(e.name in LAUNCH_CALLS for e in events)
+                row["kernels"] = sum(e.device_type == torch.autograd.DeviceType.CUDA
+                                     for e in events)
+            rows.append(row)
+        return out
+    eng.runner.run = counted
+    try:
+        run()
+    finally:
+        del eng.runner.run  # the class's method again
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]} if rows else {}
 
 
 def greedy_check(model, prompts: List[List[int]], new: int, allocator: str) -> Dict:
@@ -382,7 +486,8 @@ def greedy_check(model, prompts: List[List[int]], new: int, allocator: str) -> D
 
 
 SECTIONS = {"loss": loss_section, "paged_attention": paged_section, "crops": crop_section,
-            "advantage": advantage_section, "rollout": rollout_section}
+            "advantage": advantage_section, "rollout": rollout_section,
+            "decode_graphs": decode_graph_section}
 
 
 def run(toy: bool, dev: torch.device, repeats: int, only: Optional[List[str]] = None,
@@ -420,8 +525,8 @@ def section_markdown(name: str, sec: Dict) -> List[str]:
         return lines + ["```", sec["error"].strip(), "```", ""]
     lines.append(f"sizes: {sec.get('sizes')}")
     for key in ("errors", "max_level_diff", "max_abs_err", "tolerance", "auto_choice",
-                "copy_gbps", "new_tokens_per_s", "allocator", "greedy_equal",
-                "first_divergence"):
+                "copy_gbps", "new_tokens_per_s", "allocator", "decode_mode", "per_decode_step",
+                "greedy_equal", "first_divergence"):
         if key in sec:
             lines.append(f"{key}: {sec[key]}")
     ms = sec.get("ms", {})

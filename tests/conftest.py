@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 
 # Without a GPU, Triton kernels run in the interpreter on CPU tensors. This must be set before
@@ -26,3 +27,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "compile_full" in item.keywords:
             item.add_marker(skip)
+
+
+
+@pytest.fixture(params=["eager", "static"])
+def each_decode_mode(request, monkeypatch):
+    """Runs a test once per CPU decode path: every ``RolloutEngine`` it builds gets
+    ``decode_mode`` (unless the test passes its own); ``static`` pads decode steps to the
+    capture sizes on static buffers, the bookkeeping of the CUDA graph path."""
+    from mapo_fast.rollout.engine import RolloutEngine
+    init = RolloutEngine.__init__
+
+    def with_mode(self, *args, **kwargs):
+        init(self, *args, **{"decode_mode": request.param, **kwargs})
+    monkeypatch.setattr(RolloutEngine, "__init__", with_mode)
+    return request.param

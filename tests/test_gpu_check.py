@@ -1,6 +1,6 @@
 """``bench/gpu_check.py`` end to end at toy sizes, on CPU under Triton's interpreter (every
 section: the loss paths, paged attention, crops, the advantage kernel, a rollout through the
-Triton attention), so that its first run on a GPU is not its first run. It must write its JSON
+Triton attention, decode steps on the static path against eager), so that its first run on a GPU is not its first run. It must write its JSON
 and markdown and find every check within tolerance."""
 
 import json
@@ -28,7 +28,7 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path):
     failed = {k: v.get("error", v) for k, v in result["sections"].items() if not v["ok"]}
     assert proc.returncode == 0 and result["ok"] and not failed, failed
     assert set(result["sections"]) == {"loss", "paged_attention", "crops", "advantage",
-                                       "rollout"}
+                                       "rollout", "decode_graphs"}
     loss = result["sections"]["loss"]
     assert set(loss["ms"]) == {"fused", "chunked", "three_gemm_floor"}
     assert set(loss["errors"]) == {"fused", "chunked", "fused, bias_cap_temp_rows",
@@ -42,6 +42,10 @@ def test_gpu_check_runs_end_to_end_at_toy_sizes(tmp_path):
     assert rollout["new_tokens_per_s"] > 0
     assert rollout["attention_passes"].get("attention_triton_passes", 0) > 0
     assert rollout["greedy_equal"] is True and rollout["first_divergence"] is None
+    graphs = result["sections"]["decode_graphs"]  # without a GPU: static, not captured
+    assert graphs["modes"] == ["eager", "static"] and graphs["greedy_equal"] is True
+    assert all(graphs["new_tokens_per_s"][m] > 0 for m in graphs["modes"])
+    assert all(graphs["per_decode_step"][m]["operators"] > 0 for m in graphs["modes"])
     assert result["complete"] is True
     # each section's report reached standard output as it ended, in order
     heads = [line for line in proc.stdout.splitlines() if line.startswith("## ")]

@@ -14,6 +14,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 from mapo_fast.rollout.engine import RolloutEngine  # noqa: E402
 
 PROMPTS = [list(range(1, 40)), list(range(50, 70)), [7] * 16]  # 39, 20 and exactly one block
+#: every test once eagerly and once on the static decode path (padded, static buffers)
+pytestmark = pytest.mark.usefixtures("each_decode_mode")
 
 
 @pytest.fixture(scope="module")

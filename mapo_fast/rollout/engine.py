@@ -32,8 +32,8 @@ from ..tools.ops import MAX_PIXELS, MIN_PIXELS
 from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
 from .model_runner import ModelRunner, kv_geometry
 from .multimodal import VisionAdapter, is_vision_language, render_chat
-from .params import FN, MAX_BATCH_TOKENS, PREFILL_CHUNK, SamplingParams, SchedulerParams, \
-    ToolParams
+from .params import CAPTURE_SIZES, FN, MAX_BATCH_TOKENS, PREFILL_CHUNK, DecodeParams, \
+    SamplingParams, SchedulerParams, ToolParams
 from .sampler import Sampler
 from .scheduler import Batch, Scheduler
 from .sequence import PromptSeq, Sample, attach_images, encode_prompt
@@ -76,13 +76,19 @@ class RolloutEngine:
             chunks of as many waiting prompts as fit.
         allocator: ``"cpp"`` (default) or ``"python"``: the block manager's C++ extension or
             its Python model (for comparison).
+        decode_mode: how decode steps run (``params.DECODE_MODES``): ``"auto"`` (default;
+            CUDA graphs on CUDA, eager elsewhere), ``"eager"``, ``"static"`` (padded to a
+            capture size on static buffers, not captured: any device) or ``"graph"``.
+        capture_sizes: the batch sizes decode steps are padded up to on the static and graph
+            paths (default ``params.CAPTURE_SIZES``); larger decode steps run eagerly.
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, block_size: int = 16,
                  num_blocks: Optional[int] = None, memory_budget_mb: float = 256.0,
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  prefill_chunk: int = PREFILL_CHUNK, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                 allocator: str = "cpp"):
+                 allocator: str = "cpp", decode_mode: str = "auto",
+                 capture_sizes: Sequence[int] = CAPTURE_SIZES):
         cfg = getattr(model, "config", None)
         base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
         self.vision = None
@@ -99,6 +105,8 @@ class RolloutEngine:
             raise ValueError(f"RolloutEngine: `block_size` must be a positive integer, got "
                              f"{block_size!r}")
         schedule = SchedulerParams(max_batch_tokens=max_batch_tokens, prefill_chunk=prefill_chunk)
+        decode = DecodeParams(decode_mode, tuple(capture_sizes) if isinstance(
+            capture_sizes, (list, tuple)) else capture_sizes)
         self.model, self.tokenizer, self.text_config = model, tokenizer, cfg
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         self.vocab_size = int(getattr(emb, "num_embeddings", None) or head.weight.shape[0])
@@ -114,7 +122,8 @@ class RolloutEngine:
                                       "prefill_passes": 0}
         self.scheduler = Scheduler(self.num_blocks, block_size, schedule, self.stats, allocator)
         self.runner = ModelRunner(base, head, cfg, self.num_blocks, block_size,
-                                  mrope=self.vision is not None, stats=self.stats)
+                                  mrope=self.vision is not None, stats=self.stats,
+                                  decode=decode)
 
     @property
     def banned_tokens(self) -> Tuple[int, ...]:

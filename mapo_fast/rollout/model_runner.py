@@ -6,7 +6,9 @@ once, on import of the first runner): each layer writes its new keys and values 
 of the paged cache and attends over the pages of each sequence (``rollout.attention``). A
 forward takes a packed batch of new tokens (prompt chunks of some sequences, decode tokens or
 observation chunks of others) with their absolute positions (M-RoPE ``(t, h, w)`` triples for
-vision-language models) and image features in place of image-pad tokens.
+vision-language models) and image features in place of image-pad tokens. Decode steps run
+on static buffers padded to a capture size, replayed as CUDA graphs on CUDA
+(``static_decode``), unless the engine's ``decode_mode`` is ``eager``.
 """
 
 from __future__ import annotations
@@ -14,14 +16,16 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .._dispatch import backend_for
 from .attention import KERNEL, choose_path, run_paged_attention, store_kv, triton_plan
 from .block_tables import DeviceBlockTables
+from .params import DecodeParams
 from .scheduler import Batch
+from .static_decode import StaticDecode
 
 Tensor = torch.Tensor
 ATTN_IMPL = "mapo_paged"
@@ -87,26 +91,34 @@ class ModelRunner:
     Args:
         lm: the base language model (``model.model``, or ``model.model.language_model`` for
             vision-language models); ``head``: the LM head; ``text_config``: its config.
-        num_blocks, block_size: the KV pool, ``[num_blocks, block_size, kv_heads, head_dim]``
-            per layer for keys and for values, in the model's dtype and device.
+        num_blocks, block_size: the KV pool, ``[num_blocks + 1, block_size, kv_heads,
+            head_dim]`` per layer for keys and for values, in the model's dtype and device
+            (block ``num_blocks`` is the scratch block that padded decode rows write to; the
+            block manager hands out the others).
         mrope: positions are M-RoPE triples (vision-language models).
         stats: counters to update (``forward_passes``, ``attention_<path>_passes``,
-            ``block_table_entries_copied``).
+            ``block_table_entries_copied``, and the static decode path's).
+        decode: how decode steps run (``DecodeParams``; ``static_decode``).
     """
 
     def __init__(self, lm: Any, head: Any, text_config: Any, num_blocks: int, block_size: int,
-                 mrope: bool, stats: Dict[str, int]):
+                 mrope: bool, stats: Dict[str, int], decode: DecodeParams = DecodeParams()):
         register_attention()
         self.lm, self.head, self.text_config = lm, head, text_config
         self.block_size, self.mrope, self.stats = block_size, mrope, stats
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
         layers, kv_heads, head_dim = kv_geometry(text_config)
-        shape = (num_blocks, block_size, kv_heads, head_dim)
+        shape = (num_blocks + 1, block_size, kv_heads, head_dim)
         self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
                          for _ in range(layers)]
         self.v_caches = [torch.zeros_like(self.k_caches[0]) for _ in range(layers)]
         self.tables = DeviceBlockTables(self.device, stats)
+        #: ``eager``, ``static`` or ``graph`` (``DecodeParams.resolve``)
+        self.decode_mode = decode.resolve(self.device)
+        self.static = None if self.decode_mode == "eager" else StaticDecode(
+            self._decode_forward, self.device, mrope, num_blocks, block_size,
+            decode.capture_sizes, self.decode_mode == "graph", stats)
 
     @contextmanager
     def _attention(self, step: _Step):
@@ -120,12 +132,34 @@ class ModelRunner:
             _STEP = None
             self.text_config._attn_implementation = previous
 
+    def _path(self, uniform: bool) -> str:
+        return choose_path(self.device, self.dtype, self.block_size, uniform,
+                           backend_for(self.k_caches[0], KERNEL))
+
     def run(self, batch: Batch) -> Tensor:
-        """Copies the batch's shared blocks, then one forward pass over its packed chunks.
+        """Copies the batch's shared blocks, then one forward pass over its packed chunks: a
+        decode step (every chunk one token, no image) that fits a capture size on the static
+        path (``static_decode``) unless the mode is ``eager``, anything else eagerly.
         Returns the logits of each chunk's last token, ``[len(batch.chunks), V]`` float32."""
         self.copy_blocks(batch.copies)
+        ids, pos, lens, cu, inserts = self._pack(batch)
+        tables = self.tables.update([seq.seq_id for seq, _, _ in batch.chunks], batch.tables)
+        rows = len(batch.chunks)
+        if self.static is not None and not inserts and len(ids) == rows and \
+                self.static.bucket(rows) is not None:
+            logits, path = self.static.run(ids, pos, batch.slots, lens, tables)
+        else:
+            logits, path = self._eager(ids, pos, lens, cu, inserts, batch.slots, tables)
+        self.stats["forward_passes"] += 1
+        key = f"attention_{path}_passes"
+        self.stats[key] = self.stats.get(key, 0) + 1
+        return logits
+
+    def _pack(self, batch: Batch) -> tuple:
+        """The batch's token ids, ``(t, h, w)`` positions, context lengths, query offsets and
+        image-feature inserts ``(row, features)``, as host lists."""
         ids, pos, lens, cu, inserts = [], [], [], [0], []
-        for (seq, start, end), table in zip(batch.chunks, batch.tables):
+        for seq, start, end in batch.chunks:
             for im in seq.images:  # image features of the image-pad tokens in the chunk
                 a, b = max(start, im.start), min(end, im.end)
                 if a < b:
@@ -135,28 +169,42 @@ class ModelRunner:
                 [(p,) * 3 for p in range(start, end)]
             lens.append(end)
             cu.append(cu[-1] + end - start)
+        return ids, pos, lens, cu, inserts
+
+    def _eager(self, ids: List[int], pos: List[tuple], lens: List[int], cu: List[int],
+               inserts: List[tuple], slots: List[int], tables: Tensor) -> Tuple[Tensor, str]:
+        """The forward pass as written, over the packed chunks; logits of each chunk's last
+        token and the attention path."""
         dev = self.device
-        n_q = [b - a for _, a, b in batch.chunks]
-        path = choose_path(dev, self.dtype, self.block_size, min(n_q) == max(n_q) > 0,
-                           backend_for(self.k_caches[0], KERNEL))
-        tables = self.tables.update([seq.seq_id for seq, _, _ in batch.chunks], batch.tables)
-        step = _Step(self.k_caches, self.v_caches, torch.tensor(batch.slots, device=dev),
-                     tables, torch.tensor(lens, dtype=torch.int32, device=dev),
-                     torch.tensor(cu, dtype=torch.int32, device=dev), path)
+        n_q = [b - a for a, b in zip(cu, cu[1:])]
+        step = _Step(self.k_caches, self.v_caches, torch.tensor(slots, device=dev), tables,
+                     torch.tensor(lens, dtype=torch.int32, device=dev),
+                     torch.tensor(cu, dtype=torch.int32, device=dev),
+                     self._path(min(n_q) == max(n_q) > 0))
         position_ids = torch.tensor(pos, device=dev).T[:, None, :]  # [3, 1, N]
         if not self.mrope:
             position_ids = position_ids[0]
+        last = None if len(ids) == len(lens) else torch.tensor(cu[1:], device=dev) - 1
+        return self._forward(torch.tensor(ids, device=dev), position_ids, step, inserts,
+                             last), step.path
+
+    def _decode_forward(self, ids: Tensor, position_ids: Tensor, slots: Tensor, tables: Tensor,
+                        lens: Tensor, cu: Tensor) -> Tuple[Tensor, str]:
+        """The static path's forward: a decode batch from device tensors only (capturable)."""
+        step = _Step(self.k_caches, self.v_caches, slots, tables, lens, cu, self._path(True))
+        return self._forward(ids, position_ids, step), step.path
+
+    def _forward(self, ids: Tensor, position_ids: Tensor, step: _Step, inserts: Sequence = (),
+                 last: Optional[Tensor] = None) -> Tensor:
+        """Embeddings (image features put in at ``inserts``), the decoder with paged
+        attention, and the LM head over the rows ``last`` (None: all), as float32."""
         with torch.no_grad(), self._attention(step):
-            embeds = self.lm.get_input_embeddings()(torch.tensor([ids], device=dev))
+            embeds = self.lm.get_input_embeddings()(ids[None])
             for row, feats in inserts:
                 embeds[0, row:row + feats.shape[0]] = feats.to(embeds.dtype)
             hidden = self.lm(inputs_embeds=embeds, position_ids=position_ids,
                              use_cache=False).last_hidden_state[0]
-            logits = self.head(hidden[torch.tensor(cu[1:], device=dev) - 1]).float()
-        self.stats["forward_passes"] += 1
-        key = f"attention_{step.path}_passes"
-        self.stats[key] = self.stats.get(key, 0) + 1
-        return logits
+            return self.head(hidden if last is None else hidden[last]).float()
 
     def copy_blocks(self, copies) -> None:
         """Copy-on-write: block ``src``'s keys and values into ``dst``, in every layer."""

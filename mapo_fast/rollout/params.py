@@ -18,6 +18,14 @@ FN = "RolloutEngine.generate"
 MAX_BATCH_TOKENS = 8192
 #: Most tokens of one sequence in one forward pass, by default.
 PREFILL_CHUNK = 2048
+#: The batch sizes (rows) a decode step is padded up to on the static path (one CUDA graph
+#: each, captured on first use); a decode step of more rows runs eagerly.
+CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+#: How decode steps run: ``eager`` (the forward as written), ``static`` (padded to a capture
+#: size, on static buffers, without capture: the graph path's bookkeeping on any device),
+#: ``graph`` (``static``, captured as one CUDA graph per size and replayed; CUDA only),
+#: ``auto`` (``graph`` on CUDA, else ``eager``).
+DECODE_MODES = ("auto", "eager", "static", "graph")
 
 
 def _fail(fn: str, name: str, message: str) -> None:
@@ -156,3 +164,36 @@ class SchedulerParams:
     def __post_init__(self) -> None:
         _int_at_least("RolloutEngine", "prefill_chunk", self.prefill_chunk, 1)
         _int_at_least("RolloutEngine", "max_batch_tokens", self.max_batch_tokens, 1)
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """How the engine runs decode steps (every sequence of the step one token, no image).
+
+    Args:
+        mode: one of ``DECODE_MODES`` (``auto``: CUDA graphs on CUDA, eager elsewhere).
+        capture_sizes: increasing positive batch sizes a step is padded up to.
+    """
+    mode: str = "auto"
+    capture_sizes: Tuple[int, ...] = CAPTURE_SIZES
+
+    def __post_init__(self) -> None:
+        if self.mode not in DECODE_MODES:
+            _fail("RolloutEngine", "decode_mode", f"must be one of {', '.join(DECODE_MODES)}; "
+                                                  f"got {self.mode!r}")
+        sizes = self.capture_sizes
+        if isinstance(sizes, (str, bytes)) or not isinstance(sizes, (tuple, list)) or \
+                not sizes or not all(_is_int(b) and b >= 1 for b in sizes) or \
+                any(a >= b for a, b in zip(sizes, sizes[1:])):
+            _fail("RolloutEngine", "capture_sizes", f"must be increasing ints >= 1, got "
+                                                    f"{sizes!r}")
+
+    def resolve(self, device: torch.device) -> str:
+        """The mode on ``device``: ``auto`` resolved; ``graph`` refused off CUDA."""
+        if self.mode == "auto":
+            return "graph" if device.type == "cuda" else "eager"
+        if self.mode == "graph" and device.type != "cuda":
+            _fail("RolloutEngine", "decode_mode", f"'graph' needs a CUDA model, got one on "
+                                                  f"{device.type} (use 'static' to run the same "
+                                                  "padded static-buffer steps without capture)")
+        return self.mode

@@ -1,0 +1,99 @@
+"""The static decode path (``rollout/static_decode.py``, the bookkeeping of CUDA graphs) against
+eager steps on CPU: the same tokens, log-probs within float32 rounding, padding rows that
+touch only the scratch block, block-table buffers that widen, decode steps past the largest
+capture size run eagerly, and bad settings named. The capture itself needs a GPU
+(``bench/gpu_check.py``'s decode-graph section).
+
+Tolerance for log-probs: padding changes the row count of every matmul, which may change
+float32 blocking (summation order): 1e-5 on log-probs of a few units."""
+
+import re
+
+import pytest
+import torch
+
+pytest.importorskip("mapo_fast.kernels._block_manager")
+from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+
+from mapo_fast.rollout.engine import RolloutEngine  # noqa: E402
+from mapo_fast.rollout.params import CAPTURE_SIZES, DECODE_MODES, DecodeParams  # noqa: E402
+from mapo_fast.rollout.static_decode import MIN_WIDTH  # noqa: E402
+
+PROMPTS = [list(range(1, 40)), list(range(50, 70)), [7] * 16]
+#: frequent tokens of the tiny random model: samples stop at different steps, so the batch
+#: shrinks through several capture sizes
+STOPS = [3, 11, 17, 29, 101, 200]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def generate(model, mode, block_size=16, **kw):
+    eng = RolloutEngine(model, None, block_size=block_size, num_blocks=96, decode_mode=mode,
+                        **kw)
+    trajs = eng.generate(PROMPTS, group_size=3, max_new_tokens=30, temperature=1.0, top_p=0.9,
+                         seed=5, stop_token_ids=STOPS)
+    return eng, trajs
+
+
+def test_static_steps_equal_eager_steps_and_pad_only_into_the_scratch_block(model):
+    eager, want = generate(model, "eager")
+    static, got = generate(model, "static")
+    assert [t.token_ids for t in got] == [t.token_ids for t in want]
+    lengths = {len(t.token_ids) - len(PROMPTS[t.group_id]) for t in got}
+    assert len(lengths) > 2, "samples should stop at different steps"
+    for a, b in zip(got, want):
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+    s = static.stats
+    decode_passes = s["forward_passes"] - s["prefill_passes"]
+    assert s["decode_static_passes"] == decode_passes > 0 and s["decode_padding_rows"] > 0
+    assert "decode_static_passes" not in eager.stats and eager.runner.static is None
+    # every block the allocator hands out holds the same keys and values either way; the
+    # padding rows wrote only to the scratch block past them
+    n = static.num_blocks
+    for ke, ks in zip(eager.k_caches, static.k_caches):
+        assert ks.shape[0] == n + 1
+        torch.testing.assert_close(ks[:n], ke[:n], rtol=0, atol=1e-5)
+    assert bool(static.k_caches[0][n].abs().sum() > 0) and bool(eager.k_caches[0][n].eq(0).all())
+
+
+def test_buffers_widen_for_long_tables_and_large_steps_run_eagerly(model):
+    # 4-token blocks: 39 + 30 tokens need 18 entries, more than the first MIN_WIDTH
+    _, want = generate(model, "eager", block_size=4)
+    eng, got = generate(model, "static", block_size=4, capture_sizes=(2, 5))
+    assert [t.token_ids for t in got] == [t.token_ids for t in want]
+    assert eng.runner.static.tables.shape[1] >= 2 * MIN_WIDTH
+    s = eng.stats
+    decode_passes = s["forward_passes"] - s["prefill_passes"]
+    # 9 samples: steps of more than 5 rows ran eagerly, the rest padded to 2 or 5
+    assert 0 < s["decode_static_passes"] < decode_passes
+
+
+def test_buckets_are_the_smallest_capture_size_that_holds_the_rows(model):
+    eng = RolloutEngine(model, None, num_blocks=8, decode_mode="static", capture_sizes=[3, 8])
+    assert [eng.runner.static.bucket(n) for n in (1, 3, 4, 8, 9)] == [3, 3, 8, 8, None]
+    assert DecodeParams().capture_sizes == CAPTURE_SIZES and DECODE_MODES[0] == "auto"
+
+
+@pytest.mark.parametrize("kw, name, bad", [
+    (dict(decode_mode="graphs"), "decode_mode", "graphs"),
+    (dict(decode_mode="graph"), "decode_mode", "cpu"),  # CUDA only
+    (dict(decode_mode="static", capture_sizes=(4, 2)), "capture_sizes", "(4, 2)"),
+    (dict(decode_mode="static", capture_sizes=(0, 2)), "capture_sizes", "(0, 2)"),
+    (dict(decode_mode="static", capture_sizes=()), "capture_sizes", "()"),
+])
+def test_bad_decode_settings_are_named(model, kw, name, bad):
+    if kw.get("decode_mode") == "graph" and torch.cuda.is_available():
+        pytest.skip("a CUDA machine accepts graph mode")
+    with pytest.raises(ValueError, match=rf"`{name}`.*{re.escape(bad)}"):
+        RolloutEngine(model, None, num_blocks=8, **kw)
+
+
+def test_auto_is_eager_off_cuda(model):
+    assert RolloutEngine(model, None, num_blocks=8).runner.decode_mode == "eager"
