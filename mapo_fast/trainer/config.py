@@ -109,6 +109,7 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     memory_budget_mb: float = 64.0
+    decode_mode: str = "auto"          # the engine's decode_mode (rollout.params.DECODE_MODES)
     min_pixels: Optional[int] = None   # default: the task's view (view_size ** 2)
     max_pixels: Optional[int] = None
 
@@ -232,6 +233,9 @@ class TrainConfig:
         need("rollout.temperature", self.rollout.temperature > 0, "> 0 (sampling)")
         need("rollout.top_p", 0 < self.rollout.top_p <= 1, "in (0, 1]")
         need("rollout.memory_budget_mb", self.rollout.memory_budget_mb > 0, "> 0")
+        from ..rollout.params import DECODE_MODES
+        need("rollout.decode_mode", self.rollout.decode_mode in DECODE_MODES,
+             f"one of {list(DECODE_MODES)}")
         for key in ("rollout.min_pixels", "rollout.max_pixels"):
             v = get(self, key)
             need(key, v is None or v >= 28 * 28, "None or an int >= 784")
@@ -377,6 +381,8 @@ KEY_HELP: Dict[str, str] = {
                            "(mapo_fast.policy)",
     "rollout.top_p": "nucleus truncation of the draw (not part of the trained distribution)",
     "rollout.memory_budget_mb": "KV cache pool of the rollout engine",
+    "rollout.decode_mode": "decode steps: auto (CUDA graphs on a GPU, else eager), eager, "
+                           "static (padded, not captured) or graph",
     "rollout.min_pixels": "smallest image the vision tower sees (none: the task's view)",
     "rollout.max_pixels": "largest image the vision tower sees (none: the task's view)",
     "warm_start.steps": "supervised steps on the scripted expert (built-in task; 0: none)",
