@@ -43,7 +43,9 @@ setup(
     # `kernels/` ships inside the package as `mapo_fast.kernels`: no other top-level module.
     packages=find_packages(include=["mapo_fast", "mapo_fast.*"]) + ["mapo_fast.kernels"],
     package_dir={"mapo_fast.kernels": "kernels"},
-    ext_modules=[CMakeExtension("mapo_fast.kernels._block_manager", "_block_manager")],
+    ext_modules=[CMakeExtension("mapo_fast.kernels._block_manager", "_block_manager"),
+                 CMakeExtension("mapo_fast.kernels._paged_attention_cpu",
+                                "_paged_attention_cpu")],
     cmdclass={"build_ext": CMakeBuild},
     install_requires=[
         "torch>=2.13",  # the oldest torch the suite runs (out_dtype GEMMs need >= 2.8)

@@ -1,14 +1,19 @@
-"""The CPU path of paged attention: ``paged_attention_ref``'s gathers and decode cascade, each
-attention computed by torch's fused CPU flash-attention kernel
-(``aten::_scaled_dot_product_flash_attention_for_cpu``: one pass over the keys, no
-``[n, L]`` score matrix, log-sum-exp returned for the cascade's merge) instead of the
-reference's matmul / mask / softmax / matmul. Same layout and semantics as the reference
-(its module doc); available where torch has that operator (``available``)."""
+"""The CPU path of paged attention. Decode rows (one query per sequence) go to the C++ kernel
+``_paged_attention_cpu`` (``csrc/paged_attention_cpu.cpp``), which reads each sequence's keys
+and values in place from their blocks (``decode``; float32 / float64, where the extension is
+built). Prefill chunks, and decode rows without the extension, take ``paged_attention_ref``'s
+gathers and decode cascade, each attention computed by torch's fused CPU flash-attention kernel
+(``aten::_scaled_dot_product_flash_attention_for_cpu``: one pass over the keys, no ``[n, L]``
+score matrix, log-sum-exp returned for the cascade's merge) instead of the reference's matmul /
+mask / softmax / matmul. Same layout and semantics as the reference (its module doc); available
+where torch has that operator (``available``)."""
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+import importlib
+import importlib.util
+from typing import Any, Optional
 
 import torch
 
@@ -61,8 +66,60 @@ def attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: fl
     return out, lse.view(S, kv, n, group).permute(0, 2, 1, 3).reshape(S, n, H)
 
 
+#: the dtypes the in-place decode kernel computes in
+DECODE_DTYPES = (torch.float32, torch.float64)
+EXTENSION = "mapo_fast.kernels._paged_attention_cpu"
+
+
+@functools.lru_cache(maxsize=None)
+def extension() -> Optional[Any]:
+    """The C++ decode kernel's module, or None where it is not built."""
+    return importlib.import_module(EXTENSION) if importlib.util.find_spec(EXTENSION) else None
+
+
+def decodes_in_place(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
+    """Whether ``decode`` takes these inputs: the extension built, CPU tensors of one dtype in
+    ``DECODE_DTYPES``, contiguous caches."""
+    return extension() is not None and q.device.type == "cpu" and \
+        q.dtype in DECODE_DTYPES and k_cache.dtype == v_cache.dtype == q.dtype and \
+        k_cache.is_contiguous() and v_cache.is_contiguous()
+
+
+def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+           context_lens: Tensor, scale: float, out: Optional[Tensor] = None,
+           threads: Optional[int] = None) -> Tensor:
+    """One query per sequence, keys and values read in place: ``q [S, H, D]``, caches
+    ``[num_blocks, block_size, kv_heads, D]``, ``block_tables [S, W]``, ``context_lens [S]``
+    (the query's own key included). Returns ``[S, H, D]`` in ``q``'s dtype, computed in it,
+    written into ``out`` when given (contiguous, ``q``'s shape and dtype). Inputs as
+    ``decodes_in_place`` accepts; ``threads`` defaults to ``torch.get_num_threads()``. A
+    context length outside ``[1, W * block_size]`` or a block outside the pool raises
+    ``ValueError`` before anything is read."""
+    S, H, D = q.shape
+    q = q.contiguous()
+    if out is None:
+        out = torch.empty_like(q)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"paged decode: `out` must be contiguous {tuple(q.shape)} {q.dtype}, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    if S == 0:
+        return out
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    extension().decode(q.element_size(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                       out.data_ptr(), tables.data_ptr(), lens.data_ptr(), S, H,
+                       k_cache.shape[2], D, k_cache.shape[1], tables.shape[1],
+                       k_cache.shape[0], float(scale),
+                       threads if threads is not None else torch.get_num_threads())
+    return out
+
+
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     context_lens: Tensor, cu_q: Tensor, scale: float) -> Tensor:
-    """``paged_attention_ref.paged_attention`` with the fused ``attend``."""
+    """``paged_attention_ref.paged_attention`` with the fused ``attend``, and decode rows
+    through ``decode`` where ``decodes_in_place``."""
+    def rows(q_rows: Tensor, tables: Tensor, lens: Tensor) -> Tensor:
+        return decode(q_rows, k_cache, v_cache, tables, lens, scale)
+    in_place = decodes_in_place(q, k_cache, v_cache)
     return ref.paged_attention(q, k_cache, v_cache, block_tables, context_lens, cu_q, scale,
-                               attend=attend)
+                               attend=attend, decode=rows if in_place else None)

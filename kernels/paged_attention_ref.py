@@ -156,22 +156,33 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]]
     return out
 
 
+#: ``decode(q [n, H, D], block_tables [n, W], context_lens [n]) -> [n, H, D]``: the one-query
+#: sequences of a batch, attended in one call
+Decode = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                     context_lens: Tensor, cu_q: Tensor, scale: float,
-                    attend: Attend = None) -> Tensor:
+                    attend: Attend = None, decode: Optional[Decode] = None) -> Tensor:
     """``[total_q, heads, head_dim]`` in ``q``'s dtype; see the module doc.
 
     Sequences with one query (decode) are attended together (``_decode``: the blocks a group
-    shares once, each sequence's own blocks in one padded batch). Longer chunks (prefill) go
-    one sequence at a time. ``attend`` (default ``_attend``, the plain-torch reference)
-    computes each attention; ``paged_attention_cpu`` passes a fused one."""
+    shares once, each sequence's own blocks in one padded batch; or ``decode``, given one).
+    Longer chunks (prefill) go one sequence at a time. ``attend`` (default ``_attend``, the
+    plain-torch reference) computes each attention; ``paged_attention_cpu`` passes a fused
+    one, and its in-place decode kernel as ``decode``."""
     attend = attend or _attend
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q)
     starts, lens = cu_q.tolist(), context_lens.tolist()
     n_q = [b - a for a, b in zip(starts, starts[1:])]
     single = [s for s, n in enumerate(n_q) if n == 1]
-    if single:
+    if single and decode is not None:
+        idx = torch.tensor(single, device=q.device)
+        rows = cu_q.index_select(0, idx)
+        out[rows] = decode(q[rows], block_tables.index_select(0, idx),
+                           context_lens.index_select(0, idx))
+    elif single:
         idx = torch.tensor(single, device=q.device)
         rows = cu_q.index_select(0, idx)
         tables = block_tables.index_select(0, idx).tolist()

@@ -83,15 +83,26 @@ def test_reference_matches_dense_reference(case):
                                dense_reference(q, dense, lens, n_q, 0.3), atol=1e-12, rtol=1e-12)
 
 
+@pytest.fixture(params=["in_place_decode", "fused_decode"])
+def decode_rows(request, monkeypatch):
+    """The CPU path's decode rows through the C++ kernel (where built) or through the fused
+    operator's cascade (as where it is not)."""
+    if request.param == "in_place_decode" and C.extension() is None:
+        pytest.skip("the C++ decode kernel is not built")
+    if request.param == "fused_decode":
+        monkeypatch.setattr(C, "decodes_in_place", lambda *args: False)
+    return request.param
+
+
 @pytest.mark.skipif(not C.available(), reason="torch without the fused CPU attention operator")
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (3, 3), (8, 1)])
-def test_fused_cpu_path_matches_dense_reference(case, dtype, heads, kv_heads):
+def test_fused_cpu_path_matches_dense_reference(case, dtype, heads, kv_heads, decode_rows):
     # the fused operator through every branch: decode rows (row blocks of a KV head's query
-    # heads), prefill chunks (additive mask), a whole prompt (the causal flag, n == L: the
-    # first sequence of prefill-chunks). float64: 1e-12; float32: 2e-6 (its blocked online
-    # softmax sums in another order than the dense reference)
+    # heads, or the C++ kernel), prefill chunks (additive mask), a whole prompt (the causal
+    # flag, n == L: the first sequence of prefill-chunks). float64: 1e-12; float32: 2e-6 (its
+    # blocked online softmax sums in another order than the dense reference)
     lens, n_q = CASES[case]
     q, kc, vc, tables, L, cu_q, dense = make_batch(lens, n_q, heads=heads, kv_heads=kv_heads,
                                                   dtype=dtype)
@@ -174,7 +185,7 @@ def test_flash_attn_adapter_passes_flash_layout(n):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_decode_cascade_over_shared_blocks_matches_dense(dtype, impl, monkeypatch):
+def test_decode_cascade_over_shared_blocks_matches_dense(dtype, impl, monkeypatch, decode_rows):
     """Decode rows whose block tables share leading blocks, as the samples of a group do
     after a fork (four share their first 3 blocks and then have 1 to 3 of their own, two
     more share another 3 consecutive blocks, read in place; one shares nothing; lengths not
@@ -213,6 +224,42 @@ def test_decode_cascade_over_shared_blocks_matches_dense(dtype, impl, monkeypatc
                       torch.tensor(lens), cu_q, 0.2)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.skipif(C.extension() is None, reason="the C++ decode kernel is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("head_dim", [24, 64, 128])  # its generic and compile-time head sizes
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (7, 1), (3, 3)])
+def test_in_place_decode_kernel_matches_dense_reference(dtype, head_dim, block_size, heads,
+                                                        kv_heads):
+    """The C++ kernel through its own interface: lengths of 1, a block multiple and not, the
+    output poisoned with NaN first (every element written), one thread and several equal
+    bit for bit (each (sequence, KV head) pair is computed alone). float64: 1e-12; float32:
+    2e-6 (online softmax per block sums in another order than the dense reference)."""
+    lens = [1, 2 * block_size, 37, 3 * block_size + 1, 60]
+    q, kc, vc, tables, L, _, dense = make_batch(lens, [1] * len(lens), heads, kv_heads, head_dim,
+                                                block_size, dtype)
+    out = torch.full_like(q, float("nan"))
+    got = C.decode(q, kc, vc, tables, L, 0.3, out=out, threads=3)
+    assert got is out and not bool(out.isnan().any())
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got.double(), dense_reference(q, dense, lens, [1] * len(lens),
+                                                             0.3), atol=tol, rtol=tol)
+    assert torch.equal(C.decode(q, kc, vc, tables, L, 0.3, threads=1), got)
+
+
+@pytest.mark.skipif(C.extension() is None, reason="the C++ decode kernel is not built")
+def test_in_place_decode_refuses_tables_outside_the_pool():
+    q, kc, vc, tables, L, _, _ = make_batch([20, 9], [1, 1], block_size=8)
+    bad = tables.clone()
+    bad[1, 0] = kc.shape[0]  # one past the pool
+    with pytest.raises(ValueError, match="sequence 1"):
+        C.decode(q, kc, vc, bad, L, 0.3)
+    with pytest.raises(ValueError, match="sequence 0"):
+        C.decode(q, kc, vc, tables, torch.tensor([8 * tables.shape[1] + 1, 9]), 0.3)
+    with pytest.raises(ValueError, match="sequence 0"):
+        C.decode(q, kc, vc, tables, torch.tensor([0, 9]), 0.3)
 
 
 def strided_v(v_cache):
