@@ -140,23 +140,28 @@ class _FixedObservation:
 
 class _EndTurnAt:
     """Forces `</tool_call>` as the `n`-th token of every turn (turns restart after each
-    observation, recognised by its closing tag); ``prompts``: the prompts (a sequence's is
-    recognised by its first tokens)."""
+    observation, recognised by its closing tag) and keeps to ordinary words otherwise; one
+    ``batch`` call per step (the sampler's batched processor interface). ``prompts``: the
+    prompts (a sequence's is recognised by its first tokens)."""
 
     def __init__(self, n, end_id, obs_end_id, prompts):
         self.n, self.end_id, self.obs_end_id = n, end_id, obs_end_id
         self.prompt_len = {tuple(p[:16]): len(p) for p in prompts}
 
-    def __call__(self, tokens, logits):
+    def _position(self, tokens) -> int:
+        """The position in its turn (from 1) of the token about to be drawn."""
         start = self.prompt_len[tuple(tokens[:16])]
-        last_obs = next((i for i in range(len(tokens) - 1, start - 1, -1)
-                         if tokens[i] == self.obs_end_id), start - 1)
-        if len(tokens) - last_obs == self.n:
-            out = torch.full_like(logits, float("-inf"))
-            out[self.end_id] = 0.0
-            return out
+        tail = tokens[start:]
+        last = len(tail) - 1 - tail[::-1].index(self.obs_end_id) if \
+            self.obs_end_id in tail else -1
+        return len(tail) - last
+
+    def batch(self, token_lists, logits):
+        force = torch.tensor([self._position(t) == self.n for t in token_lists])
         out = logits.clone()
-        out[VOCAB:] = float("-inf")  # keep to ordinary words otherwise
+        out[:, VOCAB:] = float("-inf")
+        out[force] = float("-inf")
+        out[force, self.end_id] = 0.0
         return out
 
 
@@ -272,8 +277,9 @@ def text_engine(model, tok, device, prompts, cfg, obs_texts, template, paths):
                          max_observation_tokens=cfg["obs"] + 2, observation_template=template,
                          logits_processor=_EndTurnAt(N, VOCAB + 2, VOCAB + 4, prompts))
     attention_paths(eng, paths)
-    assert eng.stats["decode_tokens"] > 0
-    return eng, rec, {"output_tokens": output_tokens(trajs)}
+    written = output_tokens(trajs)
+    assert written == len(prompts) * G * (T + 1) * N, f"turns of other than {N} tokens: {written}"
+    return eng, rec, {"output_tokens": written}
 
 
 def multi_turn(model, tok, device, cfg, paths, engine_only):

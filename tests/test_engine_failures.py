@@ -49,7 +49,7 @@ def returns_list(tokens, logits):
     (dict(top_p=float("inf")), "`top_p` must be a finite number"),
     (dict(top_k=1.5), "`top_k` must be an int >= 0"),
     (dict(stop_token_ids=["a"]), "`stop_token_ids` must be a list of ints"),
-    (dict(logits_processor=3), "`logits_processor` must be callable"),
+    (dict(logits_processor=3), "`logits_processor` must be callable or have a callable `batch`"),
 ])
 def test_bad_arguments_are_refused_before_any_work(model, kwargs, match):
     eng = RolloutEngine(model, None, block_size=16, num_blocks=64)

@@ -127,6 +127,21 @@ def test_sampler_bans_tokens_and_applies_the_processor():
     # the processor shapes the draw; the recorded log-prob is the model's (mapo_fast.policy)
     want = float(torch.log_softmax(logits[0], -1)[2])
     assert toks == [2, 2] and lps == pytest.approx([want, want]) and seen == [[1, 2], [3]]
+
+    class OnlyTwoBatched:  # the same, one call per step for all rows
+        calls = []
+
+        def batch(self, token_lists, rows):
+            self.calls.append(token_lists)
+            out = torch.full_like(rows, float("-inf"))
+            out[:, 2] = 0.0
+            return out
+    proc = OnlyTwoBatched()
+    toks2, lps2 = Sampler(SamplingParams(temperature=0.0, logits_processor=proc))(seqs, logits)
+    assert (toks2, lps2) == (toks, lps) and proc.calls == [[[1, 2], [3]]]
+    proc.batch = lambda token_lists, rows: rows[:1]
+    with pytest.raises(ValueError, match=r"must return float logits of shape \(2, 4\), got \(1, 4\)"):
+        Sampler(SamplingParams(temperature=0.0, logits_processor=proc))(seqs, logits)
     # banned tokens leave the recorded distribution too, and a processor cannot revive one
     revive = Sampler(SamplingParams(temperature=0.5, seed=0, logits_processor=lambda t, r: torch.zeros_like(r)),
                      banned=[1])

@@ -55,8 +55,10 @@ class SamplingParams:
         stop_strings: a turn also ends when its text comes to contain one (tokens are kept).
         max_trajectory_tokens: model-written tokens of a whole trajectory, at most (None: no
             bound).
-        logits_processor: ``(token_ids, logits [V] float32) -> logits``, applied before
-            sampling; like the truncations, it shapes the draw, not the recorded log-probs.
+        logits_processor: ``(token_ids, logits [V] float32) -> logits`` per sample, or an
+            object whose ``batch(token_ids_list, logits [n, V] float32) -> [n, V]`` takes a
+            step's rows at once (no Python per sample); applied before sampling, and like the
+            truncations it shapes the draw, not the recorded log-probs.
     """
     max_new_tokens: int = 64
     temperature: float = 1.0
@@ -81,9 +83,10 @@ class SamplingParams:
                 isinstance(self.stop_token_ids, (str, bytes)) or
                 not all(_is_int(t) for t in self.stop_token_ids)):
             _fail(FN, "stop_token_ids", f"must be a list of ints, got {self.stop_token_ids!r}")
-        if self.logits_processor is not None and not callable(self.logits_processor):
-            _fail(FN, "logits_processor", f"must be callable, got "
-                                          f"{type(self.logits_processor).__name__}")
+        proc = self.logits_processor
+        if proc is not None and not callable(proc) and not callable(getattr(proc, "batch", None)):
+            _fail(FN, "logits_processor", f"must be callable or have a callable `batch`, got "
+                                          f"{type(proc).__name__}")
         _int_at_least(FN, "max_new_tokens", self.max_new_tokens, 1)
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.top_k < 0:
             raise ValueError(f"{FN}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "

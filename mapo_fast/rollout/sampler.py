@@ -50,20 +50,29 @@ def sample(logits: Tensor, gens: Sequence[Optional[torch.Generator]], temperatur
 
 
 def processed(processor: Any, seqs: Sequence[Any], logits: Tensor) -> Tensor:
-    """``processor(tokens, row)`` of each sequence's row of ``logits [n, V]``, stacked and
-    checked: float rows of the row's shape (each as it returns), then, for the whole batch at
-    once, at least one finite logit per row and no NaN (else nothing could be sampled)."""
+    """The processor's logits for the rows of ``logits [n, V]``: one call of
+    ``processor.batch(token_ids_list, logits)`` when it has one (checked: float ``[n, V]``),
+    else ``processor(tokens, row)`` of each sequence's row, stacked (each checked: float rows
+    of the row's shape). Then, for the whole batch at once: at least one finite logit per row
+    and no NaN (else nothing could be sampled). Processors get copies of the token lists."""
     name = getattr(processor, "__name__", type(processor).__name__)
-    rows = []
-    for s, row in zip(seqs, logits):
-        out = processor(list(s.tokens), row)
-        if not isinstance(out, Tensor) or out.shape != row.shape or not out.is_floating_point():
+
+    def check(out: Any, shape: torch.Size) -> None:
+        if not isinstance(out, Tensor) or out.shape != shape or not out.is_floating_point():
             got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, Tensor) \
                 else type(out).__name__
             raise ValueError(f"{FN}: `logits_processor` ({name}) must return float logits of "
-                             f"shape {tuple(row.shape)}, got {got}")
-        rows.append(out)
-    out = torch.stack(rows)
+                             f"shape {tuple(shape)}, got {got}")
+    batch = getattr(processor, "batch", None)
+    if callable(batch):
+        out = batch([list(s.tokens) for s in seqs], logits)
+        check(out, logits.shape)
+    else:
+        rows = []
+        for s, row in zip(seqs, logits):
+            rows.append(processor(list(s.tokens), row))
+            check(rows[-1], row.shape)
+        out = torch.stack(rows)
     if not bool(torch.isfinite(out).any(-1).all()) or bool(torch.isnan(out).any()):
         raise ValueError(f"{FN}: `logits_processor` ({name}) returned logits with no finite "
                          "value or with NaN: nothing can be sampled")
