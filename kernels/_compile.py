@@ -36,7 +36,9 @@ class CompileCase:
 
     ``signature``: every non-constexpr argument's Triton type (``"*bf16"``, ``"i32"``, ...);
     ``constexprs``: every constexpr argument's value. ``default``: a configuration the
-    launchers use on a GPU (held to "no spills"); others are reachable but secondary."""
+    launchers use on a GPU (held to "no spills"); others are reachable but secondary.
+    ``targets``: the compute capabilities (``90`` for sm_90) the launchers use it on (empty:
+    all)."""
     kernel: Any
     label: str
     signature: Dict[str, str]
@@ -47,6 +49,7 @@ class CompileCase:
     wgmma: bool = False  # expect wgmma on sm_90 (half-precision dot, >= 64 rows)
     no_mma: bool = False  # no tensor-core instruction may appear (exact fp32 math)
     notes: Tuple[str, ...] = field(default=())
+    targets: Tuple[int, ...] = field(default=())
 
     @property
     def name(self) -> str:

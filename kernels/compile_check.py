@@ -66,6 +66,7 @@ class Result:
     seconds: float
     default: bool
     problems: List[str]
+    ints: str = "unaligned"  # INT_ALIGNMENTS
 
 
 def _tool(name: str) -> str:
@@ -84,21 +85,28 @@ def resource_usage(cubin: bytes) -> Dict[str, int]:
     return {k: int(v) for k, v in re.findall(r"(REG|LOCAL|SHARED|STACK):(\d+)", line)}
 
 
-def jit_attrs(case: CompileCase) -> Dict[tuple, list]:
-    """The specialisation Triton's JIT gives a launch on freshly allocated tensors: every
-    pointer argument 16-byte aligned (``tt.divisibility`` 16, which lets loads vectorise), as
-    torch's allocators align every tensor this package launches on. Integer arguments stay
-    unspecialised (the conservative case: a size or stride that is not a multiple of 16)."""
+#: How integer arguments are specialised: ``unaligned`` (none a multiple of 16, the
+#: conservative case) and ``aligned`` (every one a multiple of 16, as the JIT marks them at real
+#: sizes: hidden 3584, head_dim 128, their strides); a launch specialises a mix in between.
+INT_ALIGNMENTS = ("unaligned", "aligned")
+
+
+def jit_attrs(case: CompileCase, ints: str = "unaligned") -> Dict[tuple, list]:
+    """The specialisation Triton's JIT gives a launch: every pointer argument 16-byte aligned
+    (``tt.divisibility`` 16, which lets loads vectorise), as torch's allocators align every
+    tensor this package launches on; integer arguments (sizes, strides) marked multiples of
+    16 too when ``ints`` is ``aligned`` (``INT_ALIGNMENTS``)."""
     names = case.kernel.arg_names
+    aligned = ("*",) + (("i32", "i64") if ints == "aligned" else ())
     return {(names.index(k),): [["tt.divisibility", 16]]
-            for k, t in case.signature.items() if t.startswith("*")}
+            for k, t in case.signature.items() if t.startswith(aligned)}
 
 
-def compile_case(case: CompileCase, target: int) -> Result:
+def compile_case(case: CompileCase, target: int, ints: str = "unaligned") -> Result:
     sig = dict(case.signature, **{k: "constexpr" for k in case.constexprs})
     t0 = time.perf_counter()
     kernel = triton.compile(ASTSource(case.kernel, sig, constexprs=case.constexprs,
-                                      attrs=jit_attrs(case)),
+                                      attrs=jit_attrs(case, ints)),
                             target=GPUTarget("cuda", target, 32),
                             options={"num_warps": case.num_warps,
                                      "num_stages": case.num_stages})
@@ -108,7 +116,7 @@ def compile_case(case: CompileCase, target: int) -> Result:
     ptx = kernel.asm["ptx"]
     res = Result(case.name, case.label, target, case.num_warps, case.num_stages, use["REG"],
                  use.get("STACK", 0) + use.get("LOCAL", 0), shared, "wgmma" in ptx,
-                 round(seconds, 2), case.default, [])
+                 round(seconds, 2), case.default, [], ints)
     res.problems = problems(case, res)
     if case.no_mma and re.search(r"\b(wgmma|mma)\.", ptx):
         res.problems.append("tensor-core instructions in a kernel that must stay exact fp32")
@@ -129,14 +137,14 @@ def problems(case: CompileCase, res: Result) -> List[str]:
 def _compile_index(job: tuple) -> Result:
     """One compile of the selection; a case that does not compile is a result with that
     problem (the matrix goes on)."""
-    i, target, full = job
+    i, target, full, ints = job
     case = _selected(full)[i]
     try:
-        return compile_case(case, target)
+        return compile_case(case, target, ints)
     except Exception as err:  # any compiler error is this case's finding
         first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         return Result(case.name, case.label, target, case.num_warps, case.num_stages, 0, 0, 0,
-                      False, 0.0, case.default, [f"does not compile: {first}"])
+                      False, 0.0, case.default, [f"does not compile: {first}"], ints)
 
 
 def _selected(full: bool) -> List[CompileCase]:
@@ -146,8 +154,12 @@ def _selected(full: bool) -> List[CompileCase]:
 def run(targets: Sequence[int] = TARGETS, full: bool = False, progress: bool = True,
         workers: Optional[int] = None) -> List[Result]:
     """Compiles the default cases (every case with ``full``) for each target, in ``workers``
-    processes (default: one per CPU core)."""
-    todo = [(i, t, full) for t in targets for i in range(len(_selected(full)))]
+    processes (default: one per CPU core); the default cases both ways of
+    ``INT_ALIGNMENTS``, the others with unaligned integers."""
+    selected = _selected(full)
+    todo = [(i, t, full, ints) for t in targets for i, c in enumerate(selected)
+            if not c.targets or t in c.targets
+            for ints in (INT_ALIGNMENTS if c.default else INT_ALIGNMENTS[:1])]
     workers = workers or os.cpu_count() or 1
     ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
     results = []
@@ -165,11 +177,15 @@ def run(targets: Sequence[int] = TARGETS, full: bool = False, progress: bool = T
 def markdown(results: Sequence[Result]) -> str:
     lines = [f"Triton {triton.__version__}, torch {torch.__version__}; spill B = stack frame + "
              "local memory per thread (where register spills go); shared = dynamic + static.",
-             "", "| kernel | config | target | warps / stages | registers | spill B | shared KB "
-             "| wgmma | problems |", "|---|---|---|---|---:|---:|---:|---|---|"]
+             "Pointers are 16-byte aligned; integer arguments (sizes, strides) are compiled as "
+             "none a multiple of 16 and as all multiples of 16 (the two ends of what the JIT "
+             "specialises).",
+             "", "| kernel | config | target | ints | warps / stages | registers | spill B | "
+             "shared KB | wgmma | problems |", "|---|---|---|---|---|---:|---:|---:|---|---|"]
     for r in results:
         lines.append(f"| {r.kernel} | {r.config}{'' if r.default else ' (full)'} | "
-                     f"sm_{r.target} | {r.num_warps} / {r.num_stages} | {r.registers} | "
+                     f"sm_{r.target} | {r.ints} | {r.num_warps} / {r.num_stages} | "
+                     f"{r.registers} | "
                      f"{r.local_bytes} | {r.shared_bytes / 1024:.1f} | "
                      f"{'yes' if r.wgmma else '-'} | {'; '.join(r.problems) or 'ok'} |")
     return "\n".join(lines) + "\n"

@@ -56,10 +56,16 @@ MAX_SPLITS, MIN_SPLIT_TILES = 16, 4
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def config(dtype: torch.dtype, head_dim: int, block_m: int) -> Config:
+#: compute capabilities whose configurations differ (``config``'s ``capability``)
+CAPABILITIES = (90, 80)
+
+
+def config(dtype: torch.dtype, head_dim: int, block_m: int, capability: int = 90) -> Config:
     """Tile sizes, chosen with ``compile_check`` (no spills at head dimension 128 on sm_90 or
-    sm_80): ``BLOCK_N`` keys per iteration, fewer for taller tiles, fp32 and heads wider than
-    128; four warps for narrow heads."""
+    sm_80, integer arguments aligned or not): ``BLOCK_N`` keys per iteration, fewer for
+    taller tiles, fp32 and heads wider than 128; four warps for narrow heads; one pipeline
+    stage for half-precision tiles of 64 rows before sm_90 (``capability``: 80 for sm_80),
+    where two spill."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreting():
         return Config(dict(BLOCK_M=block_m, BLOCK_N=INTERPRETER_N, BLOCK_D=block_d), 1)
@@ -69,8 +75,9 @@ def config(dtype: torch.dtype, head_dim: int, block_m: int) -> Config:
         block_n = 64 if dtype != torch.float32 else 16
     else:
         block_n = 16
+    one_stage = block_d > 128 or (capability < 90 and block_m >= 64 and dtype != torch.float32)
     return Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d),
-                  num_warps=4 if block_d <= 64 else 8, num_stages=1 if block_d > 128 else 2)
+                  num_warps=4 if block_d <= 64 else 8, num_stages=1 if one_stage else 2)
 
 
 @triton.jit
@@ -177,6 +184,14 @@ class Plan:
 
 
 @functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> int:
+    """``major * 10 + minor`` of a CUDA device (90 elsewhere: the default configurations)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count \
         if device.type == "cuda" else 4
@@ -198,8 +213,8 @@ def plan(q_shape: torch.Size, dtype: torch.dtype, kv_heads: int, page: int,
     hp = min(group, block_m)                          # heads of a group per tile
     chunks = triton.cdiv(group, hp)
     block_q = block_m // hp
-    cfg = config(dtype, head_dim, block_m)
     dev = cu_q.device
+    cfg = config(dtype, head_dim, block_m, _capability(dev))
     cu = cu_q.to(torch.int32)
     counts = (cu[1:] - cu[:-1] + block_q - 1) // block_q
     ends = torch.cumsum(counts, 0).to(torch.int32)
@@ -285,14 +300,18 @@ def compile_cases() -> List[CompileCase]:
         for head_dim in (64, 128, 256):
             for block_m in (m for m in BLOCK_MS if m <= block_m_max(dtype, head_dim)):
                 for split in (False, True):
-                    cfg = config(dtype, head_dim, block_m)
                     default = head_dim == 128 and dtype != torch.float16 and (block_m, split) in (
                         (DECODE_M, False), (DECODE_M, dtype == torch.bfloat16),
                         (block_m_max(dtype, head_dim), False))
-                    cases.append(CompileCase(
-                        _paged_attention_kernel,
-                        f"{TRITON_TYPES[dtype]} D{head_dim} M{block_m}{' split' if split else ''}",
-                        sig, dict(cfg.blocks, **_flags(dtype, split)),
-                        cfg.num_warps, cfg.num_stages, default=default,
-                        wgmma=dtype != torch.float32 and block_m >= 64))
+                    cfgs = {cap: config(dtype, head_dim, block_m, cap) for cap in CAPABILITIES}
+                    same = len(set(map(repr, cfgs.values()))) == 1
+                    for cap, cfg in list(cfgs.items())[:1] if same else cfgs.items():
+                        cases.append(CompileCase(
+                            _paged_attention_kernel,
+                            f"{TRITON_TYPES[dtype]} D{head_dim} M{block_m}"
+                            f"{' split' if split else ''}",
+                            sig, dict(cfg.blocks, **_flags(dtype, split)),
+                            cfg.num_warps, cfg.num_stages, default=default,
+                            wgmma=dtype != torch.float32 and block_m >= 64,
+                            targets=() if same else (cap,)))
     return cases

@@ -39,6 +39,7 @@ def test_default_configurations_compile_without_spills(tmp_path):
            if r["problems"]]
     assert not bad and proc.returncode == 0, bad
     assert {r["target"] for r in results} == {90, 80}
+    assert {r["ints"] for r in results} == {"unaligned", "aligned"}  # both specialisations
     kernels = {r["kernel"] for r in results}
     assert kernels == {"linear_logprob._fwd_kernel", "linear_logprob._bwd_kernel",
                        "linear_logprob_chunked._row_stats_kernel",
@@ -87,9 +88,15 @@ def test_loss_launchers_choose_checked_configurations(gpu_launch):
                 assert dict(LC._grad_flags(ge, cap, gemm), **LC.config(cuda).blocks) in grad
 
 
+@pytest.mark.parametrize("capability", PA.CAPABILITIES)
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256])
-def test_paged_attention_plans_choose_checked_configurations(gpu_launch, head_dim):
-    cases = checked(PA, PA._paged_attention_kernel)
+def test_paged_attention_plans_choose_checked_configurations(gpu_launch, head_dim, capability,
+                                                             monkeypatch):
+    # tiles, warps and stages as compiled for that target
+    cases = [(c.constexprs, c.num_warps, c.num_stages) for c in PA.compile_cases()
+             if c.kernel is PA._paged_attention_kernel and
+             (not c.targets or capability in c.targets)]
+    monkeypatch.setattr(PA, "_capability", lambda dev: capability)
     for dtype in PA.DTYPES:
         for heads, kv_heads in ((8, 8), (28, 4), (16, 1), (64, 1), (128, 1)):
             for total_q, S in ((4, 4), (300, 4)):  # decode, prefill
@@ -97,7 +104,8 @@ def test_paged_attention_plans_choose_checked_configurations(gpu_launch, head_di
                 tables = torch.zeros(S, 600, dtype=torch.long)
                 plan = PA.plan(torch.Size((total_q, heads, head_dim)), dtype, kv_heads, 16,
                                tables, torch.full((S,), 9000), cu_q)
-                used = dict(plan.cfg.blocks, **PA._flags(dtype, plan.splits > 1))
+                used = (dict(plan.cfg.blocks, **PA._flags(dtype, plan.splits > 1)),
+                        plan.cfg.num_warps, plan.cfg.num_stages)
                 assert used in cases, used
 
 
