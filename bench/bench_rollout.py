@@ -164,6 +164,9 @@ class _EndTurnAt:
         out[force, self.end_id] = 0.0
         return out
 
+    def __call__(self, tokens, logits):  # one row: for a --before engine without ``batch``
+        return self.batch([tokens], logits[None])[0]
+
 
 def engine_block_size(device: torch.device) -> int:
     """256-token blocks where flash-attn's paged decode can run (CUDA, flash-attn importable),
