@@ -13,25 +13,15 @@ import pytest
 import torch
 
 pytest.importorskip("mapo_fast.kernels._block_manager")
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
+from test_rollout_engine import PROMPTS, model  # noqa: E402,F401  (the tiny Qwen2 fixture)
 
 from mapo_fast.rollout.engine import RolloutEngine  # noqa: E402
 from mapo_fast.rollout.params import CAPTURE_SIZES, DECODE_MODES, DecodeParams  # noqa: E402
 from mapo_fast.rollout.static_decode import MIN_WIDTH  # noqa: E402
 
-PROMPTS = [list(range(1, 40)), list(range(50, 70)), [7] * 16]
 #: frequent tokens of the tiny random model: samples stop at different steps, so the batch
 #: shrinks through several capture sizes
 STOPS = [3, 11, 17, 29, 101, 200]
-
-
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512)
-    return Qwen2ForCausalLM(cfg).eval()
 
 
 def generate(model, mode, block_size=16, **kw):
