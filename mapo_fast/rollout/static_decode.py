@@ -14,7 +14,10 @@ one graph per capture size on first use (after two warm-up passes on a side stre
 padding) and replays it; ``static`` mode runs the same padded forward eagerly, so the
 bookkeeping is exercised, and compared token for token with eager, on any device. A step that
 needs wider block tables than the buffers widens them (doubling) and drops the captured
-graphs, which are captured again on their next use.
+graphs, which are captured again on their next use. A graph reads the model's parameters and
+the KV pool where they were at capture: weights updated in place (an optimizer step,
+``load_state_dict``) are seen by the next replay; parameters replaced by new tensors (moving
+the model to another device or dtype) need a new engine.
 """
 
 from __future__ import annotations
