@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_train import interval  # noqa: E402
 from bench_variance import points, trainer_at  # noqa: E402
+from harness import split_passthrough, write_json_md  # noqa: E402
 
 WAYS = ("free", "no_zoom", "wrong_zoom", "right_zoom")
 SHOWN = ("accuracy", "action_accuracy", "tool_use")
@@ -92,9 +93,7 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="bench_task_check.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)
@@ -121,11 +120,7 @@ def main(argv: Optional[List[str]] = None) -> None:
               + f"; tint right {m['hint_reliability']:.3f}", flush=True)
     result = {"tag": a.tag, "extra_args": extra, "points": measured,
               "summary": summarise(measured), "wall_s": time.perf_counter() - start}
-    a.report.mkdir(parents=True, exist_ok=True)
-    stem = a.report / f"task-check-{a.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_json_md(a.report / f"task-check-{a.tag}", result, markdown(result))
 
 
 if __name__ == "__main__":

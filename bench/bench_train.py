@@ -376,11 +376,8 @@ def run(scale: str, device, repeats: int, out: Path, tag: str) -> Dict[str, Path
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: List[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
+    from harness import split_passthrough
+    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="bench_train.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=5)

@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_train import interval  # noqa: E402
+from harness import split_passthrough, write_json_md  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -158,9 +159,7 @@ def markdown(result: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    argv, extra = split_passthrough(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="bench_variance.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
@@ -191,11 +190,7 @@ def main(argv: Optional[List[str]] = None) -> None:
               f"{m['var_ratio_hi']:.3f}]", flush=True)
     result = {"tag": a.tag, "batches": a.batches, "extra_args": extra, "points": measured,
               "summary": summarise(measured), "wall_s": time.perf_counter() - start}
-    a.report.mkdir(parents=True, exist_ok=True)
-    stem = a.report / f"estimator-variance-{a.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_json_md(a.report / f"estimator-variance-{a.tag}", result, markdown(result))
 
 
 if __name__ == "__main__":

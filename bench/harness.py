@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -226,6 +226,23 @@ def main(doc: str, scales: Dict, run: Callable, argv=None,
     own = {k: getattr(a, k) for k in own}
     paths = run(a.scale, a.device, a.repeats, a.out, a.tag, **own)
     print(f"wrote {', '.join(str(v) for v in paths.values())}")
+
+
+def split_passthrough(argv: List[str]) -> Tuple[List[str], List[str]]:
+    """``(own, passed)``: the arguments before ``--`` and those after it (passed on, e.g. to
+    ``mapo-train``)."""
+    if "--" not in argv:
+        return list(argv), []
+    i = argv.index("--")
+    return list(argv[:i]), list(argv[i + 1:])
+
+
+def write_json_md(stem: Path, result: object, md: str) -> None:
+    """``stem.json`` (``result``) and ``stem.md`` (``md``), the folder made; ``md`` printed."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    stem.with_suffix(".md").write_text(md)
+    print(md)
 
 
 def run_with_package(package_dir: str, script: Path, args: List[str], tag: str) -> Dict:

@@ -19,7 +19,6 @@ Writes ``DIR/rollout-profile-<tag>.json`` and ``.md`` (default ``bench/results``
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from contextlib import contextmanager, nullcontext
@@ -32,6 +31,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import bench_rollout as B  # noqa: E402
+from harness import write_json_md  # noqa: E402
 
 PARTS = ("attention", "qkv/o projections", "rotary", "norms", "mlp", "lm head", "embedding",
          "sampling", "scheduling", "other")
@@ -222,11 +222,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for w in a.workload:
         print(f"profiling {w} ({a.scale}) ...", flush=True)
         results.append(profile(a.scale, w))
-    a.out.mkdir(parents=True, exist_ok=True)
-    stem = a.out / f"rollout-profile-{a.tag}"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(results))
-    print(markdown(results))
+    write_json_md(a.out / f"rollout-profile-{a.tag}", results, markdown(results))
 
 
 if __name__ == "__main__":
