@@ -177,17 +177,16 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     starts, lens = cu_q.tolist(), context_lens.tolist()
     n_q = [b - a for a, b in zip(starts, starts[1:])]
     single = [s for s, n in enumerate(n_q) if n == 1]
-    if single and decode is not None:
+    if single:
         idx = torch.tensor(single, device=q.device)
         rows = cu_q.index_select(0, idx)
-        out[rows] = decode(q[rows], block_tables.index_select(0, idx),
-                           context_lens.index_select(0, idx))
-    elif single:
-        idx = torch.tensor(single, device=q.device)
-        rows = cu_q.index_select(0, idx)
-        tables = block_tables.index_select(0, idx).tolist()
-        out[rows] = _decode(q[rows].to(cd), k_cache, v_cache, tables,
-                            [lens[s] for s in single], scale, attend).to(q.dtype)
+        if decode is not None:
+            out[rows] = decode(q[rows], block_tables.index_select(0, idx),
+                               context_lens.index_select(0, idx))
+        else:
+            tables = block_tables.index_select(0, idx).tolist()
+            out[rows] = _decode(q[rows].to(cd), k_cache, v_cache, tables,
+                                [lens[s] for s in single], scale, attend).to(q.dtype)
     for s, n in enumerate(n_q):
         if n <= 1:
             continue

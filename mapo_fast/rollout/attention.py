@@ -2,9 +2,10 @@
 dispatch, once. On CUDA: flash-attn's ``flash_attn_with_kvcache`` with a block table when it is
 importable and the batch fits it (every sequence the same number of queries, e.g. a decode
 step; fp16/bf16; blocks of a multiple of 256 tokens, flash-attn's page size rule), else the
-Triton kernel (``kernels/paged_attention.py``, any page size). On CPU the torch path that
-gathers pages with each attention in torch's fused CPU flash-attention kernel
-(``kernels/paged_attention_cpu.py``, ``"torch_fused"``) where torch has it; elsewhere the
+Triton kernel (``kernels/paged_attention.py``, any page size). On CPU
+(``kernels/paged_attention_cpu.py``, ``"torch_fused"``, where torch has its fused CPU
+flash-attention kernel) decode rows are read in place by a C++ kernel where it is built, and
+prefill chunks gather their pages for the fused kernel; elsewhere the
 plain-torch reference (``kernels/paged_attention_ref.py``, ``"torch"``). Layout and
 semantics are documented in the latter; they are flash-attn's (``[num_blocks, block_size,
 kv_heads, head_dim]`` pages, causal queries aligned to the end of each sequence's context)."""
