@@ -397,8 +397,7 @@ def decode_graph_section(sz: Sizes, dev: torch.device, measure) -> Dict:
                   for m in ("eager", fast)}
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    diverge = next(([i, j] for i, (a, b) in enumerate(zip(greedy["eager"], greedy[fast]))
-                    for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    diverge = first_divergence(greedy[fast], greedy["eager"])
     generated = len(prompts) * group * new
     return {"sizes": sizes, "modes": ["eager", fast],
             "ms": {f"generate, {m}": v for m, v in ms.items()},
@@ -476,13 +475,20 @@ def greedy_check(model, prompts: List[List[int]], new: int, allocator: str) -> D
                                    pad_token_id=0)[:, len(prompts[0]):].tolist()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+    diverge = first_divergence(ours, ref)
+    return {"equal": diverge is None, "first_divergence": diverge}
+
+
+def first_divergence(ours: List[List[int]], ref: List[List[int]]) -> Optional[List[int]]:
+    """The first ``[sequence, position]`` where two lists of token lists differ (a shorter
+    list differs where it ends), or None."""
     for i, (a, b) in enumerate(zip(ours, ref)):
         for j, (x, y) in enumerate(zip(list(a), list(b))):
             if x != y:
-                return {"equal": False, "first_divergence": [i, j]}
+                return [i, j]
         if len(a) != len(b):
-            return {"equal": False, "first_divergence": [i, min(len(a), len(b))]}
-    return {"equal": True, "first_divergence": None}
+            return [i, min(len(a), len(b))]
+    return None
 
 
 SECTIONS = {"loss": loss_section, "paged_attention": paged_section, "crops": crop_section,
