@@ -266,22 +266,40 @@ def engine_case(name: str, fn, device, notes: str = ""):
     return r
 
 
-def text_engine(model, tok, device, prompts, cfg, obs_texts, template, paths):
-    """RolloutEngine on the text multi-turn workload (turn ends forced at ``new`` tokens)."""
+def observation_ids(tok, text: str) -> list:
+    """The token ids of observation ``text`` inserted in ``OBS_TEMPLATE``."""
+    return tok(OBS_TEMPLATE.format(text), add_special_tokens=False)["input_ids"]
+
+
+def text_rollout(model, tok, device, prompts, G, N, obs_texts=(), obs_len=0):
+    """A RolloutEngine and the ``generate`` keywords of a text workload: one turn of ``N``
+    tokens per text of ``obs_texts`` (ended by a forced `</tool_call>`, answered with that
+    text, at most ``obs_len`` tokens between the template's tags), then a final turn of ``N``;
+    without texts, one turn. The pool holds every sample at its longest."""
     from mapo_fast.rollout import RolloutEngine
-    G, T, N = cfg["group"], cfg["turns"], cfg["new"]
-    longest = max(map(len, prompts))
+    T = len(obs_texts)
+    longest = max(map(len, prompts)) + T * (N + obs_len + 2) + N
     eng = RolloutEngine(model, tok, block_size=engine_block_size(device),
                         memory_budget_mb=max(64, 2 * kv_bytes(model, 1) * (len(prompts) * G + 1)
-                                             * (longest + T * (N + cfg["obs"] + 2) + N) / 2 ** 20))
+                                             * longest / 2 ** 20))
+    kw = dict(group_size=G, max_new_tokens=N, temperature=1.0, seed=0, stop_token_ids=[])
+    if T:
+        kw.update(tools=_FixedObservation(list(obs_texts)), max_turns=T + 1,
+                  max_observation_tokens=obs_len + 2, observation_template=OBS_TEMPLATE,
+                  logits_processor=_EndTurnAt(N, VOCAB + 2, VOCAB + 4, prompts))
+    return eng, kw
+
+
+def text_engine(model, tok, device, prompts, G, N, obs_texts, obs_len, paths):
+    """RolloutEngine on a text workload (``text_rollout``), instrumented; every turn checked
+    to be ``N`` tokens."""
+    eng, kw = text_rollout(model, tok, device, prompts, G, N, obs_texts, obs_len)
     rec = instrument(eng)
-    trajs = eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
-                         tools=_FixedObservation(obs_texts), max_turns=T + 1, stop_token_ids=[],
-                         max_observation_tokens=cfg["obs"] + 2, observation_template=template,
-                         logits_processor=_EndTurnAt(N, VOCAB + 2, VOCAB + 4, prompts))
+    trajs = eng.generate(prompts, **kw)
     attention_paths(eng, paths)
     written = output_tokens(trajs)
-    assert written == len(prompts) * G * (T + 1) * N, f"turns of other than {N} tokens: {written}"
+    want = len(prompts) * G * (len(obs_texts) + 1) * N
+    assert written == want, f"turns of other than {N} tokens: {written} tokens, not {want}"
     return eng, rec, {"output_tokens": written}
 
 
@@ -290,8 +308,7 @@ def multi_turn(model, tok, device, cfg, paths, engine_only):
     RolloutEngine."""
     prompts, obs = workload(cfg)
     obs_texts = [tok.decode(o) for o in obs]
-    template = OBS_TEMPLATE
-    obs_ids = [tok(template.format(t), add_special_tokens=False)["input_ids"] for t in obs_texts]
+    obs_ids = [observation_ids(tok, t) for t in obs_texts]
     rows = []
     if not engine_only:
         for name, own, notes in [("naive HF loop", False, "re-prefills history"),
@@ -307,8 +324,9 @@ def multi_turn(model, tok, device, cfg, paths, engine_only):
             print(f"    {r.median_ms / 1e3:.1f} s, {r.notes}", flush=True)
             rows.append(r)
     print("  rollout: mapo_fast RolloutEngine ...", flush=True)
-    rows.append(engine_case(ENGINE, lambda: text_engine(model, tok, device, prompts, cfg,
-                                                        obs_texts, template, paths),
+    rows.append(engine_case(ENGINE, lambda: text_engine(model, tok, device, prompts,
+                                                        cfg["group"], cfg["new"], obs_texts,
+                                                        cfg["obs"], paths),
                             device, "paged KV, shared prompts"))
     return {"workload": f"{len(prompts)} prompts x G={cfg['group']}, {cfg['prompt_len']}-token "
                         f"prompt, {cfg['turns']} tool turns of {cfg['new']} + {cfg['obs']} "
@@ -349,7 +367,6 @@ def naive_hf(model, device, prompts, obs_ids, cfg, own_cache: bool):
 def single_turn(model, tok, device, cfg, paths, engine_only):
     """Text single turn: transformers' continuous batching (``generate_batch``) and
     RolloutEngine."""
-    from mapo_fast.rollout import RolloutEngine
     prompts, _ = workload(cfg)
     G, N = cfg["group"], cfg["new"]
     rows = []
@@ -369,15 +386,9 @@ def single_turn(model, tok, device, cfg, paths, engine_only):
         except Exception as e:  # generate_batch is young and version-dependent
             print(f"    skipped: {type(e).__name__}: {e}", flush=True)
 
-    def ours():
-        eng = RolloutEngine(model, tok, block_size=engine_block_size(device))
-        rec = instrument(eng)
-        trajs = eng.generate(prompts, group_size=G, max_new_tokens=N, temperature=1.0, seed=0,
-                             stop_token_ids=[])
-        attention_paths(eng, paths)
-        return eng, rec, {"output_tokens": output_tokens(trajs)}
     print("  single turn: mapo_fast RolloutEngine ...", flush=True)
-    rows.append(engine_case(ENGINE, ours, device, "shared prompts"))
+    rows.append(engine_case(ENGINE, lambda: text_engine(model, tok, device, prompts, G, N, (),
+                                                        0, paths), device, "shared prompts"))
     return {"workload": f"text single turn: {len(prompts)} x G={G}, {cfg['prompt_len']}-token "
                         f"prompt, {N} new tokens", "cases": rows}
 
@@ -397,11 +408,10 @@ def prefill_heavy(model, tok, device, cfg, paths):
     """The prefill workload: prompts of many lengths, one tool turn, RolloutEngine only."""
     c = cfg["prefill"]
     prompts, obs = prefill_inputs(cfg)
-    sub = dict(cfg, group=c["group"], turns=1, new=c["new"], obs=c["obs"])
-    template = OBS_TEMPLATE
     print("  prefill: mapo_fast RolloutEngine ...", flush=True)
-    row = engine_case(ENGINE, lambda: text_engine(model, tok, device, prompts, sub,
-                                                  [tok.decode(obs[0])], template, paths),
+    row = engine_case(ENGINE, lambda: text_engine(model, tok, device, prompts, c["group"],
+                                                  c["new"], [tok.decode(obs[0])], c["obs"],
+                                                  paths),
                       device, "batched prefill")
     return {"workload": f"prefill: {c['prompts']} prompts of {c['min_len']}-{c['max_len']} "
                         f"tokens x G={c['group']}, 1 tool turn of {c['new']} + {c['obs']} "
@@ -412,7 +422,7 @@ def vllm_specs(cfg, tok) -> list:
     """The three text workloads (multi-turn, single turn, prefill) as ``rollout_vllm.py``
     takes them: RolloutEngine's prompt ids, groups, turn lengths and observation ids."""
     def obs_ids(o):
-        return tok(OBS_TEMPLATE.format(tok.decode(o)), add_special_tokens=False)["input_ids"]
+        return observation_ids(tok, tok.decode(o))
     prompts, obs = workload(cfg)
     G, T, N = cfg["group"], cfg["turns"], cfg["new"]
     c = cfg["prefill"]

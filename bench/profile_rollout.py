@@ -138,33 +138,21 @@ def instrument(prof: StepProfile, eng: Any, model: Any) -> None:
 
 def profile(scale: str, workload: str) -> Dict[str, Any]:
     """Runs ``workload`` once unprofiled (warm-up) and once profiled; returns the tables."""
-    from mapo_fast.rollout import RolloutEngine
     cfg = B.SCALES[scale]
     model, tok = B.make_model(cfg, torch.device("cpu")), B.make_tokenizer()
     spec = next(w for w in B.vllm_specs(cfg, tok) if w["name"] == workload)
-    obs_texts = [tok.decode(r["obs"][1:-1]) for r in spec["rounds"] if r.get("obs")]
-    turns, N = len(spec["rounds"]), spec["rounds"][0]["new"]
+    obs = [r["obs"][1:-1] for r in spec["rounds"] if r.get("obs")]  # between the tags
 
     def run(prof: Optional[StepProfile]) -> float:
-        longest = max(map(len, spec["prompts"])) + turns * (N + 300)
-        eng = RolloutEngine(model, tok, block_size=16, memory_budget_mb=max(
-            64, 2 * B.kv_bytes(model, 1) * (len(spec["prompts"]) * spec["group"] + 1)
-            * longest / 2 ** 20))
-        kw = {}
-        if obs_texts:
-            kw = dict(tools=B._FixedObservation(obs_texts), max_turns=turns,
-                      max_observation_tokens=max(len(r.get("obs") or []) for r in
-                                                 spec["rounds"]) + 2,
-                      observation_template=B.OBS_TEMPLATE,
-                      logits_processor=B._EndTurnAt(N, B.VOCAB + 2, B.VOCAB + 4,
-                                                    spec["prompts"]))
+        eng, kw = B.text_rollout(model, tok, torch.device("cpu"), spec["prompts"],
+                                 spec["group"], spec["rounds"][0]["new"],
+                                 [tok.decode(o) for o in obs], max(map(len, obs), default=0))
         if prof is not None:
             instrument(prof, eng, model)
         t0 = time.perf_counter()
         try:
             with prof if prof is not None else nullcontext():
-                eng.generate(spec["prompts"], group_size=spec["group"], max_new_tokens=N,
-                             temperature=1.0, seed=0, stop_token_ids=[], **kw)
+                eng.generate(spec["prompts"], **kw)
         finally:
             if prof is not None:
                 prof.restore()
