@@ -27,8 +27,9 @@ def sample(logits: Tensor, gens: Sequence[Optional[torch.Generator]], temperatur
     if temperature == 0:
         tok = logits.argmax(-1)
         return tok.tolist(), torch.log_softmax(policy, -1).gather(1, tok[:, None])[:, 0].tolist()
-    logp = torch.log_softmax(policy / temperature, -1)
-    scaled = logits / temperature
+    # dividing by a temperature of 1 changes nothing but costs a pass over [n, V]
+    logp = torch.log_softmax(policy if temperature == 1 else policy / temperature, -1)
+    scaled = logits if temperature == 1 else logits / temperature
     if top_k > 0:
         kth = torch.topk(scaled, min(top_k, scaled.shape[-1]), dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
@@ -43,7 +44,9 @@ def sample(logits: Tensor, gens: Sequence[Optional[torch.Generator]], temperatur
     # drawn from the policy itself when nothing narrows it (its log-softmax is computed once)
     narrowed = top_k > 0 or top_p < 1.0 or policy is not logits
     drawn = torch.log_softmax(scaled, -1) if narrowed else logp
-    cdf = drawn.double().exp().cumsum(-1)
+    # probabilities at their own (float32) precision, summed in float64 (by cumsum itself, no
+    # float64 copy): exponentiating in float64 cost three times the rest of the draw
+    cdf = torch.cumsum(drawn.exp(), -1, dtype=torch.float64)
     x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
     tok = torch.searchsorted(cdf, x, right=True).clamp_(max=logits.shape[-1] - 1)
     return tok[:, 0].tolist(), logp.gather(1, tok)[:, 0].tolist()
