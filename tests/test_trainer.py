@@ -169,6 +169,9 @@ def test_trainer_refuses_bad_values_before_any_work(tmp_path, args, message, mon
     (["--algo", "ppo"], "`algo` must be 'mapo' or 'grpo', got 'ppo'"),
     (["--loss.loss_agg", "mean"], "`loss.loss_agg` must be one of"),
     (["--rollout.top_p", "1.5"], "`rollout.top_p` must be in (0, 1], got 1.5"),
+    (["--rollout.decode_mode", "fast"], "`rollout.decode_mode` must be one of ['auto', "),
+    (["--rollout.cpu_linear", "mkl"], "`rollout.cpu_linear` must be one of ['auto', 'onednn', "
+                                      "'torch'], got 'mkl'"),
     (["--resume", "maybe"], "`resume` must be bool, got 'maybe'"),
     (["--rollout", "3"], "`rollout` is a section"),
     (["--steps"], "`--steps` needs a value"),

@@ -81,6 +81,9 @@ class RolloutEngine:
             capture size on static buffers, not captured: any device) or ``"graph"``.
         capture_sizes: the batch sizes decode steps are padded up to on the static and graph
             paths (default ``params.CAPTURE_SIZES``); larger decode steps run eagerly.
+        cpu_linear: ``"auto"`` (default: oneDNN with prepacked weights for a float32 model
+            on CPU, where torch has it), ``"onednn"`` or ``"torch"`` (the model's own linear
+            layers; ``kernels.packed_linear_cpu``).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, block_size: int = 16,
@@ -88,7 +91,7 @@ class RolloutEngine:
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  prefill_chunk: int = PREFILL_CHUNK, max_batch_tokens: int = MAX_BATCH_TOKENS,
                  allocator: str = "cpp", decode_mode: str = "auto",
-                 capture_sizes: Sequence[int] = CAPTURE_SIZES):
+                 capture_sizes: Sequence[int] = CAPTURE_SIZES, cpu_linear: str = "auto"):
         cfg = getattr(model, "config", None)
         base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
         self.vision = None
@@ -123,7 +126,7 @@ class RolloutEngine:
         self.scheduler = Scheduler(self.num_blocks, block_size, schedule, self.stats, allocator)
         self.runner = ModelRunner(base, head, cfg, self.num_blocks, block_size,
                                   mrope=self.vision is not None, stats=self.stats,
-                                  decode=decode)
+                                  decode=decode, cpu_linear=cpu_linear)
 
     @property
     def banned_tokens(self) -> Tuple[int, ...]:

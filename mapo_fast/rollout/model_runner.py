@@ -14,13 +14,14 @@ on static buffers padded to a capture size, replayed as CUDA graphs on CUDA
 from __future__ import annotations
 
 import functools
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .._dispatch import backend_for
+from ..kernels import packed_linear_cpu
 from .attention import KERNEL, choose_path, run_paged_attention, store_kv, triton_plan
 from .block_tables import DeviceBlockTables
 from .params import DecodeParams
@@ -99,10 +100,14 @@ class ModelRunner:
         stats: counters to update (``forward_passes``, ``attention_<path>_passes``,
             ``block_table_entries_copied``, and the static decode path's).
         decode: how decode steps run (``DecodeParams``; ``static_decode``).
+        cpu_linear: the linear layers' path (``packed_linear_cpu.CPU_LINEAR``): ``onednn``
+            runs them on weights packed for oneDNN (``PackedLinears``), ``auto`` does so for a
+            float32 model on CPU.
     """
 
     def __init__(self, lm: Any, head: Any, text_config: Any, num_blocks: int, block_size: int,
-                 mrope: bool, stats: Dict[str, int], decode: DecodeParams = DecodeParams()):
+                 mrope: bool, stats: Dict[str, int], decode: DecodeParams = DecodeParams(),
+                 cpu_linear: str = "auto"):
         register_attention()
         self.lm, self.head, self.text_config = lm, head, text_config
         self.block_size, self.mrope, self.stats = block_size, mrope, stats
@@ -114,6 +119,10 @@ class ModelRunner:
                          for _ in range(layers)]
         self.v_caches = [torch.zeros_like(self.k_caches[0]) for _ in range(layers)]
         self.tables = DeviceBlockTables(self.device, stats)
+        #: ``onednn`` or ``torch`` (``packed_linear_cpu.resolve``)
+        self.linear = packed_linear_cpu.resolve(cpu_linear, self.device, self.dtype)
+        self.packed = packed_linear_cpu.PackedLinears([lm, head], stats) \
+            if self.linear == "onednn" else None
         #: ``eager``, ``static`` or ``graph`` (``DecodeParams.resolve``)
         self.decode_mode = decode.resolve(self.device)
         self.static = None if self.decode_mode == "eager" else StaticDecode(
@@ -198,7 +207,8 @@ class ModelRunner:
                  last: Optional[Tensor] = None) -> Tensor:
         """Embeddings (image features put in at ``inserts``), the decoder with paged
         attention, and the LM head over the rows ``last`` (None: all), as float32."""
-        with torch.no_grad(), self._attention(step):
+        packed = self.packed.active() if self.packed is not None else nullcontext()
+        with torch.no_grad(), self._attention(step), packed:
             embeds = self.lm.get_input_embeddings()(ids[None])
             for row, feats in inserts:
                 embeds[0, row:row + feats.shape[0]] = feats.to(embeds.dtype)

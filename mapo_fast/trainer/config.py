@@ -110,6 +110,7 @@ class RolloutConfig:
     top_p: float = 1.0
     memory_budget_mb: float = 64.0
     decode_mode: str = "auto"          # the engine's decode_mode (rollout.params.DECODE_MODES)
+    cpu_linear: str = "auto"           # the engine's cpu_linear (packed_linear_cpu.CPU_LINEAR)
     min_pixels: Optional[int] = None   # default: the task's view (view_size ** 2)
     max_pixels: Optional[int] = None
 
@@ -236,6 +237,9 @@ class TrainConfig:
         from ..rollout.params import DECODE_MODES
         need("rollout.decode_mode", self.rollout.decode_mode in DECODE_MODES,
              f"one of {list(DECODE_MODES)}")
+        from ..kernels.packed_linear_cpu import CPU_LINEAR
+        need("rollout.cpu_linear", self.rollout.cpu_linear in CPU_LINEAR,
+             f"one of {list(CPU_LINEAR)}")
         for key in ("rollout.min_pixels", "rollout.max_pixels"):
             v = get(self, key)
             need(key, v is None or v >= 28 * 28, "None or an int >= 784")
@@ -383,6 +387,8 @@ KEY_HELP: Dict[str, str] = {
     "rollout.memory_budget_mb": "KV cache pool of the rollout engine",
     "rollout.decode_mode": "decode steps: auto (CUDA graphs on a GPU, else eager), eager, "
                            "static (padded, not captured) or graph",
+    "rollout.cpu_linear": "linear layers of a float32 model on CPU: auto (oneDNN on prepacked "
+                          "weights where torch has it), onednn or torch",
     "rollout.min_pixels": "smallest image the vision tower sees (none: the task's view)",
     "rollout.max_pixels": "largest image the vision tower sees (none: the task's view)",
     "warm_start.steps": "supervised steps on the scripted expert (built-in task; 0: none)",

@@ -219,6 +219,7 @@ class Trainer:
             self.engine = RolloutEngine(self.rollout_model, self.tokenizer,
                                         memory_budget_mb=r.memory_budget_mb,
                                         decode_mode=r.decode_mode,
+                                        cpu_linear=r.cpu_linear,
                                         min_pixels=r.min_pixels or pixels,
                                         max_pixels=r.max_pixels or pixels)
         except ValueError as e:
