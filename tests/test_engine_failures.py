@@ -33,6 +33,18 @@ def all_masked(tokens, logits):
     return torch.full_like(logits, float("-inf"))
 
 
+def with_nan(tokens, logits):
+    out = logits.clone()
+    out[3] = float("nan")
+    return out
+
+
+def with_inf(tokens, logits):
+    out = logits.clone()
+    out[3] = float("inf")
+    return out
+
+
 def returns_list(tokens, logits):
     return logits.tolist()
 
@@ -66,6 +78,8 @@ def test_bad_arguments_are_refused_before_any_work(model, kwargs, match):
     (wrong_shape, ValueError, r"\(wrong_shape\) must return float logits of shape \(256,\)"),
     (returns_list, ValueError, "got list"),
     (all_masked, ValueError, r"\(all_masked\) returned logits with no finite value"),
+    (with_nan, ValueError, r"\(with_nan\) returned logits .* with NaN or \+inf"),
+    (with_inf, ValueError, r"\(with_inf\) returned logits .* with NaN or \+inf"),
 ])
 def test_a_failed_call_leaves_the_engine_as_usable_as_before(model, proc, exc, match):
     want = reference(model)

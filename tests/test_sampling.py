@@ -6,7 +6,9 @@ import math
 
 import torch
 
-from mapo_fast.rollout.sampler import sample
+import pytest
+
+from mapo_fast.rollout.sampler import DRAW_CHUNK, draw as inverse_cdf, sample
 
 LOGITS = torch.tensor([2.0, 0.5, -1.0, 1.0, float("-inf"), 0.0, -3.0])
 
@@ -55,3 +57,33 @@ def test_greedy_takes_the_argmax_with_its_log_prob():
     toks, lps = draw(LOGITS, 3, temperature=0.0)
     assert toks == [0, 0, 0]
     assert math.isclose(lps[0], float(torch.log_softmax(LOGITS, -1)[0]), rel_tol=1e-6)
+
+
+def _reference_draw(logp, u):
+    """One float64 running sum over the row's float32 probabilities."""
+    cdf = logp.exp().double().cumsum(-1)
+    return torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+
+
+@pytest.mark.parametrize("V", [7, DRAW_CHUNK - 1, DRAW_CHUNK, DRAW_CHUNK + 1, 5 * DRAW_CHUNK + 3])
+def test_two_level_draw_matches_one_float64_running_sum(V):
+    g = torch.Generator().manual_seed(V)
+    logits = 3 * torch.randn(64, V, generator=g)
+    logits[:, ::5] = float("-inf")                       # scattered zeros
+    if V > 3 * DRAW_CHUNK:
+        logits[:, 2 * DRAW_CHUNK:4 * DRAW_CHUNK] = float("-inf")  # whole chunks of zeros
+        logits[:, -DRAW_CHUNK // 2:] = float("-inf")           # and a zero tail
+    logp = torch.log_softmax(logits, -1)
+    for trial in range(30):
+        u = torch.rand(64, generator=g, dtype=torch.float64)
+        got = inverse_cdf(logp, u)
+        assert got.dtype == torch.int64
+        assert torch.equal(got, _reference_draw(logp, u)), trial
+        assert bool(logits.gather(1, got[:, None]).isfinite().all())
+    # the ends of [0, 1): the first and the last token of nonzero probability
+    finite = logits[0].isfinite().nonzero()[:, 0]
+    ends = inverse_cdf(logp[:2], torch.tensor([0.0, 1.0 - 2.0 ** -53], dtype=torch.float64))
+    assert ends.tolist() == [int(finite[0]), int(finite[-1])]
+    # unnormalised log-probabilities (the logits themselves) are normalised by the total
+    u = torch.rand(64, generator=g, dtype=torch.float64)
+    assert torch.equal(inverse_cdf(logits, u), _reference_draw(logits, u))

@@ -39,25 +39,54 @@ def sample(logits: Tensor, gens: Sequence[Optional[torch.Generator]], temperatur
         drop = cum - torch.softmax(sorted_l, -1) > top_p
         scaled = scaled.scatter(1, idx, sorted_l.masked_fill(drop, float("-inf")))
     # inverse-CDF sampling, one uniform per sample from its own generator: the draw does
-    # not depend on the batch; ``right=True`` never lands on a zero-probability token
+    # not depend on the batch
     u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens])
     # drawn from the policy itself when nothing narrows it (its log-softmax is computed once)
     narrowed = top_k > 0 or top_p < 1.0 or policy is not logits
-    drawn = torch.log_softmax(scaled, -1) if narrowed else logp
-    # probabilities at their own (float32) precision, summed in float64 (by cumsum itself, no
-    # float64 copy): exponentiating in float64 cost three times the rest of the draw
-    cdf = torch.cumsum(drawn.exp(), -1, dtype=torch.float64)
-    x = (u.to(cdf.device) * cdf[:, -1]).unsqueeze(1)
-    tok = torch.searchsorted(cdf, x, right=True).clamp_(max=logits.shape[-1] - 1)
-    return tok[:, 0].tolist(), logp.gather(1, tok)[:, 0].tolist()
+    tok = draw(torch.log_softmax(scaled, -1) if narrowed else logp, u.to(logits.device))
+    return tok.tolist(), logp.gather(1, tok[:, None])[:, 0].tolist()
+
+
+#: tokens per chunk of the two-level inverse CDF (``draw``)
+DRAW_CHUNK = 256
+
+
+def draw(logp: Tensor, u: Tensor) -> Tensor:
+    """The token of each row of ``logp [n, V]`` (log-probabilities, float32 or float64, not
+    necessarily normalised) at the quantile ``u [n]`` (float64 in ``[0, 1)``) of its
+    distribution: the first token whose cumulative probability exceeds ``u`` times the total,
+    so never one of probability zero. Returns ``[n]`` int64.
+
+    Sums are float64 over the float32 probabilities, in two levels: the probability of each
+    ``DRAW_CHUNK``-token chunk and their running sum pick the chunk, then the running sum
+    within the chosen chunk only picks the token, at ``u``'s remainder rescaled to that
+    chunk. One float64 scan over ``[n, V]`` (a float64 copy of it, then a serial sum) cost
+    six times the rest of the draw."""
+    n, V = logp.shape
+    chunks = -(-V // DRAW_CHUNK)
+    probs = logp.new_zeros(n, chunks * DRAW_CHUNK)  # the padding: zero probability
+    torch.exp(logp, out=probs[:, :V])
+    probs = probs.view(n, chunks, DRAW_CHUNK)
+    upto = probs.sum(-1, dtype=torch.float64).cumsum_(-1)  # [n, chunks]
+    total = upto[:, -1]
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
+    c = torch.searchsorted(upto, x[:, None], right=True).clamp_(max=chunks - 1)  # [n, 1]
+    hi = upto.gather(1, c)[:, 0]
+    lo = torch.where(c[:, 0] > 0, upto.gather(1, (c - 1).clamp_(min=0))[:, 0], 0.0)
+    # the remainder as a fraction of the chunk, strictly below 1: it lands inside the chunk
+    frac = ((x - lo) / (hi - lo)).clamp_(0.0, 1.0 - 2.0 ** -52)
+    within = probs[torch.arange(n, device=logp.device), c[:, 0]].double().cumsum_(-1)
+    j = torch.searchsorted(within, (frac * within[:, -1])[:, None], right=True)[:, 0]
+    return c[:, 0] * DRAW_CHUNK + j
 
 
 def processed(processor: Any, seqs: Sequence[Any], logits: Tensor) -> Tensor:
     """The processor's logits for the rows of ``logits [n, V]``: one call of
     ``processor.batch(token_ids_list, logits)`` when it has one (checked: float ``[n, V]``),
     else ``processor(tokens, row)`` of each sequence's row, stacked (each checked: float rows
-    of the row's shape). Then, for the whole batch at once: at least one finite logit per row
-    and no NaN (else nothing could be sampled). Processors get copies of the token lists."""
+    of the row's shape). Then, for the whole batch at once: each row's largest logit finite (no
+    NaN, no +inf, not all -inf: else nothing could be sampled). Processors get copies of the
+    token lists."""
     name = getattr(processor, "__name__", type(processor).__name__)
 
     def check(out: Any, shape: torch.Size) -> None:
@@ -76,9 +105,11 @@ def processed(processor: Any, seqs: Sequence[Any], logits: Tensor) -> Tensor:
             rows.append(processor(list(s.tokens), row))
             check(rows[-1], row.shape)
         out = torch.stack(rows)
-    if not bool(torch.isfinite(out).any(-1).all()) or bool(torch.isnan(out).any()):
+    # one reduction: a row's maximum is NaN if it holds one, +inf if it holds one, -inf if
+    # nothing is finite
+    if not bool(torch.isfinite(out.amax(-1)).all()):
         raise ValueError(f"{FN}: `logits_processor` ({name}) returned logits with no finite "
-                         "value or with NaN: nothing can be sampled")
+                         "value, or with NaN or +inf: nothing can be sampled")
     return out
 
 
