@@ -148,12 +148,17 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, tables: List[List[int]]
                             with_lse=True))
         start += len(rows)
     # one merge of every grouped row's two parts by their log-sum-exps
-    o_p = torch.cat([o[0] for o, _ in parts])
-    l_p = torch.cat([lse_p[0] for _, lse_p in parts])
-    m = torch.maximum(lse[idx], l_p)
-    w_own, w_p = (lse[idx] - m).exp()[..., None], (l_p - m).exp()[..., None]
-    out[idx] = (out[idx] * w_own + o_p * w_p) / (w_own + w_p)
+    out[idx] = merge(out[idx], lse[idx], torch.cat([o[0] for o, _ in parts]),
+                     torch.cat([lse_p[0] for _, lse_p in parts]))
     return out
+
+
+def merge(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Attention over two disjoint sets of keys combined into attention over both, from each
+    part's output ``[..., H, D]`` and log-sum-exp ``[..., H]``."""
+    m = torch.maximum(lse_a, lse_b)
+    w_a, w_b = (lse_a - m).exp()[..., None], (lse_b - m).exp()[..., None]
+    return (o_a * w_a + o_b * w_b) / (w_a + w_b)
 
 
 #: ``decode(q [n, H, D], block_tables [n, W], context_lens [n]) -> [n, H, D]``: the one-query
@@ -168,7 +173,7 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
 
     Sequences with one query (decode) are attended together (``_decode``: the blocks a group
     shares once, each sequence's own blocks in one padded batch; or ``decode``, given one).
-    Longer chunks (prefill) go one sequence at a time. ``attend`` (default ``_attend``, the
+    Longer chunks (prefill) are attended by ``_prefill``, those of equal length together. ``attend`` (default ``_attend``, the
     plain-torch reference) computes each attention; ``paged_attention_cpu`` passes a fused
     one, and its in-place decode kernel as ``decode``."""
     attend = attend or _attend
@@ -187,16 +192,39 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
             tables = block_tables.index_select(0, idx).tolist()
             out[rows] = _decode(q[rows].to(cd), k_cache, v_cache, tables,
                                 [lens[s] for s in single], scale, attend).to(q.dtype)
+    chunks: Dict[int, List[int]] = {}  # sequences with more than one query, by query count
     for s, n in enumerate(n_q):
-        if n <= 1:
-            continue
-        L, q0 = lens[s], starts[s]
-        k = gather_kv(k_cache, block_tables[s], L).to(cd)[None]
-        v = gather_kv(v_cache, block_tables[s], L).to(cd)[None]
-        allowed = None  # a whole sequence: causal, left to ``attend``
-        if n != L:  # a chunk: its queries sit at the end of the context
-            pos = L - n + torch.arange(n, device=q.device)
-            allowed = (torch.arange(L, device=q.device)[None, :] <= pos[:, None])[None]
-        out[q0:q0 + n] = attend(q[q0:q0 + n].to(cd)[None], k, v, allowed, scale,
-                                causal=n == L)[0].to(q.dtype)
+        if n > 1:
+            chunks.setdefault(n, []).append(s)
+    for n, seqs in chunks.items():
+        _prefill(q, out, k_cache, v_cache, block_tables, [lens[s] for s in seqs],
+                 [starts[s] for s in seqs], seqs, n, scale, attend, cd)
     return out
+
+
+def _prefill(q: Tensor, out: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
+             lens: List[int], starts: List[int], seqs: List[int], n: int, scale: float,
+             attend: Attend, cd: torch.dtype) -> None:
+    """The ``n`` queries of each sequence of ``seqs`` (context lengths ``lens``, first query
+    row ``starts``) into ``out``. Each sequence's keys split into its history (the ``L - n``
+    tokens before its queries, all visible: no mask) and its own ``n`` tokens (causal); the own
+    parts of all the sequences form one batch, each history is attended alone, and the two
+    merge by their log-sum-exps (no ``[n, L]`` mask is built)."""
+    ks, vs = [], []
+    for s, L in zip(seqs, lens):
+        ks.append(gather_kv(k_cache, block_tables[s], L).to(cd))
+        vs.append(gather_kv(v_cache, block_tables[s], L).to(cd))
+    qs = torch.stack([q[a:a + n] for a in starts]).to(cd)                       # [S, n, H, D]
+    history = any(L > n for L in lens)
+    own = attend(qs, torch.stack([k[-n:] for k in ks]), torch.stack([v[-n:] for v in vs]), None,
+                 scale, with_lse=history, causal=True)
+    if history:
+        o_own, lse_own = own
+        own = o_own.clone()
+        for i, L in enumerate(lens):
+            if L > n:
+                o_h, lse_h = attend(qs[i:i + 1], ks[i][None, :L - n], vs[i][None, :L - n], None,
+                                    scale, with_lse=True)
+                own[i] = merge(o_own[i], lse_own[i], o_h[0], lse_h[0])
+    for i, a in enumerate(starts):
+        out[a:a + n] = own[i].to(out.dtype)
