@@ -57,25 +57,30 @@ def draw(logp: Tensor, u: Tensor) -> Tensor:
     distribution: the first token whose cumulative probability exceeds ``u`` times the total,
     so never one of probability zero. Returns ``[n]`` int64.
 
-    Sums are float64 over the float32 probabilities, in two levels: the probability of each
-    ``DRAW_CHUNK``-token chunk and their running sum pick the chunk, then the running sum
-    within the chosen chunk only picks the token, at ``u``'s remainder rescaled to that
-    chunk. One float64 scan over ``[n, V]`` (a float64 copy of it, then a serial sum) cost
-    six times the rest of the draw."""
+    Two levels: the mass of each ``DRAW_CHUNK``-token chunk (summed in the input's precision,
+    pairwise: relative error about ``log2(DRAW_CHUNK)`` ulps of the chunk's mass) and their
+    running sum in float64 pick the chunk, then the float64 running sum within the chosen
+    chunk only picks the token, at ``u``'s remainder rescaled to that chunk (so a token's
+    probability is exact to that precision and zero stays zero). One float64 scan over
+    ``[n, V]`` (a float64 copy of it, then a serial sum) cost six times the rest of the
+    draw."""
     n, V = logp.shape
-    chunks = -(-V // DRAW_CHUNK)
-    probs = logp.new_zeros(n, chunks * DRAW_CHUNK)  # the padding: zero probability
-    torch.exp(logp, out=probs[:, :V])
-    probs = probs.view(n, chunks, DRAW_CHUNK)
-    upto = probs.sum(-1, dtype=torch.float64).cumsum_(-1)  # [n, chunks]
+    probs = logp.exp()
+    full = V // DRAW_CHUNK
+    mass = probs[:, :full * DRAW_CHUNK].view(n, full, DRAW_CHUNK).sum(-1)  # [n, chunks]
+    if V > full * DRAW_CHUNK:  # the last, shorter chunk
+        mass = torch.cat([mass, probs[:, full * DRAW_CHUNK:].sum(-1, keepdim=True)], 1)
+    upto = mass.double().cumsum_(-1)
     total = upto[:, -1]
     x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
-    c = torch.searchsorted(upto, x[:, None], right=True).clamp_(max=chunks - 1)  # [n, 1]
+    c = torch.searchsorted(upto, x[:, None], right=True).clamp_(max=upto.shape[1] - 1)
     hi = upto.gather(1, c)[:, 0]
     lo = torch.where(c[:, 0] > 0, upto.gather(1, (c - 1).clamp_(min=0))[:, 0], 0.0)
     # the remainder as a fraction of the chunk, strictly below 1: it lands inside the chunk
     frac = ((x - lo) / (hi - lo)).clamp_(0.0, 1.0 - 2.0 ** -52)
-    within = probs[torch.arange(n, device=logp.device), c[:, 0]].double().cumsum_(-1)
+    idx = c * DRAW_CHUNK + torch.arange(DRAW_CHUNK, device=logp.device)  # [n, DRAW_CHUNK]
+    within = probs.gather(1, idx.clamp(max=V - 1)).masked_fill_(idx >= V, 0.0)
+    within = within.double().cumsum_(-1)
     j = torch.searchsorted(within, (frac * within[:, -1])[:, None], right=True)[:, 0]
     return c[:, 0] * DRAW_CHUNK + j
 
