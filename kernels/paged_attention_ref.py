@@ -182,6 +182,8 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
     starts, lens = cu_q.tolist(), context_lens.tolist()
     n_q = [b - a for a, b in zip(starts, starts[1:])]
     single = [s for s, n in enumerate(n_q) if n == 1]
+    if decode is not None and len(single) == len(n_q):  # a decode step: no rows to pick
+        return decode(q, block_tables, context_lens)
     if single:
         idx = torch.tensor(single, device=q.device)
         rows = cu_q.index_select(0, idx)
