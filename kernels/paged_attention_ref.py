@@ -222,11 +222,12 @@ def _prefill(q: Tensor, out: Tensor, k_cache: Tensor, v_cache: Tensor, block_tab
                  scale, with_lse=history, causal=True)
     if history:
         o_own, lse_own = own
-        own = o_own.clone()
-        for i, L in enumerate(lens):
-            if L > n:
-                o_h, lse_h = attend(qs[i:i + 1], ks[i][None, :L - n], vs[i][None, :L - n], None,
-                                    scale, with_lse=True)
-                own[i] = merge(o_own[i], lse_own[i], o_h[0], lse_h[0])
+        rows = [i for i, L in enumerate(lens) if L > n]
+        parts = [attend(qs[i:i + 1], ks[i][None, :lens[i] - n], vs[i][None, :lens[i] - n], None,
+                        scale, with_lse=True) for i in rows]
+        idx = torch.tensor(rows, device=q.device)
+        own = o_own.index_copy(0, idx, merge(o_own[idx], lse_own[idx],
+                                             torch.cat([o for o, _ in parts]),
+                                             torch.cat([lse for _, lse in parts])))
     for i, a in enumerate(starts):
         out[a:a + n] = own[i].to(out.dtype)
