@@ -8,9 +8,11 @@ decode step's ``[32008, 512]`` LM head measured 6.3 ms against 16.8 ms on two co
 258-token observation chunk's MLP 20-25% faster. The result is the same product summed in
 another order: float32 rounding, not the same bits as ``F.linear``.
 
-A pack is a copy of the weight, so the module keeps it current: each forward compares the
-weight's identity and in-place version counter (an optimizer step or ``load_state_dict`` bumps
-it) with the pack's and repacks what changed. The packed forward is installed only inside
+A pack is a copy of the weight, so it must follow the weight. Each forward compares the
+weight's identity and in-place version counter (``load_state_dict`` and most optimizer steps
+bump it) with the pack's and repacks what changed; ``drop`` forgets every pack, for updates
+that leave the counter alone (a fused optimizer step, writes through ``.data``): the rollout
+engine calls it from ``clear_prefix_cache``, which is to be called after every weight update. The packed forward is installed only inside
 ``PackedLinears.active()`` (the rollout engine's forward passes), under ``no_grad``, for inputs
 on CPU in float32; anything else takes the module's own forward.
 """
@@ -97,6 +99,10 @@ class PackedLinears:
             self._packs[id(m)] = entry
             self.stats["linear_weights_packed"] = self.stats.get("linear_weights_packed", 0) + 1
         return entry[2]
+
+    def drop(self) -> None:
+        """Forgets every pack: the next forward packs each weight again."""
+        self._packs.clear()
 
     def _forward(self, m: torch.nn.Linear, own: Any):
         def forward(x: Tensor) -> Tensor:

@@ -140,3 +140,25 @@ def test_engine_sees_a_weight_update_between_calls(model):
             model.lm_head.weight.copy_(saved)
     assert [t.token_ids for t in after] == [t.token_ids for t in fresh]
     assert [t.token_ids for t in after] != [t.token_ids for t in before]
+
+
+def test_clear_prefix_cache_drops_the_packs_for_updates_the_version_misses(model):
+    """A fused optimizer step, like a write through ``.data``, leaves the version counter
+    alone: ``clear_prefix_cache`` (to be called after every weight update) repacks."""
+    eng = RolloutEngine(model, None, num_blocks=64, cpu_linear="onednn")
+    kw = dict(group_size=2, max_new_tokens=12, temperature=0.0)
+    eng.generate(PROMPTS, **kw)
+    packs = eng.stats["linear_weights_packed"]
+    w = model.lm_head.weight
+    version = w._version
+    try:
+        w.data.mul_(-1.0)
+        assert w._version == version
+        eng.clear_prefix_cache()
+        after = eng.generate(PROMPTS, **kw)
+        fresh = RolloutEngine(model, None, num_blocks=64, cpu_linear="torch").generate(
+            PROMPTS, **kw)
+    finally:
+        w.data.mul_(-1.0)
+    assert eng.stats["linear_weights_packed"] == 2 * packs
+    assert [t.token_ids for t in after] == [t.token_ids for t in fresh]

@@ -226,11 +226,14 @@ class RolloutEngine:
         return Trajectory(tokens, [0.0] * len(tokens), mask, spans, crops=[result.crop])
 
     def clear_prefix_cache(self) -> None:
-        """Forgets every cached block. Call it after the model's weights change (each
-        optimizer step): the cached keys and values were computed with the old weights."""
+        """Forgets every cached block, and the linear layers' packed weights (``cpu_linear``).
+        Call it after the model's weights change (each optimizer step): the cached keys and
+        values, and the packs, were computed from the old weights."""
         if self.blocks.num_free != self.num_blocks:
             raise RuntimeError("RolloutEngine.clear_prefix_cache: sequences still hold blocks")
         self.scheduler.reset()
+        if self.runner.packed is not None:
+            self.runner.packed.drop()
 
     # ---- generation ------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Any], *, group_size: int = 1,
