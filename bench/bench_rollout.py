@@ -157,11 +157,12 @@ class _EndTurnAt:
         return len(tail) - last
 
     def batch(self, token_lists, logits):
-        force = torch.tensor([self._position(t) == self.n for t in token_lists])
+        force = [i for i, t in enumerate(token_lists) if self._position(t) == self.n]
         out = logits.clone()
         out[:, VOCAB:] = float("-inf")
-        out[force] = float("-inf")
-        out[force, self.end_id] = 0.0
+        if force:  # one step in N
+            out[force] = float("-inf")
+            out[force, self.end_id] = 0.0
         return out
 
     def __call__(self, tokens, logits):  # one row: for a --before engine without ``batch``
