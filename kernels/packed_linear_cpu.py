@@ -4,17 +4,19 @@
 stored layout on every call. oneDNN's inner-product with the weight reordered ahead of time into
 its blocked layout (``mkldnn::_reorder_linear_weight``, then ``mkldnn::_linear_pointwise``: the
 pair inductor uses for frozen CPU linears) is faster at every size a rollout runs: a 32-row
-decode step's ``[32008, 512]`` LM head measured 6.3 ms against 16.8 ms on two cores, a
-258-token observation chunk's MLP 20-25% faster. The result is the same product summed in
+decode step's ``[32008, 512]`` LM head measured 6.3 ms against 16.8 ms on two cores, the MLP
+projections of an 8256-token prefill step 17-21% faster. The result is the same product summed in
 another order: float32 rounding, not the same bits as ``F.linear``.
 
 A pack is a copy of the weight, so it must follow the weight. Each forward compares the
 weight's identity and in-place version counter (``load_state_dict`` and most optimizer steps
 bump it) with the pack's and repacks what changed; ``drop`` forgets every pack, for updates
 that leave the counter alone (a fused optimizer step, writes through ``.data``): the rollout
-engine calls it from ``clear_prefix_cache``, which is to be called after every weight update. The packed forward is installed only inside
-``PackedLinears.active()`` (the rollout engine's forward passes), under ``no_grad``, for inputs
-on CPU in float32; anything else takes the module's own forward.
+engine calls it from ``clear_prefix_cache``, which is to be called after every weight update.
+
+The packed forward is installed only inside ``PackedLinears.active()`` (the rollout engine's
+forward passes), under ``no_grad``, for inputs on CPU in float32; anything else takes the
+module's own forward.
 """
 
 from __future__ import annotations

@@ -173,9 +173,10 @@ def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: T
 
     Sequences with one query (decode) are attended together (``_decode``: the blocks a group
     shares once, each sequence's own blocks in one padded batch; or ``decode``, given one).
-    Longer chunks (prefill) are attended by ``_prefill``, those of equal length together. ``attend`` (default ``_attend``, the
-    plain-torch reference) computes each attention; ``paged_attention_cpu`` passes a fused
-    one, and its in-place decode kernel as ``decode``."""
+    Longer chunks (prefill) are attended by ``_prefill``, those of equal length together.
+    ``attend`` (default ``_attend``, the plain-torch reference) computes each attention;
+    ``paged_attention_cpu`` passes a fused one, and its in-place decode kernel as
+    ``decode``."""
     attend = attend or _attend
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     out = torch.empty_like(q)
