@@ -88,6 +88,42 @@ def test_own_forward_under_grad_and_for_other_dtypes():
     assert y.dtype == torch.float64 and packed._packs == {}
 
 
+class _LookAlike(torch.nn.Module):
+    """A gated MLP's parts with other arithmetic: the probe must refuse to fuse it."""
+
+    def __init__(self, hidden, inter):
+        super().__init__()
+        self.gate_proj = torch.nn.Linear(hidden, inter, bias=False)
+        self.up_proj = torch.nn.Linear(hidden, inter, bias=True)
+        self.down_proj = torch.nn.Linear(inter, hidden, bias=False)
+        self.act_fn = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) + self.up_proj(x))
+
+
+def test_gated_silu_mlp_runs_fused_where_the_probe_agrees():
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+    torch.manual_seed(1)
+    mlp = Qwen2MLP(Qwen2Config(hidden_size=40, intermediate_size=72))
+    other = _LookAlike(40, 72)
+    assert P.gated_silu(mlp) and P.gated_silu(other) and not P.gated_silu(torch.nn.Linear(2, 2))
+    stats = {}
+    packed = P.PackedLinears([mlp, other], stats)
+    assert packed.mlps == [mlp, other] and len(packed.linears) == 6
+    x = torch.randn(2, 5, 40)
+    with torch.no_grad():
+        want = mlp.double()(x.double())
+        want_other = other(x)
+        mlp.float()
+        with packed.active():
+            got, got_other = mlp(x), other(x)
+    assert stats["gated_mlps_fused"] == 1  # Qwen2's, not the look-alike
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_other, want_other, rtol=0, atol=1e-5)
+
+
 def test_resolve_names_the_argument():
     cpu = torch.device("cpu")
     assert P.resolve("auto", cpu, torch.float32) == "onednn"
@@ -117,6 +153,7 @@ def test_engine_same_tokens_either_way(model):
     assert plain.runner.packed is None and "linear_weights_packed" not in plain.stats
     n_linear = 7 * model.config.num_hidden_layers + 1  # q k v o gate up down per layer, head
     assert packed.stats["linear_weights_packed"] == n_linear
+    assert packed.stats["gated_mlps_fused"] == model.config.num_hidden_layers
     assert [t.token_ids for t in got] == [t.token_ids for t in want]
     for a, b in zip(got, want):
         assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-4
