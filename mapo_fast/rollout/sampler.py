@@ -52,8 +52,8 @@ DRAW_CHUNK = 256
 
 
 def draw(logp: Tensor, u: Tensor) -> Tensor:
-    """The token of each row of ``logp [n, V]`` (log-probabilities, float32 or float64, not
-    necessarily normalised) at the quantile ``u [n]`` (float64 in ``[0, 1)``) of its
+    """The token of each row of ``logp [n, V]`` (log-probabilities, float32 or float64,
+    normalised or not as long as their exponentials are finite) at the quantile ``u [n]`` (float64 in ``[0, 1)``) of its
     distribution: the first token whose cumulative probability exceeds ``u`` times the total,
     so never one of probability zero. Returns ``[n]`` int64.
 
