@@ -85,6 +85,11 @@ def gated_silu(m: torch.nn.Module) -> bool:
         isinstance(getattr(m, "act_fn", None), _silu_types())
 
 
+#: the fewest weight elements worth packing: oneDNN's call costs about 25 us more than the BLAS
+#: path's, so smaller layers lose (2 cores, 32 rows: 128 x 128 took 32 us against 16 us; 256 x
+#: 256 took 38 us against 41 us; 512 x 512, 115 us against 148 us)
+MIN_PACKED_WEIGHT = 1 << 16
+
 #: the probe a gated MLP's own and fused forwards must agree on: rows, and the tolerance (float32
 #: sums of a few hundred terms in another order)
 PROBE_ROWS, PROBE_TOL = 3, 1e-4
@@ -107,24 +112,27 @@ def resolve(choice: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 class PackedLinears:
-    """The ``torch.nn.Linear`` modules of ``modules`` (searched recursively), run through
-    ``linear`` inside ``active()``, and their gated SiLU MLPs through ``linear`` and
-    ``linear_times`` where the probe agrees (``gated_silu``).
+    """The ``torch.nn.Linear`` modules of ``modules`` (searched recursively) with at least
+    ``min_weight`` weight elements (default ``MIN_PACKED_WEIGHT``), run through ``linear``
+    inside ``active()``, and the gated SiLU MLPs whose gate is that large through ``linear``
+    and ``linear_times`` where the probe agrees (``gated_silu``).
 
     ``stats`` (optional) counts ``linear_weights_packed`` (packs made, the first and every
     repack after a weight changed) and ``gated_mlps_fused`` (MLPs whose probe agreed).
     """
 
-    def __init__(self, modules: Sequence[torch.nn.Module], stats: Optional[Dict[str, int]] = None):
+    def __init__(self, modules: Sequence[torch.nn.Module], stats: Optional[Dict[str, int]] = None,
+                 min_weight: Optional[int] = None):
+        least = MIN_PACKED_WEIGHT if min_weight is None else min_weight
         seen, self.linears, self.mlps = set(), [], []  # type: ignore[var-annotated]
         for root in modules:
             for m in root.modules():
                 if id(m) in seen:
                     continue
                 seen.add(id(m))
-                if isinstance(m, torch.nn.Linear):
+                if isinstance(m, torch.nn.Linear) and m.weight.numel() >= least:
                     self.linears.append(m)
-                elif gated_silu(m):
+                elif gated_silu(m) and m.gate_proj.weight.numel() >= least:
                     self.mlps.append(m)
         self.stats = stats if stats is not None else {}
         #: per module: (the weight object packed, its version then, the pack)

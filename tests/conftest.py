@@ -30,6 +30,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 
+@pytest.fixture
+def pack_tiny_linears(monkeypatch):
+    """Every layer of the tiny test models packed for oneDNN (``cpu_linear``'s default path on
+    CPU): by default layers under ``MIN_PACKED_WEIGHT`` elements keep torch's path, which would
+    leave these models' layers all on it."""
+    from mapo_fast.kernels import packed_linear_cpu
+    monkeypatch.setattr(packed_linear_cpu, "MIN_PACKED_WEIGHT", 0)
+
+
 @pytest.fixture(params=["eager", "static"])
 def each_decode_mode(request, monkeypatch):
     """Runs a test once per CPU decode path: every ``RolloutEngine`` it builds gets

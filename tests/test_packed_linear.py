@@ -13,7 +13,8 @@ import torch
 
 from mapo_fast.kernels import packed_linear_cpu as P
 
-pytestmark = pytest.mark.skipif(not P.available(), reason="this torch has no oneDNN on CPU")
+pytestmark = [pytest.mark.skipif(not P.available(), reason="this torch has no oneDNN on CPU"),
+              pytest.mark.usefixtures("pack_tiny_linears")]
 
 
 @pytest.mark.parametrize("m,k,n,bias", [(1, 5, 3, True), (7, 17, 31, False), (33, 64, 70, True),
@@ -74,6 +75,15 @@ def test_repacks_a_weight_changed_in_place_or_replaced():
             got = net(x)
         assert stats["linear_weights_packed"] == 4
         torch.testing.assert_close(got, net(x), rtol=0, atol=1e-5)
+
+
+def test_small_layers_keep_their_own_forward_by_default(monkeypatch):
+    monkeypatch.setattr(P, "MIN_PACKED_WEIGHT", 20 * 12)  # net[0]'s 240 elements, not net[2]'s
+    net = _net()
+    assert P.PackedLinears([net]).linears == [net[0]]
+    assert P.PackedLinears([net], min_weight=241).linears == []
+    monkeypatch.undo()
+    assert P.MIN_PACKED_WEIGHT == 1 << 16
 
 
 def test_own_forward_under_grad_and_for_other_dtypes():

@@ -1,6 +1,7 @@
 """RolloutEngine on a tiny Qwen2 built from a config: token-for-token equal to Hugging Face
 generate under greedy decoding, log-probs equal to a full forward of the HF model over each
-final sequence, one prefill per group with no leakage between samples, prefix-cache reuse.
+final sequence, one prefill per group with no leakage between samples, prefix-cache reuse;
+every linear layer on the oneDNN path that real sizes take (``pack_tiny_linears``).
 
 Tolerance for log-probs: the paged attention sums in another order than HF's eager attention
 (fp32), so values agree to ~1e-5; 1e-4 is the bound."""
@@ -15,7 +16,7 @@ from mapo_fast.rollout.engine import RolloutEngine  # noqa: E402
 
 PROMPTS = [list(range(1, 40)), list(range(50, 70)), [7] * 16]  # 39, 20 and exactly one block
 #: every test once eagerly and once on the static decode path (padded, static buffers)
-pytestmark = pytest.mark.usefixtures("each_decode_mode")
+pytestmark = pytest.mark.usefixtures("each_decode_mode", "pack_tiny_linears")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from mapo_fast.tasks.tokenizer import (SPECIAL_TOKENS, TAG_TOKENS, build_tokeniz
 from mapo_fast.tools import ToolContext, ToolRunner  # noqa: E402
 
 #: every test once eagerly and once on the static decode path (padded, static buffers)
-pytestmark = pytest.mark.usefixtures("each_decode_mode")
+pytestmark = pytest.mark.usefixtures("each_decode_mode", "pack_tiny_linears")
 PIX = dict(min_pixels=28 * 28, max_pixels=112 * 112)
 CALLS = ['<tool_call>{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": '
          f'[{a}, {b}, {c}, {d}]}}}}</tool_call>' for a, b, c, d in

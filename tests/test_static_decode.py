@@ -19,6 +19,8 @@ from mapo_fast.rollout.engine import RolloutEngine  # noqa: E402
 from mapo_fast.rollout.params import CAPTURE_SIZES, DECODE_MODES, DecodeParams  # noqa: E402
 from mapo_fast.rollout.static_decode import MIN_WIDTH  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("pack_tiny_linears")
+
 #: frequent tokens of the tiny random model: samples stop at different steps, so the batch
 #: shrinks through several capture sizes
 STOPS = [3, 11, 17, 29, 101, 200]
