@@ -64,6 +64,17 @@ inline void prefetch_block(const T* base, int64_t n, int64_t row, int64_t D) {
     for (int64_t d = 0; d < D; d += line) __builtin_prefetch(base + j * row + d);
 }
 
+// The KV head's rows of the block holding a sequence's token t0 (`off`: the head's offset in
+// a row), the next block's rows asked for ahead.
+template <typename T>
+inline const T* block_at(const T* cache, const int32_t* table, int64_t t0, int64_t L,
+                         int64_t bs, int64_t row, int64_t off, int64_t D) {
+  if (t0 + bs < L)
+    prefetch_block(cache + table[t0 / bs + 1] * bs * row + off, std::min(bs, L - t0 - bs), row,
+                   D);
+  return cache + table[t0 / bs] * bs * row + off;
+}
+
 // One (sequence, KV head) pair: block by block (each read from memory once, then from cache
 // by the G query heads), online softmax per head. DT: the head dimension when known at
 // compile time (the accumulator of a head then lives in registers for a block), else 0.
@@ -80,14 +91,8 @@ void attend_pair(const T* q, const T* kc, const T* vc, T* out, const int32_t* ta
   for (int64_t i = 0; i < G * D; ++i) os[i] = 0;
   for (int64_t t0 = 0; t0 < L; t0 += bs) {
     const int64_t n = std::min(bs, L - t0);
-    const T* kb = kc + table[t0 / bs] * bs * row + kvh * D;
-    const T* vb = vc + table[t0 / bs] * bs * row + kvh * D;
-    if (t0 + bs < L) {
-      const int64_t next = table[t0 / bs + 1] * bs * row + kvh * D;
-      const int64_t n2 = std::min(bs, L - t0 - bs);
-      prefetch_block(kc + next, n2, row, D);
-      prefetch_block(vc + next, n2, row, D);
-    }
+    const T* kb = block_at(kc, table, t0, L, bs, row, kvh * D, D);
+    const T* vb = block_at(vc, table, t0, L, bs, row, kvh * D, D);
     for (int64_t g = 0; g < G; ++g) {
       const T* qg = qs + g * D;
       T top = m[g];
@@ -181,10 +186,7 @@ void attend_pair_avx512(const float* q, const float* kc, const float* vc, float*
   // pass 1: scores, 16 tokens at a time (a tile never crosses a block)
   for (int64_t t0 = 0; t0 < L; t0 += bs) {
     const int64_t nb = std::min(bs, L - t0);
-    const float* kb = kc + table[t0 / bs] * bs * row + kvh * DT;
-    if (t0 + bs < L)
-      prefetch_block(kc + table[t0 / bs + 1] * bs * row + kvh * DT, std::min(bs, L - t0 - bs),
-                     row, DT);
+    const float* kb = block_at(kc, table, t0, L, bs, row, kvh * DT, DT);
     for (int64_t j0 = 0; j0 < nb; j0 += 16) {
       const int n = static_cast<int>(std::min<int64_t>(16, nb - j0));
       const float* kr[16];
@@ -225,10 +227,7 @@ void attend_pair_avx512(const float* q, const float* kc, const float* vc, float*
   for (int64_t i = 0; i < G * DT; ++i) os[i] = 0.f;
   for (int64_t t0 = 0; t0 < L; t0 += bs) {
     const int64_t nb = std::min(bs, L - t0);
-    const float* vb = vc + table[t0 / bs] * bs * row + kvh * DT;
-    if (t0 + bs < L)
-      prefetch_block(vc + table[t0 / bs + 1] * bs * row + kvh * DT, std::min(bs, L - t0 - bs),
-                     row, DT);
+    const float* vb = block_at(vc, table, t0, L, bs, row, kvh * DT, DT);
     for (int64_t j0 = 0; j0 < nb; j0 += 16) {
       const int64_t n = std::min<int64_t>(16, nb - j0);
       for (int64_t g = 0; g < G; ++g) {
