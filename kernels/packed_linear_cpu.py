@@ -46,11 +46,12 @@ CPU_LINEAR = ("auto", "onednn", "torch")
 
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
-    """Whether this torch runs oneDNN on CPU and has both operators (version, then name)."""
+    """Whether this torch runs oneDNN on CPU and has the operators (version, then names)."""
     major, minor = (int(x) for x in torch.__version__.split(".")[:2])
     return (major, minor) >= MIN_TORCH and torch.backends.mkldnn.is_available() and \
         hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and \
-        hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        hasattr(torch.ops.mkldnn, "_linear_pointwise") and \
+        hasattr(torch.ops.mkldnn._linear_pointwise, "binary")
 
 
 def pack(weight: Tensor) -> Tensor:
