@@ -192,6 +192,7 @@ def _capability(device: torch.device) -> int:
     return 10 * major + minor
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count \
         if device.type == "cuda" else 4

@@ -119,10 +119,9 @@ class ModelRunner:
                          for _ in range(layers)]
         self.v_caches = [torch.zeros_like(self.k_caches[0]) for _ in range(layers)]
         self.tables = DeviceBlockTables(self.device, stats)
-        #: ``onednn`` or ``torch`` (``packed_linear_cpu.resolve``)
-        self.linear = packed_linear_cpu.resolve(cpu_linear, self.device, self.dtype)
-        self.packed = packed_linear_cpu.PackedLinears([lm, head], stats) \
-            if self.linear == "onednn" else None
+        #: the packed linear layers (None: ``cpu_linear`` resolved to ``torch``)
+        self.packed = packed_linear_cpu.PackedLinears([lm, head], stats) if \
+            packed_linear_cpu.resolve(cpu_linear, self.device, self.dtype) == "onednn" else None
         #: ``eager``, ``static`` or ``graph`` (``DecodeParams.resolve``)
         self.decode_mode = decode.resolve(self.device)
         self.static = None if self.decode_mode == "eager" else StaticDecode(
