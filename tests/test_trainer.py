@@ -172,6 +172,8 @@ def test_trainer_refuses_bad_values_before_any_work(tmp_path, args, message, mon
     (["--rollout.decode_mode", "fast"], "`rollout.decode_mode` must be one of ['auto', "),
     (["--rollout.cpu_linear", "mkl"], "`rollout.cpu_linear` must be one of ['auto', 'onednn', "
                                       "'torch'], got 'mkl'"),
+    (["--rollout.cpu_malloc", "tcmalloc"], "`rollout.cpu_malloc` must be one of ['auto', "
+                                           "'keep'], got 'tcmalloc'"),
     (["--resume", "maybe"], "`resume` must be bool, got 'maybe'"),
     (["--rollout", "3"], "`rollout` is a section"),
     (["--steps"], "`--steps` needs a value"),

@@ -30,6 +30,7 @@ import torch
 
 from ..tools.ops import MAX_PIXELS, MIN_PIXELS
 from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
+from . import cpu_malloc as cpu_malloc_mod
 from .model_runner import ModelRunner, kv_geometry
 from .multimodal import VisionAdapter, is_vision_language, render_chat
 from .params import CAPTURE_SIZES, FN, MAX_BATCH_TOKENS, PREFILL_CHUNK, DecodeParams, \
@@ -84,6 +85,10 @@ class RolloutEngine:
         cpu_linear: ``"auto"`` (default: oneDNN with prepacked weights for a float32 model
             on CPU, where torch has it), ``"onednn"`` or ``"torch"`` (the model's own linear
             layers; ``kernels.packed_linear_cpu``).
+        cpu_malloc: ``"auto"`` (default: for a model on CPU, glibc's malloc keeps freed memory
+            for reuse instead of returning it to the system at every step; once per process,
+            left alone where the user configured it or another allocator is loaded) or
+            ``"keep"`` (``rollout.cpu_malloc``; the outcome is ``malloc_status``).
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, block_size: int = 16,
@@ -91,7 +96,8 @@ class RolloutEngine:
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  prefill_chunk: int = PREFILL_CHUNK, max_batch_tokens: int = MAX_BATCH_TOKENS,
                  allocator: str = "cpp", decode_mode: str = "auto",
-                 capture_sizes: Sequence[int] = CAPTURE_SIZES, cpu_linear: str = "auto"):
+                 capture_sizes: Sequence[int] = CAPTURE_SIZES, cpu_linear: str = "auto",
+                 cpu_malloc: str = "auto"):
         cfg = getattr(model, "config", None)
         base, head = getattr(model, "model", None), getattr(model, "lm_head", None)
         self.vision = None
@@ -115,6 +121,8 @@ class RolloutEngine:
         self.vocab_size = int(getattr(emb, "num_embeddings", None) or head.weight.shape[0])
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        #: what ``cpu_malloc`` did to this process's allocator (``cpu_malloc.MallocStatus``)
+        self.malloc_status = cpu_malloc_mod.resolve(cpu_malloc, self.device.type)
         layers, kv_heads, head_dim = kv_geometry(cfg)
         #: bytes of one KV block (keys and values of every layer)
         self.block_bytes = 2 * layers * block_size * kv_heads * head_dim * param.element_size()

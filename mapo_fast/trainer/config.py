@@ -111,6 +111,7 @@ class RolloutConfig:
     memory_budget_mb: float = 64.0
     decode_mode: str = "auto"          # the engine's decode_mode (rollout.params.DECODE_MODES)
     cpu_linear: str = "auto"           # the engine's cpu_linear (packed_linear_cpu.CPU_LINEAR)
+    cpu_malloc: str = "auto"           # the engine's cpu_malloc (rollout.cpu_malloc.CPU_MALLOC)
     min_pixels: Optional[int] = None   # default: the task's view (view_size ** 2)
     max_pixels: Optional[int] = None
 
@@ -240,6 +241,9 @@ class TrainConfig:
         from ..kernels.packed_linear_cpu import CPU_LINEAR
         need("rollout.cpu_linear", self.rollout.cpu_linear in CPU_LINEAR,
              f"one of {list(CPU_LINEAR)}")
+        from ..rollout.cpu_malloc import CPU_MALLOC
+        need("rollout.cpu_malloc", self.rollout.cpu_malloc in CPU_MALLOC,
+             f"one of {list(CPU_MALLOC)}")
         for key in ("rollout.min_pixels", "rollout.max_pixels"):
             v = get(self, key)
             need(key, v is None or v >= 28 * 28, "None or an int >= 784")
@@ -389,6 +393,8 @@ KEY_HELP: Dict[str, str] = {
                            "static (padded, not captured) or graph",
     "rollout.cpu_linear": "linear layers of a float32 model on CPU: auto (oneDNN on prepacked "
                           "weights where torch has it), onednn or torch",
+    "rollout.cpu_malloc": "glibc's malloc on CPU: auto (freed memory kept for reuse, not "
+                          "returned at every step; once per process) or keep",
     "rollout.min_pixels": "smallest image the vision tower sees (none: the task's view)",
     "rollout.max_pixels": "largest image the vision tower sees (none: the task's view)",
     "warm_start.steps": "supervised steps on the scripted expert (built-in task; 0: none)",

@@ -220,6 +220,7 @@ class Trainer:
                                         memory_budget_mb=r.memory_budget_mb,
                                         decode_mode=r.decode_mode,
                                         cpu_linear=r.cpu_linear,
+                                        cpu_malloc=r.cpu_malloc,
                                         min_pixels=r.min_pixels or pixels,
                                         max_pixels=r.max_pixels or pixels)
         except ValueError as e:
