@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
 
@@ -90,7 +90,8 @@ def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
            threads: Optional[int] = None) -> Tensor:
     """One query per sequence, keys and values read in place: ``q [S, H, D]``, caches
     ``[num_blocks, block_size, kv_heads, D]``, ``block_tables [S, W]``, ``context_lens [S]``
-    (the query's own key included). Returns ``[S, H, D]`` in ``q``'s dtype, computed in it,
+    (the query's own key included). A cascade: the leading blocks a group of sequences shares
+    (``shared_blocks``) are attended once for all of them, then merged with each one's own. Returns ``[S, H, D]`` in ``q``'s dtype, computed in it,
     written into ``out`` when given (contiguous, ``q``'s shape and dtype). Inputs as
     ``decodes_in_place`` accepts; ``threads`` defaults to ``torch.get_num_threads()``. A
     context length outside ``[1, W * block_size]`` or a block outside the pool raises
@@ -112,6 +113,16 @@ def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                        k_cache.shape[0], float(scale),
                        threads if threads is not None else torch.get_num_threads())
     return out
+
+
+def shared_blocks(block_tables: Tensor, context_lens: Tensor, block_size: int) -> List[int]:
+    """How many leading blocks ``decode`` attends once for each sequence's group (the kernel's
+    own rule: ``paged_attention_ref.shared_prefixes`` without a minimum saving). Needs the
+    extension; lengths in ``[1, W * block_size]``."""
+    tables = block_tables.to(torch.int32).contiguous()
+    lens = context_lens.to(torch.int32).contiguous()
+    return extension().shared_blocks(tables.data_ptr(), lens.data_ptr(), tables.shape[0],
+                                     tables.shape[1], block_size)
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,

@@ -251,6 +251,49 @@ def test_in_place_decode_kernel_matches_dense_reference(dtype, head_dim, block_s
 
 
 @pytest.mark.skipif(C.extension() is None, reason="the C++ decode kernel is not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("head_dim", [24, 64, 128])
+@pytest.mark.parametrize("block_size", [5, 16, 40])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (7, 1)])
+def test_in_place_decode_cascade_over_shared_blocks(dtype, head_dim, block_size, heads,
+                                                    kv_heads):
+    """The C++ kernel's cascade (a group's shared leading blocks attended once for all its
+    sequences, merged with each one's own blocks): a group of four sharing 3 blocks (one member
+    ends right after them, so all share 3), a pair whose shorter member ends on the third
+    block's last token (so they share 2), a pair diverging after 1 block, two sequences
+    starting with one block but too short to share it whole, and a sequence alone; in shuffled
+    order. Against the dense reference, output poisoned, one thread and three bit for bit.
+    Tolerances as the kernel's own test."""
+    bs = block_size
+    g = torch.Generator().manual_seed(11)
+    prefix, pair, fork, short = [7, 3, 12], [40, 41, 42], [50], [60]
+    tables = [prefix + [20, 21], pair + [43], prefix + [22], [30, 31, 32], fork + [51, 52],
+              short, prefix + [23, 24, 25], pair, fork + [53], prefix + [26], short]
+    lens = [5 * bs - 2, 3 * bs + 4, 3 * bs + 1, 3 * bs, 2 * bs + 3, bs, 6 * bs, 3 * bs,
+            bs + 1, 4 * bs, bs - 1 if bs > 1 else 1]
+    shared = [3, 2, 3, 0, 1, 0, 3, 2, 1, 3, 0]
+    assert R.shared_prefixes(tables, lens, bs, min_saved=0) == shared
+    width = max(map(len, tables))
+    bt = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    assert C.shared_blocks(bt, torch.tensor(lens), bs) == shared  # the kernel's own grouping
+    num_blocks = 64
+    k_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=g, dtype=torch.float64)
+    v_cache = torch.randn(num_blocks, bs, kv_heads, head_dim, generator=g, dtype=torch.float64)
+    q = torch.randn(len(tables), heads, head_dim, generator=g, dtype=torch.float64)
+    dense = [(k_cache[torch.tensor(t)].reshape(-1, kv_heads, head_dim)[:L],
+              v_cache[torch.tensor(t)].reshape(-1, kv_heads, head_dim)[:L])
+             for t, L in zip(tables, lens)]
+    want = dense_reference(q, dense, lens, [1] * len(lens), 0.3)
+    args = (q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), bt, torch.tensor(lens), 0.3)
+    out = torch.full_like(args[0], float("nan"))
+    got = C.decode(*args, out=out, threads=3)
+    assert not bool(out.isnan().any())
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    assert torch.equal(C.decode(*args, threads=1), got)
+
+
+@pytest.mark.skipif(C.extension() is None, reason="the C++ decode kernel is not built")
 def test_in_place_decode_refuses_tables_outside_the_pool():
     q, kc, vc, tables, L, _, _ = make_batch([20, 9], [1, 1], block_size=8)
     bad = tables.clone()

@@ -8,20 +8,22 @@
 //
 // Why: the torch path gathers each sequence's blocks into a dense batch in every layer of every
 // step (a copy of every key and value it then reads again), which makes a CPU decode step
-// memory-bound on copies. Here each (sequence, KV head) pair streams its blocks once: the
-// H / KVH query heads of the KV head share each key and value row while it is in cache, and the
-// sequences of a group, handled one after another, find their shared prompt blocks in cache.
-// Softmax is online per block (running maximum and sum), accumulated in the inputs' type
-// (float32 or float64); the AVX-512 path (float32, head dimension 64 or 128) computes a
-// pair's scores first, then its softmax, then its values' weighted sum (see there). Work is
-// split over `threads` OpenMP threads by (sequence, KV head) pairs in order. OpenMP, not
-// threads of its own: torch's CPU wheels load libgomp.so.1, which this module then shares, so
-// the kernel runs on torch's intra-op threads instead of competing with them while they spin
-// after torch's last parallel region. There is no masking and no infinity (the running
-// maximum starts at the lowest finite value; tile lanes past a sequence are never stored), so
-// the fast-math build meets no infinity to mishandle.
+// memory-bound on copies. Here blocks are read in place, as a cascade (decode_impl): the
+// leading blocks a group of sequences shares (the samples of one prompt after a fork) are
+// attended once by the query heads of all of them, each key and value row read from memory once
+// for the group and then from cache; each sequence's own blocks are attended by its H / KVH
+// query heads of the KV head; the two parts merge by their maxima and sums. Softmax is online
+// per block (running maximum and sum), accumulated in the inputs' type (float32 or float64);
+// the AVX-512 path (float32, head dimension 64 or 128) computes a part's scores first, then its
+// softmax, then its values' weighted sum (see there). OpenMP, not threads of its own: torch's
+// CPU wheels load libgomp.so.1, which this module then shares, so the kernel runs on torch's
+// intra-op threads instead of competing with them while they spin after torch's last parallel
+// region. There is no masking and no infinity (a running maximum starts at the lowest finite
+// value; tile lanes past a range are never stored), so the fast-math build meets no infinity
+// to mishandle.
 
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -75,27 +77,33 @@ inline const T* block_at(const T* cache, const int32_t* table, int64_t t0, int64
   return cache + table[t0 / bs] * bs * row + off;
 }
 
-// One (sequence, KV head) pair: block by block (each read from memory once, then from cache
-// by the G query heads), online softmax per head. DT: the head dimension when known at
-// compile time (the accumulator of a head then lives in registers for a block), else 0.
+// A part of the attention for R query rows of one KV head over the tokens [begin, end) of one
+// block table (begin a block boundary), unnormalised: acc[r] = sum_t exp(s_rt - m[r]) v_t and
+// l[r] = sum_t exp(s_rt - m[r]), s_rt the scaled score of row r and token t. The rows are the
+// query heads of one sequence (its own tokens), or of every sequence of a group (the blocks
+// they share). Block by block (each read from memory once, then from cache by the R rows),
+// online softmax per row. DT: the head dimension when known at compile time (a row's
+// accumulator then lives in registers for a block), else 0. `scratch`: the calling thread's.
 template <typename T, int DT>
-void attend_pair(const T* q, const T* kc, const T* vc, T* out, const int32_t* tables,
-                 const int32_t* lens, const Shape& sh, T scale, int64_t s, int64_t kvh) {
-  const int64_t G = sh.H / sh.KVH, D = DT ? DT : sh.D, bs = sh.block_size;
+void attend_rows(const T* const* qr, T* const* acc, T* m, T* l, int64_t R, const T* kc,
+                 const T* vc, const int32_t* table, int64_t begin, int64_t end, const Shape& sh,
+                 T scale, int64_t kvh, std::vector<T>& scratch) {
+  const int64_t D = DT ? DT : sh.D, bs = sh.block_size;
   const int64_t row = sh.KVH * D;  // elements between consecutive tokens of one KV head
-  const int64_t L = lens[s];
-  const int32_t* table = tables + s * sh.width;
-  const T* qs = q + (s * sh.H + kvh * G) * D;
-  T* os = out + (s * sh.H + kvh * G) * D;  // the accumulators, [G, D]
-  std::vector<T> sc(bs), m(G, std::numeric_limits<T>::lowest()), l(G, T(0));
-  for (int64_t i = 0; i < G * D; ++i) os[i] = 0;
-  for (int64_t t0 = 0; t0 < L; t0 += bs) {
-    const int64_t n = std::min(bs, L - t0);
-    const T* kb = block_at(kc, table, t0, L, bs, row, kvh * D, D);
-    const T* vb = block_at(vc, table, t0, L, bs, row, kvh * D, D);
-    for (int64_t g = 0; g < G; ++g) {
-      const T* qg = qs + g * D;
-      T top = m[g];
+  if (static_cast<int64_t>(scratch.size()) < bs) scratch.resize(bs);
+  T* sc = scratch.data();
+  for (int64_t r = 0; r < R; ++r) {
+    m[r] = std::numeric_limits<T>::lowest();
+    l[r] = T(0);
+    for (int64_t d = 0; d < D; ++d) acc[r][d] = 0;
+  }
+  for (int64_t t0 = begin; t0 < end; t0 += bs) {
+    const int64_t n = std::min(bs, end - t0);
+    const T* kb = block_at(kc, table, t0, end, bs, row, kvh * D, D);
+    const T* vb = block_at(vc, table, t0, end, bs, row, kvh * D, D);
+    for (int64_t r = 0; r < R; ++r) {
+      const T* qg = qr[r];
+      T top = m[r];
       for (int64_t j = 0; j < n; ++j) {
         const T* kr = kb + j * row;
         T dot = 0;
@@ -104,16 +112,16 @@ void attend_pair(const T* q, const T* kc, const T* vc, T* out, const int32_t* ta
         sc[j] = dot * scale;
         top = std::max(top, sc[j]);
       }
-      const T alpha = std::exp(m[g] - top);  // rescale to the new maximum
+      const T alpha = std::exp(m[r] - top);  // rescale to the new maximum
       T sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < n; ++j) {
         sc[j] = std::exp(sc[j] - top);
         sum += sc[j];
       }
-      l[g] = l[g] * alpha + sum;
-      m[g] = top;
-      T* og = os + g * D;
+      l[r] = l[r] * alpha + sum;
+      m[r] = top;
+      T* og = acc[r];
       T local[DT ? DT : 1];
       T* a = DT ? local : og;
 #pragma omp simd
@@ -130,15 +138,11 @@ void attend_pair(const T* q, const T* kc, const T* vc, T* out, const int32_t* ta
       }
     }
   }
-  for (int64_t g = 0; g < G; ++g) {
-    const T inv = l[g] > 0 ? T(1) / l[g] : T(0);
-    for (int64_t d = 0; d < D; ++d) os[g * D + d] *= inv;
-  }
 }
 
 #if defined(__AVX512F__)
 // The AVX-512 path (float32, head dimension 64 or 128, compiled where the build machine has
-// AVX-512; elsewhere, and for float64 or other head sizes, attend_pair above). Scores of 16
+// AVX-512; elsewhere, and for float64 or other head sizes, attend_rows above). Scores of 16
 // tokens at a time: each token's dot product is left in 16 lanes, then the 16 vectors are
 // summed into one vector of 16 scores by a transposing tree (unpack, then 128-bit block
 // shuffles: 45 instructions where 16 separate horizontal sums take about 130). On a 2-core
@@ -164,36 +168,34 @@ inline __m512 sum16(const __m512* a) {
                        _mm512_shuffle_f32x4(y01, y23, 0xDD));
 }
 
-// attend_pair's contract for float32 and a head dimension DT of 16 * C, in three passes over
-// the sequence instead of an online softmax (no rescaling per tile): every score of the G
-// heads (tile by tile, the tile's keys read once from memory for all heads), then each head's
-// maximum, exponentials and sum over its whole row, then the weighted sums of values (tile by
-// tile, each tile's values read once for all heads). `scores` (the calling thread's) grows to
-// G * L floats, L rounded up to 16.
+// attend_rows' contract for float32 and a head dimension DT of 16 * C, in three passes over
+// the range instead of an online softmax (no rescaling per tile): every score of the R rows
+// (tile by tile, the tile's keys read once from memory for all rows), then each row's
+// maximum, exponentials and sum over the whole range, then the weighted sums of values (tile
+// by tile, each tile's values read once for all rows). `scratch` (the calling thread's) grows
+// to R * (end - begin) floats, rounded up to 16 per row.
 template <int DT>
-void attend_pair_avx512(const float* q, const float* kc, const float* vc, float* out,
-                        const int32_t* tables, const int32_t* lens, const Shape& sh,
-                        float scale, int64_t s, int64_t kvh, std::vector<float>& scores) {
+void attend_rows_avx512(const float* const* qr, float* const* acc, float* m, float* l,
+                        int64_t R, const float* kc, const float* vc, const int32_t* table,
+                        int64_t begin, int64_t end, const Shape& sh, float scale, int64_t kvh,
+                        std::vector<float>& scratch) {
   constexpr int C = DT / 16;
-  const int64_t G = sh.H / sh.KVH, bs = sh.block_size, row = sh.KVH * DT, L = lens[s];
-  const int64_t stride = (L + 15) / 16 * 16;  // a head's row of scores, padded to tiles
-  const int32_t* table = tables + s * sh.width;
-  const float* qs = q + (s * sh.H + kvh * G) * DT;
-  float* os = out + (s * sh.H + kvh * G) * DT;
+  const int64_t bs = sh.block_size, row = sh.KVH * DT;
+  const int64_t stride = (end - begin + 15) / 16 * 16;  // a row of scores, padded to tiles
   alignas(64) static const float zeros[DT] = {};
-  if (static_cast<int64_t>(scores.size()) < G * stride) scores.resize(G * stride);
-  float* sc = scores.data();
+  if (static_cast<int64_t>(scratch.size()) < R * stride) scratch.resize(R * stride);
+  float* sc = scratch.data();
   // pass 1: scores, 16 tokens at a time (a tile never crosses a block)
-  for (int64_t t0 = 0; t0 < L; t0 += bs) {
-    const int64_t nb = std::min(bs, L - t0);
-    const float* kb = block_at(kc, table, t0, L, bs, row, kvh * DT, DT);
+  for (int64_t t0 = begin; t0 < end; t0 += bs) {
+    const int64_t nb = std::min(bs, end - t0);
+    const float* kb = block_at(kc, table, t0, end, bs, row, kvh * DT, DT);
     for (int64_t j0 = 0; j0 < nb; j0 += 16) {
       const int n = static_cast<int>(std::min<int64_t>(16, nb - j0));
       const float* kr[16];
       for (int j = 0; j < 16; ++j) kr[j] = j < n ? kb + (j0 + j) * row : zeros;
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t r = 0; r < R; ++r) {
         __m512 qv[C], a[16];
-        for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(qs + g * DT + 16 * c);
+        for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(qr[r] + 16 * c);
 #pragma GCC unroll 16
         for (int j = 0; j < 16; ++j) {  // rows past the tile read zeros: no branch
           a[j] = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr[j]));
@@ -201,91 +203,187 @@ void attend_pair_avx512(const float* q, const float* kc, const float* vc, float*
           for (int c = 1; c < C; ++c)
             a[j] = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr[j] + 16 * c), a[j]);
         }
-        // a tile's scores are contiguous in the row; the padding past L is never read
-        _mm512_mask_storeu_ps(sc + g * stride + t0 + j0, static_cast<__mmask16>((1u << n) - 1u),
+        // a tile's scores are contiguous in the row; the padding past the range is never read
+        _mm512_mask_storeu_ps(sc + r * stride + (t0 - begin) + j0,
+                              static_cast<__mmask16>((1u << n) - 1u),
                               _mm512_mul_ps(sum16(a), _mm512_set1_ps(scale)));
       }
     }
   }
-  // pass 2: each head's softmax numerators and their sum
-  std::vector<float> inv(G);
-  for (int64_t g = 0; g < G; ++g) {
-    float* r = sc + g * stride;
+  // pass 2: each row's softmax numerators, maximum and sum
+  const int64_t len = end - begin;
+  for (int64_t r = 0; r < R; ++r) {
+    float* s = sc + r * stride;
     float top = std::numeric_limits<float>::lowest();
-    for (int64_t t = 0; t < L; ++t) top = std::max(top, r[t]);
+    for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
     float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < L; ++t) {
-      r[t] = std::exp(r[t] - top);
-      sum += r[t];
+    for (int64_t t = 0; t < len; ++t) {
+      s[t] = std::exp(s[t] - top);
+      sum += s[t];
     }
-    inv[g] = sum > 0.f ? 1.f / sum : 0.f;
+    m[r] = top;
+    l[r] = sum;
   }
   // pass 3: the weighted sums of values, tile by tile: a tile's values are read from memory
-  // once for all G heads (head by head over the whole row would read them G times), each
-  // head's accumulator loaded from and stored to its output row around the tile
-  for (int64_t i = 0; i < G * DT; ++i) os[i] = 0.f;
-  for (int64_t t0 = 0; t0 < L; t0 += bs) {
-    const int64_t nb = std::min(bs, L - t0);
-    const float* vb = block_at(vc, table, t0, L, bs, row, kvh * DT, DT);
+  // once for all R rows (row by row over the whole range would read them R times), each row's
+  // accumulator loaded and stored around the tile
+  for (int64_t r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc[r] + 16 * c, _mm512_setzero_ps());
+  for (int64_t t0 = begin; t0 < end; t0 += bs) {
+    const int64_t nb = std::min(bs, end - t0);
+    const float* vb = block_at(vc, table, t0, end, bs, row, kvh * DT, DT);
     for (int64_t j0 = 0; j0 < nb; j0 += 16) {
       const int64_t n = std::min<int64_t>(16, nb - j0);
-      for (int64_t g = 0; g < G; ++g) {
-        const float* r = sc + g * stride + t0 + j0;
-        float* og = os + g * DT;
-        __m512 acc[C];
-        for (int c = 0; c < C; ++c) acc[c] = _mm512_loadu_ps(og + 16 * c);
+      for (int64_t r = 0; r < R; ++r) {
+        const float* p = sc + r * stride + (t0 - begin) + j0;
+        __m512 a[C];
+        for (int c = 0; c < C; ++c) a[c] = _mm512_loadu_ps(acc[r] + 16 * c);
         for (int64_t j = 0; j < n; ++j) {
-          const __m512 pj = _mm512_set1_ps(r[j]);
+          const __m512 pj = _mm512_set1_ps(p[j]);
           const float* vr = vb + (j0 + j) * row;
 #pragma GCC unroll 8
           for (int c = 0; c < C; ++c)
-            acc[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * c), acc[c]);
+            a[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * c), a[c]);
         }
-        for (int c = 0; c < C; ++c) _mm512_storeu_ps(og + 16 * c, acc[c]);
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc[r] + 16 * c, a[c]);
       }
     }
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    const __m512 w = _mm512_set1_ps(inv[g]);
-    for (int c = 0; c < C; ++c)
-      _mm512_storeu_ps(os + g * DT + 16 * c,
-                       _mm512_mul_ps(_mm512_loadu_ps(os + g * DT + 16 * c), w));
   }
 }
 #endif
 
+// For each sequence, how many leading blocks it shares with every other sequence whose table
+// starts with the same block (0 where none does), and the groups (two or more sequences) that
+// share any: the samples of a group after a fork, whose prompt blocks are attended once for
+// all of them (the cascade). Only blocks wholly before every member's last token count (those
+// are complete and, being shared, never written). Same rule as paged_attention_ref's
+// shared_prefixes (without its minimum saving: here a shared part costs no extra call).
+std::vector<std::vector<int64_t>> shared_groups(const int32_t* tables, const int32_t* lens,
+                                                const Shape& sh, std::vector<int64_t>& shared) {
+  std::vector<std::vector<int64_t>> groups;
+  std::vector<int64_t> head_of(sh.S, -1);  // the group (index into groups) of each sequence
+  for (int64_t s = 0; s < sh.S; ++s) {
+    for (size_t g = 0; g < groups.size() && head_of[s] < 0; ++g)
+      if (tables[groups[g][0] * sh.width] == tables[s * sh.width]) head_of[s] = g;
+    if (head_of[s] < 0) {
+      head_of[s] = static_cast<int64_t>(groups.size());
+      groups.emplace_back();
+    }
+    groups[head_of[s]].push_back(s);
+  }
+  std::vector<std::vector<int64_t>> out;
+  for (auto& rows : groups) {
+    if (rows.size() < 2) continue;
+    int64_t limit = std::numeric_limits<int64_t>::max();
+    for (int64_t r : rows) limit = std::min<int64_t>(limit, (lens[r] - 1) / sh.block_size);
+    const int32_t* first = tables + rows[0] * sh.width;
+    int64_t p = 0;
+    for (; p < limit; ++p) {
+      bool same = true;
+      for (int64_t r : rows) same = same && tables[r * sh.width + p] == first[p];
+      if (!same) break;
+    }
+    if (p == 0) continue;
+    for (int64_t r : rows) shared[r] = p;
+    out.push_back(std::move(rows));
+  }
+  return out;
+}
+
 template <typename T>
-void decode_impl(uintptr_t q, uintptr_t kc, uintptr_t vc, uintptr_t out, uintptr_t tables,
-                 uintptr_t lens, const Shape& sh, double scale, int64_t threads) {
-  const int64_t pairs = sh.S * sh.KVH;
-  auto pair = sh.D == 64 ? attend_pair<T, 64> : sh.D == 128 ? attend_pair<T, 128>
-                                                           : attend_pair<T, 0>;
-  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min(threads, pairs)));
+using RowsFn = void (*)(const T* const*, T* const*, T*, T*, int64_t, const T*, const T*,
+                        const int32_t*, int64_t, int64_t, const Shape&, T, int64_t,
+                        std::vector<T>&);
+
+// The path for T and the head dimension: AVX-512 for float32 and 64 or 128 where built, else
+// the generic one (with the head dimension fixed at compile time for 64 and 128).
+template <typename T>
+RowsFn<T> rows_fn(int64_t D) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same<T, float>::value) {
-    if (sh.D == 64 || sh.D == 128) {
-      auto wide = sh.D == 64 ? attend_pair_avx512<64> : attend_pair_avx512<128>;
-#pragma omp parallel num_threads(nthreads)
-      {
-        std::vector<float> scores;  // per thread, grown to the longest row it meets
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < pairs; ++i)
-          wide(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(kc),
-               reinterpret_cast<const float*>(vc), reinterpret_cast<float*>(out),
-               reinterpret_cast<const int32_t*>(tables), reinterpret_cast<const int32_t*>(lens),
-               sh, static_cast<float>(scale), i / sh.KVH, i % sh.KVH, scores);
-      }
-      return;
-    }
+    if (D == 64) return attend_rows_avx512<64>;
+    if (D == 128) return attend_rows_avx512<128>;
   }
 #endif
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-  for (int64_t i = 0; i < pairs; ++i)
-    pair(reinterpret_cast<const T*>(q), reinterpret_cast<const T*>(kc),
-         reinterpret_cast<const T*>(vc), reinterpret_cast<T*>(out),
-         reinterpret_cast<const int32_t*>(tables), reinterpret_cast<const int32_t*>(lens), sh,
-         static_cast<T>(scale), i / sh.KVH, i % sh.KVH);
+  return D == 64 ? attend_rows<T, 64> : D == 128 ? attend_rows<T, 128> : attend_rows<T, 0>;
+}
+
+// The decode step as a cascade. Phase 1: for each group and KV head, the shared blocks are
+// attended once by the query heads of all the group's sequences (their keys and values read
+// from memory once, not once per sample), into `part` (unnormalised, with each row's maximum
+// and sum). Phase 2: for each (sequence, KV head) pair, its own blocks, then the merge with its
+// group's part by their maxima, and the normalisation. Work is split over `threads` OpenMP
+// threads, by items in order within each phase (each item computed alone: any thread count
+// gives the same bits).
+template <typename T>
+void decode_impl(const T* q, const T* kc, const T* vc, T* out, const int32_t* tables,
+                 const int32_t* lens, const Shape& sh, T scale, int64_t threads) {
+  const int64_t G = sh.H / sh.KVH, D = sh.D, pairs = sh.S * sh.KVH;
+  std::vector<int64_t> shared(sh.S, 0);
+  const auto groups = shared_groups(tables, lens, sh, shared);
+  std::vector<T> part(groups.empty() ? 0 : sh.S * sh.H * D), pm(sh.S * sh.H), pl(sh.S * sh.H);
+  const RowsFn<T> rows = rows_fn<T>(D);
+  const int64_t items = static_cast<int64_t>(groups.size()) * sh.KVH;
+  const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min(threads, pairs)));
+#pragma omp parallel num_threads(nthreads)
+  {
+    std::vector<T> scratch, m, l;  // per thread, grown to the largest part it meets
+    std::vector<const T*> qr;
+    std::vector<T*> acc;
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < items; ++i) {  // phase 1: each group's shared blocks, once
+      const auto& members = groups[i / sh.KVH];
+      const int64_t kvh = i % sh.KVH, R = static_cast<int64_t>(members.size()) * G;
+      qr.resize(R);
+      acc.resize(R);
+      m.resize(R);
+      l.resize(R);
+      for (size_t k = 0; k < members.size(); ++k)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = members[k] * sh.H + kvh * G + g;  // the row of (sequence, head)
+          qr[k * G + g] = q + h * D;
+          acc[k * G + g] = part.data() + h * D;
+        }
+      rows(qr.data(), acc.data(), m.data(), l.data(), R, kc, vc, tables + members[0] * sh.width,
+           0, shared[members[0]] * sh.block_size, sh, scale, kvh, scratch);
+      for (size_t k = 0; k < members.size(); ++k)
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t h = members[k] * sh.H + kvh * G + g;
+          pm[h] = m[k * G + g];
+          pl[h] = l[k * G + g];
+        }
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < pairs; ++i) {  // phase 2: each pair's own blocks, merged
+      const int64_t s = i / sh.KVH, kvh = i % sh.KVH, h0 = s * sh.H + kvh * G;
+      qr.resize(G);
+      acc.resize(G);
+      m.resize(G);
+      l.resize(G);
+      for (int64_t g = 0; g < G; ++g) {
+        qr[g] = q + (h0 + g) * D;
+        acc[g] = out + (h0 + g) * D;
+      }
+      rows(qr.data(), acc.data(), m.data(), l.data(), G, kc, vc, tables + s * sh.width,
+           shared[s] * sh.block_size, lens[s], sh, scale, kvh, scratch);
+      for (int64_t g = 0; g < G; ++g) {
+        T* o = acc[g];
+        if (!shared[s]) {
+          const T inv = l[g] > 0 ? T(1) / l[g] : T(0);
+          for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+          continue;
+        }
+        const int64_t h = h0 + g;  // merge with the group's part: both scaled to the larger max
+        const T top = std::max(m[g], pm[h]);
+        const T wa = std::exp(m[g] - top), wb = std::exp(pm[h] - top);
+        const T inv = T(1) / (l[g] * wa + pl[h] * wb);
+        const T* p = part.data() + h * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) o[d] = (o[d] * wa + p[d] * wb) * inv;
+      }
+    }
+  }
 }
 
 void decode(int64_t itemsize, uintptr_t q, uintptr_t kc, uintptr_t vc, uintptr_t out,
@@ -294,6 +392,8 @@ void decode(int64_t itemsize, uintptr_t q, uintptr_t kc, uintptr_t vc, uintptr_t
             int64_t threads) {
   if (KVH < 1 || H % KVH || D < 1 || block_size < 1 || width < 1 || S < 0 || num_blocks < 1)
     throw std::invalid_argument("paged decode: bad shape");
+  if (itemsize != 4 && itemsize != 8)
+    throw std::invalid_argument("paged decode: float32 or float64 only");
   const Shape sh{S, H, KVH, D, block_size, width, num_blocks};
   // checked before any read: a bad table must not read outside the pool
   for (int64_t s = 0; s < S; ++s)
@@ -304,11 +404,36 @@ void decode(int64_t itemsize, uintptr_t q, uintptr_t kc, uintptr_t vc, uintptr_t
                                   "block outside the pool");
   py::gil_scoped_release release;
   if (itemsize == 4)
-    decode_impl<float>(q, kc, vc, out, tables, lens, sh, scale, threads);
-  else if (itemsize == 8)
-    decode_impl<double>(q, kc, vc, out, tables, lens, sh, scale, threads);
+    decode_impl<float>(reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(kc),
+                       reinterpret_cast<const float*>(vc), reinterpret_cast<float*>(out),
+                       reinterpret_cast<const int32_t*>(tables),
+                       reinterpret_cast<const int32_t*>(lens), sh, static_cast<float>(scale),
+                       threads);
   else
-    throw std::invalid_argument("paged decode: float32 or float64 only");
+    decode_impl<double>(reinterpret_cast<const double*>(q), reinterpret_cast<const double*>(kc),
+                        reinterpret_cast<const double*>(vc), reinterpret_cast<double*>(out),
+                        reinterpret_cast<const int32_t*>(tables),
+                        reinterpret_cast<const int32_t*>(lens), sh, scale, threads);
+}
+
+// shared_groups' per-sequence counts, for tests and callers that want to know what the kernel
+// shares: tables [S, width] int32 and lens [S] int32, contiguous, lengths in [1, width *
+// block_size].
+std::vector<int64_t> shared_blocks(uintptr_t tables, uintptr_t lens, int64_t S, int64_t width,
+                                   int64_t block_size) {
+  if (S < 0 || width < 1 || block_size < 1)
+    throw std::invalid_argument("shared blocks: bad shape");
+  const Shape sh{S, 1, 1, 1, block_size, width, std::numeric_limits<int64_t>::max()};
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t L = reinterpret_cast<const int32_t*>(lens)[s];
+    if (L < 1 || L > width * block_size)
+      throw std::invalid_argument("shared blocks: sequence " + std::to_string(s) +
+                                  ": context length outside [1, width * block_size]");
+  }
+  std::vector<int64_t> shared(S, 0);
+  shared_groups(reinterpret_cast<const int32_t*>(tables), reinterpret_cast<const int32_t*>(lens),
+                sh, shared);
+  return shared;
 }
 
 }  // namespace
@@ -319,4 +444,6 @@ PYBIND11_MODULE(_paged_attention_cpu, m) {
         py::arg("v_cache"), py::arg("out"), py::arg("tables"), py::arg("lens"), py::arg("S"),
         py::arg("H"), py::arg("KVH"), py::arg("D"), py::arg("block_size"), py::arg("width"),
         py::arg("num_blocks"), py::arg("scale"), py::arg("threads"));
+  m.def("shared_blocks", &shared_blocks, py::arg("tables"), py::arg("lens"), py::arg("S"),
+        py::arg("width"), py::arg("block_size"));
 }
