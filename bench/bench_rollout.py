@@ -33,8 +33,8 @@ that has run them is not a clean one).
 by ``rollout_vllm.py`` with the interpreter of vLLM's own environment (``make vllm-env``: its
 CPU build, pinned in ``bench/requirements-vllm.txt``): the same model saved to disk, the same
 prompt ids, groups (``n = G``), turn lengths and observation ids, temperature 1, prefix
-caching on, the same thread count; each multi-turn round re-submits the history, as a vLLM
-client does. Each row reports output tokens (checked equal to RolloutEngine's) and prompt tokens
+caching on, the same thread count and glibc malloc settings (``cpu_malloc.environment``);
+each multi-turn round re-submits the history, as a vLLM client does. Each row reports output tokens (checked equal to RolloutEngine's) and prompt tokens
 computed and cached; vLLM's start-up is reported apart, not in its rows.
 """
 
@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from mapo_fast.rollout import cpu_malloc
 
 try:
     import rollout_image
@@ -437,7 +439,9 @@ def vllm_specs(cfg, tok) -> list:
 
 def run_vllm(python: str, model, tok, cfg) -> dict:
     """``rollout_vllm.py`` in vLLM's environment (``python``) on ``model`` saved to a
-    temporary folder, with this process's thread count. Returns its result."""
+    temporary folder, with this process's thread count and malloc settings (those
+    ``RolloutEngine(cpu_malloc="auto")`` gave this process: ``cpu_malloc.environment``).
+    Returns its result, with the settings given."""
     import copy
     import json
     import subprocess
@@ -451,9 +455,10 @@ def run_vllm(python: str, model, tok, cfg) -> dict:
         Path(f"{tmp}/spec.json").write_text(json.dumps(spec))
         print(f"  vLLM ({python}, {threads} threads): start-up and the text workloads ...",
               flush=True)
+        malloc = cpu_malloc.environment()
         subprocess.run([python, str(VLLM_SCRIPT), f"{tmp}/spec.json", f"{tmp}/out.json"],
-                       check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads)))
-        return json.loads(Path(f"{tmp}/out.json").read_text())
+                       check=True, env=dict(os.environ, OMP_NUM_THREADS=str(threads), **malloc))
+        return {**json.loads(Path(f"{tmp}/out.json").read_text()), "malloc_env": malloc}
 
 
 def add_vllm(results, python: str, model, tok, cfg) -> dict:
@@ -475,7 +480,7 @@ def add_vllm(results, python: str, model, tok, cfg) -> dict:
             f"tokens; prompt tokens computed {v['computed_tokens']}, cached "
             f"{v['cached_tokens']}", {**v, "same_output_tokens": same}))
     return {"vllm": out["vllm"], "vllm_startup_s": out["startup_s"],
-            "vllm_threads": out["threads"]}
+            "vllm_threads": out["threads"], "vllm_malloc_env": out["malloc_env"]}
 
 
 def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str,
@@ -502,7 +507,11 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str,
     if vllm:  # noqa: SIM102
         desc += (f" vLLM {extra['vllm']} (its CPU build, in its own environment, "
                  f"{extra['vllm_threads']} threads, the model saved to disk) started in "
-                 f"{extra['vllm_startup_s']:.0f} s, not counted in its rows.")
+                 f"{extra['vllm_startup_s']:.0f} s, not counted in its rows. Its processes "
+                 "ran with " + (" ".join(f"{k}={v}" for k, v in extra["vllm_malloc_env"].items())
+                                + " (the malloc settings RolloutEngine gave this process)"
+                                if extra["vllm_malloc_env"] else "glibc's default malloc settings")
+                 + ".")
     title = "Multi-turn rollouts" if not before else \
         "Multi-turn rollouts: RolloutEngine and the revision in --before"
     return write_report(f"rollout-{tag}", title, results, info, out_dir,

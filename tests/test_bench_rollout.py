@@ -70,7 +70,8 @@ def test_vllm_gets_the_engines_inputs():
 
 def test_vllm_rows_are_checked_against_the_engines_output_tokens(monkeypatch):
     from harness import CaseResult
-    out = {"vllm": "0.0", "startup_s": 50.0, "threads": 2, "workloads": {
+    out = {"vllm": "0.0", "startup_s": 50.0, "threads": 2,
+           "malloc_env": {"MALLOC_TRIM_THRESHOLD_": "1"}, "workloads": {
         k: {"wall_s": 2.0, "output_tokens": 128, "prompt_tokens": 900, "cached_tokens": 100,
             "computed_tokens": 800, "sequences": 4}
         for k in ("multi_turn", "single_turn", "prefill")}}
@@ -78,7 +79,8 @@ def test_vllm_rows_are_checked_against_the_engines_output_tokens(monkeypatch):
     results = [{"cases": [CaseResult(bench_rollout.ENGINE, [1.0], None,
                                      extra={"output_tokens": n})]} for n in (128, 128, 0, 64)]
     info = bench_rollout.add_vllm(results, "python", None, None, None)
-    assert info == {"vllm": "0.0", "vllm_startup_s": 50.0, "vllm_threads": 2}
+    assert info == {"vllm": "0.0", "vllm_startup_s": 50.0, "vllm_threads": 2,
+                    "vllm_malloc_env": {"MALLOC_TRIM_THRESHOLD_": "1"}}
     rows = [wl["cases"][-1] for wl in results]
     assert [r.name for r in rows] == ["vLLM 0.0 (CPU build)"] * 2 + [bench_rollout.ENGINE,
                                                                       "vLLM 0.0 (CPU build)"]

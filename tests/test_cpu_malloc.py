@@ -34,11 +34,13 @@ def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0
 
 before = faults()
+assert cm.environment() == {}
 status, threshold = cm.tune()
 again = cm.tune()
 faults()  # the heap grows to the tensor's size once
 print(json.dumps({"before": before, "after": faults(), "status": status.value,
-                  "threshold": threshold, "again": [again[0].value, again[1]]}))
+                  "threshold": threshold, "again": [again[0].value, again[1]],
+                  "env": cm.environment()}))
 """
 
 
@@ -55,6 +57,8 @@ def _probe(**env):
 def test_tune_stops_the_page_faults_of_a_large_tensor_allocated_again():
     r = _probe()
     assert r["status"] == "tuned" and r["again"] == ["tuned", r["threshold"]]
+    assert r["env"] == {"MALLOC_MMAP_THRESHOLD_": str(r["threshold"]),
+                        "MALLOC_TRIM_THRESHOLD_": str(cm.TRIM_THRESHOLD)}
     if r["threshold"] < 40 << 20:
         pytest.skip(f"this glibc took a {r['threshold']}-byte mmap threshold only")
     page_faults = 10 * (40 << 20) // 4096
@@ -67,7 +71,7 @@ def test_tune_stops_the_page_faults_of_a_large_tensor_allocated_again():
                                  {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=131072"}])
 def test_user_settings_are_left_alone(env):
     r = _probe(**env)
-    assert r["status"] == "user settings" and r["threshold"] == 0
+    assert r["status"] == "user settings" and r["threshold"] == 0 and r["env"] == {}
     assert r["after"] >= 10 * (40 << 20) // 4096 * 0.9, r  # still glibc's behaviour
 
 
@@ -97,3 +101,13 @@ def test_choices(model):
     eng = RolloutEngine(model, None, num_blocks=8, cpu_malloc="keep")
     assert eng.malloc_status is cm.MallocStatus.KEPT
     assert RolloutEngine(model, None, num_blocks=8).malloc_status is cm.tune()[0]
+
+
+@glibc
+def test_environment_gives_another_process_the_same_settings():
+    env = _probe()["env"]
+    if int(env["MALLOC_MMAP_THRESHOLD_"]) < 40 << 20:
+        pytest.skip("this glibc took a smaller mmap threshold only")
+    child = _probe(**env)  # glibc reads them at start: even the first tensors reuse the heap
+    assert child["status"] == "user settings"
+    assert child["before"] < 10 * (40 << 20) // 4096 * 0.2, child  # the heap grows once

@@ -27,7 +27,7 @@ import enum
 import os
 import platform
 import threading
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 #: what ``RolloutEngine(cpu_malloc=...)`` takes: ``auto`` (``tune``, for a model on CPU) or
 #: ``keep`` (the process's allocator left as it is)
@@ -108,6 +108,16 @@ def _apply() -> Tuple[MallocStatus, int]:
     if mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) != 1:
         return MallocStatus.REFUSED, 0
     return MallocStatus.TUNED, threshold
+
+
+def environment() -> Dict[str, str]:
+    """The environment variables that give another process the settings ``tune`` gave this
+    one (glibc reads them at start; empty unless this process was ``TUNED``): for a side by
+    side run of another engine in its own process under the same allocator settings."""
+    status, threshold = _done if _done is not None else (None, 0)
+    if status is not MallocStatus.TUNED:
+        return {}
+    return {"MALLOC_MMAP_THRESHOLD_": str(threshold), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 def resolve(choice: str, device_type: str) -> MallocStatus:
