@@ -47,8 +47,6 @@ from typing import Optional
 
 import torch
 
-from mapo_fast.rollout import cpu_malloc
-
 try:
     import rollout_image
     from harness import (CaseResult, device_info, main as bench_main, measure,
@@ -446,6 +444,8 @@ def run_vllm(python: str, model, tok, cfg) -> dict:
     import json
     import subprocess
     import tempfile
+
+    from mapo_fast.rollout import cpu_malloc  # here: a --before package may not have it
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         copy.deepcopy(model).to("cpu", torch.float32).save_pretrained(f"{tmp}/model")
