@@ -110,4 +110,5 @@ def test_environment_gives_another_process_the_same_settings():
         pytest.skip("this glibc took a smaller mmap threshold only")
     child = _probe(**env)  # glibc reads them at start: even the first tensors reuse the heap
     assert child["status"] == "user settings"
-    assert child["before"] < 10 * (40 << 20) // 4096 * 0.2, child  # the heap grows once
+    # the heap grows to the tensor's size once or twice, not at each of the ten allocations
+    assert child["before"] < 10 * (40 << 20) // 4096 * 0.5, child
