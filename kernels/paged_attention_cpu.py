@@ -91,8 +91,9 @@ def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
     """One query per sequence, keys and values read in place: ``q [S, H, D]``, caches
     ``[num_blocks, block_size, kv_heads, D]``, ``block_tables [S, W]``, ``context_lens [S]``
     (the query's own key included). A cascade: the leading blocks a group of sequences shares
-    (``shared_blocks``) are attended once for all of them, then merged with each one's own. Returns ``[S, H, D]`` in ``q``'s dtype, computed in it,
-    written into ``out`` when given (contiguous, ``q``'s shape and dtype). Inputs as
+    (``shared_blocks``) are attended once for all of them, then merged with each one's own.
+    Returns ``[S, H, D]`` in ``q``'s dtype, computed in it, written into ``out`` when given
+    (contiguous, ``q``'s shape and dtype). Inputs as
     ``decodes_in_place`` accepts; ``threads`` defaults to ``torch.get_num_threads()``. A
     context length outside ``[1, W * block_size]`` or a block outside the pool raises
     ``ValueError`` before anything is read."""

@@ -76,9 +76,13 @@ class DistContext:
             dist.barrier()
 
     def close(self) -> None:
+        """Every rank reaches here before any tears its process group down (a rank leaving
+        while another still talks to it aborted that one at exit now and then, 2 gloo ranks
+        on CPU: "terminate called without an active exception")."""
         if self.enabled:
             import torch.distributed as dist
             if dist.is_initialized():
+                dist.barrier()
                 dist.destroy_process_group()
 
     # ---- FSDP2 ---------------------------------------------------------------------------------
