@@ -34,8 +34,9 @@ by ``rollout_vllm.py`` with the interpreter of vLLM's own environment (``make vl
 CPU build, pinned in ``bench/requirements-vllm.txt``): the same model saved to disk, the same
 prompt ids, groups (``n = G``), turn lengths and observation ids, temperature 1, prefix
 caching on, the same thread count and glibc malloc settings (``cpu_malloc.environment``);
-each multi-turn round re-submits the history, as a vLLM client does. Each row reports output tokens (checked equal to RolloutEngine's) and prompt tokens
-computed and cached; vLLM's start-up is reported apart, not in its rows.
+each multi-turn round re-submits the history, as a vLLM client does. Each row reports output
+tokens (checked equal to RolloutEngine's) and prompt tokens computed and cached; vLLM's
+start-up is reported apart, not in its rows.
 """
 
 from __future__ import annotations
@@ -505,13 +506,13 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str,
             "against mapo_fast. RolloutEngine forward passes per attention path: "
             + ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) + ".")
     if vllm:  # noqa: SIM102
+        env = " ".join(f"{k}={v}" for k, v in extra["vllm_malloc_env"].items())
+        malloc = f"{env} (the malloc settings RolloutEngine gave this process)" if env else \
+            "glibc's default malloc settings"
         desc += (f" vLLM {extra['vllm']} (its CPU build, in its own environment, "
                  f"{extra['vllm_threads']} threads, the model saved to disk) started in "
                  f"{extra['vllm_startup_s']:.0f} s, not counted in its rows. Its processes "
-                 "ran with " + (" ".join(f"{k}={v}" for k, v in extra["vllm_malloc_env"].items())
-                                + " (the malloc settings RolloutEngine gave this process)"
-                                if extra["vllm_malloc_env"] else "glibc's default malloc settings")
-                 + ".")
+                 f"ran with {malloc}.")
     title = "Multi-turn rollouts" if not before else \
         "Multi-turn rollouts: RolloutEngine and the revision in --before"
     return write_report(f"rollout-{tag}", title, results, info, out_dir,

@@ -94,7 +94,8 @@ def test_another_allocator_is_left_alone(monkeypatch):
 def test_choices(model):
     assert cm.resolve("keep", "cpu") is cm.MallocStatus.KEPT
     assert cm.resolve("auto", "cuda") is cm.MallocStatus.KEPT
-    with pytest.raises(ValueError, match=r"`cpu_malloc` must be one of auto, keep; got 'tc'"):
+    with pytest.raises(ValueError,
+                       match=r"`cpu_malloc` must be one of \['auto', 'keep'\], got 'tc'"):
         cm.resolve("tc", "cpu")
     with pytest.raises(ValueError, match="`cpu_malloc` must be one of"):
         RolloutEngine(model, None, num_blocks=8, cpu_malloc="tc")

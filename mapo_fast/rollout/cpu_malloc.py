@@ -29,6 +29,8 @@ import platform
 import threading
 from typing import Dict, Optional, Tuple
 
+from .. import _checks as chk
+
 #: what ``RolloutEngine(cpu_malloc=...)`` takes: ``auto`` (``tune``, for a model on CPU) or
 #: ``keep`` (the process's allocator left as it is)
 CPU_MALLOC = ("auto", "keep")
@@ -117,15 +119,14 @@ def environment() -> Dict[str, str]:
     status, threshold = _done if _done is not None else (None, 0)
     if status is not MallocStatus.TUNED:
         return {}
-    return {"MALLOC_MMAP_THRESHOLD_": str(threshold), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
+    return {"MALLOC_MMAP_THRESHOLD_": str(threshold),
+            "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 
 
 def resolve(choice: str, device_type: str) -> MallocStatus:
     """``choice`` applied for a model on ``device_type``: ``tune``'s status for ``auto`` on
     CPU, else ``KEPT``. ``ValueError`` naming ``cpu_malloc`` for an unknown choice."""
-    if choice not in CPU_MALLOC:
-        raise ValueError(f"RolloutEngine: `cpu_malloc` must be one of {', '.join(CPU_MALLOC)}; "
-                         f"got {choice!r}")
+    chk.choice("RolloutEngine", "cpu_malloc", choice, CPU_MALLOC)
     if choice == "keep" or device_type != "cpu":
         return MallocStatus.KEPT
     return tune()[0]

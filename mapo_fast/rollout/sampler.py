@@ -53,9 +53,9 @@ DRAW_CHUNK = 256
 
 def draw(logp: Tensor, u: Tensor) -> Tensor:
     """The token of each row of ``logp [n, V]`` (log-probabilities, float32 or float64,
-    normalised or not as long as their exponentials are finite) at the quantile ``u [n]`` (float64 in ``[0, 1)``) of its
-    distribution: the first token whose cumulative probability exceeds ``u`` times the total,
-    so never one of probability zero. Returns ``[n]`` int64.
+    normalised or not as long as their exponentials are finite) at the quantile ``u [n]``
+    (float64 in ``[0, 1)``) of its distribution: the first token whose cumulative probability
+    exceeds ``u`` times the total, so never one of probability zero. Returns ``[n]`` int64.
 
     Two levels: the mass of each ``DRAW_CHUNK``-token chunk (summed in the input's precision,
     pairwise: relative error about ``log2(DRAW_CHUNK)`` ulps of the chunk's mass) and their
