@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 class CMakeExtension(Extension):
-    """A module built by CMakeLists.txt (the C++ sources live in kernels/csrc)."""
+    """A module built by CMakeLists.txt (the C++ sources live in csrc)."""
 
     def __init__(self, name: str, target: str):
         super().__init__(name, sources=[])
@@ -40,27 +40,32 @@ setup(
     long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # `kernels/` ships inside the package as `mapo_fast.kernels`: no other top-level module.
-    packages=find_packages(include=["mapo_fast", "mapo_fast.*"]) + ["mapo_fast.kernels"],
-    package_dir={"mapo_fast.kernels": "kernels"},
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    # one importable top-level name; the C++ sources in csrc build into mapo_fast.kernels
+    packages=find_packages(include=["mapo_fast", "mapo_fast.*"]),
     ext_modules=[CMakeExtension("mapo_fast.kernels._block_manager", "_block_manager"),
                  CMakeExtension("mapo_fast.kernels._paged_attention_cpu",
                                 "_paged_attention_cpu")],
     cmdclass={"build_ext": CMakeBuild},
+    # the oldest torch and transformers here are the ones `make test-floor` runs the suite under
     install_requires=[
-        "torch>=2.13",  # the oldest torch the suite runs (out_dtype GEMMs need >= 2.8)
+        "torch>=2.11",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.6", "pillow>=10",
-                 "transformers>=5.24"],
+                 "transformers>=5.10.4"],
         "bench": ["pytest-benchmark>=4", "liger-kernel>=0.6", "matplotlib>=3.7", "pillow>=10",
-                  "transformers>=5.24", "psutil"],
-        "train": ["transformers>=5.24", "tokenizers>=0.22", "pyyaml>=6", "tqdm>=4.60",
+                  "transformers>=5.10.4", "psutil"],
+        "train": ["transformers>=5.10.4", "tokenizers>=0.22", "pyyaml>=6", "tqdm>=4.60",
                   "matplotlib>=3.7", "pillow>=10", "pyarrow>=14"],
+        # the framework releases the integrations are tested against (tests/integrations/)
+        "trl": ["trl>=1.16.0,<1.17", "transformers>=5.10.4", "pillow>=10"],
+        "verl": ["verl>=0.9.1,<0.10", "transformers>=5.10.4", "pillow>=10"],
         "dev": ["pytest>=8", "hypothesis>=6", "liger-kernel>=0.6", "pytest-benchmark>=4",
-                "matplotlib>=3.7", "pillow>=10", "transformers>=5.24", "tokenizers>=0.22",
+                "matplotlib>=3.7", "pillow>=10", "transformers>=5.10.4", "tokenizers>=0.22",
                 "pyyaml>=6", "tqdm>=4.60", "psutil", "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["mapo-bench=mapo_fast.cli:bench_main",

@@ -9,7 +9,7 @@ as CUDA graphs vs eager), written to
     python bench/gpu_check.py --toy      toy sizes; on CPU under TRITON_INTERPRET=1 (the test)
 
 Runs from a source checkout with the machine's own torch and Triton (no install, no download):
-``mapo_fast.kernels`` is mapped onto ``kernels/`` when the package is not installed, and the
+the checkout's ``mapo_fast`` is put on the path when the package is not installed, and the
 rollout uses the C++ block manager when it is built, else its Python model. Each section is
 independent: a failure is recorded (with its traceback) and the next section runs; the exit
 status is 1 when any check failed. Each section's report goes to standard output as it ends,
@@ -40,19 +40,9 @@ ROOT = HERE.parent
 
 
 def bootstrap() -> None:
-    """Makes ``mapo_fast`` (and ``mapo_fast.kernels`` = ``kernels/``) importable from the
-    checkout when it is not installed."""
-    if importlib.util.find_spec("mapo_fast") is not None:
-        return
-    sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location(
-        "mapo_fast.kernels", ROOT / "kernels" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "kernels")])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["mapo_fast.kernels"] = module
-    spec.loader.exec_module(module)
-    import mapo_fast
-    mapo_fast.kernels = module
+    """Makes the checkout's ``mapo_fast`` importable when the package is not installed."""
+    if importlib.util.find_spec("mapo_fast") is None:
+        sys.path.insert(0, str(ROOT))
 
 
 bootstrap()

@@ -248,7 +248,7 @@ def write_json_md(stem: Path, result: object, md: str) -> None:
 def run_with_package(package_dir: str, script: Path, args: List[str], tag: str) -> Dict:
     """Runs benchmark ``script`` with ``args`` in a subprocess whose ``mapo_fast`` is the
     package in ``package_dir`` (a directory holding ``mapo_fast/``, e.g. another revision's
-    package with ``kernels/`` as ``mapo_fast/kernels``); returns its JSON report."""
+    checkout); returns its JSON report."""
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_dir,

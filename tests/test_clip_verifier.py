@@ -5,6 +5,8 @@ CLIPModel features): our device-side resize differs from PIL's by at most ~1 gre
 pixel (see test_crop_zoom), i.e. ~0.015 in normalised pixel values; through a small random ViT
 that moves cosines by well under 1e-2, which is the bound used."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -118,4 +120,15 @@ def test_from_pretrained_loads_a_local_folder(tmp_path):
     v = CLIPVerifier.from_pretrained(str(tmp_path))
     crops, texts = crops_and_texts()
     torch.testing.assert_close(v.cosine(texts, crops), CLIPVerifier(model, tok).cosine(texts, crops),
+                               atol=1e-6, rtol=0)
+    # a processor config's normalisation is read from its file (no image processor is built,
+    # which some transformers releases do only with torchvision)
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.25, 0.3]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "CLIPImageProcessor", "image_mean": mean, "image_std": std}))
+    v = CLIPVerifier.from_pretrained(str(tmp_path))
+    assert v.mean.flatten().tolist() == pytest.approx(mean)
+    assert v.std.flatten().tolist() == pytest.approx(std)
+    torch.testing.assert_close(v.cosine(texts, crops),
+                               CLIPVerifier(model, tok, mean=mean, std=std).cosine(texts, crops),
                                atol=1e-6, rtol=0)

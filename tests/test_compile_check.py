@@ -1,5 +1,5 @@
 """Every Triton kernel compiles for sm_90 and sm_80 at the configurations its launchers use
-(``kernels/compile_check.py``, in a subprocess: the suite runs Triton's interpreter, the check
+(``mapo_fast/kernels/compile_check.py``, in a subprocess: the suite runs Triton's interpreter, the check
 needs the real compiler), within shared memory, without register spills, with wgmma for the
 half-precision dots of >= 64 rows on sm_90; and the launchers can only choose configurations
 the check compiles. The full matrix (every flag, head size and block) runs with

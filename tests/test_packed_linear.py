@@ -1,4 +1,4 @@
-"""oneDNN linear layers on packed weights (``kernels/packed_linear_cpu.py``) against ``F.linear``
+"""oneDNN linear layers on packed weights (``mapo_fast/kernels/packed_linear_cpu.py``) against ``F.linear``
 in float64, and ``PackedLinears`` through its interface: installed only inside ``active()``,
 removed after an error, repacked after a weight changes, the module's own forward under grad or
 for another dtype; the engine's ``cpu_linear`` choice (same tokens either way, a weight update

@@ -62,6 +62,8 @@ CASES = {
 
 
 IMPLS = {"reference": R.paged_attention, "fused": C.paged_attention}
+#: the decode kernel's row-loop levels this CPU runs (each tested on the same inputs)
+LEVELS = C.supported_isas() if C.extension() is not None else ("generic",)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -231,10 +233,11 @@ def test_decode_cascade_over_shared_blocks_matches_dense(dtype, impl, monkeypatc
 @pytest.mark.parametrize("head_dim", [24, 64, 128])  # its generic and compile-time head sizes
 @pytest.mark.parametrize("block_size", [1, 5, 16, 40])  # 40: blocks of several 16-token tiles
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (7, 1), (3, 3)])
+@pytest.mark.parametrize("isa", LEVELS)
 def test_in_place_decode_kernel_matches_dense_reference(dtype, head_dim, block_size, heads,
-                                                        kv_heads):
-    """The C++ kernel through its own interface (float32 with head sizes 64 and 128 takes its
-    AVX-512 path where the build machine has AVX-512): lengths of 1, a block multiple and not,
+                                                        kv_heads, isa):
+    """The C++ kernel through its own interface, at every level this CPU runs (float32 with
+    head sizes 64 and 128 takes the AVX-512 path at ``avx512``): lengths of 1, a block multiple and not,
     the output poisoned with NaN first (every element written), one thread and several equal
     bit for bit (each (sequence, KV head) pair is computed alone). float64: 1e-12; float32:
     2e-6 (softmax and sums in another order than the dense reference)."""
@@ -242,12 +245,12 @@ def test_in_place_decode_kernel_matches_dense_reference(dtype, head_dim, block_s
     q, kc, vc, tables, L, _, dense = make_batch(lens, [1] * len(lens), heads, kv_heads, head_dim,
                                                 block_size, dtype)
     out = torch.full_like(q, float("nan"))
-    got = C.decode(q, kc, vc, tables, L, 0.3, out=out, threads=3)
+    got = C.decode(q, kc, vc, tables, L, 0.3, out=out, threads=3, isa=isa)
     assert got is out and not bool(out.isnan().any())
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(got.double(), dense_reference(q, dense, lens, [1] * len(lens),
                                                              0.3), atol=tol, rtol=tol)
-    assert torch.equal(C.decode(q, kc, vc, tables, L, 0.3, threads=1), got)
+    assert torch.equal(C.decode(q, kc, vc, tables, L, 0.3, threads=1, isa=isa), got)
 
 
 @pytest.mark.skipif(C.extension() is None, reason="the C++ decode kernel is not built")
@@ -255,8 +258,9 @@ def test_in_place_decode_kernel_matches_dense_reference(dtype, head_dim, block_s
 @pytest.mark.parametrize("head_dim", [24, 64, 128])
 @pytest.mark.parametrize("block_size", [5, 16, 40])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (7, 1)])
+@pytest.mark.parametrize("isa", LEVELS)
 def test_in_place_decode_cascade_over_shared_blocks(dtype, head_dim, block_size, heads,
-                                                    kv_heads):
+                                                    kv_heads, isa):
     """The C++ kernel's cascade (a group's shared leading blocks attended once for all its
     sequences, merged with each one's own blocks): a group of four sharing 3 blocks (one member
     ends right after them, so all share 3), a pair whose shorter member ends on the third
@@ -286,11 +290,11 @@ def test_in_place_decode_cascade_over_shared_blocks(dtype, head_dim, block_size,
     want = dense_reference(q, dense, lens, [1] * len(lens), 0.3)
     args = (q.to(dtype), k_cache.to(dtype), v_cache.to(dtype), bt, torch.tensor(lens), 0.3)
     out = torch.full_like(args[0], float("nan"))
-    got = C.decode(*args, out=out, threads=3)
+    got = C.decode(*args, out=out, threads=3, isa=isa)
     assert not bool(out.isnan().any())
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
-    assert torch.equal(C.decode(*args, threads=1), got)
+    assert torch.equal(C.decode(*args, threads=1, isa=isa), got)
 
 
 @pytest.mark.skipif(C.extension() is None, reason="the C++ decode kernel is not built")

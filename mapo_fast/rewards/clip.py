@@ -15,6 +15,8 @@ Calibration (``calibration``):
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any, List, Optional
 
 import torch
@@ -77,16 +79,18 @@ class CLIPVerifier(SemanticVerifier):
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs) -> "CLIPVerifier":
-        """Loads model, tokenizer and normalisation from a local folder (no download)."""
-        from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
+        """Loads model, tokenizer and normalisation from a local folder (no download). The
+        normalisation is read from the folder's ``preprocessor_config.json`` (``image_mean``,
+        ``image_std``; CLIP's defaults where absent), not through an image processor, which
+        some transformers releases build only with torchvision installed."""
+        from transformers import AutoModel, AutoTokenizer
         model = AutoModel.from_pretrained(path, local_files_only=True)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        try:
-            proc = AutoImageProcessor.from_pretrained(path, local_files_only=True)
-            kwargs.setdefault("mean", proc.image_mean)
-            kwargs.setdefault("std", proc.image_std)
-        except (OSError, ValueError):  # no preprocessor config: CLIP's defaults
-            pass
+        pre = Path(path) / "preprocessor_config.json"
+        settings = json.loads(pre.read_text()) if pre.is_file() else {}
+        for key, arg in (("image_mean", "mean"), ("image_std", "std")):
+            if key in settings:
+                kwargs.setdefault(arg, settings[key])
         if getattr(model, "logit_bias", None) is not None:
             kwargs.setdefault("calibration", "sigmoid")
         return cls(model, tokenizer, **kwargs)

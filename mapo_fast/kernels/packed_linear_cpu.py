@@ -35,6 +35,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._common import torch_at_least
+
 Tensor = torch.Tensor
 #: the first torch release with both oneDNN operators as used here
 MIN_TORCH = (2, 1)
@@ -47,8 +49,7 @@ CPU_LINEAR = ("auto", "onednn", "torch")
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether this torch runs oneDNN on CPU and has the operators (version, then names)."""
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return (major, minor) >= MIN_TORCH and torch.backends.mkldnn.is_available() and \
+    return torch_at_least(MIN_TORCH) and torch.backends.mkldnn.is_available() and \
         hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and \
         hasattr(torch.ops.mkldnn, "_linear_pointwise") and \
         hasattr(torch.ops.mkldnn._linear_pointwise, "binary")

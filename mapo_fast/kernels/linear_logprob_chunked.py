@@ -183,7 +183,7 @@ def fused_forward_backward(hidden: Tensor, weight: Tensor, bias: Optional[Tensor
 def _gemm(hidden: Tensor) -> torch.dtype:
     """The inputs' own dtype for the GEMMs (on CPU under the interpreter too: ``mm32``
     emulates cuBLAS's fp32 accumulation there), the compute dtype for fp32 and on a torch
-    without half-precision GEMMs with fp32 outputs (``ref.HALF_GEMMS``, torch >= 2.8)."""
+    without half-precision GEMMs with fp32 outputs (``ref.HALF_GEMMS``, torch >= 2.10)."""
     if hidden.dtype in ref.HALF and (ref.HALF_GEMMS or not hidden.is_cuda):
         return hidden.dtype
     return ref.compute_dtype(hidden.dtype)

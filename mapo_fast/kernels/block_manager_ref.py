@@ -1,4 +1,4 @@
-"""Python model of the C++ block manager (``kernels/csrc/block_manager.cpp``): the same pool,
+"""Python model of the C++ block manager (``csrc/block_manager.cpp``): the same pool,
 reference counts, free queue, chained block hashes and prefix index, operation for operation.
 Tests compare the two on random operation sequences; the benchmark shows what C++ buys.
 Errors: ``ValueError`` for bad sizes or positions, ``IndexError`` for unknown block ids,

@@ -13,11 +13,13 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-from typing import Any, List, Optional
+import os
+from typing import Any, List, Optional, Tuple
 
 import torch
 
 from . import paged_attention_ref as ref
+from ._common import torch_at_least
 
 Tensor = torch.Tensor
 #: the first torch release whose CPU flash-attention operator takes ``attn_mask`` and returns
@@ -28,8 +30,7 @@ MIN_TORCH = (2, 3)
 @functools.lru_cache(maxsize=None)
 def available() -> bool:
     """Whether this torch has the fused CPU operator (checked by version, then by name)."""
-    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-    return (major, minor) >= MIN_TORCH and hasattr(
+    return torch_at_least(MIN_TORCH) and hasattr(
         torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
 
 
@@ -77,6 +78,33 @@ def extension() -> Optional[Any]:
     return importlib.import_module(EXTENSION) if importlib.util.find_spec(EXTENSION) else None
 
 
+#: the decode kernel's row-loop levels, lowest first (the extension's numbering): the
+#: architecture's baseline, AVX2 + FMA, AVX-512F (the float32 path for heads of 64 and 128)
+ISAS = ("generic", "avx2", "avx512")
+#: names the level to run instead of the CPU's best (e.g. ``generic``), as torch's
+#: ``ATEN_CPU_CAPABILITY`` does for its own kernels; read once, at the first decode
+ISA_ENV = "MAPO_FAST_CPU_ISA"
+
+
+def supported_isas() -> Tuple[str, ...]:
+    """The levels this CPU runs, lowest first (needs the extension)."""
+    return ISAS[:extension().best_isa() + 1]
+
+
+@functools.lru_cache(maxsize=None)
+def default_isa() -> str:
+    """The level ``decode`` runs when given none: ``ISA_ENV`` where set, else the CPU's best.
+    A value that is not a level this CPU runs raises ``ValueError`` naming it."""
+    supported = supported_isas()
+    chosen = os.environ.get(ISA_ENV, "").strip().lower()
+    if not chosen:
+        return supported[-1]
+    if chosen not in supported:
+        raise ValueError(f"{ISA_ENV}={os.environ[ISA_ENV]!r}: this CPU runs {supported} "
+                         f"(of {ISAS})")
+    return chosen
+
+
 def decodes_in_place(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
     """Whether ``decode`` takes these inputs: the extension built, CPU tensors of one dtype in
     ``DECODE_DTYPES``, contiguous caches."""
@@ -87,16 +115,21 @@ def decodes_in_place(q: Tensor, k_cache: Tensor, v_cache: Tensor) -> bool:
 
 def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
            context_lens: Tensor, scale: float, out: Optional[Tensor] = None,
-           threads: Optional[int] = None) -> Tensor:
+           threads: Optional[int] = None, isa: Optional[str] = None) -> Tensor:
     """One query per sequence, keys and values read in place: ``q [S, H, D]``, caches
     ``[num_blocks, block_size, kv_heads, D]``, ``block_tables [S, W]``, ``context_lens [S]``
     (the query's own key included). A cascade: the leading blocks a group of sequences shares
     (``shared_blocks``) are attended once for all of them, then merged with each one's own.
     Returns ``[S, H, D]`` in ``q``'s dtype, computed in it, written into ``out`` when given
     (contiguous, ``q``'s shape and dtype). Inputs as
-    ``decodes_in_place`` accepts; ``threads`` defaults to ``torch.get_num_threads()``. A
-    context length outside ``[1, W * block_size]`` or a block outside the pool raises
-    ``ValueError`` before anything is read."""
+    ``decodes_in_place`` accepts; ``threads`` defaults to ``torch.get_num_threads()``;
+    ``isa``, the row loops' level (one of ``supported_isas()``), to ``default_isa()``. A
+    context length outside ``[1, W * block_size]``, a block outside the pool or a level this
+    CPU does not run raises ``ValueError`` before anything is read."""
+    isa = default_isa() if isa is None else isa
+    if isa not in supported_isas():
+        raise ValueError(f"paged decode: `isa` must be one of {supported_isas()} on this CPU, "
+                         f"got {isa!r}")
     S, H, D = q.shape
     q = q.contiguous()
     if out is None:
@@ -112,7 +145,8 @@ def decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, block_tables: Tensor,
                        out.data_ptr(), tables.data_ptr(), lens.data_ptr(), S, H,
                        k_cache.shape[2], D, k_cache.shape[1], tables.shape[1],
                        k_cache.shape[0], float(scale),
-                       threads if threads is not None else torch.get_num_threads())
+                       threads if threads is not None else torch.get_num_threads(),
+                       ISAS.index(isa))
     return out
 
 

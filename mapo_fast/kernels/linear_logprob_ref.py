@@ -36,6 +36,8 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
+from ._common import torch_at_least
+
 Tensor = torch.Tensor
 
 #: Bytes of logits one chunk may hold on CPU (a few buffers of this size live at once).
@@ -46,8 +48,13 @@ CUDA_WORKSPACE_BYTES = 1024 * 1024 * 1024
 #: Chunks on CUDA hold a multiple of this many tokens (GEMM tile alignment), at least one.
 CUDA_CHUNK_ALIGN = 128
 HALF = (torch.bfloat16, torch.float16)
-#: cuBLAS half-precision GEMMs with fp32 outputs (``out_dtype``, torch >= 2.8).
-HALF_GEMMS = "dtype" in torch.ops.aten.mm.overloads() and \
+#: the first torch whose CUDA ``mm`` / ``addmm`` take half-precision operands with fp32 outputs
+#: (``out_dtype``): 2.8 and 2.9 have the overloads but refuse the mixed dtypes on CUDA ("self
+#: and mat2 must have the same dtype")
+HALF_GEMMS_TORCH = (2, 10)
+#: cuBLAS half-precision GEMMs with fp32 outputs: by version, then by the overloads' names;
+#: without them half-precision inputs on CUDA are computed in fp32 (``gemm_dtype``)
+HALF_GEMMS = torch_at_least(HALF_GEMMS_TORCH) and "dtype" in torch.ops.aten.mm.overloads() and \
     "dtype" in torch.ops.aten.addmm.overloads()
 
 

@@ -4,7 +4,7 @@
 // block tables [S, W] int32, context lengths [S] int32 (the query's own key included), all
 // contiguous; out [S, H, D]. Sequence s attends to its first lens[s] tokens, token t living in
 // block tables[s, t / block_size] at offset t % block_size; head h reads KV head h / (H / KVH).
-// Same semantics as kernels/paged_attention_ref.py (the reference the tests compare with).
+// Same semantics as mapo_fast/kernels/paged_attention_ref.py (the reference the tests compare with).
 //
 // Why: the torch path gathers each sequence's blocks into a dense batch in every layer of every
 // step (a copy of every key and value it then reads again), which makes a CPU decode step
@@ -18,20 +18,35 @@
 // softmax, then its values' weighted sum (see there). OpenMP, not threads of its own: torch's
 // CPU wheels load libgomp.so.1, which this module then shares, so the kernel runs on torch's
 // intra-op threads instead of competing with them while they spin after torch's last parallel
-// region. There is no masking and no infinity (a running maximum starts at the lowest finite
-// value; tile lanes past a range are never stored), so the fast-math build meets no infinity
-// to mishandle.
+// region.
+//
+// Portable by construction: the module is compiled for the baseline of its architecture (no
+// -march, no -ffast-math: IEEE semantics for infinities and NaNs kept), and the row loops are
+// compiled again for AVX2 + FMA and AVX-512 on x86-64 through target attributes; `decode` runs
+// the level it is given, `best_isa()` names the highest this CPU (and its OS) supports, so one
+// build runs on any CPU of the architecture.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#if defined(__AVX512F__)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MAPO_X86 1
+// GCC 12 warns that its own unmasked AVX-512 intrinsics read an uninitialised operand where they
+// are inlined into a function with a target attribute (a false positive of the header's): the
+// header's lines only are exempted
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
+#else
+#define MAPO_X86 0
 #endif
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -57,101 +72,62 @@ bool in_bounds(const int32_t* tables, const int32_t* lens, const Shape& sh, int6
   return true;
 }
 
-// Asks for the KV head's rows of a block ahead of their use (the blocks of a sequence are
-// scattered over the pool: the hardware prefetcher cannot guess the next one), into L2 only
-// (locality 1): a whole block asked into L1 at once took 20-35% longer (4 layers of 32
-// sequences, 2 cores: 1.8-2.0 ms a layer against 1.4-1.6), its lines evicting the tile in use.
-template <typename T>
-inline void prefetch_block(const T* base, int64_t n, int64_t row, int64_t D) {
-  constexpr int64_t line = 64 / sizeof(T);
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t d = 0; d < D; d += line) __builtin_prefetch(base + j * row + d, 0, 1);
-}
+// The instruction set levels of the row loops (`decode`'s `isa`): the baseline, then the x86-64
+// levels compiled through target attributes.
+enum class Isa : int { generic = 0, avx2 = 1, avx512 = 2 };
 
-// The KV head's rows of the block holding a sequence's token t0 (`off`: the head's offset in
-// a row), the next block's rows asked for ahead.
-template <typename T>
-inline const T* block_at(const T* cache, const int32_t* table, int64_t t0, int64_t L,
-                         int64_t bs, int64_t row, int64_t off, int64_t D) {
-  if (t0 + bs < L)
-    prefetch_block(cache + table[t0 / bs + 1] * bs * row + off, std::min(bs, L - t0 - bs), row,
-                   D);
-  return cache + table[t0 / bs] * bs * row + off;
-}
+// The row loops at the baseline, and (x86-64) at AVX2 + FMA.
+namespace generic {
+#define ROWS_TARGET
+#include "paged_attention_cpu_rows.h"
+#undef ROWS_TARGET
+}  // namespace generic
 
-// A part of the attention for R query rows of one KV head over the tokens [begin, end) of one
-// block table (begin a block boundary), unnormalised: acc[r] = sum_t exp(s_rt - m[r]) v_t and
-// l[r] = sum_t exp(s_rt - m[r]), s_rt the scaled score of row r and token t. The rows are the
-// query heads of one sequence (its own tokens), or of every sequence of a group (the blocks
-// they share). Block by block (each read from memory once, then from cache by the R rows),
-// online softmax per row. DT: the head dimension when known at compile time (a row's
-// accumulator then lives in registers for a block), else 0. `scratch`: the calling thread's.
-template <typename T, int DT>
-void attend_rows(const T* const* qr, T* const* acc, T* m, T* l, int64_t R, const T* kc,
-                 const T* vc, const int32_t* table, int64_t begin, int64_t end, const Shape& sh,
-                 T scale, int64_t kvh, std::vector<T>& scratch) {
-  const int64_t D = DT ? DT : sh.D, bs = sh.block_size;
-  const int64_t row = sh.KVH * D;  // elements between consecutive tokens of one KV head
-  if (static_cast<int64_t>(scratch.size()) < bs) scratch.resize(bs);
-  T* sc = scratch.data();
-  for (int64_t r = 0; r < R; ++r) {
-    m[r] = std::numeric_limits<T>::lowest();
-    l[r] = T(0);
-    for (int64_t d = 0; d < D; ++d) acc[r][d] = 0;
-  }
-  for (int64_t t0 = begin; t0 < end; t0 += bs) {
-    const int64_t n = std::min(bs, end - t0);
-    const T* kb = block_at(kc, table, t0, end, bs, row, kvh * D, D);
-    const T* vb = block_at(vc, table, t0, end, bs, row, kvh * D, D);
-    for (int64_t r = 0; r < R; ++r) {
-      const T* qg = qr[r];
-      T top = m[r];
-      for (int64_t j = 0; j < n; ++j) {
-        const T* kr = kb + j * row;
-        T dot = 0;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < D; ++d) dot += qg[d] * kr[d];
-        sc[j] = dot * scale;
-        top = std::max(top, sc[j]);
-      }
-      const T alpha = std::exp(m[r] - top);  // rescale to the new maximum
-      T sum = 0;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t j = 0; j < n; ++j) {
-        sc[j] = std::exp(sc[j] - top);
-        sum += sc[j];
-      }
-      l[r] = l[r] * alpha + sum;
-      m[r] = top;
-      T* og = acc[r];
-      T local[DT ? DT : 1];
-      T* a = DT ? local : og;
-#pragma omp simd
-      for (int64_t d = 0; d < D; ++d) a[d] = og[d] * alpha;
-      for (int64_t j = 0; j < n; ++j) {
-        const T p = sc[j];
-        const T* vr = vb + j * row;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) a[d] += p * vr[d];
-      }
-      if (DT) {
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) og[d] = a[d];
-      }
-    }
-  }
-}
+#if MAPO_X86
+namespace avx2 {
+#define ROWS_TARGET __attribute__((target("avx2,fma")))
+#include "paged_attention_cpu_rows.h"
+#undef ROWS_TARGET
+}  // namespace avx2
+#endif
 
-#if defined(__AVX512F__)
-// The AVX-512 path (float32, head dimension 64 or 128, compiled where the build machine has
-// AVX-512; elsewhere, and for float64 or other head sizes, attend_rows above). Scores of 16
+#if MAPO_X86
+#define AVX512_TARGET __attribute__((target("avx512f")))
+
+// The AVX-512 path (float32, head dimension 64 or 128, run where the CPU has AVX-512F; else,
+// and for float64 or other head sizes, attend_rows). Scores of 16
 // tokens at a time: each token's dot product is left in 16 lanes, then the 16 vectors are
 // summed into one vector of 16 scores by a transposing tree (unpack, then 128-bit block
-// shuffles: 45 instructions where 16 separate horizontal sums take about 130). On a 2-core
-// AVX-512 machine this path took a 32-sequence, 1624-token decode layer from 2.5 to 1.6 ms.
+// shuffles: 45 instructions where 16 separate horizontal sums take about 130).
+
+// exp_lanes (paged_attention_cpu_rows.h) on 16 lanes: the same reduction and polynomial, with
+// 2^n applied by scalef (which gives 0 and inf past float32's range itself). Clamping first
+// keeps n finite; the ordered comparisons are false for NaN, which so stays NaN.
+AVX512_TARGET inline __m512 exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-104.f), hi = _mm512_set1_ps(89.f);
+  __m512 c = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), x, lo);
+  c = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(c, hi, _CMP_GT_OQ), c, hi);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(c, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), c);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// out[i] = exp16(x[i]) for the lanes in `live` (the others neither read nor written).
+AVX512_TARGET void avx512_store_exp(const float* x, float* out, __mmask16 live) {
+  _mm512_mask_storeu_ps(out, live, exp16(_mm512_maskz_loadu_ps(live, x)));
+}
 
 // r[j] = the sum of the 16 lanes of a[j], j = 0..15.
-inline __m512 sum16(const __m512* a) {
+AVX512_TARGET inline __m512 sum16(const __m512* a) {
   __m512 t[8], w[4];
   for (int i = 0; i < 8; ++i)  // per 128-bit lane: a[2i] at 0 and 2, a[2i+1] at 1 and 3
     t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
@@ -177,7 +153,7 @@ inline __m512 sum16(const __m512* a) {
 // by tile, each tile's values read once for all rows). `scratch` (the calling thread's) grows
 // to R * (end - begin) floats, rounded up to 16 per row.
 template <int DT>
-void attend_rows_avx512(const float* const* qr, float* const* acc, float* m, float* l,
+AVX512_TARGET void attend_rows_avx512(const float* const* qr, float* const* acc, float* m, float* l,
                         int64_t R, const float* kc, const float* vc, const int32_t* table,
                         int64_t begin, int64_t end, const Shape& sh, float scale, int64_t kvh,
                         std::vector<float>& scratch) {
@@ -190,7 +166,7 @@ void attend_rows_avx512(const float* const* qr, float* const* acc, float* m, flo
   // pass 1: scores, 16 tokens at a time (a tile never crosses a block)
   for (int64_t t0 = begin; t0 < end; t0 += bs) {
     const int64_t nb = std::min(bs, end - t0);
-    const float* kb = block_at(kc, table, t0, end, bs, row, kvh * DT, DT);
+    const float* kb = generic::block_at(kc, table, t0, end, bs, row, kvh * DT, DT);
     for (int64_t j0 = 0; j0 < nb; j0 += 16) {
       const int n = static_cast<int>(std::min<int64_t>(16, nb - j0));
       const float* kr[16];
@@ -217,13 +193,18 @@ void attend_rows_avx512(const float* const* qr, float* const* acc, float* m, flo
   for (int64_t r = 0; r < R; ++r) {
     float* s = sc + r * stride;
     float top = std::numeric_limits<float>::lowest();
+#pragma omp simd reduction(max : top)
     for (int64_t t = 0; t < len; ++t) top = std::max(top, s[t]);
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t t = 0; t < len; ++t) {
-      s[t] = std::exp(s[t] - top);
-      sum += s[t];
+    __m512 sums = _mm512_setzero_ps();
+    const __m512 tops = _mm512_set1_ps(top);
+    for (int64_t t = 0; t < len; t += 16) {  // the row's padding is scratch: a full last tile
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), tops));
+      const __mmask16 live = static_cast<__mmask16>(len - t >= 16 ? 0xFFFFu
+                                                                  : (1u << (len - t)) - 1u);
+      _mm512_mask_storeu_ps(s + t, live, e);
+      sums = _mm512_mask_add_ps(sums, live, sums, e);
     }
+    const float sum = _mm512_reduce_add_ps(sums);
     m[r] = top;
     l[r] = sum;
   }
@@ -234,7 +215,7 @@ void attend_rows_avx512(const float* const* qr, float* const* acc, float* m, flo
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc[r] + 16 * c, _mm512_setzero_ps());
   for (int64_t t0 = begin; t0 < end; t0 += bs) {
     const int64_t nb = std::min(bs, end - t0);
-    const float* vb = block_at(vc, table, t0, end, bs, row, kvh * DT, DT);
+    const float* vb = generic::block_at(vc, table, t0, end, bs, row, kvh * DT, DT);
     for (int64_t j0 = 0; j0 < nb; j0 += 16) {
       const int64_t n = std::min<int64_t>(16, nb - j0);
       for (int64_t r = 0; r < R; ++r) {
@@ -298,17 +279,37 @@ using RowsFn = void (*)(const T* const*, T* const*, T*, T*, int64_t, const T*, c
                         const int32_t*, int64_t, int64_t, const Shape&, T, int64_t,
                         std::vector<T>&);
 
-// The path for T and the head dimension: AVX-512 for float32 and 64 or 128 where built, else
-// the generic one (with the head dimension fixed at compile time for 64 and 128).
+// The highest level this CPU and its OS support (AVX-512F needs the OS to save its registers:
+// the compiler's check covers that).
+Isa best_isa() {
+#if MAPO_X86
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return Isa::generic;
+  return __builtin_cpu_supports("avx512f") ? Isa::avx512 : Isa::avx2;
+#endif
+  return Isa::generic;
+}
+
+template <typename T, int DT>
+RowsFn<T> rows_at(Isa isa) {
+#if MAPO_X86
+  if (isa != Isa::generic) return avx2::attend_rows<T, DT>;
+#endif
+  (void)isa;
+  return generic::attend_rows<T, DT>;
+}
+
+// The path for T, the head dimension and the level: AVX-512 for float32 and 64 or 128, else the
+// row loops at the level (with the head dimension fixed at compile time for 64 and 128).
 template <typename T>
-RowsFn<T> rows_fn(int64_t D) {
-#if defined(__AVX512F__)
+RowsFn<T> rows_fn(int64_t D, Isa isa) {
+#if MAPO_X86
   if constexpr (std::is_same<T, float>::value) {
-    if (D == 64) return attend_rows_avx512<64>;
-    if (D == 128) return attend_rows_avx512<128>;
+    if (isa == Isa::avx512 && D == 64) return attend_rows_avx512<64>;
+    if (isa == Isa::avx512 && D == 128) return attend_rows_avx512<128>;
   }
 #endif
-  return D == 64 ? attend_rows<T, 64> : D == 128 ? attend_rows<T, 128> : attend_rows<T, 0>;
+  return D == 64 ? rows_at<T, 64>(isa) : D == 128 ? rows_at<T, 128>(isa) : rows_at<T, 0>(isa);
 }
 
 // The decode step as a cascade. Phase 1: for each group and KV head, the shared blocks are
@@ -320,12 +321,12 @@ RowsFn<T> rows_fn(int64_t D) {
 // gives the same bits).
 template <typename T>
 void decode_impl(const T* q, const T* kc, const T* vc, T* out, const int32_t* tables,
-                 const int32_t* lens, const Shape& sh, T scale, int64_t threads) {
+                 const int32_t* lens, const Shape& sh, T scale, int64_t threads, Isa isa) {
   const int64_t G = sh.H / sh.KVH, D = sh.D, pairs = sh.S * sh.KVH;
   std::vector<int64_t> shared(sh.S, 0);
   const auto groups = shared_groups(tables, lens, sh, shared);
   std::vector<T> part(groups.empty() ? 0 : sh.S * sh.H * D), pm(sh.S * sh.H), pl(sh.S * sh.H);
-  const RowsFn<T> rows = rows_fn<T>(D);
+  const RowsFn<T> rows = rows_fn<T>(D, isa);
   const int64_t items = static_cast<int64_t>(groups.size()) * sh.KVH;
   const int nthreads = static_cast<int>(std::max<int64_t>(1, std::min(threads, pairs)));
 #pragma omp parallel num_threads(nthreads)
@@ -391,11 +392,17 @@ void decode_impl(const T* q, const T* kc, const T* vc, T* out, const int32_t* ta
 void decode(int64_t itemsize, uintptr_t q, uintptr_t kc, uintptr_t vc, uintptr_t out,
             uintptr_t tables, uintptr_t lens, int64_t S, int64_t H, int64_t KVH, int64_t D,
             int64_t block_size, int64_t width, int64_t num_blocks, double scale,
-            int64_t threads) {
+            int64_t threads, int64_t isa) {
   if (KVH < 1 || H % KVH || D < 1 || block_size < 1 || width < 1 || S < 0 || num_blocks < 1)
     throw std::invalid_argument("paged decode: bad shape");
   if (itemsize != 4 && itemsize != 8)
     throw std::invalid_argument("paged decode: float32 or float64 only");
+  // a level above the CPU's would stop the process with an illegal instruction
+  if (isa < 0 || isa > static_cast<int64_t>(best_isa()))
+    throw std::invalid_argument("paged decode: `isa` " + std::to_string(isa) +
+                                " is not in [0, " +
+                                std::to_string(static_cast<int>(best_isa())) +
+                                "] (the levels this CPU supports)");
   const Shape sh{S, H, KVH, D, block_size, width, num_blocks};
   // checked before any read: a bad table must not read outside the pool
   for (int64_t s = 0; s < S; ++s)
@@ -410,12 +417,13 @@ void decode(int64_t itemsize, uintptr_t q, uintptr_t kc, uintptr_t vc, uintptr_t
                        reinterpret_cast<const float*>(vc), reinterpret_cast<float*>(out),
                        reinterpret_cast<const int32_t*>(tables),
                        reinterpret_cast<const int32_t*>(lens), sh, static_cast<float>(scale),
-                       threads);
+                       threads, static_cast<Isa>(isa));
   else
     decode_impl<double>(reinterpret_cast<const double*>(q), reinterpret_cast<const double*>(kc),
                         reinterpret_cast<const double*>(vc), reinterpret_cast<double*>(out),
                         reinterpret_cast<const int32_t*>(tables),
-                        reinterpret_cast<const int32_t*>(lens), sh, scale, threads);
+                        reinterpret_cast<const int32_t*>(lens), sh, scale, threads,
+                        static_cast<Isa>(isa));
 }
 
 // shared_groups' per-sequence counts, for tests and callers that want to know what the kernel
@@ -438,6 +446,33 @@ std::vector<int64_t> shared_blocks(uintptr_t tables, uintptr_t lens, int64_t S, 
   return shared;
 }
 
+// The softmax's exponential at a level, over n contiguous float32 values (out may be x): for
+// tests of its accuracy and of its infinities and NaNs against the float64 exp.
+void exp_f32(uintptr_t x, uintptr_t out, int64_t n, int64_t isa) {
+  if (n < 0) throw std::invalid_argument("exp: `n` must be >= 0, got " + std::to_string(n));
+  if (isa < 0 || isa > static_cast<int64_t>(best_isa()))
+    throw std::invalid_argument("exp: `isa` " + std::to_string(isa) + " is not in [0, " +
+                                std::to_string(static_cast<int>(best_isa())) + "]");
+  const float* in = reinterpret_cast<const float*>(x);
+  float* o = reinterpret_cast<float*>(out);
+  py::gil_scoped_release release;
+#if MAPO_X86
+  if (static_cast<Isa>(isa) == Isa::avx512) {
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 live = static_cast<__mmask16>(n - i >= 16 ? 0xFFFFu
+                                                                : (1u << (n - i)) - 1u);
+      avx512_store_exp(in + i, o + i, live);
+    }
+    return;
+  }
+  if (static_cast<Isa>(isa) == Isa::avx2) {
+    avx2::exp_all(in, o, n);
+    return;
+  }
+#endif
+  generic::exp_all(in, o, n);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_paged_attention_cpu, m) {
@@ -445,7 +480,10 @@ PYBIND11_MODULE(_paged_attention_cpu, m) {
   m.def("decode", &decode, py::arg("itemsize"), py::arg("q"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("out"), py::arg("tables"), py::arg("lens"), py::arg("S"),
         py::arg("H"), py::arg("KVH"), py::arg("D"), py::arg("block_size"), py::arg("width"),
-        py::arg("num_blocks"), py::arg("scale"), py::arg("threads"));
+        py::arg("num_blocks"), py::arg("scale"), py::arg("threads"), py::arg("isa"));
+  m.def("exp_f32", &exp_f32, py::arg("x"), py::arg("out"), py::arg("n"), py::arg("isa"));
+  m.def("best_isa", [] { return static_cast<int>(best_isa()); },
+        "The highest row-loop level this CPU supports: 0 generic, 1 AVX2 + FMA, 2 AVX-512F.");
   m.def("shared_blocks", &shared_blocks, py::arg("tables"), py::arg("lens"), py::arg("S"),
         py::arg("width"), py::arg("block_size"));
 }

@@ -9,7 +9,7 @@
 // (a preempted sequence, a finished group's prompt) are still found. The free queue hands out
 // never-hashed blocks first, then the least recently freed.
 //
-// The Python model of this class is kernels/block_manager_ref.py; tests compare the two on
+// The Python model of this class is mapo_fast/kernels/block_manager_ref.py; tests compare the two on
 // random operation sequences.
 
 #include <pybind11/pybind11.h>

@@ -65,7 +65,8 @@ def config(dtype: torch.dtype, head_dim: int, block_m: int, capability: int = 90
     sm_80, integer arguments aligned or not): ``BLOCK_N`` keys per iteration, fewer for
     taller tiles, fp32 and heads wider than 128; four warps for narrow heads; one pipeline
     stage for half-precision tiles of 64 rows before sm_90 (``capability``: 80 for sm_80),
-    where two spill."""
+    where two spill; three for fp32 heads of 128 before sm_90, where two spill under Triton
+    3.6 (both Triton 3.6 and 3.9 are checked)."""
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreting():
         return Config(dict(BLOCK_M=block_m, BLOCK_N=INTERPRETER_N, BLOCK_D=block_d), 1)
@@ -75,9 +76,14 @@ def config(dtype: torch.dtype, head_dim: int, block_m: int, capability: int = 90
         block_n = 64 if dtype != torch.float32 else 16
     else:
         block_n = 16
-    one_stage = block_d > 128 or (capability < 90 and block_m >= 64 and dtype != torch.float32)
+    if block_d > 128 or (capability < 90 and block_m >= 64 and dtype != torch.float32):
+        stages = 1
+    elif capability < 90 and dtype == torch.float32 and block_d == 128:
+        stages = 3
+    else:
+        stages = 2
     return Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d),
-                  num_warps=4 if block_d <= 64 else 8, num_stages=1 if one_stage else 2)
+                  num_warps=4 if block_d <= 64 else 8, num_stages=stages)
 
 
 @triton.jit

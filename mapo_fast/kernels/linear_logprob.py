@@ -211,13 +211,14 @@ def _rounds(round_to: Optional[torch.dtype], hidden: Tensor) -> bool:
 
 
 #: Tile sizes per input dtype on a GPU, chosen with ``compile_check`` so that neither kernel
-#: spills registers on sm_90 or sm_80 (fp32 tiles are smaller: their operands take twice the
-#: registers and shared memory); the interpreter runs small tiles.
+#: spills registers on sm_90 or sm_80 under Triton 3.6 or 3.9 (fp32 tiles are smaller: their
+#: operands take twice the registers and shared memory; and one pipeline stage, as the
+#: backward kernel spills with two under Triton 3.6); the interpreter runs small tiles.
 HALF_CONFIG = Config(dict(BLOCK_N=64, BLOCK_V=128, BLOCK_D=32), num_warps=8, num_stages=3)
 GPU_CONFIGS = {
     torch.bfloat16: HALF_CONFIG,
     torch.float16: HALF_CONFIG,
-    torch.float32: Config(dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32), num_warps=8, num_stages=2),
+    torch.float32: Config(dict(BLOCK_N=32, BLOCK_V=64, BLOCK_D=32), num_warps=8, num_stages=1),
 }
 INTERPRETER_CONFIG = Config(dict(BLOCK_N=16, BLOCK_V=32, BLOCK_D=16), num_warps=1)
 #: Input dtypes the kernels take; float64 runs the torch path (``mapo_fast.logprobs``).
