@@ -3,6 +3,12 @@
 #   make test    install, then run the test suite (what CI runs), then the framework
 #                integration tests, each in its own pinned environment under .venvs/ (created
 #                on first use, reused after)
+# and the install checks CI runs after `make test`:
+#   make test-floor  the core suite again under the oldest torch and transformers setup.py
+#                admits (FLOOR_TORCH, FLOOR_TRANSFORMERS), in .venvs/floor (made on first use)
+#   make wheel-check  python -m build (sdist + wheel into dist/), the wheel installed into a
+#                fresh .venvs/wheel, tests/wheel_smoke.py run from a directory outside the
+#                repository
 # and the benchmarks:
 #   make bench   install, then run the benchmarks at CPU scale and write bench/results/
 #   make bench-vllm  RolloutEngine and vLLM side by side on the text rollout workloads (vLLM's
@@ -29,12 +35,21 @@ DOCS_VENV := .venvs/docs
 VLLM_VENV := .venvs/vllm-0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.installed
 DOCS_STAMP := $(DOCS_VENV)/.installed
+# the oldest releases setup.py admits: the core suite runs under them too (make test-floor)
+FLOOR_TORCH ?= torch==2.11.0
+FLOOR_TRANSFORMERS ?= transformers==5.10.4
+# Triton 3.6 (torch 2.11's) runs its interpreter, which the suite uses on CPU, only with numpy < 2.4
+FLOOR_NUMPY ?= numpy<2.4
+FLOOR_VENV := .venvs/floor
+FLOOR_STAMP := $(FLOOR_VENV)/.installed
+WHEEL_VENV := .venvs/wheel
 
-.PHONY: install train test bench bench-vllm vllm-env compile-check docs docs-serve
+.PHONY: install train test test-floor wheel-check bench bench-vllm vllm-env compile-check docs \
+	docs-serve
 
 install: $(STAMP)
 
-$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard kernels/csrc/*.cpp)
+$(STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH_SPEC)
 	$(BIN)/python -m pip install -q -e ".[dev]"
@@ -59,12 +74,38 @@ $(TRL_STAMP): tests/integrations/requirements-trl.txt setup.py pyproject.toml
 	touch $(TRL_STAMP)
 
 test: $(STAMP) $(VERL_STAMP) $(TRL_STAMP)
+	$(BIN)/python -c "from importlib.metadata import version as v; print('resolved:', \
+		*(f'{d} {v(d)}' for d in ('torch', 'transformers', 'kernels', 'triton')))"
 	$(BIN)/python -m pytest -q tests
 	$(VERL_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning \
 		tests/integrations/test_verl.py tests/integrations/test_verl_ray.py \
 		tests/integrations/test_verl_recipe.py
 	$(TRL_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::UserWarning \
 		tests/integrations/test_trl.py tests/integrations/test_trl_vl.py
+
+$(FLOOR_STAMP): setup.py pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp csrc/*.h)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q $(FLOOR_TORCH) $(FLOOR_TRANSFORMERS) "$(FLOOR_NUMPY)"
+	$(FLOOR_VENV)/bin/python -m pip install -q -e ".[dev]" $(FLOOR_TORCH) $(FLOOR_TRANSFORMERS) \
+		"$(FLOOR_NUMPY)"
+	touch $(FLOOR_STAMP)
+
+test-floor: $(FLOOR_STAMP)
+	$(FLOOR_VENV)/bin/python -c "import torch, transformers; \
+		print('floor: torch', torch.__version__, 'transformers', transformers.__version__, \
+		'triton', __import__('triton').__version__, 'numpy', __import__('numpy').__version__)"
+	$(FLOOR_VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+wheel-check:
+	rm -rf dist $(WHEEL_VENV)
+	$(PYTHON) -m venv $(WHEEL_VENV)
+	$(WHEEL_VENV)/bin/python -m pip install -q build
+	$(WHEEL_VENV)/bin/python -m build --outdir dist .
+	$(WHEEL_VENV)/bin/python -m zipfile -l dist/*.whl
+	$(WHEEL_VENV)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(WHEEL_VENV)/bin/python -m pip install -q "$$(ls dist/*.whl)[train]"
+	tmp=$$(mktemp -d) && cp tests/wheel_smoke.py "$$tmp" && cd "$$tmp" && \
+		$(abspath $(WHEEL_VENV))/bin/python wheel_smoke.py && rm -rf "$$tmp"
 
 bench: $(STAMP)
 	$(BIN)/mapo-bench --scale cpu

@@ -309,16 +309,20 @@ def _plot(results: List[Dict], title: str, info: Dict[str, str], path: Path) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), 2, figsize=(11, 2.2 + 1.6 * len(results)),
+    # the memory column only where some case measured memory
+    memory = any(c.peak_extra_mib is not None for wl in results for c in wl["cases"])
+    fig, axes = plt.subplots(len(results), 2 if memory else 1,
+                             figsize=(11 if memory else 9.5, 2.2 + 1.6 * len(results)),
                              squeeze=False)
     for row, wl in zip(axes, results):
         cases: List[CaseResult] = wl["cases"]
         names = [c.name for c in cases]
         row[0].barh(names, [c.median_ms for c in cases], color="#4c72b0")
         row[0].set_xlabel("median time (ms), lower is better")
-        mems = [c.peak_extra_mib or 0.0 for c in cases]
-        row[1].barh(names, mems, color="#dd8452")
-        row[1].set_xlabel("peak extra memory (MiB), lower is better")
+        if memory:
+            mems = [c.peak_extra_mib or 0.0 for c in cases]
+            row[1].barh(names, mems, color="#dd8452")
+            row[1].set_xlabel("peak extra memory (MiB), lower is better")
         row[0].set_title(wl["workload"], loc="left", fontsize=9)
         for ax in row:
             ax.invert_yaxis()

@@ -15,6 +15,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_advantage  # noqa: E402
 import bench_allocator  # noqa: E402
+import bench_decode_cpu  # noqa: E402
 import bench_loss  # noqa: E402
 import bench_rollout  # noqa: E402
 import bench_tools  # noqa: E402
@@ -22,9 +23,10 @@ import bench_train  # noqa: E402
 from harness import device_slug  # noqa: E402
 
 BENCHMARKS = {"loss": bench_loss, "tools": bench_tools, "advantage": bench_advantage,
-              "allocator": bench_allocator, "rollout": bench_rollout, "train": bench_train}
+              "allocator": bench_allocator, "decode-cpu": bench_decode_cpu,
+              "rollout": bench_rollout, "train": bench_train}
 #: Run when no --only is given; the training study (about an hour on 2 cores) only on request.
-DEFAULT = ("advantage", "allocator", "loss", "rollout", "tools")
+DEFAULT = ("advantage", "allocator", "decode-cpu", "loss", "rollout", "tools")
 
 
 def reports(out: Path):
