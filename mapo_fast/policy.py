@@ -96,11 +96,8 @@ class PolicyNumerics:
         """``logit_scale`` and ``softcap`` as a Hugging Face model's config declares them
         (``logit_scale``, ``final_logit_softcapping``; of the text config for a VL model)."""
         cfg = model.config
-        cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-        scale = getattr(cfg, "logit_scale", None)
-        cap = getattr(cfg, "final_logit_softcapping", None)
-        return dict(logit_scale=1.0 if scale is None else float(scale),
-                    softcap=None if cap is None else float(cap))
+        return logit_map_of_config(cfg.get_text_config() if hasattr(cfg, "get_text_config")
+                                   else cfg)
 
     def loss_kwargs(self) -> Dict[str, Any]:
         """The keywords of ``mapo_loss`` / ``token_logprobs`` / ``loss_gradient_variance``
@@ -111,6 +108,26 @@ class PolicyNumerics:
     def sampling_kwargs(self) -> Dict[str, Any]:
         """The keywords of ``RolloutEngine.generate`` that define how it draws."""
         return dict(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+def logit_map_of_config(cfg: Any) -> Dict[str, Any]:
+    """``logit_scale`` and ``softcap`` of a (text) model config: ``logit_scale`` and
+    ``final_logit_softcapping``, 1.0 and None where absent."""
+    scale = getattr(cfg, "logit_scale", None)
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    return dict(logit_scale=1.0 if scale is None else float(scale),
+                softcap=None if cap is None else float(cap))
+
+
+def apply_logit_map(u: Tensor, logit_scale: float = 1.0,
+                    softcap: Optional[float] = None) -> Tensor:
+    """The policy's logits from the LM head's raw ``u [..., V]``: ``softcap * tanh(logit_scale *
+    u / softcap)`` with a soft cap, else ``logit_scale * u`` (``u`` itself when both are the
+    identity), before any temperature: what the loss and ``token_logprobs`` apply to ``h W^T``
+    (their kernels fuse it), for the rollout's sampler."""
+    if softcap is not None:
+        return torch.tanh(u * (logit_scale / softcap)) * softcap
+    return u if logit_scale == 1.0 else u * logit_scale
 
 
 def banned_bias(fn: str, bias: Optional[Tensor], weight: Tensor, banned_tokens: Any,

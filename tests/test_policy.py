@@ -141,3 +141,45 @@ def test_logit_map_of_reads_the_model_config():
     assert PolicyNumerics.logit_map_of(model) == dict(logit_scale=0.5, softcap=30.0)
     plain = SimpleNamespace(config=SimpleNamespace())
     assert PolicyNumerics.logit_map_of(plain) == dict(logit_scale=1.0, softcap=None)
+
+
+@pytest.mark.parametrize("logit_map", [dict(final_logit_softcapping=3.0, logit_scale=1.7),
+                                       dict(logit_scale=0.6)])
+def test_rollout_records_the_log_probs_of_the_loss_on_a_logit_mapped_model(logit_map):
+    """A model whose config declares a logit map (Gemma-style ``final_logit_softcapping``, a
+    ``logit_scale``): the engine samples from the mapped logits, and every recorded log-prob
+    equals ``token_logprobs`` of the model's hidden states under the PolicyNumerics that
+    ``logit_map_of`` reads from the same model (temperature 0.8). float32 forward passes
+    that batch rows differently: 1e-4."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                      max_position_embeddings=128, **logit_map)
+    model = Qwen2ForCausalLM(cfg).eval()
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)  # logits of several units: the cap bends them
+    num = PolicyNumerics(temperature=0.8, **PolicyNumerics.logit_map_of(model))
+    assert num.softcap == logit_map.get("final_logit_softcapping")
+    eng = mapo_fast.RolloutEngine(model, None, block_size=8, num_blocks=32)
+    prompt = list(range(1, 12))
+    trajs = eng.generate([prompt], group_size=3, max_new_tokens=10, seed=2,
+                         **num.sampling_kwargs())
+    for t in trajs:
+        ids = torch.tensor([t.token_ids])
+        with torch.no_grad():
+            h = model.model(input_ids=ids).last_hidden_state[0, len(prompt) - 1:-1]
+        want = mapo_fast.token_logprobs(h, model.lm_head.weight, ids[0, len(prompt):],
+                                        **num.loss_kwargs())
+        torch.testing.assert_close(torch.tensor(t.logprobs[len(prompt):]), want, atol=1e-4,
+                                   rtol=0)
+
+
+def test_apply_logit_map_is_the_loss_map():
+    """``apply_logit_map`` against the float64 formula (cap * tanh(scale * u / cap))."""
+    from mapo_fast.policy import apply_logit_map
+    u = torch.linspace(-40, 40, 101, dtype=torch.float64)
+    torch.testing.assert_close(apply_logit_map(u, 1.5, 10.0), 10.0 * torch.tanh(1.5 * u / 10.0))
+    torch.testing.assert_close(apply_logit_map(u, 0.5), 0.5 * u)
+    assert apply_logit_map(u) is u

@@ -22,6 +22,7 @@ import torch
 
 from .._dispatch import backend_for
 from ..kernels import packed_linear_cpu
+from ..policy import apply_logit_map, logit_map_of_config
 from .attention import KERNEL, choose_path, run_paged_attention, store_kv, triton_plan
 from .block_tables import DeviceBlockTables
 from .params import DecodeParams
@@ -110,6 +111,8 @@ class ModelRunner:
                  cpu_linear: str = "auto"):
         register_attention()
         self.lm, self.head, self.text_config = lm, head, text_config
+        #: the model's logit map (scale, soft cap), applied to the head's output
+        self.logit_map = logit_map_of_config(text_config)
         self.block_size, self.mrope, self.stats = block_size, mrope, stats
         param = next(lm.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -205,7 +208,9 @@ class ModelRunner:
     def _forward(self, ids: Tensor, position_ids: Tensor, step: _Step, inserts: Sequence = (),
                  last: Optional[Tensor] = None) -> Tensor:
         """Embeddings (image features put in at ``inserts``), the decoder with paged
-        attention, and the LM head over the rows ``last`` (None: all), as float32."""
+        attention, and the LM head over the rows ``last`` (None: all), as float32 and through
+        the model's logit map (``policy.apply_logit_map``: the distribution the loss
+        computes)."""
         packed = self.packed.active() if self.packed is not None else nullcontext()
         with torch.no_grad(), self._attention(step), packed:
             embeds = self.lm.get_input_embeddings()(ids[None])
@@ -213,7 +218,8 @@ class ModelRunner:
                 embeds[0, row:row + feats.shape[0]] = feats.to(embeds.dtype)
             hidden = self.lm(inputs_embeds=embeds, position_ids=position_ids,
                              use_cache=False).last_hidden_state[0]
-            return self.head(hidden if last is None else hidden[last]).float()
+            return apply_logit_map(self.head(hidden if last is None else hidden[last]).float(),
+                                   **self.logit_map)
 
     def copy_blocks(self, copies) -> None:
         """Copy-on-write: block ``src``'s keys and values into ``dst``, in every layer."""
