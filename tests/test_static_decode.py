@@ -11,6 +11,7 @@ import re
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("mapo_fast.kernels._block_manager")
 from test_rollout_engine import PROMPTS, model  # noqa: E402,F401  (the tiny Qwen2 fixture)
@@ -89,3 +90,50 @@ def test_bad_decode_settings_are_named(model, kw, name, bad):
 
 def test_auto_is_eager_off_cuda(model):
     assert RolloutEngine(model, None, num_blocks=8).runner.decode_mode == "eager"
+
+
+class WeightCasts(TorchDispatchMode):
+    """Counts dtype conversions (``aten._to_copy``) whose input is one of ``params``."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.ptrs = {p.data_ptr() for p in params}
+        self.casts = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.ptrs:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_captured_forward_casts_live_weights_under_autocast(model):
+    """Under a trainer's ``torch.autocast`` the forward that graph mode captures must cast the
+    live weights itself: reading autocast's cached copies would bake their addresses into the
+    graph, and autocast frees them when its block exits (every later replay would read freed
+    or stale weights). Counted on CPU with a dispatch mode: with the cache warm, a plain
+    forward casts no weight; the capture context's casts every linear weight."""
+    eng = RolloutEngine(model, None, block_size=16, num_blocks=32, decode_mode="static",
+                        cpu_linear="torch")
+    static = eng.runner.static
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    b = static.sizes[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        static.forward(*static._inputs(b))  # fills autocast's weight cache
+        with WeightCasts(linears) as cached:
+            static.forward(*static._inputs(b))
+        with static.capture_context(), WeightCasts(linears) as live:
+            static.forward(*static._inputs(b))
+        assert static.autocast_setting() == (True, torch.bfloat16)
+    assert cached.casts == 0  # what a capture without the context would record
+    assert live.casts >= len(linears)
+    assert static.autocast_setting()[0] is False
+
+
+def test_graphs_are_dropped_with_their_pool(model):
+    """Widening the block tables (or a new autocast setting) forgets the graphs and their
+    memory pool together, so the next capture starts a pool of its own."""
+    eng = RolloutEngine(model, None, block_size=16, num_blocks=32, decode_mode="static")
+    static = eng.runner.static
+    static.graphs[8], static.pool, static.captured_under = (object(), "x"), object(), (True, None)
+    static._widen(static.tables.shape[1] + 1)
+    assert static.graphs == {} and static.pool is None and static.captured_under is None

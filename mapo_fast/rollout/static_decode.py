@@ -10,14 +10,22 @@ where ``B`` is the largest capture size. A step of ``n`` rows is padded up to th
 capture size ``b >= n``: rows ``n..b`` are padding (token 0 at position 0, writing its key and
 value to the pool's scratch block, which the block manager never hands out, and attending to
 that alone), and only the first ``n`` rows of the logits are returned. ``graph`` mode captures
-one graph per capture size on first use (after two warm-up passes on a side stream, all rows
-padding) and replays it; ``static`` mode runs the same padded forward eagerly, so the
-bookkeeping is exercised, and compared token for token with eager, on any device. A step that
-needs wider block tables than the buffers widens them (doubling) and drops the captured
-graphs, which are captured again on their next use. A graph reads the model's parameters and
-the KV pool where they were at capture: weights updated in place (an optimizer step,
-``load_state_dict``) are seen by the next replay; parameters replaced by new tensors (moving
-the model to another device or dtype) need a new engine.
+a graph for every capture size at the first step that needs one, largest first, in one
+memory pool, each writing its logits into one shared output buffer ``[B, V]`` (so the sizes
+share their intermediates' memory and keep no output of their own), after two warm-up passes
+on a side stream (all rows padding), and replays them; ``static`` mode runs the same padded
+forward eagerly, so the bookkeeping is exercised, and compared token for token with eager, on
+any device. A step that needs wider block tables than the buffers widens them (doubling) and
+drops the graphs and their pool; they are captured again at the next step.
+
+What a graph reads: the model's parameters and the KV pool where they were at capture, so
+weights updated in place (an optimizer step, ``load_state_dict``) are seen by the next replay;
+parameters replaced by new tensors (moving the model to another device or dtype) need a new
+engine. Under ``torch.autocast`` (a trainer's mixed precision) the graphs are captured with
+autocast's weight cache off (``capture_context``): the cast of each live weight is recorded
+in the graph, instead of the address of a cached copy that autocast frees when its block
+exits. Graphs are tied to the autocast setting (enabled, dtype) they were captured under; a
+step under another one drops them and captures again.
 """
 
 from __future__ import annotations
@@ -62,8 +70,10 @@ class StaticDecode:
         self.cu = torch.arange(B + 1, dtype=torch.int32, **kw)
         self.tables = torch.full((B, MIN_WIDTH), scratch_block, dtype=torch.int32, **kw)
         self.real = 0  # rows [real, B) hold padding
-        self.graphs: Dict[int, Tuple[Any, Tensor, str]] = {}  # size -> (graph, logits, path)
+        self.graphs: Dict[int, Tuple[Any, str]] = {}  # size -> (graph, attention path)
         self.pool: Any = None
+        self.logits: Optional[Tensor] = None  # [B, V] float32: every graph's output
+        self.captured_under: Optional[Tuple[bool, torch.dtype]] = None  # autocast setting
 
     def bucket(self, rows: int) -> Optional[int]:
         """The smallest capture size holding ``rows`` (None: more than the largest)."""
@@ -77,18 +87,31 @@ class StaticDecode:
         n, b = len(ids), self.bucket(len(ids))
         if tables.shape[1] > self.tables.shape[1]:
             self._widen(tables.shape[1])
-        if self.capture and b not in self.graphs:
-            self._capture(b)
+        if self.capture and (not self.graphs or self.captured_under != self.autocast_setting()):
+            self._capture_all()
         self._fill(ids, positions, slots, lens, tables)
         self.stats["decode_padding_rows"] = self.stats.get("decode_padding_rows", 0) + b - n
         if not self.capture:
             self.stats["decode_static_passes"] = self.stats.get("decode_static_passes", 0) + 1
             logits, path = self.forward(*self._inputs(b))
             return logits[:n], path
-        graph, logits, path = self.graphs[b]
+        graph, path = self.graphs[b]
         graph.replay()
         self.stats["decode_graph_replays"] = self.stats.get("decode_graph_replays", 0) + 1
-        return logits[:n].clone(), path
+        return self.logits[:n].clone(), path
+
+    def autocast_setting(self) -> Tuple[bool, torch.dtype]:
+        """``(enabled, dtype)`` of autocast on the model's device type, as the caller set it."""
+        kind = self.device.type
+        return torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind)
+
+    def capture_context(self):
+        """The caller's autocast setting with its weight cache off: under it a forward casts
+        the live weights itself (what a captured graph must replay), never reading a cached
+        copy."""
+        enabled, dtype = self.autocast_setting()
+        return torch.autocast(self.device.type, dtype=dtype, enabled=enabled,
+                              cache_enabled=False)
 
     def _inputs(self, b: int) -> tuple:
         pos = self.pos[:, None, :b] if self.mrope else self.pos[0, None, :b]
@@ -128,22 +151,44 @@ class StaticDecode:
                            self.scratch_block, dtype=torch.int32, device=self.device)
         wider[:, :self.tables.shape[1]] = self.tables
         self.tables = wider
+        self.drop_graphs()
+
+    def drop_graphs(self) -> None:
+        """Forgets every graph and their memory pool (captured again at the next step)."""
         self.graphs.clear()
+        self.pool = None
+        self.captured_under = None
+
+    def _capture_all(self) -> None:
+        """A graph for every capture size, largest first (the shared pool is sized by the
+        first), under the caller's autocast setting with the weight cache off."""
+        self.drop_graphs()
+        self._pad(0)
+        setting = self.autocast_setting()
+        with self.capture_context():
+            for b in sorted(self.sizes, reverse=True):
+                self._capture(b)
+        self.captured_under = setting
 
     def _capture(self, b: int) -> None:
         """Captures the forward of ``b`` rows (all padding: the warm-up passes write only to
-        the scratch block), after two warm-up passes on a side stream (kernels compiled, the
-        allocator's pool settled)."""
-        self._pad(0)
+        the scratch block), its logits copied into the shared output buffer, after two
+        warm-up passes on a side stream (kernels compiled, the allocator's pool settled)."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.forward(*self._inputs(b))
+                logits, _ = self.forward(*self._inputs(b))
         torch.cuda.current_stream(self.device).wait_stream(side)
+        if self.logits is None or self.logits.shape[1] != logits.shape[1]:
+            self.logits = torch.empty(self.sizes[-1], logits.shape[1], dtype=torch.float32,
+                                      device=self.device)
+        del logits
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits, path = self.forward(*self._inputs(b))
+            self.logits[:b].copy_(logits)
+        del logits  # its memory stays the pool's, reused by the next (smaller) capture
         self.pool = graph.pool()
-        self.graphs[b] = (graph, logits, path)
+        self.graphs[b] = (graph, path)
         self.stats["decode_graphs_captured"] = self.stats.get("decode_graphs_captured", 0) + 1
