@@ -32,34 +32,52 @@ class DistContext:
 
     @classmethod
     def from_env(cls, device_type: str) -> "DistContext":
-        """Joins the process group ``torchrun`` describes (NCCL on CUDA, gloo on CPU)."""
+        """Joins the process group ``torchrun`` describes (NCCL on CUDA, gloo on CPU). On CUDA
+        the process's current device is set to its ``LOCAL_RANK`` first, before anything
+        touches CUDA: Triton launches, CUDA graphs and NCCL use the current device, which is
+        GPU 0 for every rank otherwise."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
         import torch.distributed as dist
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank)
+
+    def reduce_device(self) -> torch.device:
+        """Where the process group's collectives take their tensors: this rank's GPU for NCCL
+        (which refuses CPU tensors), the CPU for gloo."""
+        import torch.distributed as dist
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def _all_reduce(self, values) -> list:
+        """The float64 sum over ranks of each of ``values``, computed on ``reduce_device``."""
+        import torch.distributed as dist
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64,
+                         device=self.reduce_device())
+        dist.all_reduce(t)
+        return t.tolist()
 
     def mean(self, values: Dict[str, float]) -> Dict[str, float]:
         """Averages each (finite or not) value over ranks."""
         if not self.enabled:
             return values
-        import torch.distributed as dist
         keys = sorted(k for k, v in values.items() if isinstance(v, (int, float)))
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
         out = dict(values)
-        out.update({k: float(v) / self.world for k, v in zip(keys, t.tolist())})
+        out.update({k: v / self.world for k, v in zip(keys, self._all_reduce(
+            values[k] for k in keys))})
         return out
 
     def sum(self, x: float) -> float:
+        """``x`` summed over ranks."""
         if not self.enabled:
             return x
-        import torch.distributed as dist
-        t = torch.tensor([float(x)], dtype=torch.float64)
-        dist.all_reduce(t)
-        return float(t[0])
+        return self._all_reduce([x])[0]
 
     def gather(self, obj: Any) -> list:
         """``obj`` of every rank, in rank order."""
