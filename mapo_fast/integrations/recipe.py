@@ -90,16 +90,55 @@ class ScoredTurns:
         return [(a, z, float(self.scores[b, k])) for k, (a, z) in enumerate(ranges)
                 if bool(self.mask[b, k]) and a < z]
 
+    def part(self, group_ids: Tensor) -> "BatchPart":
+        """What ``semantic_advantages`` needs of this batch (``group_ids [B]``: each row's
+        group, numbered over the whole batch when it is split over processes)."""
+        return BatchPart(self.scores, self.mask, self.token_turn, group_ids.cpu())
+
     def advantages(self, outcome: Tensor, group_ids: Tensor, *, semantic_coef: float = 1.0,
-                   norm_std: bool = True, turn_discount: float = 0.0) -> Tensor:
+                   norm_std: bool = True, turn_discount: float = 0.0,
+                   parts: Optional[Sequence["BatchPart"]] = None,
+                   index: int = 0) -> Tensor:
         """``[B, T]``: ``outcome [B]`` (a framework's group-normalised outcome advantage) on
         every token, plus ``semantic_coef`` times the group-normalised credited scores on each
-        turn's tokens: ``mapo_advantages``'s estimator, its outcome part given."""
-        zero = torch.zeros(outcome.shape[0], dtype=torch.float32)
-        semantic = mapo_advantages(zero, group_ids.cpu(), self.scores, self.mask,
-                                   self.token_turn, semantic_coef=semantic_coef,
-                                   norm_std=norm_std, turn_discount=turn_discount)
-        return outcome.detach().float().cpu()[:, None] + semantic
+        turn's tokens: ``mapo_advantages``'s estimator, its outcome part given. A batch split
+        over processes: ``parts`` holds every process's ``part`` in process order (this one's
+        at ``index``), so that a group is normalised over all its rows wherever they are."""
+        parts = [self.part(group_ids)] if parts is None else parts
+        semantic = semantic_advantages(parts, index, semantic_coef=semantic_coef,
+                                       norm_std=norm_std, turn_discount=turn_discount)
+        return outcome.detach().float().cpu()[:, None] + semantic[:, :self.token_turn.shape[1]]
+
+
+@dataclass
+class BatchPart:
+    """One process's share of a batch for the semantic advantage: ``scores`` and ``mask``
+    ``[B, K]``, ``token_turn [B, T]``, ``group_ids [B]`` (groups numbered over the batch)."""
+    scores: Tensor
+    mask: Tensor
+    token_turn: Tensor
+    group_ids: Tensor
+
+
+def semantic_advantages(parts: Sequence[BatchPart], index: int, **options: Any) -> Tensor:
+    """The semantic part of the MAPO advantage (``mapo_advantages`` with a zero outcome) of
+    part ``index``, its groups normalised over every part's rows: ``[B_index, T]``, ``T`` the
+    widest part's. ``options``: ``semantic_coef``, ``norm_std``, ``turn_discount``."""
+    K = max(p.scores.shape[1] for p in parts)
+    T = max(p.token_turn.shape[1] for p in parts)
+
+    def widen(t: Tensor, width: int, fill: Any) -> Tensor:
+        out = torch.full((t.shape[0], width), fill, dtype=t.dtype)
+        out[:, :t.shape[1]] = t
+        return out
+    scores = torch.cat([widen(p.scores, K, 0.0) for p in parts])
+    mask = torch.cat([widen(p.mask, K, False) for p in parts])
+    token_turn = torch.cat([widen(p.token_turn, T, -1) for p in parts])
+    group_ids = torch.cat([p.group_ids for p in parts])
+    semantic = mapo_advantages(torch.zeros(scores.shape[0]), group_ids, scores, mask,
+                               token_turn, **options)
+    start = sum(p.scores.shape[0] for p in parts[:index])
+    return semantic[start:start + parts[index].scores.shape[0]]
 
 
 class TurnScorer:

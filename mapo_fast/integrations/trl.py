@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -206,9 +206,10 @@ class MAPOTurnScores:
     outcome advantage on every token plus ``semantic_coef`` times the group-normalised
     (``norm_std``: by the std too, as TRL's ``scale_rewards="group"``) credited scores on each
     turn's tokens. ``metrics`` holds the last batch's counts and mean score (logged by the
-    trainer under ``mapo/``). The semantic term is normalised over each group's rows in this
-    process's batch: with several processes, a group TRL splits between them is normalised
-    per part (TRL's outcome advantage, computed over all processes, is unaffected)."""
+    trainer under ``mapo/``). With several processes (``num_processes`` and ``process_index``
+    in the batch, as ``MAPOGRPOTrainer`` passes them) every process's scores are gathered and
+    each group is normalised over all its rows, wherever TRL put them, as TRL does for its
+    outcome advantage; each process then keeps its own rows."""
 
     def __init__(self, verifier: SemanticVerifier, processing_class: Any, *,
                  semantic_coef: float = 1.0, turn_discount: float = 0.0, norm_std: bool = True,
@@ -231,9 +232,29 @@ class MAPOTurnScores:
         pad = torch.full((ids.shape[0], T), -1, dtype=torch.int64)
         pad[:, :turns.token_turn.shape[1]] = turns.token_turn[:, :T]
         turns.token_turn = pad
-        adv = turns.advantages(batch["advantages"], batch["group_ids"], **self.options)
+        group_ids = batch["group_ids"]
+        processes = int(batch.get("num_processes", 1))
+        index = int(batch.get("process_index", 0))
+        parts = gather_objects(turns.part(group_ids), processes)
+        adv = turns.advantages(batch["advantages"], group_ids, parts=parts, index=index,
+                               **self.options)
         self.metrics = dict(turns.stats)
         return adv.to(ids.device)
+
+
+def gather_objects(obj: Any, processes: int) -> List[Any]:
+    """``obj`` of every process, in process order (``[obj]`` for one process); several need
+    the default process group (which accelerate starts for TRL) of that size."""
+    if processes == 1:
+        return [obj]
+    import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_world_size() != processes:
+        group = f"has {dist.get_world_size()}" if dist.is_initialized() else "is not started"
+        raise RuntimeError(f"MAPOTurnScores: the batch says {processes} processes, but the "
+                           f"default process group {group}")
+    out: List[Any] = [None] * processes
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _trainer_class():
@@ -267,8 +288,12 @@ def _trainer_class():
                 return out
             B, T = out["completion_ids"].shape
             G = self.num_generations if self.model.training else self.num_generations_eval
-            adv = self.semantic_scores_fn(dict(out, inputs=inputs,
-                                               group_ids=torch.arange(B) // G))
+            # TRL's global batch is the processes' batches in process order; a group's G rows
+            # may span two processes (its own process_slice)
+            index = self.accelerator.process_index
+            adv = self.semantic_scores_fn(dict(
+                out, inputs=inputs, group_ids=(torch.arange(B) + index * B) // G,
+                process_index=index, num_processes=self.accelerator.num_processes))
             if not isinstance(adv, Tensor) or tuple(adv.shape) != (B, T):
                 raise ValueError(f"MAPOGRPOTrainer: semantic_scores_fn must return a [B, T] = "
                                  f"[{B}, {T}] tensor, got "

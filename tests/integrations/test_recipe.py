@@ -39,10 +39,7 @@ class Recording(SemanticVerifier):
 
 @pytest.fixture(scope="module")
 def tok():
-    call = format_tool_call("image_zoom_in_tool", {"bbox_2d": [0, 0, 28, 28]})
-    return build_tokenizer([call, "<description>a red square</description><answer>red"
-                            "</answer>", "<tool_response>Error: bbox</tool_response>"] * 8,
-                           vocab_size=360)
+    return _tokenizer()
 
 
 def call(box):
@@ -195,3 +192,74 @@ def test_mapo_turn_scores_on_a_trl_batch(tok):
     assert fn.metrics["scored"] == 1
     with pytest.raises(ValueError, match=r"inputs\[1\] has no 'image'"):
         fn(dict(batch, inputs=[{"image": img}, {"prompt": "x"}]))
+
+
+#: the two-process check's batch: 6 completions in groups of 2, 3 per process, so that group 1
+#: (rows 2 and 3) is split between the processes, as TRL splits it when the per-device batch
+#: is not a multiple of the group size
+SPLIT = dict(rows=6, group=2)
+
+
+def split_batch(rank: int, world: int):
+    """TRL's batch of process ``rank`` of ``world`` (``world=1``: the whole batch) and a
+    ``MAPOTurnScores`` for it; every process builds the same completions."""
+    import types
+    tokenizer = _tokenizer()
+    g = torch.Generator().manual_seed(4)
+    imgs = [torch.randint(0, 256, (3, 56, 56), generator=g, dtype=torch.uint8)
+            for _ in range(SPLIT["rows"])]
+    turns = [[([0, 0, 28, 28], "a", True)], [([28, 28, 56, 56], "b", True)],
+             [([0, 28, 28, 56], "c", True), ([0, 0, 56, 56], "d", True)],
+             [([10, 10, 40, 40], "g", True)], [([14, 14, 42, 42], "e", True)], []]
+    responses = [response(tokenizer, *t) for t in turns]
+    B = SPLIT["rows"] // world
+    rows = range(rank * B, (rank + 1) * B)
+    T = max(len(responses[r]) for r in rows) + 2  # each process pads to its own longest
+    ids = torch.full((B, T), tokenizer.pad_token_id)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(responses[r])], mask[i, :len(responses[r])] = torch.tensor(responses[r]), 1
+    outcome = torch.tensor([0.9, -0.9, 0.4, -0.4, 0.0, 0.0])[list(rows)]
+    proc = types.SimpleNamespace(tokenizer=tokenizer, image_processor=types.SimpleNamespace(
+        min_pixels=RESIZE["min_pixels"], max_pixels=RESIZE["max_pixels"], patch_size=14,
+        merge_size=2))
+    batch = {"completion_ids": ids, "completion_mask": mask, "advantages": outcome,
+             "group_ids": torch.tensor(list(rows)) // SPLIT["group"],
+             "inputs": [{"image": imgs[r]} for r in rows],
+             "process_index": rank, "num_processes": world}
+    return batch, MAPOTurnScores(Recording(), proc, semantic_coef=0.7, turn_discount=0.5)
+
+
+def _tokenizer():
+    call = format_tool_call("image_zoom_in_tool", {"bbox_2d": [0, 0, 28, 28]})
+    return build_tokenizer([call, "<description>a red square</description><answer>red"
+                            "</answer>", "<tool_response>Error: bbox</tool_response>"] * 8,
+                           vocab_size=360)
+
+
+def test_mapo_turn_scores_over_two_processes_equal_one_process(tmp_path):
+    """Two gloo processes, each with 3 of the 6 completions (a group split between them):
+    each process's advantages equal the rows of a one-process run over the whole batch, to
+    float32 rounding (the same sums in the same order: 1e-6)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    worker = Path(__file__).resolve().parent / "turn_scores_worker.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", str(worker), str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole_batch, fn = split_batch(0, 1)
+    whole = fn(whole_batch)
+    assert fn.metrics["scored"] == 6
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        want = whole[3 * rank:3 * rank + 3, :got.shape[1]]
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # normalising each process's rows alone (what a per-process normaliser does) differs
+    _, fn0 = split_batch(0, 1)
+    part, _ = split_batch(0, 2)
+    local = fn0(dict(part, num_processes=1, process_index=0))
+    assert not torch.allclose(local, whole[:3, :local.shape[1]], atol=1e-3)
