@@ -17,11 +17,18 @@ TRL shuffles and splits the batch (so whole groups are there), with TRL's batch 
 
 The recipe, ready: ``ZoomEnvironment`` is the zoom tool for TRL's own multi-turn loop
 (``environment_factory=ZoomEnvironment.factory(processor)``: one instance per rollout, the
-row's image, ``ToolRunner``'s box rules and error texts, the crop returned as an image), and
+row's image, ``ToolRunner``'s box rules and error texts, the crop returned as an image, a
+refused call raised as ``ZoomToolError`` so that TRL counts it as a failed tool call), and
 ``MAPOTurnScores(verifier, processor)`` is a ``semantic_scores_fn`` that finds each
 description after each tool response in TRL's completions, recomputes that turn's crop, scores
 them all in one verifier call and returns MAPO's per-token advantages (TRL's outcome advantage
 plus ``semantic_coef`` times the group-normalised turn scores).
+
+TRL renders tool calls only with a chat template it can parse (TRL refuses Qwen2.5-VL's own:
+"does not support tool calling"); use TRL's ``trl.chat_template_utils.qwen3_vl_chat_template``
+for Qwen2.5-VL, as ``examples/trl/`` does. ``tensor_image_fields(processor)`` (applied by
+``ZoomEnvironment.factory`` and ``MAPOGRPOTrainer``) works around TRL 1.16 crashing on a tool
+round whose every call failed, with an image processor that returns numpy grids.
 """
 
 from __future__ import annotations
@@ -153,17 +160,59 @@ def _resize_of(processing_class: Any) -> Dict[str, int]:
     return dict(min_pixels=int(lo), max_pixels=int(hi), factor=int(factor))
 
 
+#: the processor outputs TRL's tool loop splits per image (``split_pixel_values_by_grid`` calls
+#: ``image_grid_thw.prod``: a tensor's method, not a list's)
+IMAGE_FIELDS = ("pixel_values", "image_grid_thw")
+
+
+def tensor_image_fields(processor: Any) -> Any:
+    """``processor`` (changed in place, returned) with its ``apply_chat_template`` returning
+    ``IMAGE_FIELDS`` as torch tensors. TRL 1.16 renders each prompt of an environment batch
+    with ``apply_chat_template(tokenize=True, return_dict=True)``; an image processor on its
+    PIL backend returns the grids as numpy arrays there, which TRL keeps as a list and then
+    calls ``.prod(-1)`` on in the tool round where every call failed (``'list' object has no
+    attribute 'prod'``). Tensors are what the torchvision backend returns. Idempotent; a
+    processor without ``apply_chat_template`` is returned unchanged."""
+    original = getattr(processor, "apply_chat_template", None)
+    if original is None or getattr(original, "_mapo_tensor_image_fields", False):
+        return processor
+
+    @functools.wraps(original)
+    def apply_chat_template(*args: Any, **kwargs: Any) -> Any:
+        out = original(*args, **kwargs)
+        if hasattr(out, "keys"):
+            for key in IMAGE_FIELDS:
+                if key in out.keys() and not isinstance(out[key], torch.Tensor):
+                    import numpy as np
+                    out[key] = torch.as_tensor(np.asarray(out[key]))
+        return out
+    apply_chat_template._mapo_tensor_image_fields = True  # type: ignore[attr-defined]
+    processor.apply_chat_template = apply_chat_template
+    return processor
+
+
+class ZoomToolError(ValueError):
+    """A zoom call the tool refused (a box outside the image, too small, too many calls...):
+    raised so that TRL counts it as a failed tool call (``tools/failure_frequency``). Its
+    text is ``ToolRunner``'s error message, which TRL returns to the model (as
+    ``{'error': text}``)."""
+
+
 class ZoomEnvironment:
     """The zoom tool in TRL's multi-turn loop: pass ``environment_factory=
     ZoomEnvironment.factory(processor)``. TRL makes one instance per rollout, calls ``reset``
     with the dataset row (its ``image_key`` column holds the image) and exposes
     ``image_zoom_in_tool`` to the model. A call goes through ``ToolRunner`` (the box rules and
     error texts of mapo_fast's own rollouts, ``crop_and_zoom``); a crop comes back to TRL as
-    an image part, which TRL merges into the conversation and the forward; an error as text.
-    ``max_calls``: zoom calls per rollout."""
+    an image part, which TRL merges into the conversation and the forward; a refused call
+    raises ``ZoomToolError`` with the tool's error text. ``max_calls``: zoom calls per
+    rollout (>= 0)."""
 
     def __init__(self, *, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  factor: int = FACTOR, max_calls: int = 4, image_key: str = "image"):
+        if isinstance(max_calls, bool) or not isinstance(max_calls, int) or max_calls < 0:
+            raise ValueError(f"ZoomEnvironment: `max_calls` must be an int >= 0, got "
+                             f"{max_calls!r}")
         self._resize = dict(min_pixels=min_pixels, max_pixels=max_pixels, factor=factor)
         self._runner = ToolRunner()
         self._max_calls, self._image_key = max_calls, image_key
@@ -172,7 +221,10 @@ class ZoomEnvironment:
     @classmethod
     def factory(cls, processing_class: Any = None, **kwargs: Any
                 ) -> Callable[[], "ZoomEnvironment"]:
-        """A zero-argument factory for TRL, with ``processing_class``'s resize rule."""
+        """A zero-argument factory for TRL, with ``processing_class``'s resize rule (and
+        ``tensor_image_fields`` applied to it)."""
+        if processing_class is not None:
+            tensor_image_fields(processing_class)
         options = dict(_resize_of(processing_class), **kwargs)
         return functools.partial(cls, **options)
 
@@ -194,7 +246,7 @@ class ZoomEnvironment:
         call = format_tool_call(ZoomInTool.name, {"bbox_2d": bbox_2d, "label": label})
         (result,) = self._runner.run([call], [self._context], [self._session])
         if not result.ok:
-            return result.text
+            raise ZoomToolError(result.text)
         return [{"type": "image", "image": pil_image(result.crop)}]
 
 
@@ -268,6 +320,8 @@ def _trainer_class():
 
         def __init__(self, *args: Any, semantic_scores_fn: Optional[Callable] = None,
                      **kwargs: Any):
+            if kwargs.get("processing_class") is not None:
+                tensor_image_fields(kwargs["processing_class"])
             super().__init__(*args, **kwargs)
             bad = _unsupported(self)
             if bad:

@@ -14,7 +14,8 @@ PIL = pytest.importorskip("PIL.Image")
 
 from mapo_fast import mapo_advantages  # noqa: E402
 from mapo_fast.integrations.recipe import TurnScorer, image_tensor, pil_image  # noqa: E402
-from mapo_fast.integrations.trl import MAPOTurnScores, ZoomEnvironment  # noqa: E402
+from mapo_fast.integrations.trl import (MAPOTurnScores, ZoomEnvironment,  # noqa: E402
+                                        ZoomToolError)
 from mapo_fast.rewards.verifier import SemanticVerifier  # noqa: E402
 from mapo_fast.tasks.tokenizer import build_tokenizer  # noqa: E402
 from mapo_fast.tools.protocol import (ToolContext, ToolRunner, ToolSession,  # noqa: E402
@@ -151,18 +152,47 @@ def test_zoom_environment_answers_as_toolrunner(tok):
     env.reset(prompt="hi", image=pil_image(img))
     ctx = ToolContext([img], [smart_resize(60, 90, **RESIZE)])
     for box in ([0, 0, 28, 28], [-5, 0, 10, 10], [0, 0, 1, 1], [10, 10, 5, 5]):
-        got = env.image_zoom_in_tool(box)
         (want,) = ToolRunner().run([format_tool_call("image_zoom_in_tool",
                                                      {"bbox_2d": box, "label": ""})],
                                    [ctx], [ToolSession()])
         if want.ok:
+            got = env.image_zoom_in_tool(box)
             assert torch.equal(image_tensor(got[0]["image"]), want.crop)
-        else:
-            assert got == want.text and got.startswith("Error: ")
+        else:  # raised, so that TRL counts a failed call; the text is the tool's
+            with pytest.raises(ZoomToolError) as refused:
+                env.image_zoom_in_tool(box)
+            assert str(refused.value) == want.text and want.text.startswith("Error: ")
     env = ZoomEnvironment(max_calls=1, **RESIZE)
     env.reset(images=[img])
     assert isinstance(env.image_zoom_in_tool([0, 0, 28, 28]), list)
-    assert "too many tool calls" in env.image_zoom_in_tool([0, 0, 28, 28])
+    with pytest.raises(ZoomToolError, match="too many tool calls"):
+        env.image_zoom_in_tool([0, 0, 28, 28])
+    with pytest.raises(ValueError, match=r"`max_calls` must be an int >= 0, got -1"):
+        ZoomEnvironment(max_calls=-1)
+
+
+def test_tensor_image_fields_turns_numpy_grids_into_tensors():
+    """What TRL 1.16's tool loop needs of ``apply_chat_template``'s image fields: tensors
+    (it calls ``image_grid_thw.prod(-1)``); other fields untouched; applied once."""
+    import numpy as np
+
+    from mapo_fast.integrations.trl import tensor_image_fields
+
+    class Proc:
+        calls = 0
+
+        def apply_chat_template(self, conversation, **kwargs):
+            Proc.calls += 1
+            return {"input_ids": [[1, 2, 3]], "pixel_values": np.ones((4, 6), np.float32),
+                    "image_grid_thw": [np.array([1, 2, 2])]}
+    proc = Proc()
+    assert tensor_image_fields(tensor_image_fields(proc)) is proc
+    out = proc.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True)
+    assert Proc.calls == 1 and out["input_ids"] == [[1, 2, 3]]
+    assert isinstance(out["pixel_values"], torch.Tensor) and out["pixel_values"].shape == (4, 6)
+    assert out["image_grid_thw"].tolist() == [[1, 2, 2]]
+    assert out["image_grid_thw"].prod(-1).tolist() == [4]
+    assert tensor_image_fields(object()) is not None  # nothing to wrap
 
 
 def test_mapo_turn_scores_on_a_trl_batch(tok):

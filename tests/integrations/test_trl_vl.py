@@ -1,12 +1,15 @@
 """``MAPOGRPOTrainer`` on a vision-language model, against the released TRL (1.16.0, its
 pinned environment): a tiny Qwen2.5-VL loaded from a saved checkpoint, its processor without
-the video part (``vl_assets``), prompts with images. The batch is TRL's own, from
+the video part (``examples/trl/tiny_vl.py``), prompts with images. The batch is TRL's own, from
 ``GRPOTrainer._generate_and_score_completions`` (pixel values, image grids,
 ``mm_token_type_ids``, reference log-probs); on it ``MAPOGRPOTrainer._compute_loss`` equals
 ``GRPOTrainer._compute_loss``, loss and every parameter's gradient (vision tower included), for
 grpo and bnpo, with and without KL. The same comparison without ``mm_token_type_ids`` fails
 (M-RoPE positions change), so the parity is not an accident of the batch.
 """
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +19,9 @@ datasets = pytest.importorskip("datasets")
 pytest.importorskip("PIL")
 
 from mapo_fast.integrations.trl import MAPOGRPOTrainer  # noqa: E402
-from vl_assets import QUESTIONS, image, processor, save_tiny_vl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples" / "trl"))
+from tiny_vl import QUESTIONS, image, processor, save_tiny_vl  # noqa: E402
 
 CASES = {"grpo": dict(loss_type="grpo"), "grpo+kl": dict(loss_type="grpo", beta=0.04),
          "bnpo": dict(loss_type="bnpo"), "bnpo+kl": dict(loss_type="bnpo", beta=0.04)}
@@ -131,7 +136,7 @@ def tool_user(tmp_path_factory):
     and its processor with TRL's own Qwen-VL chat template (TRL parses tool calls with it)."""
     from trl.chat_template_utils import qwen3_vl_chat_template
 
-    from vl_assets import warm_start_tool_use
+    from tiny_vl import warm_start_tool_use
     path = tmp_path_factory.mktemp("tool_user")
     save_tiny_vl(path)
     proc = processor(path, qwen3_vl_chat_template)
@@ -220,3 +225,57 @@ def test_with_semantic_coef_0_the_run_equals_grpo_trainer(tool_user, tmp_path):
     assert len(logs["trl"]) == 2 and min(c for _, _, c in logs["trl"]) > 0
     torch.testing.assert_close(torch.tensor(logs["ours"]), torch.tensor(logs["trl"]),
                                atol=1e-5, rtol=1e-4)
+
+
+def test_a_round_of_failed_calls_counts_failures_and_does_not_crash(tool_user, tmp_path):
+    """Every zoom call refused (``max_calls=0``): TRL counts each as a failed call (the
+    environment raises ``ZoomToolError``; the model is shown the error text), and with the PIL
+    image processor's numpy grids TRL 1.16 crashes in such a round unless the processor returns
+    tensors (``tensor_image_fields``, which ``ZoomEnvironment.factory`` applies): the control
+    without it reproduces the crash."""
+    import functools
+
+    from trl import GRPOConfig, GRPOTrainer
+
+    from mapo_fast.integrations.trl import ZoomEnvironment, _resize_of
+
+    def trainer(name, factory, proc):
+        # room for the tool response after the call (a shorter budget ends the loop first)
+        args = GRPOConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4,
+                          num_generations=2, max_completion_length=160, max_steps=1,
+                          logging_steps=1, report_to="none", use_cpu=True, bf16=False, seed=0,
+                          learning_rate=1e-3, save_strategy="no")
+        return GRPOTrainer(model=tool_user[0], reward_funcs=answer_reward, args=args,
+                           processing_class=proc,
+                           train_dataset=datasets.Dataset.from_list(rows()),
+                           environment_factory=factory)
+    from trl.chat_template_utils import qwen3_vl_chat_template
+    plain = processor(tool_user[0], qwen3_vl_chat_template)
+    unguarded = functools.partial(ZoomEnvironment, max_calls=0, **_resize_of(plain))
+    torch.manual_seed(0)
+    with pytest.raises(AttributeError, match="'list' object has no attribute 'prod'"):
+        trainer("unguarded", unguarded, plain).train()
+    guarded = processor(tool_user[0], qwen3_vl_chat_template)
+    tr = trainer("guarded", ZoomEnvironment.factory(guarded, max_calls=0), guarded)
+    torch.manual_seed(0)
+    tr.train()
+    (log,) = [h for h in tr.state.log_history if "loss" in h]
+    assert log["tools/call_frequency"] > 0 and log["tools/failure_frequency"] == 1.0
+
+
+def test_the_trl_example_trains(tmp_path):
+    """``examples/trl/train_zoom_mapo.py`` as a user runs it (its own process, the tiny model
+    it builds): two steps, zoom calls made, crops scored, semantic scores logged."""
+    import json
+    import subprocess
+    import sys as _sys
+    script = Path(__file__).resolve().parents[2] / "examples" / "trl" / "train_zoom_mapo.py"
+    proc = subprocess.run([_sys.executable, str(script), "--steps", "2", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 2
+    assert min(metrics["tool_calls_per_completion"]) > 0 and min(metrics["crops_scored"]) > 0
+    assert all(0.0 <= s <= 1.0 for s in metrics["semantic_score"])
+    print(proc.stdout.strip().splitlines()[-1])

@@ -1,8 +1,10 @@
-"""A tiny Qwen2.5-VL saved as a local checkpoint folder (the model and its byte-level BPE,
-``build_tokenizer``), and its processor: transformers' ``Qwen2_5_VLProcessor`` without the
-video part (``ImageOnlyProcessor``: the video processor needs torchvision, which these CPU
-environments do not have), with a Qwen2-VL image processor (PIL backend) and a chat template
-in Qwen2.5-VL's format (tools, images, tool responses). Images are made in code."""
+"""A tiny Qwen2.5-VL for ``train_zoom_mapo.py`` (and the TRL tests), made in code: a local
+checkpoint folder (the model and its byte-level BPE, ``build_tokenizer``), its processor
+(transformers' ``Qwen2_5_VLProcessor`` without the video part, ``ImageOnlyProcessor``: the
+video processor needs torchvision, which a CPU-only install may not have; a Qwen2-VL image
+processor on its PIL backend; a chat template), images of colour blocks, and a short
+imitation stage that teaches it to call the zoom tool (a random model never does). A real
+Qwen2.5-VL checkpoint needs none of this: its own processor, with TRL's chat template."""
 
 from __future__ import annotations
 
