@@ -2,14 +2,16 @@
 # MAPO on verl 0.9.1's default trainer: Qwen2.5-VL, multi-turn rollout with the zoom tool,
 # the `mapo` reward manager (outcome + each description scored against its crop) and the
 # `mapo` advantage estimator. verl starts its trainer and workers as Ray processes: the two
-# MAPO_FAST variables make every one of them import mapo_fast.integrations.verl_worker.
+# variables below make every one of them import mapo_fast.integrations.verl_worker; they are
+# exported for this shell and passed in Ray's runtime_env, which reaches every worker on every
+# node of the cluster.
 #
 #   bash examples/verl/run_qwen2_5_vl_mapo.sh TRAIN.parquet VAL.parquet /path/to/Qwen2.5-VL \
 #       /path/to/clip [more hydra overrides]
 #
 # Data: verl's RL dataset parquet (prompt with an <image> placeholder, images, data_source,
-# reward_model.ground_truth); `examples/verl/README.md` lists the columns. On a Ray cluster,
-# pass the two variables with +ray_kwargs.ray_init.runtime_env.env_vars.<NAME>=... as well.
+# reward_model.ground_truth): `prepare_data.py` writes it from images and questions, with the
+# resize bounds that keep verl's image loading in the zoom tool's frame.
 set -euo pipefail
 TRAIN=$1 VAL=$2 MODEL=$3 CLIP=$4
 shift 4
@@ -55,4 +57,6 @@ python3 -m verl.trainer.main_ppo \
     trainer.n_gpus_per_node=8 \
     trainer.nnodes=1 \
     trainer.total_epochs=1 \
+    +ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES="$VERL_USE_EXTERNAL_MODULES" \
+    "+ray_kwargs.ray_init.runtime_env.env_vars.MAPO_FAST_VERL_OPTIONS='$MAPO_FAST_VERL_OPTIONS'" \
     "$@"

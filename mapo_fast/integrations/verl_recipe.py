@@ -19,7 +19,8 @@ that scores each description against its crop.
 
 Both need the processor's resize (``min_pixels`` / ``max_pixels``) and the reward the
 verifier: they come from the ``"reward"`` object of ``MAPO_FAST_VERL_OPTIONS``
-(``reward_options``), e.g. ``{"reward": {"verifier": "/ckpt/clip", "max_pixels": 1003520}}``.
+(``reward_options``), e.g. ``{"reward": {"verifier": "/ckpt/clip", "max_pixels": 1003520}}``;
+the verifier runs on the reward worker's GPU when it has one (``"device": "auto"``).
 Importing this module needs verl (``verl_worker`` imports it in every verl process).
 """
 
@@ -30,6 +31,7 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 
 from verl.experimental.reward_loop.reward_manager import register as register_manager
 from verl.experimental.reward_loop.reward_manager.base import RewardManagerBase
@@ -48,7 +50,7 @@ MANAGER_NAME = "mapo"
 #: keys of ``MAPO_FAST_VERL_OPTIONS["reward"]`` and their defaults
 REWARD_DEFAULTS: Dict[str, Any] = {"verifier": None, "min_pixels": MIN_PIXELS,
                                    "max_pixels": MAX_PIXELS, "factor": FACTOR,
-                                   "max_batch": 256, "wait_s": 0.01}
+                                   "max_batch": 256, "wait_s": 0.01, "device": "auto"}
 
 
 def reward_options(environ: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
@@ -62,6 +64,24 @@ def reward_options(environ: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
         raise ValueError(f"{OPTIONS_ENV}: unknown reward option(s) {unknown}; valid: "
                          f"{list(REWARD_DEFAULTS)}")
     return {**REWARD_DEFAULTS, **given}
+
+
+def verifier_device(option: str, cuda_available: Optional[bool] = None) -> torch.device:
+    """The device of the reward worker's verifier: ``auto`` (default) is the worker's GPU when
+    Ray gave it one (CUDA visible), else the CPU; ``cpu``, ``cuda`` or ``cuda:N`` as given (a
+    CUDA device on a worker without one is refused, naming the option)."""
+    cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
+    name = str(option).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if cuda else "cpu")
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and
+                                                 name[5:].isdigit())):
+        raise ValueError(f"{OPTIONS_ENV}: reward option 'device' must be 'auto', 'cpu', 'cuda' "
+                         f"or 'cuda:N', got {option!r}")
+    if name.startswith("cuda") and not cuda:
+        raise ValueError(f"{OPTIONS_ENV}: reward option 'device' is {option!r}, but this "
+                         f"reward worker sees no CUDA device (use 'auto' or 'cpu')")
+    return torch.device(name)
 
 
 def _resize(options: Dict[str, Any]) -> Dict[str, int]:
@@ -203,7 +223,8 @@ class MAPORewardManager(RewardManagerBase):
                                  "'{\"reward\": {\"verifier\": \"<a local CLIP or SigLIP "
                                  "checkpoint>\"}}'")
             from ..rewards.clip import CLIPVerifier
-            verifier = CLIPVerifier.from_pretrained(options["verifier"])
+            verifier = CLIPVerifier.from_pretrained(options["verifier"],
+                                                    device=verifier_device(options["device"]))
         self.accuracy = AccuracyReward()
         self.batcher = _Batcher(TurnScorer(verifier, tokenizer, **_resize(options)),
                                 int(options["max_batch"]), float(options["wait_s"]))

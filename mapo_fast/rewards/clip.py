@@ -78,13 +78,16 @@ class CLIPVerifier(SemanticVerifier):
         self.std = torch.as_tensor(std, dtype=torch.float32)
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> "CLIPVerifier":
+    def from_pretrained(cls, path: str, device: Any = None, **kwargs) -> "CLIPVerifier":
         """Loads model, tokenizer and normalisation from a local folder (no download). The
         normalisation is read from the folder's ``preprocessor_config.json`` (``image_mean``,
         ``image_std``; CLIP's defaults where absent), not through an image processor, which
-        some transformers releases build only with torchvision installed."""
+        some transformers releases build only with torchvision installed. ``device``: where
+        the model runs (None: where it loads, the CPU)."""
         from transformers import AutoModel, AutoTokenizer
         model = AutoModel.from_pretrained(path, local_files_only=True)
+        if device is not None:
+            model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         pre = Path(path) / "preprocessor_config.json"
         settings = json.loads(pre.read_text()) if pre.is_file() else {}

@@ -13,7 +13,6 @@ import asyncio
 import json
 import os
 import re
-import shlex
 import types
 
 import numpy as np
@@ -34,39 +33,60 @@ from mapo_fast.tools.protocol import (ToolContext, ToolRunner, ToolSession,  # n
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "examples", "verl", "run_qwen2_5_vl_mapo.sh")
+SMOKE = os.path.join(ROOT, "examples", "verl", "smoke_1gpu.sh")
 RESIZE = dict(min_pixels=28 * 28, max_pixels=56 * 56)
 OPTIONS = json.dumps({"reward": {"verifier": "unused", **RESIZE}})
 
 
-def script_overrides(values):
-    """The hydra overrides of the example script, with its shell variables set to ``values``,
-    split as the shell splits them."""
-    text = open(SCRIPT).read()
-    command = text[text.index("python3 -m verl.trainer.main_ppo"):text.index('"$@"')]
-    command = command.replace("\\\n", " ")
-    for name, value in values.items():
-        command = command.replace(f'"${name}"', shlex.quote(value)).replace(f"${name}", value)
-    return shlex.split(command)[3:]
+def launch(tmp_path, script, *args):
+    """What ``bash script args...`` hands ``python3 -m verl.trainer.main_ppo``: its hydra
+    overrides, split and expanded by bash itself, and the two mapo_fast variables of its
+    environment. A ``python3`` shim first on ``PATH`` records them instead of starting verl
+    (other ``python3`` calls, the smoke script's asset and data steps, are run for real)."""
+    import subprocess
+    import sys
+    shim = tmp_path / "bin"
+    shim.mkdir(exist_ok=True)
+    record = tmp_path / "launch.json"
+    (shim / "python3").write_text(
+        f"#!{sys.executable}\n"
+        "import json, os, runpy, sys\n"
+        "if sys.argv[1:3] == ['-m', 'verl.trainer.main_ppo']:\n"
+        f"    json.dump({{'argv': sys.argv[3:], 'env': {{k: os.environ.get(k) for k in "
+        f"('VERL_USE_EXTERNAL_MODULES', 'MAPO_FAST_VERL_OPTIONS')}}}}, open({str(record)!r}, 'w'))\n"
+        "else:\n"
+        "    sys.argv = sys.argv[1:]\n"
+        "    runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    (shim / "python3").chmod(0o755)
+    env = dict(os.environ, PATH=f"{shim}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(record.read_text())
+    return out["argv"], out["env"]
 
 
-def script_options(clip):
-    line = next(l for l in open(SCRIPT) if l.startswith("export MAPO_FAST_VERL_OPTIONS="))
-    return shlex.split(line.split("=", 1)[1].replace("$CLIP", clip))[0]
+def compose_verl(overrides):
+    """verl's own trainer configuration with ``overrides`` (unknown keys raise)."""
+    import verl
+    from hydra import compose, initialize_config_dir
+    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        return compose(config_name="ppo_trainer", overrides=overrides)
 
 
 def test_the_example_composes_with_verls_own_configuration(tmp_path, monkeypatch):
-    import verl
-    from hydra import compose, initialize_config_dir
     from verl.tools.tool_registry import initialize_tools_from_config
     from verl.utils.config import omega_conf_to_dataclass
-    here = os.path.dirname(SCRIPT)
-    overrides = script_overrides({"TRAIN": "/d/train.parquet", "VAL": "/d/val.parquet",
-                                  "MODEL": "/m/qwen2_5_vl", "HERE": here})
+    overrides, exports = launch(tmp_path, SCRIPT, "/d/train.parquet", "/d/val.parquet",
+                                "/m/qwen2_5_vl", "/ckpt/clip")
     assert len(overrides) > 30
-    config_dir = os.path.join(os.path.dirname(verl.__file__), "trainer", "config")
-    with initialize_config_dir(config_dir=config_dir, version_base=None):
-        cfg = compose(config_name="ppo_trainer", overrides=overrides)  # unknown keys raise
+    cfg = compose_verl(overrides)
     assert cfg.trainer.use_v1 and cfg.algorithm.adv_estimator == "mapo"
+    # both variables reach every Ray worker on every node (ray.init's runtime_env), verbatim
+    env_vars = dict(cfg.ray_kwargs.ray_init.runtime_env.env_vars)
+    assert env_vars == exports
+    assert json.loads(env_vars["MAPO_FAST_VERL_OPTIONS"])["reward"]["verifier"] == "/ckpt/clip"
     assert cfg.actor_rollout_ref.rollout.agent.default_agent_loop == "tool_agent"
     from verl.trainer.ppo.reward import load_reward_manager
     monkeypatch.setenv(mv.OPTIONS_ENV, OPTIONS)
@@ -77,9 +97,26 @@ def test_the_example_composes_with_verls_own_configuration(tmp_path, monkeypatch
     assert omega_conf_to_dataclass(cfg.algorithm).norm_adv_by_std_in_grpo
     (tool,) = initialize_tools_from_config(cfg.actor_rollout_ref.rollout.multi_turn.tool_config_path)
     assert isinstance(tool, rec.ZoomInTool) and tool.name == "image_zoom_in_tool"
-    monkeypatch.setenv(mv.OPTIONS_ENV, script_options("/ckpt/clip"))
+    monkeypatch.setenv(mv.OPTIONS_ENV, exports["MAPO_FAST_VERL_OPTIONS"])
     assert rec.reward_options()["verifier"] == "/ckpt/clip"
     assert mv.options_from_env()["semantic_coef"] == 1.0
+
+
+def test_the_one_gpu_smoke_run_composes(tmp_path):
+    """``examples/verl/smoke_1gpu.sh`` as far as a machine without a GPU takes it: the tiny
+    assets made, the data prepared, and the launch it hands verl (the main script's overrides
+    plus its own) composing with verl's configuration: one GPU, two steps, small batches, the
+    prepared parquet files, the tiny checkpoint and CLIP."""
+    work = tmp_path / "smoke"
+    overrides, exports = launch(tmp_path, SMOKE, str(work))
+    cfg = compose_verl(overrides)
+    assert cfg.trainer.n_gpus_per_node == 1 and cfg.trainer.total_training_steps == 2
+    assert cfg.data.train_batch_size == 4 and cfg.actor_rollout_ref.rollout.n == 2
+    assert cfg.data.train_files == str(work / "train.parquet")
+    assert os.path.isfile(cfg.data.train_files) and os.path.isfile(cfg.data.val_files)
+    assert cfg.actor_rollout_ref.model.path == str(work / "model")
+    assert json.loads(exports["MAPO_FAST_VERL_OPTIONS"])["reward"]["verifier"] == \
+        str(work / "clip")
 
 
 def test_bad_reward_options_are_named(monkeypatch):
@@ -91,6 +128,33 @@ def test_bad_reward_options_are_named(monkeypatch):
     with pytest.raises(ValueError, match="MAPORewardManager: no verifier: set "
                                          "MAPO_FAST_VERL_OPTIONS"):
         rec.MAPORewardManager(None, tok())
+
+
+@pytest.mark.parametrize("option, cuda, want", [
+    ("auto", True, "cuda"), ("auto", False, "cpu"), ("cpu", True, "cpu"),
+    ("cuda:1", True, "cuda:1"), ("cuda", False, None), ("tpu", True, None)])
+def test_the_verifier_runs_on_the_reward_workers_gpu(option, cuda, want):
+    """``"device": "auto"`` (the default) puts the CLIP verifier on the GPU Ray gave the reward
+    worker, the CPU where it has none; a CUDA device without CUDA, or an unknown name, is
+    refused naming the option."""
+    assert rec.REWARD_DEFAULTS["device"] == "auto"
+    if want is None:
+        with pytest.raises(ValueError, match=r"reward option 'device'"):
+            rec.verifier_device(option, cuda_available=cuda)
+    else:
+        assert rec.verifier_device(option, cuda_available=cuda) == torch.device(want)
+
+
+def test_the_reward_manager_loads_the_verifier_on_that_device(monkeypatch, tmp_path):
+    """``MAPORewardManager`` builds its verifier from the options' folder on ``device``."""
+    from test_clip_verifier import tiny_clip
+    model, clip_tok = tiny_clip()
+    model.save_pretrained(tmp_path)
+    clip_tok.save_pretrained(tmp_path)
+    monkeypatch.setenv(mv.OPTIONS_ENV, json.dumps(
+        {"reward": {"verifier": str(tmp_path), "device": "cpu"}}))
+    mgr = rec.MAPORewardManager(None, tok())
+    assert mgr.batcher.scorer.verifier.device == torch.device("cpu")
 
 
 class Recording(SemanticVerifier):
