@@ -37,7 +37,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 DOCS_STAMP := $(DOCS_VENV)/.installed
 # the oldest releases setup.py admits: the core suite runs under them too (make test-floor)
 FLOOR_TORCH ?= torch==2.11.0
-FLOOR_TRANSFORMERS ?= transformers==5.10.4
+FLOOR_TRANSFORMERS ?= transformers==5.9.0
 # Triton 3.6 (torch 2.11's) runs its interpreter, which the suite uses on CPU, only with numpy < 2.4
 FLOOR_NUMPY ?= numpy<2.4
 FLOOR_VENV := .venvs/floor
