@@ -124,3 +124,27 @@ def test_advantage_and_crop_launchers_choose_checked_configurations(gpu_launch):
     assert CZ._meta(False, 14, 2, 2) in crop
     for geom in CZ.PATCH_GEOMETRIES:
         assert CZ._meta(True, *geom) in crop
+
+
+@pytest.mark.parametrize("capability", PA.CAPABILITIES)
+@pytest.mark.parametrize("model", sorted(PA.MODEL_SHAPES))
+def test_the_default_check_covers_what_the_models_launch(gpu_launch, model, capability,
+                                                         monkeypatch):
+    """Every configuration ``plan`` launches for the attention of Qwen2-0.5B and
+    Qwen2.5-VL-3B/7B (decode and prefill, with and without a KV split, bf16 and fp32) is a
+    default case, the set the suite holds to "no spills" (under the Triton it runs)."""
+    defaults = [(c.constexprs, c.num_warps, c.num_stages) for c in PA.compile_cases()
+                if c.kernel is PA._paged_attention_kernel and c.default and
+                (not c.targets or capability in c.targets)]
+    monkeypatch.setattr(PA, "_capability", lambda dev: capability)
+    heads, kv_heads, head_dim = PA.MODEL_SHAPES[model]
+    for dtype in (torch.bfloat16, torch.float32):
+        for total_q, S in ((4, 4), (300, 4)):  # decode, prefill
+            for splits in (1, 4):
+                cu_q = torch.linspace(0, total_q, S + 1).long()
+                plan = PA.plan(torch.Size((total_q, heads, head_dim)), dtype, kv_heads, 16,
+                               torch.zeros(S, 600, dtype=torch.long), torch.full((S,), 9000),
+                               cu_q, splits=splits)
+                used = (dict(plan.cfg.blocks, **PA._flags(dtype, plan.splits > 1)),
+                        plan.cfg.num_warps, plan.cfg.num_stages)
+                assert used in defaults, (model, dtype, total_q, splits, used)

@@ -34,12 +34,14 @@ from ._compile import TRITON_TYPES, CompileCase, Config, ptr, signature
 Tensor = torch.Tensor
 
 #: Rows of the packed (query x head) tile: decode (about one query per sequence) or prefill
-#: (fp32 tiles are half as tall: their operands take twice the registers).
+#: (fp32 tiles are a quarter as tall: their operands take twice the registers, and tiles of
+#: 32 rows spill under Triton 3.6 or 3.9 in their split or unaligned variants).
 DECODE_M = 16
 #: The tallest tile per (dtype, padded head dimension) that compiles without spills (checked
-#: by ``compile_check``); a taller GQA group is covered in chunks of heads.
+#: by ``compile_check`` under Triton 3.6 and 3.9); a taller GQA group is covered in chunks of
+#: heads.
 _HALF_M = {16: 64, 32: 64, 64: 64, 128: 64, 256: 16}
-_FP32_M = {16: 32, 32: 32, 64: 32, 128: 32, 256: 16}
+_FP32_M = {16: 16, 32: 16, 64: 16, 128: 16, 256: 16}
 MAX_M = {torch.bfloat16: _HALF_M, torch.float16: _HALF_M, torch.float32: _FP32_M}
 BLOCK_MS = (16, 32, 64, 128)
 
@@ -63,7 +65,8 @@ CAPABILITIES = (90, 80)
 def config(dtype: torch.dtype, head_dim: int, block_m: int, capability: int = 90) -> Config:
     """Tile sizes, chosen with ``compile_check`` (no spills at head dimension 128 on sm_90 or
     sm_80, integer arguments aligned or not): ``BLOCK_N`` keys per iteration, fewer for
-    taller tiles, fp32 and heads wider than 128; four warps for narrow heads; one pipeline
+    taller tiles, fp32 and heads wider than 128; four warps for narrow heads (eight for a
+    half-precision decode tile of a head of 64: four spill under Triton 3.6); one pipeline
     stage for half-precision tiles of 64 rows before sm_90 (``capability``: 80 for sm_80),
     where two spill; three for fp32 heads of 128 before sm_90, where two spill under Triton
     3.6 (both Triton 3.6 and 3.9 are checked)."""
@@ -82,8 +85,9 @@ def config(dtype: torch.dtype, head_dim: int, block_m: int, capability: int = 90
         stages = 3
     else:
         stages = 2
+    narrow = block_d <= 64 and not (dtype != torch.float32 and block_m == DECODE_M)
     return Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d),
-                  num_warps=4 if block_d <= 64 else 8, num_stages=stages)
+                  num_warps=4 if narrow else 8, num_stages=stages)
 
 
 @triton.jit
@@ -204,6 +208,27 @@ def _sm_count(device: torch.device) -> int:
         if device.type == "cuda" else 4
 
 
+def tile_rows(dtype: torch.dtype, head_dim: int, group: int, decode: bool) -> int:
+    """``BLOCK_M`` of a launch: for decode the GQA group's query heads rounded up to a power
+    of two (at least ``DECODE_M``), for prefill chunks the tallest tile the head fits."""
+    tallest = block_m_max(dtype, head_dim)
+    return min(tallest, max(DECODE_M, triton.next_power_of_2(group))) if decode else tallest
+
+
+#: attention shapes ``(query heads, KV heads, head dim)`` of the models the default compile
+#: check covers: every configuration ``plan`` launches for them (decode and prefill, split
+#: or not, bf16 and fp32) is in it
+MODEL_SHAPES = {"Qwen2-0.5B": (14, 2, 64), "Qwen2.5-VL-3B": (16, 2, 128),
+                "Qwen2.5-VL-7B": (28, 4, 128)}
+
+
+def _launched(dtype: torch.dtype, head_dim: int, block_m: int) -> bool:
+    """Whether ``plan`` launches this tile for a model of ``MODEL_SHAPES`` (bf16 or fp32)."""
+    return dtype != torch.float16 and any(
+        hd == head_dim and block_m == tile_rows(dtype, hd, heads // kv, decode)
+        for heads, kv, hd in MODEL_SHAPES.values() for decode in (True, False))
+
+
 def plan(q_shape: torch.Size, dtype: torch.dtype, kv_heads: int, page: int,
          block_tables: Tensor, context_lens: Tensor, cu_q: Tensor,
          splits: Optional[int] = None) -> Plan:
@@ -215,8 +240,7 @@ def plan(q_shape: torch.Size, dtype: torch.dtype, kv_heads: int, page: int,
     group = heads // kv_heads
     S = context_lens.shape[0]
     decode = total_q <= S  # about one query per sequence
-    tallest = block_m_max(dtype, head_dim)
-    block_m = min(tallest, max(DECODE_M, triton.next_power_of_2(group))) if decode else tallest
+    block_m = tile_rows(dtype, head_dim, group, decode)
     hp = min(group, block_m)                          # heads of a group per tile
     chunks = triton.cdiv(group, hp)
     block_q = block_m // hp
@@ -307,9 +331,7 @@ def compile_cases() -> List[CompileCase]:
         for head_dim in (64, 128, 256):
             for block_m in (m for m in BLOCK_MS if m <= block_m_max(dtype, head_dim)):
                 for split in (False, True):
-                    default = head_dim == 128 and dtype != torch.float16 and (block_m, split) in (
-                        (DECODE_M, False), (DECODE_M, dtype == torch.bfloat16),
-                        (block_m_max(dtype, head_dim), False))
+                    default = _launched(dtype, head_dim, block_m)
                     cfgs = {cap: config(dtype, head_dim, block_m, cap) for cap in CAPABILITIES}
                     same = len(set(map(repr, cfgs.values()))) == 1
                     for cap, cfg in list(cfgs.items())[:1] if same else cfgs.items():
