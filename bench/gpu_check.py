@@ -1,20 +1,21 @@
-"""The first thing to run on any GPU: every kernel against its torch reference at real sizes, the
-timings that decide the design (fused vs chunked loss vs the three-GEMM floor, paged decode vs
-its KV-read bandwidth floor and vs SDPA on gathered KV, crops vs torch ``interpolate``, the
-advantage kernel vs its torch path, a rollout of a random-weight ~0.5B Qwen2, its decode steps
-as CUDA graphs vs eager), written to
-``bench/results/gpu-check-<device>.json`` and ``.md``.
+"""The first thing to run on any GPU: CUDA-graph decode inside training (graph safety), every
+kernel against its torch reference at real sizes, the timings that decide the design (fused vs
+chunked loss vs the three-GEMM floor, paged decode vs its KV-read bandwidth floor and vs SDPA on
+gathered KV, crops vs torch ``interpolate``, the advantage kernel vs its torch path, a rollout
+of a random-weight ~0.5B Qwen2, its decode steps as CUDA graphs vs eager), written to
+``<out>/gpu-check-<device>.json`` and ``.md``. ``bench/gpu_run.sh`` runs each section in its
+own process with its own time limit (``--append``), then the compile check.
 
-    python bench/gpu_check.py            (or: mapo-bench --gpu-check)
-    python bench/gpu_check.py --toy      toy sizes; on CPU under TRITON_INTERPRET=1 (the test)
+    python bench/gpu_check.py --out DIR          (or: mapo-bench --gpu-check)
+    python bench/gpu_check.py --toy --out DIR    toy sizes; on CPU under TRITON_INTERPRET=1
 
 Runs from a source checkout with the machine's own torch and Triton (no install, no download):
 the checkout's ``mapo_fast`` is put on the path when the package is not installed, and the
 rollout uses the C++ block manager when it is built, else its Python model. Each section is
 independent: a failure is recorded (with its traceback) and the next section runs; the exit
 status is 1 when any check failed. Each section's report goes to standard output as it ends,
-and both files are rewritten after every section (``complete`` says whether all ran), so a
-run cut short keeps what it measured. The rollout section also checks greedy tokens against
+and both files are rewritten after every section (``complete`` says whether every section
+has a result), so a run cut short keeps what it measured. The rollout section also checks greedy tokens against
 the eager torch path (Hugging Face's ``generate``) on a float32 copy of the same model; the
 decode-graph section checks graph-replayed greedy tokens against the engine's eager steps and
 counts launches and kernels per decode step both ways.
@@ -351,6 +352,54 @@ def rollout_section(sz: Sizes, dev: torch.device, measure) -> Dict:
             "ok": check["equal"]}
 
 
+def graph_safety_section(sz: Sizes, dev: torch.device, measure) -> Dict:
+    """CUDA-graph decode inside training, as the trainer runs it: a float32, trainable policy
+    rolled out under ``torch.autocast(bfloat16)`` with ``decode_mode="graph"``, then its
+    weights changed in place (an optimizer step), then rolled out again. The graph's greedy
+    tokens must equal the static path's (the same padded forward, uncaptured) after the
+    update, and again outside autocast (graphs of another autocast setting are recaptured); a
+    graph that replayed autocast's cached bf16 weights would give the tokens of the weights
+    before the update. Without a GPU both engines run the static path (the bookkeeping only).
+    The rollout section's model at toy size or Qwen2-0.5B's width with 4 layers."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from mapo_fast.rollout.engine import RolloutEngine
+    torch.manual_seed(5)
+    shape = dict(sz.rollout, num_hidden_layers=min(4, sz.rollout["num_hidden_layers"]))
+    model = Qwen2ForCausalLM(Qwen2Config(max_position_embeddings=2048, **shape)).to(dev)
+    model.train()  # trainable float32 weights: what autocast caches casts of
+    fast = "graph" if dev.type == "cuda" else "static"
+    n_prompts, plen, group, new = sz.prompts
+    prompts = [[(5 * i + j) % (shape["vocab_size"] - 1) + 1 for j in range(plen)]
+               for i in range(n_prompts)]
+    blocks = 2 * -(-n_prompts * group * (plen + new) // 16)
+    engines = {m: RolloutEngine(model, None, decode_mode=m, block_size=16, num_blocks=blocks)
+               for m in (fast, "static")}
+
+    def greedy(mode: str) -> List[List[int]]:
+        return [t.token_ids for t in engines[mode].generate(
+            prompts, group_size=group, max_new_tokens=new, temperature=0.0)]
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16)
+    with autocast:
+        before = greedy(fast)
+    with torch.no_grad():  # an optimizer step: every weight changed in place
+        g = torch.Generator(device="cpu").manual_seed(6)
+        for prm in model.parameters():
+            prm.add_(0.5 * prm.std() * torch.randn(prm.shape, generator=g).to(dev))
+    with autocast:
+        after = {m: greedy(m) for m in engines}
+    plain = {m: greedy(m) for m in engines}
+    diverge = first_divergence(after[fast], after["static"])
+    diverge_plain = first_divergence(plain[fast], plain["static"])
+    return {"sizes": dict(shape, prompts=n_prompts, prompt_tokens=plen, group=group,
+                          new_tokens=new),
+            "decode_mode": fast, "greedy_equal": diverge is None and diverge_plain is None,
+            "first_divergence": diverge or diverge_plain,
+            "update_changed_tokens": before != after["static"],
+            "graphs_captured": engines[fast].stats.get("decode_graphs_captured", 0),
+            "ok": diverge is None and diverge_plain is None}
+
+
 #: runtime calls that launch work on the GPU (a replayed CUDA graph is one)
 LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
                 "cudaGraphLaunch")
@@ -481,23 +530,39 @@ def first_divergence(ours: List[List[int]], ref: List[List[int]]) -> Optional[Li
     return None
 
 
-SECTIONS = {"loss": loss_section, "paged_attention": paged_section, "crops": crop_section,
+SECTIONS = {"graph_safety": graph_safety_section, "loss": loss_section,
+            "paged_attention": paged_section, "crops": crop_section,
             "advantage": advantage_section, "rollout": rollout_section,
             "decode_graphs": decode_graph_section}
 
 
+def new_result(toy: bool, dev: torch.device) -> Dict:
+    """An empty report: the device, versions, no section yet."""
+    import triton
+    info = dict(device_info(dev), triton=triton.__version__)
+    return {"toy": toy, "info": info, "sections": {}, "complete": False, "ok": True}
+
+
+def add_section(result: Dict, name: str, section: Dict) -> None:
+    """``section`` into ``result``, in ``SECTIONS``' order; ``ok`` and ``complete`` (every
+    section has a result) updated."""
+    result["sections"][name] = section
+    result["sections"] = {n: result["sections"][n] for n in SECTIONS
+                          if n in result["sections"]}
+    result["ok"] = all(sec["ok"] for sec in result["sections"].values())
+    result["complete"] = set(SECTIONS) <= set(result["sections"])
+
+
 def run(toy: bool, dev: torch.device, repeats: int, only: Optional[List[str]] = None,
-        on_section: Optional[Callable[[str, Dict], None]] = None) -> Dict:
-    """Every section (or ``only`` these) in turn; after each, ``on_section(name, result)``
-    with the result so far (``complete`` False until the last)."""
+        on_section: Optional[Callable[[str, Dict], None]] = None,
+        result: Optional[Dict] = None) -> Dict:
+    """Every section (or ``only`` these) in turn, added to ``result`` (default: a new
+    report); after each, ``on_section(name, result)`` with the result so far."""
     sz = TOY if toy else REAL
     measure = timer(dev, repeats)
-    result = {"toy": toy, "info": device_info(dev), "sections": {}, "complete": False,
-              "ok": True}
-    import triton
-    result["info"]["triton"] = triton.__version__
+    result = new_result(toy, dev) if result is None else result
     names = [n for n in SECTIONS if not only or n in only]
-    for i, name in enumerate(names):
+    for name in names:
         print(f"[gpu-check] {name} ...", flush=True)
         t0 = time.perf_counter()
         try:
@@ -505,9 +570,7 @@ def run(toy: bool, dev: torch.device, repeats: int, only: Optional[List[str]] = 
         except Exception:  # a broken section is recorded; the others still run
             res = {"ok": False, "error": traceback.format_exc()}
         res["seconds"] = round(time.perf_counter() - t0, 1)
-        result["sections"][name] = res
-        result["ok"] = all(s["ok"] for s in result["sections"].values())
-        result["complete"] = i + 1 == len(names)
+        add_section(result, name, res)
         if on_section is not None:
             on_section(name, result)
         if dev.type == "cuda":
@@ -522,7 +585,8 @@ def section_markdown(name: str, sec: Dict) -> List[str]:
     lines.append(f"sizes: {sec.get('sizes')}")
     for key in ("errors", "max_level_diff", "max_abs_err", "tolerance", "auto_choice",
                 "copy_gbps", "new_tokens_per_s", "allocator", "decode_mode", "per_decode_step",
-                "greedy_equal", "first_divergence"):
+                "greedy_equal", "first_divergence", "update_changed_tokens",
+                "graphs_captured"):
         if key in sec:
             lines.append(f"{key}: {sec[key]}")
     ms = sec.get("ms", {})
@@ -535,8 +599,10 @@ def section_markdown(name: str, sec: Dict) -> List[str]:
 
 def markdown(result: Dict) -> str:
     info = result["info"]
+    missing = [n for n in SECTIONS if n not in result["sections"]]
     state = ("ok" if result["ok"] else "FAILED") + ("" if result["complete"] else
-                                                   " so far (INCOMPLETE: the run stopped early)")
+                                                   f" so far (INCOMPLETE: not run: "
+                                                   f"{', '.join(missing)})")
     lines = [f"# GPU check — {info.get('device_name')}", "",
              f"torch {info['torch']}, Triton {info.get('triton')}, CUDA {info.get('cuda', '-')}"
              f"{' — TOY SIZES' if result['toy'] else ''}; overall: {state}", ""]
@@ -548,25 +614,42 @@ def markdown(result: Dict) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--toy", action="store_true", help="toy sizes (CPU under TRITON_INTERPRET)")
-    p.add_argument("--only", action="append", choices=sorted(SECTIONS))
+    p.add_argument("--only", action="append", choices=list(SECTIONS))
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for gpu-check-<device>.json and .md (e.g. bench/results)")
+    p.add_argument("--append", action="store_true",
+                   help="add the sections run to the report already in --out (one process "
+                        "per section: bench/gpu_run.sh)")
+    p.add_argument("--timed-out", metavar="SECTION", choices=list(SECTIONS),
+                   help="record SECTION as stopped by its time limit (--after seconds) in the "
+                        "report in --out, and exit 1")
+    p.add_argument("--after", type=float, default=None, help="with --timed-out: its limit (s)")
     a = p.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cpu" and not a.toy:
         p.error("no GPU here: run with --toy (and TRITON_INTERPRET=1) to exercise the command")
     a.out.mkdir(parents=True, exist_ok=True)
-    stem = f"gpu-check-{device_slug(dev)}{'-toy' if a.toy else ''}"
+    stem = a.out / f"gpu-check-{device_slug(dev)}{'-toy' if a.toy else ''}"
+    previous = json.loads(stem.with_suffix(".json").read_text()) \
+        if (a.append or a.timed_out) and stem.with_suffix(".json").exists() else None
 
     def write(name: str, result: Dict) -> None:
         """Each section as it ends: its report on standard output, and both files rewritten
         with everything so far (a run cut short keeps what it measured)."""
         print("\n".join(section_markdown(name, result["sections"][name])), flush=True)
-        (a.out / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-        (a.out / f"{stem}.md").write_text(markdown(result))
-    result = run(a.toy, dev, a.repeats, a.only, on_section=write)
-    print(f"[gpu-check] wrote {a.out / stem}.json and .md; overall "
-          f"{'ok' if result['ok'] else 'FAILED'}")
+        stem.with_suffix(".json").write_text(json.dumps(result, indent=1, default=str))
+        stem.with_suffix(".md").write_text(markdown(result))
+    if a.timed_out:
+        result = previous or new_result(a.toy, dev)
+        add_section(result, a.timed_out, {"ok": False, "seconds": a.after,
+                                          "error": f"stopped by its time limit ({a.after} s)"})
+        write(a.timed_out, result)
+        return 1
+    result = run(a.toy, dev, a.repeats, a.only, on_section=write, result=previous)
+    print(f"[gpu-check] wrote {stem}.json and .md; overall "
+          f"{'ok' if result['ok'] else 'FAILED'}"
+          f"{'' if result['complete'] else ' (not every section has run)'}")
     return 0 if result["ok"] else 1
 
 
