@@ -144,3 +144,20 @@ def _tool_schema():
 
     from mapo_fast.integrations.trl import ZoomEnvironment
     return get_json_schema(ZoomEnvironment.image_zoom_in_tool)
+
+
+def tiny_clip(words, seed: int = 0):
+    """A tiny random CLIP (``CLIPModel``, 56-pixel images) and its byte-level BPE trained on
+    ``words``: a stand-in verifier for runs that show the wiring, not the scores."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from mapo_fast.tasks.tokenizer import build_tokenizer
+    torch.manual_seed(seed)
+    tok = build_tokenizer(list(words) * 4, vocab_size=300)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=32,
+                                      intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=64),
+                     vision_config=dict(hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2,
+                                        image_size=56, patch_size=14), projection_dim=16)
+    return CLIPModel(cfg).eval(), tok

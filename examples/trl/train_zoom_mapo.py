@@ -47,12 +47,10 @@ def answer_reward(completions, **kwargs):
 def tiny_setup(folder: Path):
     """The tiny policy (saved to ``folder``, taught tool use), its processor with TRL's chat
     template, the dataset rows and a tiny random CLIP verifier."""
-    from transformers import CLIPConfig, CLIPModel
     from trl.chat_template_utils import qwen3_vl_chat_template
 
     import tiny_vl
     from mapo_fast.rewards.clip import CLIPVerifier
-    from mapo_fast.tasks.tokenizer import build_tokenizer
     rows = [{"prompt": [{"role": "user", "content": [{"type": "image"},
                                                      {"type": "text", "text": q}]}],
              "image": tiny_vl.image(i)} for i, q in enumerate(tiny_vl.QUESTIONS)]
@@ -60,17 +58,9 @@ def tiny_setup(folder: Path):
     proc = tiny_vl.processor(folder, qwen3_vl_chat_template)
     print("teaching the tiny policy to call the zoom tool ...", flush=True)
     tiny_vl.warm_start_tool_use(folder, proc, rows)
-    torch.manual_seed(0)
-    words = ["a red square", "blue dots", "a sign", "red", "blue", "square", "dots"] * 4
-    clip_tok = build_tokenizer(words, vocab_size=300)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(clip_tok), hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=64),
-                     vision_config=dict(hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=56, patch_size=14), projection_dim=16)
-    verifier = CLIPVerifier(CLIPModel(cfg).eval(), clip_tok)
-    return str(folder), proc, rows, verifier
+    clip = tiny_vl.tiny_clip(["a red square", "blue dots", "a sign", "red", "blue", "square",
+                              "dots"])
+    return str(folder), proc, rows, CLIPVerifier(*clip)
 
 
 def real_setup(model: str, verifier: str, data: str):

@@ -17,8 +17,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "trl"))
 
@@ -41,29 +39,20 @@ QUESTIONS = [("What colour is the top left block?", "red"),
 
 def make(workdir: Path, n_images: int = 8) -> dict:
     """Writes the checkpoint, the CLIP folder, the images and the questions; returns paths."""
-    from transformers import CLIPConfig, CLIPModel, Qwen2VLImageProcessorPil
+    from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
 
     import tiny_vl
-    from mapo_fast.tasks.tokenizer import build_tokenizer
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir, clip_dir, image_dir = workdir / "model", workdir / "clip", workdir / "images"
     tiny_vl.save_tiny_vl(model_dir)
-    from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(model_dir)
     Qwen2VLImageProcessorPil(min_pixels=3136, max_pixels=1003520).save_pretrained(model_dir)
     (model_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    torch.manual_seed(0)
-    words = ["red", "blue", "green", "block", "top", "left", "a red block"] * 4
-    clip_tok = build_tokenizer(words, vocab_size=300)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(clip_tok), hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=64),
-                     vision_config=dict(hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=56, patch_size=14), projection_dim=16)
-    CLIPModel(cfg).save_pretrained(clip_dir)
+    clip, clip_tok = tiny_vl.tiny_clip(["red", "blue", "green", "block", "top", "left",
+                                        "a red block"])
+    clip.save_pretrained(clip_dir)
     clip_tok.save_pretrained(clip_dir)
     image_dir.mkdir(exist_ok=True)
     lines = []
