@@ -24,6 +24,27 @@ def bench_main(argv: Optional[List[str]] = None) -> None:
     runpy.run_path(str(script), run_name="__main__")
 
 
+#: ``mapo-train --help``'s text above the keys (plain text: it is read in a terminal)
+TRAIN_USAGE = """usage: mapo-train [--config FILE.yaml] [--KEY VALUE ...]
+
+Trains a vision-language agent with MAPO end to end: rollouts with the zoom tool, outcome
+rewards and the semantic verifier, the MAPO advantage, the fused loss. With no arguments: a
+tiny Qwen2.5-VL on the built-in visual-search task (warm start, then MAPO), written to
+runs/mapo. Keys are dotted (--rollout.group_size 8); a YAML file given with --config sets
+them too, and the command line wins.
+
+keys, their defaults and what they do:"""
+
+
+def train_help() -> str:
+    """``mapo-train --help``: the usage, then every key with its default and its help."""
+    from .trainer.config import reference
+    lines = [TRAIN_USAGE]
+    for key, _, default, text in reference():
+        lines.append(f"  --{key} {default!r}\n      {text}")
+    return "\n".join(lines)
+
+
 def train_main(argv: Optional[List[str]] = None) -> None:
     """``mapo-train [--config FILE.yaml] [--key value ...]``: the MAPO loop end to end. With no
     arguments: a tiny Qwen2.5-VL on the built-in visual-search task, warm start then MAPO,
@@ -32,11 +53,7 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     from .trainer import ConfigError, Trainer, parse_args
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] in ("-h", "--help"):
-        from .trainer.config import reference
-        print(train_main.__doc__)
-        print("\nkeys, defaults and what they do:")
-        for key, _, default, text in reference():
-            print(f"  --{key} {default!r}\n      {text}")
+        print(train_help())
         return
     try:
         cfg = parse_args(args)

@@ -137,6 +137,7 @@ def test_mapo_train_on_records_with_a_saved_checkpoint_and_clip(assets, tmp_path
     (["--model.path", "{tmp}"], "`model.path`: "),
     (["--verifier.clip_path", "{tmp}"], "`verifier.clip_path`: "),
     (["--task.data_path", "{tmp}/x.parquet"], "`task.data_path`: "),
+    (["--task.data_path", "{tmp}/none.jsonl"], "`task.data_path` '"),
 ])
 def test_setup_errors_on_the_real_data_path_are_one_config_line(assets, tmp_path, override,
                                                                  message, capsys):
@@ -150,3 +151,5 @@ def test_setup_errors_on_the_real_data_path_are_one_config_line(assets, tmp_path
     text = str(e.value)
     assert text.startswith("mapo-train: config: ") and message in text and "\n" not in text
     assert len(text) < 500
+    key = message.split("`")[1]
+    assert text.count(f"`{key}`") == 1  # the key is named once

@@ -164,6 +164,8 @@ def test_trainer_refuses_bad_values_before_any_work(tmp_path, args, message, mon
     (["--rollout.group_sise", "4"], "unknown key `rollout.group_sise`; did you mean "
                                     "`rollout.group_size`"),
     (["--nope", "1"], "unknown key `nope`"),
+    # a bare leaf name at the top level: the dotted keys it may mean
+    (["--lr", "0.1"], "unknown key `lr`; did you mean `warm_start.lr` or `optim.lr`?"),
     (["--rollout.group_size", "four"], "`rollout.group_size` must be int, got 'four'"),
     (["--rollout.group_size", "0"], "`rollout.group_size` must be an int >= 1, got 0"),
     (["--algo", "ppo"], "`algo` must be 'mapo' or 'grpo', got 'ppo'"),
@@ -195,6 +197,10 @@ def test_trainer_refuses_bad_values_before_any_work(tmp_path, args, message, mon
     (["--rollout.memory_budget_mb", "1e12"], "`rollout.memory_budget_mb` must be at most this "
                                              "machine's memory"),
     (["--task.image_size", "100000"], "`task.image_size` must be small enough"),
+    (["--task.view_size", "2800000"], "`task.view_size` must be small enough to draw"),
+    (["--model.vision_depth", "1000000"], "`model.vision_depth` must be small enough for the "
+                                          "tiny model"),
+    (["--model.vocab_size", "400000000"], "`model.vocab_size` must be small enough"),
     (["--task.eval_size", "100000000"], "`task.eval_size` must be small enough"),
     (["--seed", str(2 ** 64)], "`seed` must be at most 2147483647"),
     (["--seed", "-1"], "`seed` must be in [0, 2**32)"),
@@ -356,3 +362,17 @@ def test_forced_openings_answer_at_once_or_zoom_on_the_target(tmp_path):
     assert int(proc([0, 0, 0], logits).argmax()) == 7
     assert torch.isinf(proc([0, 0, 0, 7], logits)).sum() == 11
     assert proc([0, 0, 0, 7, 9], logits) is logits
+
+
+def test_help_starts_with_a_usage_line_in_plain_text(capsys):
+    """``mapo-train --help``: a ``usage:`` line first, no reStructuredText markup, then every
+    key with its default."""
+    from mapo_fast.cli import train_main
+    from mapo_fast.trainer.config import reference
+    train_main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: mapo-train [--config FILE.yaml] [--KEY VALUE ...]\n")
+    head = text.split("keys, their defaults")[0]
+    assert "``" not in head
+    for key, *_ in reference():
+        assert f"\n  --{key} " in text

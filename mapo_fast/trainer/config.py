@@ -299,18 +299,21 @@ class TrainConfig:
             head = m.hidden_size // m.heads
             per_layer = (m.hidden_size * (m.heads + 2 * m.kv_heads) * head
                          + m.heads * head * m.hidden_size + 3 * m.hidden_size * m.intermediate_size)
-            params = (2 * m.vocab_size * m.hidden_size + m.layers * per_layer
-                      + m.vision_depth * 12 * m.vision_hidden_size ** 2)
-            need("model.layers", params * TRAIN_BYTES_PER_PARAM <= have,
+            # each size's share; the key named is the one that holds the most of them
+            shares = {"model.vocab_size": 2 * m.vocab_size * m.hidden_size,
+                      "model.layers": m.layers * per_layer,
+                      "model.vision_depth": m.vision_depth * 12 * m.vision_hidden_size ** 2}
+            params = sum(shares.values())
+            need(max(shares, key=shares.get), params * TRAIN_BYTES_PER_PARAM <= have,
                  f"small enough for the tiny model ({params:.3g} parameters, "
                  f"{TRAIN_BYTES_PER_PARAM} bytes each while training) to fit in {gib}")
         need("rollout.memory_budget_mb", self.rollout.memory_budget_mb * 2 ** 20 <= have,
              f"at most this machine's memory ({have / 2 ** 20:.0f} MiB)")
         if self.task.name == "visual_search":
             t, r = self.task, self.rollout
-            pixel = RENDER_BYTES_PER_PIXEL * t.image_size ** 2
-            need("task.image_size", pixel <= have // 4,
-                 f"small enough to draw one image in a quarter of {gib}")
+            for key, side in (("task.image_size", t.image_size), ("task.view_size", t.view_size)):
+                need(key, RENDER_BYTES_PER_PIXEL * side ** 2 <= have // 4,
+                     f"small enough to draw one image in a quarter of {gib}")
             images = max(r.prompts_per_step, t.eval_size, self.warm_start.batch_size)
             need("rollout.prompts_per_step" if images == r.prompts_per_step else
                  "task.eval_size" if images == t.eval_size else "warm_start.batch_size",
@@ -507,7 +510,12 @@ def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
             where = ".".join(parts[:i])
             known = sorted(fields)
             close = difflib.get_close_matches(part, known, n=1)
+            # a bare leaf name given at the top level (`lr`): the dotted keys that end in it
+            dotted = [k for k, *_ in reference(cfg) if k.endswith("." + part)] if i == 0 \
+                else []
             hint = f"; did you mean `{'.'.join(parts[:i] + close)}`?" if close else ""
+            if dotted and not close:
+                hint = f"; did you mean {' or '.join(f'`{k}`' for k in dotted)}?"
             raise ConfigError(f"config: unknown key `{key[:ECHO_CHARS]}`{hint} (keys of "
                               f"`{where or 'the top level'}`: {', '.join(known)})")
         if i < len(parts) - 1:

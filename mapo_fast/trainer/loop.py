@@ -85,7 +85,8 @@ def config_errors(key: str):
     except (ValueError, OSError) as e:
         text = " ".join(str(e).split()) or type(e).__name__
         text = text[len("config: "):] if text.startswith("config: ") else text
-        raise ConfigError(f"config: `{key}`: {text[:300]}") from None
+        named = text.startswith(f"`{key}`")  # the message names the key already: once
+        raise ConfigError(f"config: {'' if named else f'`{key}`: '}{text[:300]}") from None
 
 
 def build_task(cfg: TrainConfig):
