@@ -119,3 +119,25 @@ def test_the_eval_split_is_drawn_from_usable_records(tmp_path):
     (tmp_path / "bad.jsonl").write_text(json.dumps(rows[0]) + "\n")
     with pytest.raises(ValueError, match="no record is usable"):
         RecordsTask(str(tmp_path / "bad.jsonl"), seed=0)
+
+
+def test_answers_that_are_not_text_or_numbers_are_skipped_with_their_line(tmp_path, caplog):
+    """An answer that is an object, a list, a boolean or NaN is skipped with a reason (not
+    trained on as its Python text); each skipped record is logged once, with its line."""
+    import logging
+    PIL.new("RGB", (20, 20)).save(tmp_path / "ok.png")
+    answers = ["a", {"x": 1}, ["left"], True, 3, float("nan"), 2.5]
+    lines = [json.dumps({"image": "ok.png", "question": "q", "answer": a}) for a in answers]
+    lines.insert(3, "")  # a blank line: the record lines are 1, 2, 3, 5, 6, 7, 8
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    task = RecordsTask(str(path), seed=0, eval_size=1)
+    task.splits = {"train": list(range(7)), "eval": task.splits["eval"]}
+    with caplog.at_level(logging.WARNING, logger="mapo_fast.records"):
+        got = task.batch("train", 0, 6)
+    assert [s.answer for s in got] == ["a", "3", "2.5", "a", "3", "2.5"]
+    assert task.skipped["bad_answer"] == 4
+    logged = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(logged) == 4  # once each, though the batch cycled past them twice
+    for line, kind in ((2, "dict"), (3, "list"), (5, "bool"), (7, "float 'nan'")):
+        assert any(f"line {line} of d.jsonl" in m and kind in m for m in logged), logged

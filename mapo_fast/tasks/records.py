@@ -10,13 +10,15 @@ Records are checked when first used, and a bad one is skipped with a counted, lo
 (``RecordsTask.skipped``), never stopping training: an image path that resolves outside the
 dataset root (``..``, absolute paths, symlinks), a file that is missing or is not an image, an
 image over ``max_image_pixels`` (decompression bombs are refused from the header, before any
-decoding), a record without a question or an answer.
+decoding), a record without a question or an answer, an answer that is not text or a finite
+number (an object, a list, a boolean, NaN). Each skipped record is logged once, with its line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 from collections import Counter
@@ -69,10 +71,16 @@ def _json_line(n: int, raw: bytes) -> Dict[str, Any]:
 
 
 def read_records(path: str) -> List[Dict[str, Any]]:
-    """All records of a ``.jsonl`` or ``.parquet`` file. Each JSONL line is decoded on its own
-    (a UTF-8 byte-order mark at the start is accepted): a bad line becomes
-    ``{"__error__": reason}``, counted as one skipped record when used, and never makes the
-    file unreadable."""
+    """All records of a ``.jsonl`` or ``.parquet`` file (``read_numbered`` without the line
+    numbers)."""
+    return [rec for _, rec in read_numbered(path)]
+
+
+def read_numbered(path: str) -> List[Tuple[int, Dict[str, Any]]]:
+    """``(line, record)`` of every record of a ``.jsonl`` or ``.parquet`` file (the line in a
+    JSONL file, the row from 1 in a parquet file). Each JSONL line is decoded on its own (a
+    UTF-8 byte-order mark at the start is accepted): a bad line becomes ``{"__error__":
+    reason}``, counted as one skipped record when used, and never makes the file unreadable."""
     if not os.path.isfile(path):
         raise ValueError(f"config: `task.data_path` {path!r} is not a file")
     if path.endswith(".jsonl") or path.endswith(".json"):
@@ -82,7 +90,7 @@ def read_records(path: str) -> List[Dict[str, Any]]:
                 if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                     raw = raw[3:]
                 if raw.strip():
-                    out.append(_json_line(n, raw))
+                    out.append((n, _json_line(n, raw)))
         return out
     if path.endswith(".parquet"):
         try:
@@ -90,7 +98,7 @@ def read_records(path: str) -> List[Dict[str, Any]]:
         except ImportError:
             raise ValueError("config: reading parquet needs pyarrow (`pip install pyarrow`)") \
                 from None
-        return pq.read_table(path).to_pylist()
+        return list(enumerate(pq.read_table(path).to_pylist(), 1))
     raise ValueError(f"config: `task.data_path` must end in .jsonl or .parquet, got {path!r}")
 
 
@@ -110,7 +118,10 @@ class RecordsTask:
 
     def __init__(self, data_path: str, *, image_root: Optional[str] = None, seed: int = 0,
                  max_image_pixels: int = 4096 * 4096, eval_size: int = 64):
-        self.records = read_records(data_path)
+        numbered = read_numbered(data_path)
+        self.records = [rec for _, rec in numbered]
+        self.lines = [n for n, _ in numbered]  # where each record is in the file
+        self.data_path = data_path
         if not self.records:
             raise ValueError(f"config: `task.data_path` {data_path!r} holds no records")
         root = image_root if image_root else os.path.dirname(os.path.abspath(data_path))
@@ -149,7 +160,8 @@ class RecordsTask:
     def _skip(self, i: int, e: RecordError) -> None:
         self._bad.add(i)
         self.skipped[e.reason] += 1
-        log.warning("skipping record %d: %s", i, e)
+        log.warning("skipping the record on line %d of %s: %s", self.lines[i],
+                    os.path.basename(self.data_path), e)
 
     # ---- loading one record --------------------------------------------------------------------
     def resolve(self, rel: Any) -> str:
@@ -187,6 +199,11 @@ class RecordsTask:
             raise RecordError("no_question", "record has no question text (besides <image>)")
         if answer is None or not str(answer).strip():
             raise RecordError("no_answer", "record has no answer")
+        if isinstance(answer, (bool, dict, list)) or (
+                isinstance(answer, float) and not math.isfinite(answer)) or \
+                not isinstance(answer, (str, int, float)):
+            raise RecordError("bad_answer", f"the answer must be text or a finite number, got "
+                              f"{type(answer).__name__} {str(answer)[:40]!r}")
         return RecordSample(self._image(path), question, str(answer).strip(), i)
 
     def _image(self, path: str) -> Tensor:
