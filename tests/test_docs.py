@@ -40,3 +40,30 @@ def test_every_page_is_in_the_navigation():
 
 def test_the_readme_stays_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 250
+
+
+def glued_lists(text: str):
+    """``(line, text)`` of every list item that follows a paragraph line with no blank line
+    between (Markdown then renders the item as part of the paragraph, with a literal "- "),
+    outside code blocks."""
+    import re
+    item = re.compile(r"^\s*([-*+]|\d+\.)\s")
+    found, fence, prev = [], False, ""
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fence, prev = not fence, line
+            continue
+        if fence:
+            continue
+        if item.match(line) and prev.strip() and not item.match(prev) and \
+                not prev.startswith(" ") and not prev.lstrip().startswith(("|", "#", ">", "<")):
+            found.append((n, line[:60]))
+        prev = line
+    return found
+
+
+def test_no_list_is_glued_to_a_paragraph():
+    pages = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
+    glued = {str(p.relative_to(ROOT)): glued_lists(p.read_text()) for p in pages}
+    assert not {k: v for k, v in glued.items() if v}
+    assert glued_lists("Text:\n- item\n") == [(2, "- item")]  # the check itself
