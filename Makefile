@@ -132,8 +132,9 @@ $(DOCS_STAMP): docs/requirements.txt
 	$(DOCS_VENV)/bin/python -m pip install -q -r docs/requirements.txt
 	touch $(DOCS_STAMP)
 
+# NO_MKDOCS_2_WARNING: Material for MkDocs' own switch for its end-of-life notice on every build
 docs: $(DOCS_STAMP)
-	$(DOCS_VENV)/bin/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict
 
 docs-serve: $(DOCS_STAMP)
-	$(DOCS_VENV)/bin/mkdocs serve
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs serve
