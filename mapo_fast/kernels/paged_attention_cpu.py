@@ -86,8 +86,10 @@ ISAS = ("generic", "avx2", "avx512")
 ISA_ENV = "MAPO_FAST_CPU_ISA"
 
 
+@functools.lru_cache(maxsize=None)
 def supported_isas() -> Tuple[str, ...]:
-    """The levels this CPU runs, lowest first (needs the extension)."""
+    """The levels this CPU runs, lowest first (needs the extension; asked once: every decode
+    call checks its level against it)."""
     return ISAS[:extension().best_isa() + 1]
 
 
