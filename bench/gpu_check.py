@@ -313,6 +313,15 @@ def advantage_section(sz: Sizes, dev: torch.device, measure) -> Dict:
                                                               valid, token_turn, **kw))}}
 
 
+def _workload(sz: Sizes, vocab: int, stride: int) -> tuple:
+    """The rollout sections' prompts (``sz.prompts``: count and length; token ids made from
+    ``stride``) and the KV blocks of 16 tokens their groups need, twice over."""
+    n_prompts, plen, group, new = sz.prompts
+    prompts = [[(stride * i + j) % (vocab - 1) + 1 for j in range(plen)]
+               for i in range(n_prompts)]
+    return prompts, 2 * -(-n_prompts * group * (plen + new) // 16)
+
+
 def _rollout_setup(sz: Sizes, dev: torch.device):
     """The rollout sections' random-weight Qwen2 (bf16 on GPU), prompts and engine settings."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -323,9 +332,7 @@ def _rollout_setup(sz: Sizes, dev: torch.device):
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = Qwen2ForCausalLM(cfg).to(dev, dtype).eval()
     n_prompts, plen, group, new = sz.prompts
-    prompts = [[(7 * i + j) % (cfg.vocab_size - 1) + 1 for j in range(plen)]
-               for i in range(n_prompts)]
-    blocks = 2 * -(-n_prompts * group * (plen + new) // 16)
+    prompts, blocks = _workload(sz, cfg.vocab_size, stride=7)
     sizes = dict(params_m=sum(p.numel() for p in model.parameters()) / 1e6, prompts=n_prompts,
                  prompt_tokens=plen, group=group, new_tokens=new)
     return model, prompts, dict(block_size=16, num_blocks=blocks, allocator=allocator), sizes
@@ -370,9 +377,7 @@ def graph_safety_section(sz: Sizes, dev: torch.device, measure) -> Dict:
     model.train()  # trainable float32 weights: what autocast caches casts of
     fast = "graph" if dev.type == "cuda" else "static"
     n_prompts, plen, group, new = sz.prompts
-    prompts = [[(5 * i + j) % (shape["vocab_size"] - 1) + 1 for j in range(plen)]
-               for i in range(n_prompts)]
-    blocks = 2 * -(-n_prompts * group * (plen + new) // 16)
+    prompts, blocks = _workload(sz, shape["vocab_size"], stride=5)
     engines = {m: RolloutEngine(model, None, decode_mode=m, block_size=16, num_blocks=blocks)
                for m in (fast, "static")}
 
