@@ -141,3 +141,29 @@ def test_answers_that_are_not_text_or_numbers_are_skipped_with_their_line(tmp_pa
     assert len(logged) == 4  # once each, though the batch cycled past them twice
     for line, kind in ((2, "dict"), (3, "list"), (5, "bool"), (7, "float 'nan'")):
         assert any(f"line {line} of d.jsonl" in m and kind in m for m in logged), logged
+
+
+def test_questions_longer_than_the_model_can_read_are_skipped(tmp_path, caplog):
+    """``bound_questions``: a question over the bound is skipped with its line (counted once),
+    and the held-out split is drawn again from records within it."""
+    import logging
+    PIL.new("RGB", (20, 20)).save(tmp_path / "ok.png")
+    questions = ["a b c d e f g h", "short", "a b c", "x " * 50, "fine one"]
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps({"image": "ok.png", "question": q, "answer": "y"})
+                              for q in questions) + "\n")
+    task = RecordsTask(str(path), seed=0, eval_size=2)
+    assert len(task.splits["eval"]) == 1 and task.question_limit is None
+    with caplog.at_level(logging.WARNING, logger="mapo_fast.records"):
+        task.bound_questions(lambda text: len(text.split()), 3)
+        got = task.batch("train", 0, 6) + task.batch("eval", 0, 1)
+    assert {s.question for s in got} == {"short", "a b c", "fine one"}
+    assert all(len(task.records[i]["question"].split()) <= 3 for i in task.splits["eval"])
+    assert task.skipped["question_too_long"] == 2
+    logged = [r.getMessage() for r in caplog.records if "question_too_long" in r.getMessage()
+              or "takes" in r.getMessage()]
+    assert sorted(int(m.split("line ")[1].split()[0]) for m in logged) == [1, 4]
+    assert "the question takes 50 tokens, more than the 3 the model can read" in " ".join(logged)
+    for most in (0, 2.5, True):
+        with pytest.raises(ValueError, match=f"`most` must be an int >= 1, got {most!r}"):
+            task.bound_questions(len, most)

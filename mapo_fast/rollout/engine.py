@@ -22,7 +22,6 @@ sequence carries on across turns (``rollout.multimodal``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -31,6 +30,7 @@ import torch
 from ..tools.ops import MAX_PIXELS, MIN_PIXELS
 from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
 from . import cpu_malloc as cpu_malloc_mod
+from . import kv_pool
 from .model_runner import ModelRunner, kv_geometry
 from .multimodal import VisionAdapter, is_vision_language, render_chat
 from .params import CAPTURE_SIZES, FN, MAX_BATCH_TOKENS, PREFILL_CHUNK, DecodeParams, \
@@ -66,7 +66,12 @@ class RolloutEngine:
         block_size: tokens per KV block (any positive size; flash-attn, when installed, is
             used on CUDA for multiples of 256).
         num_blocks: blocks in the pool (default: from ``memory_budget_mb``).
-        memory_budget_mb: KV-cache memory when ``num_blocks`` is not given (default 256).
+        memory_budget_mb: KV-cache memory in MiB when ``num_blocks`` is not given (default:
+            ``memory_fraction`` of the device's free memory).
+        memory_fraction: the fraction of the device's free memory (CUDA's free memory, or
+            the CPU's available memory) the pool takes when neither of the above is given
+            (default ``kv_pool.MEMORY_FRACTION``). On CPU the pool is committed block by block
+            as rollouts write it, so a large pool costs only what is used (``rollout.kv_pool``).
         min_pixels, max_pixels: vision-language models: the area bounds of the resize rule for
             prompt images and crops (the Qwen2-VL processor's defaults).
         prefill_chunk: most tokens of one sequence in one forward pass (default 2048). Longer
@@ -92,7 +97,8 @@ class RolloutEngine:
     """
 
     def __init__(self, model: Any, tokenizer: Any = None, *, block_size: int = 16,
-                 num_blocks: Optional[int] = None, memory_budget_mb: float = 256.0,
+                 num_blocks: Optional[int] = None, memory_budget_mb: Optional[float] = None,
+                 memory_fraction: float = kv_pool.MEMORY_FRACTION,
                  min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
                  prefill_chunk: int = PREFILL_CHUNK, max_batch_tokens: int = MAX_BATCH_TOKENS,
                  allocator: str = "cpp", decode_mode: str = "auto",
@@ -127,7 +133,8 @@ class RolloutEngine:
         #: bytes of one KV block (keys and values of every layer)
         self.block_bytes = 2 * layers * block_size * kv_heads * head_dim * param.element_size()
         self.block_size = block_size
-        self.num_blocks = self._pool_blocks(num_blocks, memory_budget_mb)
+        self.num_blocks = kv_pool.pool_blocks(num_blocks, memory_budget_mb, memory_fraction,
+                                              self.block_bytes, self.device)
         self.stats: Dict[str, int] = {"prefill_tokens": 0, "cached_prompt_tokens": 0,
                                       "decode_tokens": 0, "forward_passes": 0,
                                       "prefill_passes": 0}
@@ -147,25 +154,6 @@ class RolloutEngine:
         banned = [v.image_token_id, v.vision_start_id, v.vision_end_id]
         video = getattr(self.model.config, "video_token_id", None)
         return tuple(sorted(set(banned + ([int(video)] if video is not None else []))))
-
-    def _pool_blocks(self, num_blocks: Any, memory_budget_mb: Any) -> int:
-        """``num_blocks``, or the blocks ``memory_budget_mb`` holds; checked."""
-        if num_blocks is not None:
-            if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
-                raise ValueError(f"RolloutEngine: `num_blocks` must be an int >= 1, got "
-                                 f"{num_blocks!r}")
-            return num_blocks
-        budget = memory_budget_mb
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or \
-                not math.isfinite(budget) or budget <= 0:
-            raise ValueError(f"RolloutEngine: `memory_budget_mb` must be a finite number > 0, "
-                             f"got {memory_budget_mb!r}")
-        blocks = int(budget * 2 ** 20) // self.block_bytes
-        if blocks < 1:
-            raise ValueError(f"RolloutEngine: `memory_budget_mb` {memory_budget_mb!r} holds no "
-                             f"KV block (one block of {self.block_size} tokens takes "
-                             f"{self.block_bytes / 2 ** 20:.4g} MiB)")
-        return blocks
 
     @property
     def blocks(self) -> Any:

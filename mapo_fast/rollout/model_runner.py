@@ -24,6 +24,7 @@ from .._dispatch import backend_for
 from ..kernels import packed_linear_cpu
 from ..policy import apply_logit_map, logit_map_of_config
 from .attention import KERNEL, choose_path, run_paged_attention, store_kv, triton_plan
+from . import kv_pool
 from .block_tables import DeviceBlockTables
 from .params import DecodeParams
 from .scheduler import Batch
@@ -118,9 +119,7 @@ class ModelRunner:
         self.device, self.dtype = param.device, param.dtype
         layers, kv_heads, head_dim = kv_geometry(text_config)
         shape = (num_blocks + 1, block_size, kv_heads, head_dim)
-        self.k_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                         for _ in range(layers)]
-        self.v_caches = [torch.zeros_like(self.k_caches[0]) for _ in range(layers)]
+        self.k_caches, self.v_caches = kv_pool.allocate(layers, shape, self.dtype, self.device)
         self.tables = DeviceBlockTables(self.device, stats)
         #: the packed linear layers (None: ``cpu_linear`` resolved to ``torch``)
         self.packed = packed_linear_cpu.PackedLinears([lm, head], stats) if \

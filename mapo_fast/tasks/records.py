@@ -11,7 +11,9 @@ Records are checked when first used, and a bad one is skipped with a counted, lo
 dataset root (``..``, absolute paths, symlinks), a file that is missing or is not an image, an
 image over ``max_image_pixels`` (decompression bombs are refused from the header, before any
 decoding), a record without a question or an answer, an answer that is not text or a finite
-number (an object, a list, a boolean, NaN). Each skipped record is logged once, with its line.
+number (an object, a list, a boolean, NaN), a question longer than the model can read beside
+its prompt and turns (``RecordsTask.bound_questions``, which the trainer sets from the model's
+``max_position_embeddings``). Each skipped record is logged once, with its line.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -133,20 +135,36 @@ class RecordsTask:
         random.Random(seed).shuffle(order)
         self.skipped: Counter = Counter()
         self._bad: set = set()
-        # the held-out split is drawn from usable records (checked now, in the shuffled order),
-        # so that an evaluation never meets a split of bad records
-        n_eval = min(eval_size, max(1, len(order) // 5))
+        self.order, self.eval_size = order, eval_size
+        #: ``(count_tokens, most)``: questions of more tokens are skipped (``bound_questions``)
+        self.question_limit: Optional[Tuple[Callable[[str], int], int]] = None
+        self._split()
+
+    def _split(self) -> None:
+        """The held-out split, drawn from usable records (checked now, in the shuffled order),
+        so that an evaluation never meets a split of bad records; the rest is ``train``."""
+        n_eval = min(self.eval_size, max(1, len(self.order) // 5))
         held = []
-        for i in order:
+        for i in self.order:
             if len(held) == n_eval:
                 break
-            if self._usable(i):
+            if i not in self._bad and self._usable(i):
                 held.append(i)
         if not held:
-            raise ValueError(f"config: `task.data_path` {data_path!r}: no record is usable "
+            raise ValueError(f"config: `task.data_path` {self.data_path!r}: no record is usable "
                              f"({dict(self.skipped)})")
-        rest = [i for i in order if i not in set(held)]
+        rest = [i for i in self.order if i not in set(held)]
         self.splits = {"eval": held, "train": rest or held}
+
+    def bound_questions(self, count_tokens: Callable[[str], int], most: int) -> None:
+        """From now on, skip (reason ``question_too_long``) a record whose question takes more
+        than ``most`` tokens by ``count_tokens``: more than the model can read beside its
+        prompt and turns. The held-out split is drawn again from records within the bound."""
+        if not isinstance(most, int) or isinstance(most, bool) or most < 1:
+            raise ValueError(f"RecordsTask.bound_questions: `most` must be an int >= 1, got "
+                             f"{most!r}")
+        self.question_limit = (count_tokens, most)
+        self._split()
 
     def _usable(self, i: int) -> bool:
         """Whether record ``i`` loads; a bad one is counted, logged and remembered."""
@@ -199,6 +217,13 @@ class RecordsTask:
             raise RecordError("no_question", "record has no question text (besides <image>)")
         if answer is None or not str(answer).strip():
             raise RecordError("no_answer", "record has no answer")
+        if self.question_limit is not None:
+            count_tokens, most = self.question_limit
+            n = count_tokens(question)
+            if n > most:
+                raise RecordError("question_too_long", f"the question takes {n} tokens, more "
+                                  f"than the {most} the model can read beside its prompt and "
+                                  "turns")
         if isinstance(answer, (bool, dict, list)) or (
                 isinstance(answer, float) and not math.isfinite(answer)) or \
                 not isinstance(answer, (str, int, float)):

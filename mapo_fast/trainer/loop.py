@@ -237,6 +237,29 @@ class Trainer:
                 f"tokens; one group of {r.group_size} samples may need {need} (prompt "
                 f"{len(prompt)} + {r.max_turns} turns each): give at least "
                 f"{blocks * self.engine.block_bytes / 2 ** 20:.3g} MiB")
+        if hasattr(self.task, "bound_questions"):
+            self._bound_questions(len(prompt), first.question)
+
+    def _bound_questions(self, prompt_len: int, question: str) -> None:
+        """Records whose question would not fit the text model's positions beside the rest of
+        the prompt and every turn are skipped (``RecordsTask.bound_questions``)."""
+        r = self.cfg.rollout
+
+        def count(text: str) -> int:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        positions = getattr(self.engine.text_config, "max_position_embeddings", None)
+        if not positions:
+            return
+        turns = r.max_turns * self.engine.turn_tokens(r.max_new_tokens, True, TEMPLATE)
+        most = int(positions) - (prompt_len - count(question)) - turns
+        if most < 1:
+            raise ConfigError(
+                f"config: `rollout.max_turns` ({r.max_turns}) turns of up to "
+                f"{turns // r.max_turns} tokens and the prompt leave no room for a question in "
+                f"the model's {positions} positions")
+        with config_errors("task.data_path"):
+            self.task.bound_questions(count, most)
 
     def _build_model(self, state: Optional[Dict[str, Any]]) -> None:
         cfg = self.cfg
