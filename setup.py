@@ -69,5 +69,6 @@ setup(
                 "pyyaml>=6", "tqdm>=4.60", "psutil", "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["mapo-bench=mapo_fast.cli:bench_main",
-                                    "mapo-train=mapo_fast.cli:train_main"]},
+                                    "mapo-train=mapo_fast.cli:train_main",
+                                    "mapo-eval=mapo_fast.cli:eval_main"]},
 )

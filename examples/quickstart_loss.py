@@ -14,7 +14,7 @@ model = Qwen2ForCausalLM(Qwen2Config(vocab_size=512, hidden_size=64, intermediat
                                      num_key_value_heads=2))
 numerics = mapo_fast.PolicyNumerics(temperature=0.7, top_p=0.9,
                                     **mapo_fast.PolicyNumerics.logit_map_of(model))
-engine = mapo_fast.RolloutEngine(model, None, memory_budget_mb=64)
+engine = mapo_fast.RolloutEngine(model, None)     # KV pool: half the free memory
 prompt = list(range(1, 17))                              # token ids (or a chat, or a string)
 trajs = engine.generate([prompt], group_size=4, max_new_tokens=12, seed=0,
                         **numerics.sampling_kwargs())

@@ -16,7 +16,8 @@ image = torch.randint(0, 256, (3, 112, 112), dtype=torch.uint8)      # uint8 [3,
 chat = [{"role": "user", "content": [{"type": "image", "image": image},
                                      {"type": "text", "text": "What colour is the square?"}]}]
 
-engine = mapo_fast.RolloutEngine(model, tokenizer, memory_budget_mb=64)   # the KV pool
+# the KV pool: half the free memory; on CPU only the blocks rollouts write become resident
+engine = mapo_fast.RolloutEngine(model, tokenizer)
 trajs = engine.generate([chat], group_size=4, max_new_tokens=32, temperature=1.0,
                         tools=mapo_fast.ToolRunner(), max_turns=3, seed=0)
 for t in trajs:  # token_ids, logprobs, loss_mask, spans.turns (call, crop, description), crops

@@ -68,3 +68,63 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     if trainer.dist.main:
         print(f"mapo-train: wrote {cfg.out}/metrics.jsonl, eval.json, curves.png and "
               f"checkpoints/ ({summary['wall_s']:.0f} s)")
+
+
+def eval_parser() -> "argparse.ArgumentParser":
+    """``mapo-eval``'s arguments (``mapo_fast.evaluation``)."""
+    import argparse
+    p = argparse.ArgumentParser(
+        prog="mapo-eval", description="Evaluate a policy on a multiple-choice benchmark file "
+        "(V* Bench or HR-Bench layout, JSONL or parquet) with the zoom tool: accuracy overall "
+        "and per category with 95%% intervals, pass@k, tool calls, action accuracy where the "
+        "file gives boxes. Writes OUT/report.json and OUT/report.md; a stopped run resumes.")
+    p.add_argument("--model", required=True, help="a mapo-train checkpoint (.pt file or run "
+                   "folder) or a Hugging Face Qwen2-VL / Qwen2.5-VL folder")
+    p.add_argument("--data", required=True, help="the benchmark file (.jsonl or .parquet)")
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    p.add_argument("--image-root", default=None,
+                   help="folder image paths are relative to (default: the data file's)")
+    p.add_argument("--samples", type=int, default=1,
+                   help="draws per question; pass@k up to it (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="tokens per turn (default: the checkpoint's training value, or 512)")
+    p.add_argument("--max-turns", type=int, default=None,
+                   help="turns per question (default: the checkpoint's, or 4)")
+    p.add_argument("--min-pixels", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8, help="questions per rollout call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N records")
+    p.add_argument("--max-image-pixels", type=int, default=8192 * 8192,
+                   help="larger images are skipped (from the header, before decoding)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda[:i]")
+    return p
+
+
+def eval_main(argv: Optional[List[str]] = None) -> None:
+    """``mapo-eval --model PATH --data FILE [--out DIR] ...`` (``mapo-eval --help``)."""
+    import torch
+
+    from .evaluation import Benchmark, EvalSettings, Evaluation, load_policy
+    a = eval_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(a.device if a.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.limit is not None and a.limit < 1:
+        sys.exit(f"mapo-eval: `--limit` must be an int >= 1, got {a.limit}")
+    try:
+        settings = EvalSettings(samples=a.samples, temperature=a.temperature, top_p=a.top_p,
+                                max_new_tokens=a.max_new_tokens, max_turns=a.max_turns,
+                                min_pixels=a.min_pixels, max_pixels=a.max_pixels,
+                                batch_size=a.batch_size, seed=a.seed).validate()
+        bench = Benchmark(a.data, image_root=a.image_root, max_image_pixels=a.max_image_pixels,
+                          limit=a.limit)
+        run = Evaluation(load_policy(a.model, device), bench, a.out, settings)
+    except (ValueError, OSError) as e:
+        sys.exit(f"mapo-eval: {str(e).removeprefix('mapo-eval: ')}")
+    report = run.run()
+    o = report["overall"]
+    lo, hi = o["accuracy_ci95"]
+    print(f"mapo-eval: accuracy {o['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {o['questions']} "
+          f"questions; wrote {a.out}/report.md, report.json, samples.jsonl")

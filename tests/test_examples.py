@@ -17,6 +17,9 @@ EXAMPLES = ROOT / "examples"
 QUICKSTARTS = {"quickstart_loss.py": r"loss [+-]\d\.\d+, \|grad\| of the head \d+\.\d+, "
                                      r"ratio mean 1\.0000",
                "quickstart_rollout.py": r"\d+ tokens, 32 generated, \d+ tool turns, \d+ crops"}
+#: every program the README shows whole (the TRL one runs in TRL's environment:
+#: tests/integrations/test_trl_vl.py)
+SHOWN = sorted(QUICKSTARTS) + ["trl/quickstart_trl.py"]
 
 
 def load(name):
@@ -45,7 +48,7 @@ def python_blocks(text: str):
     return re.findall(r"```python\n(.*?)```", text, flags=re.S)
 
 
-@pytest.mark.parametrize("name", sorted(QUICKSTARTS))
+@pytest.mark.parametrize("name", SHOWN)
 def test_the_readme_shows_the_quickstart_file_itself(name):
     code = (EXAMPLES / name).read_text()
     readme = (ROOT / "README.md").read_text()

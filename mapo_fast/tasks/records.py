@@ -114,6 +114,49 @@ def _first(rec: Dict[str, Any], *keys: str) -> Any:
     return None
 
 
+def decode_image(source: Any, max_pixels: int, name: str, *, header_only: bool = False
+                 ) -> Optional[Tensor]:
+    """An image file (a path or a binary file object) as uint8 ``[3, H, W]`` RGB, or
+    ``RecordError``: ``too_many_pixels`` (from the header, before decoding: decompression bombs
+    are refused) or ``not_an_image``. ``name`` names it in the reason. ``header_only``: check
+    the header and return None (nothing decoded)."""
+    from PIL import Image
+    try:
+        with Image.open(source) as im:
+            w, h = im.size  # from the header: nothing decoded yet
+            if w * h > max_pixels:
+                raise RecordError("too_many_pixels", f"{name} is {w}x{h}, over the limit of "
+                                  f"{max_pixels} pixels")
+            if header_only:
+                return None
+            im = im.convert("RGB")
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    except RecordError:
+        raise
+    except Image.DecompressionBombError as e:  # PIL's own header check, before ours
+        raise RecordError("too_many_pixels", f"{name}: {e}") from None
+    except Exception as e:  # PIL raises many types for non-images and broken files
+        raise RecordError("not_an_image", f"{name} cannot be decoded as an image "
+                          f"({type(e).__name__})") from None
+    return data.reshape(h, w, 3).permute(2, 0, 1).contiguous()
+
+
+def resolve_image(root: str, rel: Any) -> str:
+    """The real path of an image path ``rel`` inside the folder ``root`` (a real path), or
+    ``RecordError``: ``bad_image_path``, ``outside_root`` (``..``, absolute paths, symlinks
+    leaving it) or ``missing_image``."""
+    if not isinstance(rel, str) or not rel:
+        raise RecordError("bad_image_path", f"image path {str(rel)[:80]!r} is not a string")
+    if "\x00" in rel:
+        raise RecordError("bad_image_path", f"image path {rel[:80]!r} contains a NUL byte")
+    full = os.path.realpath(os.path.join(root, rel))
+    if os.path.commonpath([full, root]) != root:
+        raise RecordError("outside_root", f"{rel!r} resolves outside the dataset root")
+    if not os.path.isfile(full):
+        raise RecordError("missing_image", f"{rel!r} is not a file")
+    return full
+
+
 class RecordsTask:
     """A dataset of image/question/answer records (see the module doc), split into a train
     part and a held-out ``eval`` part of ``eval_size`` records (after a seeded shuffle)."""
@@ -184,16 +227,7 @@ class RecordsTask:
     # ---- loading one record --------------------------------------------------------------------
     def resolve(self, rel: Any) -> str:
         """The real path of an image path inside the root, or ``RecordError``."""
-        if not isinstance(rel, str) or not rel:
-            raise RecordError("bad_image_path", f"image path {str(rel)[:80]!r} is not a string")
-        if "\x00" in rel:
-            raise RecordError("bad_image_path", f"image path {rel[:80]!r} contains a NUL byte")
-        full = os.path.realpath(os.path.join(self.root, rel))
-        if os.path.commonpath([full, self.root]) != self.root:
-            raise RecordError("outside_root", f"{rel!r} resolves outside the dataset root")
-        if not os.path.isfile(full):
-            raise RecordError("missing_image", f"{rel!r} is not a file")
-        return full
+        return resolve_image(self.root, rel)
 
     def load(self, i: int) -> RecordSample:
         rec = self.records[i]
@@ -232,24 +266,7 @@ class RecordsTask:
         return RecordSample(self._image(path), question, str(answer).strip(), i)
 
     def _image(self, path: str) -> Tensor:
-        from PIL import Image
-        name = os.path.basename(path)
-        try:
-            with Image.open(path) as im:
-                w, h = im.size  # from the header: nothing decoded yet
-                if w * h > self.max_image_pixels:
-                    raise RecordError("too_many_pixels", f"{os.path.basename(path)} is {w}x{h}, "
-                                      f"over the limit of {self.max_image_pixels} pixels")
-                im = im.convert("RGB")
-                data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        except RecordError:
-            raise
-        except Image.DecompressionBombError as e:  # PIL's own header check, before ours
-            raise RecordError("too_many_pixels", f"{name}: {e}") from None
-        except Exception as e:  # PIL raises many types for non-images and broken files
-            raise RecordError("not_an_image", f"{os.path.basename(path)} cannot be decoded as "
-                              f"an image ({type(e).__name__})") from None
-        return data.reshape(h, w, 3).permute(2, 0, 1).contiguous()
+        return decode_image(path, self.max_image_pixels, os.path.basename(path))
 
     # ---- the task interface ------------------------------------------------------------------
     def batch(self, split: str, start: int, n: int) -> List[RecordSample]:

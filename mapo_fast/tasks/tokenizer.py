@@ -22,7 +22,6 @@ def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 512) -> Any:
     ``transformers.PreTrainedTokenizerFast`` (pad ``<pad>``, EOS ``<|im_end|>``). The result
     depends only on ``texts`` and ``vocab_size``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
     if not isinstance(vocab_size, int) or vocab_size < 300:
         raise ValueError(f"build_tokenizer: `vocab_size` must be an int >= 300 (256 bytes + "
                          f"markers), got {vocab_size!r}")
@@ -35,8 +34,20 @@ def build_tokenizer(texts: Iterable[str], *, vocab_size: int = 512) -> Any:
     tok.train_from_iterator(corpus, trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + TAG_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return _wrap(tok)
+
+
+def _wrap(tok: Any) -> Any:
+    from transformers import PreTrainedTokenizerFast
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<|im_end|>",
                                    additional_special_tokens=SPECIAL_TOKENS[1:])
+
+
+def tokenizer_from_string(text: str) -> Any:
+    """A tokenizer ``build_tokenizer`` made, back from its JSON text (``backend_tokenizer.
+    to_str()``, as checkpoints store it)."""
+    from tokenizers import Tokenizer
+    return _wrap(Tokenizer.from_str(text))
 
 
 def vision_token_ids(tokenizer: Any) -> dict:

@@ -267,14 +267,9 @@ class Trainer:
             with config_errors("model.path"):
                 model, self.tokenizer = load_pretrained(cfg.model.path, self.device)
         else:
-            from ..tasks.tokenizer import build_tokenizer
+            from ..tasks.tokenizer import build_tokenizer, tokenizer_from_string
             if state is not None and state.get("tokenizer"):
-                from tokenizers import Tokenizer
-                from transformers import PreTrainedTokenizerFast
-                from ..tasks.tokenizer import SPECIAL_TOKENS
-                self.tokenizer = PreTrainedTokenizerFast(
-                    tokenizer_object=Tokenizer.from_str(state["tokenizer"]), pad_token="<pad>",
-                    eos_token="<|im_end|>", additional_special_tokens=SPECIAL_TOKENS[1:])
+                self.tokenizer = tokenizer_from_string(state["tokenizer"])
             else:
                 self.tokenizer = build_tokenizer(self.task.corpus(),
                                                  vocab_size=cfg.model.vocab_size)

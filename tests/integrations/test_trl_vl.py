@@ -279,3 +279,20 @@ def test_the_trl_example_trains(tmp_path):
     assert min(metrics["tool_calls_per_completion"]) > 0 and min(metrics["crops_scored"]) > 0
     assert all(0.0 <= s <= 1.0 for s in metrics["semantic_score"])
     print(proc.stdout.strip().splitlines()[-1])
+
+
+def test_the_readme_trl_quickstart_runs_as_written(tmp_path):
+    """``examples/trl/quickstart_trl.py`` (the README shows it whole: tests/test_examples.py)
+    in its own process from an empty directory: it trains two steps with zoom calls made and
+    crops scored."""
+    import re
+    import subprocess
+    import sys as _sys
+    script = Path(__file__).resolve().parents[2] / "examples" / "trl" / "quickstart_trl.py"
+    proc = subprocess.run([_sys.executable, str(script)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = proc.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"tool calls per completion (\d+\.\d+), crops scored (\d+), semantic "
+                     r"score (\d\.\d+)", line)
+    assert m and float(m[1]) > 0 and int(m[2]) > 0 and 0 <= float(m[3]) <= 1, line
