@@ -19,6 +19,7 @@ import re
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -304,10 +305,29 @@ def write_report(name: str, title: str, results: List[Dict], info: Dict[str, str
     return paths
 
 
+def _value(ms: float) -> str:
+    """A bar's label: ``12,345 ms``, ``3.1 ms``, ``0.61 ms``."""
+    return f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.1f} ms" if ms >= 1 else f"{ms:.2g} ms"
+
+
+def replot(json_path: Path) -> Path:
+    """Draws ``<name>.png`` again from a report's ``<name>.json`` (``write_report``'s), with
+    the current figure layout; nothing is measured."""
+    data = json.loads(Path(json_path).read_text())
+    results = [{"workload": wl["workload"],
+                "cases": [CaseResult(c["name"], list(c.get("times_ms") or [c["median_ms"]]),
+                                     c.get("peak_extra_mib"), c.get("notes", ""))
+                          for c in wl["cases"]]} for wl in data["workloads"]]
+    png = Path(json_path).with_suffix(".png")
+    _plot(results, data["title"], data["info"], png)
+    return png
+
+
 def _plot(results: List[Dict], title: str, info: Dict[str, str], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     # the memory column only where some case measured memory
     memory = any(c.peak_extra_mib is not None for wl in results for c in wl["cases"])
@@ -317,13 +337,21 @@ def _plot(results: List[Dict], title: str, info: Dict[str, str], path: Path) -> 
     for row, wl in zip(axes, results):
         cases: List[CaseResult] = wl["cases"]
         names = [c.name for c in cases]
-        row[0].barh(names, [c.median_ms for c in cases], color="#4c72b0")
+        bars = row[0].barh(names, [c.median_ms for c in cases], color="#4c72b0")
+        row[0].bar_label(bars, labels=[_value(c.median_ms) for c in cases], padding=3,
+                         fontsize=8)  # the value, also where a bar is too short to see
+        row[0].margins(x=0.12)
         row[0].set_xlabel("median time (ms), lower is better")
+        row[0].xaxis.set_major_locator(MaxNLocator(nbins=4))  # tick labels that never overlap
         if memory:
             mems = [c.peak_extra_mib or 0.0 for c in cases]
-            row[1].barh(names, mems, color="#dd8452")
+            bars = row[1].barh(names, mems, color="#dd8452")
+            row[1].bar_label(bars, labels=["-" if c.peak_extra_mib is None else
+                                           f"{c.peak_extra_mib:,.0f} MiB" for c in cases],
+                             padding=3, fontsize=8)
+            row[1].margins(x=0.15)
             row[1].set_xlabel("peak extra memory (MiB), lower is better")
-        row[0].set_title(wl["workload"], loc="left", fontsize=9)
+        row[0].set_title(textwrap.fill(wl["workload"], 120), loc="left", fontsize=9)
         for ax in row:
             ax.invert_yaxis()
     fig.suptitle(f"{title} — {info.get('device_name')}", fontsize=10)

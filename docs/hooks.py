@@ -8,6 +8,10 @@ version range and the table of private symbols an integration touches, from
 ``mapo_fast/integrations/_compat.py`` (the list ``register()`` / the trainer check). Both
 modules are loaded from their files: they import only the standard library, so the site builds
 without torch.
+
+The figures of ``bench/results/*.png`` are added to the site as ``figures/<name>.png`` (they
+live beside their reports, outside ``docs/``), so that pages show them:
+``![...](../figures/loss-cpu.png)``.
 """
 
 from __future__ import annotations
@@ -59,6 +63,14 @@ def cli_table() -> str:
         shown = "none" if default is None else repr(default)
         out.append(f"| `--{key}` | {kind} | `{shown}` | {text.replace('|', '/')} |")
     return "\n".join(out).strip() + "\n"
+
+
+def on_files(files, config):
+    """``bench/results/*.png`` as ``figures/*.png`` of the site."""
+    from mkdocs.structure.files import File
+    for png in sorted((ROOT / "bench" / "results").glob("*.png")):
+        files.append(File.generated(config, f"figures/{png.name}", abs_src_path=str(png)))
+    return files
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

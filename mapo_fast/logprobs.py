@@ -262,10 +262,10 @@ def token_logprobs(hidden: Tensor, weight: Tensor, targets: Tensor, *,
         weight: ``[V, H]`` LM-head weight, same dtype and device as ``hidden``.
         targets: integer tensor with one entry per token (``[N]``, or ``[B, T]``), in ``[0, V)``.
         bias: optional ``[V]``.
-        temperature: > 0; logits are divided by it.
+        temperature: positive; the logits are divided by it.
         return_entropy: also return the entropy of each token's distribution.
-        logit_scale: > 0, multiplies the logits (before the soft cap).
-        softcap: > 0 or None (no cap).
+        logit_scale: positive; multiplies the logits (before the soft cap).
+        softcap: positive, or None (no cap).
         logits_dtype: ``"float32"`` (default: logits accumulated and kept in float32, the
             closest to float64) or ``"autocast"``: under an active autocast, the head computed
             as autocast's matmul computes it (inputs cast to its bf16/fp16 dtype, the logits

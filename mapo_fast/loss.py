@@ -11,7 +11,7 @@ objective is a different ``token_terms``, nothing else.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -202,42 +202,66 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
     loss (``compute_policy_loss_vanilla`` + ``agg_loss``) that never forms ``[tokens x vocab]``.
 
     Logits: ``(hidden @ weight.T + bias) * logit_scale / temperature``, or with ``softcap``
-    ``softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature`` (final
-    logit soft-capping, Gemma-style; the gradient goes through the tanh). ``logits_dtype``:
-    ``"float32"`` (default) keeps the logits in float32 (accumulated so, the closest to
-    float64); ``"autocast"`` rounds them, under an autocast of the inputs' bf16/fp16 dtype, as
-    autocast's matmul would, which reproduces frameworks that run the head under autocast
-    (TRL's fused head without ``cast_lm_head_to_fp32``) at about 3 significant digits of the
-    logits in bf16. The statistics are float32 either way, at the same speed.
-    ``banned_tokens``: ids removed from the softmax, as the sampler never draws them (see
-    ``mapo_fast.policy.PolicyNumerics``: pass its ``loss_kwargs()`` so that the loss computes
-    the distribution the rollout sampled from, and the first on-policy ratio is 1).
+    ``softcap * tanh(logit_scale * (hidden @ weight.T + bias) / softcap) / temperature``.
+    Per token (see ``token_terms``): ``ratio = exp(clamp(logp - old, -20, 20))``, ``pg =
+    max(-A ratio, -A clamp(ratio, 1-clip_low, 1+clip_high))``, dual clip ``min(pg, -A
+    clip_ratio_c)`` for ``A < 0``, times ``rollout_is_weights``, plus ``kl_coef * kl``, minus
+    ``entropy_coef`` times the token's entropy; then aggregated by ``loss_agg``. Only tokens
+    with ``mask != 0`` are computed at all.
 
-    Shapes: ``hidden [B, T, H]`` or ``[B*T, H]``; ``weight [V, H]`` (same dtype); ``targets``
-    and ``mask`` ``[B, T]`` (or ``[N]``, read as B = 1); ``advantages [B, T]`` (per token) or
-    ``[B]`` (per sequence); ``old_logprobs``, ``ref_logprobs``, ``rollout_is_weights [B, T]``;
-    ``bias [V]``. ``mask`` is 0/1 (bool, int or float); only tokens with ``mask != 0`` are
-    computed at all.
+    Args:
+        hidden: the states before the head, ``[B, T, H]`` or ``[B*T, H]``; float32, bfloat16,
+            float16 or float64. Position ``t`` predicts ``targets[t]``.
+        weight: the LM head's weight ``[V, H]``, the dtype of ``hidden``.
+        targets: the sampled token ids, integer ``[B, T]`` (or ``[N]``, read as B = 1).
+        advantages: float ``[B, T]`` (per token) or ``[B]`` (per sequence); finite.
+        mask: 0/1 (bool, int or float) of the shape of ``targets``: the response tokens.
+        old_logprobs: the sampler's log-probs ``[B, T]`` (default: ``logp.detach()``, ratio
+            1).
+        ref_logprobs: the reference policy's log-probs ``[B, T]`` for the KL term.
+        bias: the head's bias ``[V]``, if it has one.
+        clip_low: PPO's lower clip, the ratio floor is ``1 - clip_low``.
+        clip_high: the upper clip, the ratio ceiling is ``1 + clip_high`` (DAPO's clip-higher).
+        clip_ratio_c: dual clip for negative advantages (verl's ``clip_ratio_c``; None: off).
+        kl_coef: weight of the KL term to ``ref_logprobs`` (0: none).
+        loss_agg: how token terms become the loss (``LOSS_AGG_MODES``, see
+            ``aggregation_weights``: verl 0.9's ``agg_loss`` modes, ``token-sum`` included).
+        loss_scale_factor: the divisor of the ``seq-mean-token-sum-norm`` mode (default: T).
+        global_tokens: masked-in tokens of the whole batch, when this call is one micro-batch
+            of it (token modes); 0 means an empty batch (the loss is 0).
+        global_seqs: sequences of the whole batch, likewise (sequence modes).
+        rollout_is_weights: per-token importance weights ``[B, T]`` of the rollout
+            correction (detached), multiplied into the policy-gradient term.
+        temperature: the sampler's temperature, positive; the logits are divided by it.
+        kl_type: the KL estimator (``KL_ESTIMATORS``): ``k1``, ``k2``, ``k3`` (default),
+            verl's clamped ``low_var_kl``, or ``k3_ratio`` (k3 times the ratio, as TRL's
+            ``use_bias_correction_kl``).
+        entropy_coef: the entropy bonus's weight (verl's ``entropy_coeff``), with its
+            gradient.
+        logit_scale: positive; multiplies the logits before the soft cap (a model's
+            ``logit_scale``).
+        softcap: the final logit soft cap (Gemma-style; None: none); the gradient goes
+            through the tanh.
+        logits_dtype: ``"float32"`` (default) keeps the logits in float32 (the closest to
+            float64); ``"autocast"`` rounds them as an autocast of the inputs' bf16/fp16
+            dtype would (frameworks that run the head under autocast, e.g. TRL's fused head
+            without ``cast_lm_head_to_fp32``). The statistics are float32 either way.
+        banned_tokens: ids removed from the softmax, as the sampler never draws them. Pass
+            ``mapo_fast.policy.PolicyNumerics.loss_kwargs()`` for this, ``temperature``,
+            ``logit_scale`` and ``softcap``, so that the loss computes the distribution the
+            rollout sampled from and the first on-policy ratio is 1.
 
-    Per token (see ``token_terms``): ``ratio = exp(clamp(logp - old, -20, 20))`` (old =
-    ``logp.detach()`` when not given), ``pg = max(-A ratio, -A clamp(ratio, 1-clip_low,
-    1+clip_high))``, dual clip ``min(pg, -A clip_ratio_c)`` for ``A < 0`` when ``clip_ratio_c``
-    is set, times ``rollout_is_weights``, plus ``kl_coef * kl`` (``kl_type``: ``k1``, ``k2``,
-    ``k3`` (default), verl's clamped ``low_var_kl``, or ``k3_ratio``, k3 times the ratio as
-    TRL's ``use_bias_correction_kl``; see ``KL_ESTIMATORS``), minus ``entropy_coef`` times the
-    token's entropy (an entropy bonus, with its gradient: verl's ``entropy_coeff``).
-    Aggregated by ``loss_agg`` (``LOSS_AGG_MODES``, see ``aggregation_weights``: verl 0.9's
-    ``agg_loss``, ``token-sum`` included); ``global_tokens``/``global_seqs`` make micro-batch
-    losses add up to the whole batch's; 0 means an empty batch (the loss is 0).
+    Returns:
+        ``(loss, metrics)``: a scalar (float32; float64 for float64 inputs) and a
+        ``LossMetrics`` dict of detached scalars from the same pass: ``entropy``, ``kl`` (to
+        ref, when given), ``ppo_kl`` (mean ``old - logp``), ``pg_loss``, ``kl_loss``,
+        ``entropy_loss``, ``pg_clipfrac`` (verl's), ``clipfrac_low``, ``clipfrac_high``,
+        ``dual_clipfrac``, ``ratio_mean``, ``ratio_max``, ``tokens``: masked-token means (0
+        when no token is masked in). ``metrics.path`` names the implementation that ran
+        (``"torch"``, ``"fused"`` or ``"chunked"``, ``mapo_fast.loss_path``).
 
-    Returns ``(loss, metrics)``: a scalar (float32; float64 for float64 inputs) and a dict of
-    detached scalars computed in the same pass: ``entropy``, ``kl`` (the estimator to ref, when given),
-    ``ppo_kl`` (mean ``old - logp``), ``pg_loss``, ``kl_loss``, ``entropy_loss`` (the
-    aggregated entropy), ``pg_clipfrac`` (verl's),
-    ``clipfrac_low``, ``clipfrac_high``, ``dual_clipfrac``, ``ratio_mean``, ``ratio_max``,
-    ``tokens``. Masked-token means; 0 when no token is masked in. The dict is a
-    ``LossMetrics``: its ``path`` attribute names the implementation that ran (``"torch"``,
-    ``"fused"`` or ``"chunked"``, see ``mapo_fast.loss_path``).
+    Raises:
+        ValueError: a bad argument, named, with its value or shape.
     """
     fn = "mapo_loss"
     cfg = PolicyLossConfig(clip_low, clip_high, clip_ratio_c, kl_coef, loss_agg,
@@ -310,9 +334,11 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
 
 class LossMetrics(dict):
     """``mapo_loss``'s metrics: ``{name: 0-dim tensor}``, plus ``path``, the implementation
-    that computed the loss (``"torch"``, ``"fused"`` or ``"chunked"``)."""
+    that computed the loss (``"torch"``, ``"fused"`` or ``"chunked"``). Rebuilt from its items
+    alone, as tools that walk nested outputs do (accelerate converting a mixed-precision
+    model's outputs to float32), it keeps them and its ``path`` is None."""
 
-    def __init__(self, values: Dict[str, Tensor], path: str):
+    def __init__(self, values: Any = (), path: Optional[str] = None):
         super().__init__(values)
         self.path = path
 

@@ -64,7 +64,7 @@ class PolicyNumerics:
     diagnosis (see the module docstring for what each field means for the ratio).
 
     Args:
-        temperature: > 0; the logits are divided by it (the rollout and the loss alike).
+        temperature: positive; the logits are divided by it (the rollout and the loss alike).
         top_k, top_p: the sampler's truncation (0 and 1.0: none); not part of the trained
             distribution.
         banned_tokens: token ids the policy never emits: removed from the sampler's and the

@@ -97,6 +97,10 @@ def test_cpu_loss_reports_the_torch_path(monkeypatch):
     _, met = mapo_fast.mapo_loss(case["hidden"], case["weight"], case["targets"],
                                  case["advantages"], case["mask"])
     assert met.path == "torch" and all(torch.is_tensor(v) for v in met.values())
+    # rebuilt from its items, as accelerate's float32 conversion of mixed-precision outputs
+    # rebuilds mappings (type(m)({...})): the items are kept
+    again = type(met)({k: v.float() for k, v in met.items()})
+    assert dict(again) == dict(met) and again.path is None
 
 
 def _rank_with_its_own_cache(rank, world, port, tmp, out):

@@ -30,7 +30,7 @@ def answer_reward(completions, **kwargs):        # the outcome reward: one float
 
 args = GRPOConfig(output_dir="runs/trl-quickstart", per_device_train_batch_size=8,
                   num_generations=4, max_completion_length=160, max_steps=2,
-                  learning_rate=1e-3, use_cpu=not torch.cuda.is_available(),
+                  logging_steps=1, learning_rate=1e-3, use_cpu=not torch.cuda.is_available(),
                   report_to="none", save_strategy="no")
 trainer = MAPOGRPOTrainer(model=folder, processing_class=processor, reward_funcs=answer_reward,
                           args=args, train_dataset=datasets.Dataset.from_list(rows),
