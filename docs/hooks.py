@@ -1,7 +1,7 @@
 """MkDocs hook: pages whose content is made from the sources at build time, so that they can
 never drift from them.
 
-``<!-- mapo:cli-reference -->`` becomes the table of every ``mapo-train`` key, its type, default
+``<!-- mapo:eval-help -->`` becomes ``mapo-eval --help``. ``<!-- mapo:cli-reference -->`` becomes the table of every ``mapo-train`` key, its type, default
 and help, from ``mapo_fast/trainer/config.py`` (``reference()``: the same source as
 ``mapo-train --help``). ``<!-- mapo:compat NAME -->`` (``VERL``, ``TRL``) becomes the tested
 version range and the table of private symbols an integration touches, from
@@ -23,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_MARKER = "<!-- mapo:cli-reference -->"
+EVAL_MARKER = "<!-- mapo:eval-help -->"
 COMPAT_MARKER = re.compile(r"<!-- mapo:compat (\w+) -->")
 
 
@@ -73,7 +74,17 @@ def on_files(files, config):
     return files
 
 
+def eval_help() -> str:
+    """``mapo-eval --help`` as a text block (``mapo_fast/cli.py``: standard library only)."""
+    import os
+    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal's width
+    text = _load("mapo_fast/cli.py", "_mapo_cli_for_docs").eval_parser().format_help()
+    return "```text\n" + text.rstrip() + "\n```\n"
+
+
 def on_page_markdown(markdown: str, page, config, files) -> str:
     if CLI_MARKER in markdown:
         markdown = markdown.replace(CLI_MARKER, cli_table())
+    if EVAL_MARKER in markdown:
+        markdown = markdown.replace(EVAL_MARKER, eval_help())
     return COMPAT_MARKER.sub(lambda m: compat_table(m.group(1)), markdown)

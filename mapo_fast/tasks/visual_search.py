@@ -312,6 +312,26 @@ class VisualSearchTask:
         return (call, f"<{DESCRIPTION_TAG}>{colour} {shape}</{DESCRIPTION_TAG}>"
                       f"<{ANSWER_TAG}>{colour}</{ANSWER_TAG}>")
 
+    def crop_classes(self) -> List[str]:
+        """The labels of ``quadrant_crops``: the palette's colours, then ``none``."""
+        return list(self.colours) + ["none"]
+
+    def quadrant_crops(self, s: Sample) -> Tuple[List[List[float]], List[int]]:
+        """The four quadrant zooms of ``s`` as boxes ``(0, x1, y1, x2, y2)`` in original pixels
+        (what ``image_zoom_in_tool`` on ``quadrant_box`` crops), and each one's label: the index
+        in ``crop_classes`` of the colour of the first object whose centre lies in it (the
+        target in its quadrant), or of ``none``. The disc's tint is not a label: a crop is
+        named by its shape's drawn colour, whatever the tint says."""
+        half = self.image_size // 2
+        classes = self.crop_classes()
+        boxes, labels = [], []
+        for r in range(2):
+            for c in range(2):
+                boxes.append([0.0, c * half, r * half, c * half + half, r * half + half])
+                seen = [o for o in s.objects if (int(o[3] // half), int(o[2] // half)) == (r, c)]
+                labels.append(classes.index(seen[0][0]) if seen else len(classes) - 1)
+        return boxes, labels
+
     def opening(self, s: Sample, name: str) -> str:
         """The text a forced first turn of ``s`` begins with (``OPENINGS``): ``no_zoom`` opens
         the answer at once (the overview is all the policy sees; a turn the expert never

@@ -122,6 +122,9 @@ class WarmStartConfig:
     steps: int = 300
     batch_size: int = 16
     lr: float = 1e-3
+    vision_steps: int = 0               # vision pretraining before the warm start (0: none)
+    vision_lr: float = 3e-3
+    freeze_vision: bool = False         # the vision tower frozen after vision pretraining
 
 
 @dataclass
@@ -206,6 +209,13 @@ class TrainConfig:
                 need(key, value <= MAX_INT, f"at most {MAX_INT}")
         need("seed", 0 <= self.seed < 2 ** 32, "in [0, 2**32) (numpy's seed range)")
         need("warm_start.steps", self.warm_start.steps >= 0, "an int >= 0")
+        need("warm_start.vision_steps", self.warm_start.vision_steps >= 0, "an int >= 0")
+        need("warm_start.vision_steps", self.warm_start.vision_steps == 0
+             or self.task.name == "visual_search", "0 unless task.name is 'visual_search' "
+             "(vision pretraining names the built-in task's crops)")
+        need("warm_start.freeze_vision", not self.warm_start.freeze_vision
+             or self.warm_start.vision_steps > 0, "false unless warm_start.vision_steps > 0 "
+             "(a tower frozen untrained never learns to read a crop)")
         need("grad_var_resamples", self.grad_var_resamples <= MAX_GRAD_VAR_RESAMPLES,
              f"at most {MAX_GRAD_VAR_RESAMPLES} (each is a loss pass per step)")
         need("grad_var_resamples", self.grad_var_resamples >= 2, "an int >= 2")
@@ -258,6 +268,7 @@ class TrainConfig:
                  f"None or at most the task's view, task.view_size ** 2 = {view}")
             self._check_task()
         need("warm_start.lr", self.warm_start.lr > 0, "> 0")
+        need("warm_start.vision_lr", self.warm_start.vision_lr > 0, "> 0")
         need("optim.lr", self.optim.lr > 0, "> 0")
         need("optim.weight_decay", self.optim.weight_decay >= 0, ">= 0")
         need("optim.grad_clip", self.optim.grad_clip > 0, "> 0")
@@ -403,6 +414,12 @@ KEY_HELP: Dict[str, str] = {
     "warm_start.steps": "supervised steps on the scripted expert (built-in task; 0: none)",
     "warm_start.batch_size": "expert trajectories per warm-start step",
     "warm_start.lr": "warm-start learning rate (warm-up, flat, cosine decay)",
+    "warm_start.vision_steps": "vision pretraining steps before the warm start: the vision "
+                               "tower and a linear probe learn to name the colour of each "
+                               "quadrant zoom (built-in task; 0: none)",
+    "warm_start.vision_lr": "vision pretraining learning rate (AdamW, constant)",
+    "warm_start.freeze_vision": "freeze the vision tower after vision pretraining (the warm "
+                                "start and RL train the rest)",
     "optim.lr": "AdamW learning rate of the RL steps",
     "optim.weight_decay": "AdamW weight decay",
     "optim.grad_clip": "gradient norm clip",

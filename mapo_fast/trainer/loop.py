@@ -31,7 +31,7 @@ from ..policy import PolicyNumerics
 from ..rewards import (AccuracyReward, CompositeReward, FormatReward, OracleVerifier,
                        ToolUseReward)
 from ..rollout import RolloutEngine
-from ..rollout.multimodal import render_chat
+from ..rollout.multimodal import VisionAdapter, render_chat
 from ..tools import ToolRunner
 from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
 from ..variance import loss_gradient_variance
@@ -275,8 +275,32 @@ class Trainer:
                                                  vocab_size=cfg.model.vocab_size)
             model = tiny_vl_model(cfg.model, self.tokenizer, seed=cfg.seed).to(self.device)
         self.model = model
+        self._vision_stage(state)
         self.policy = PolicyWithLoss(model)
         self.rollout_model = self.dist.shard(self.policy)
+
+    def _vision_stage(self, state: Optional[Dict[str, Any]]) -> None:
+        """Vision pretraining (``trainer/vision_pretrain.py``) on a fresh run, before the
+        model is sharded; the tower frozen (``warm_start.freeze_vision``), on a resumed run
+        too."""
+        ws = self.cfg.warm_start
+        self.vision_report: Dict[str, float] = dict(state.get("vision_report", {})) \
+            if state is not None else {}
+        if ws.vision_steps and state is None:
+            from .vision_pretrain import pretrain_vision
+            pixels = self.cfg.rollout.min_pixels or self.cfg.task.view_size ** 2
+            adapter = VisionAdapter(self.model, min_pixels=pixels,
+                                    max_pixels=self.cfg.rollout.max_pixels or pixels)
+            self.vision_report = pretrain_vision(
+                self.model, self.task, adapter, steps=ws.vision_steps,
+                batch_size=ws.batch_size, lr=ws.vision_lr, out=self.out,
+                progress=self.progress, autocast=self._autocast)
+            self._say("vision pretraining: held-out crop accuracy "
+                      f"{self.vision_report['vision_crop_accuracy']:.3f}, where the tint is "
+                      f"wrong {self.vision_report['vision_tint_wrong_accuracy']:.3f}")
+        if ws.freeze_vision:
+            from .vision_pretrain import freeze_vision
+            freeze_vision(self.model)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _autocast(self):
@@ -535,6 +559,7 @@ class Trainer:
             tok = getattr(self.tokenizer, "backend_tokenizer", None)
             path = ckpt.save(os.path.join(self.out, "checkpoints"), self.step, dict(
                 state, rng=ckpt.rng_state(), evals=self.evals, config=self.cfg.to_dict(),
+                vision_report=self.vision_report,
                 tokenizer=tok.to_str() if tok is not None and not self.cfg.model.path else None),
                 keep=self.cfg.keep_checkpoints)
         self.dist.barrier()
@@ -565,6 +590,7 @@ class Trainer:
             else self.evals["warm_start"]
         self._say(f"eval after {cfg.algo}: {format_eval(self.evals['final'])}")
         summary = {"algo": cfg.algo, "steps": self.step, "evals": self.evals,
+                   "vision_pretrain": self.vision_report,
                    "wall_s": time.perf_counter() - t_start, "world_size": self.dist.world,
                    "parameter_checksums": self.dist.gather(self.checksum())}
         if hasattr(self.task, "counts"):
