@@ -36,6 +36,29 @@ from harness import split_passthrough, write_json_md  # noqa: E402
 
 WAYS = ("free", "no_zoom", "wrong_zoom", "right_zoom")
 SHOWN = ("accuracy", "action_accuracy", "tool_use")
+#: The gate before an accuracy study: a perfect zoom answers at least this often ...
+GATE_PERFECT = 0.95
+#: ... the policy's own first turn leaves room for RL to act on: at least this share of its
+#: answers come after a missed zoom (right or wrong), i.e. action accuracy at most 1 minus it
+GATE_ROOM = 0.05
+
+
+def gate(p: Dict[str, Any]) -> Dict[str, Any]:
+    """The gate of one point (written down before any RL run): ``perfect_zoom`` (a forced
+    right zoom answers >= ``GATE_PERFECT``), ``missed_zoom`` (a forced miss answers at the
+    overview's shortcut or below: at most the tint's reliability on these samples plus two
+    binomial standard errors), ``room`` (the free policy misses the target on >= ``GATE_ROOM``
+    of the samples, or answers right after a miss that often) and ``holds`` (all three)."""
+    n = p["free"]["eval_size"]
+    tint = p["hint_reliability"]
+    margin = 2 * (tint * (1 - tint) / n) ** 0.5
+    free = p["free"]
+    room = (1 - (free.get("action_accuracy") or 0.0)) >= GATE_ROOM or \
+        (free.get("right_answer_wrong_action") or 0.0) >= GATE_ROOM
+    out = {"perfect_zoom": p["right_zoom"]["accuracy"] >= GATE_PERFECT,
+           "missed_zoom": p["wrong_zoom"]["accuracy"] <= tint + margin, "room": bool(room)}
+    out["holds"] = all(out.values())
+    return out
 
 
 def measure(args: List[str], resume_from: Optional[Path] = None) -> Dict[str, Any]:
@@ -83,12 +106,24 @@ def markdown(result: Dict[str, Any]) -> str:
         lines.append(f"| {names[w]} | " + " | ".join(_fmt(s[w][m]) for m in SHOWN) + " |")
     lines += ["", f"The tint names the answer on {_fmt(s['hint_reliability'])} of these "
                   "samples (the ceiling of answering from the overview alone, when it hides "
-                  "the colour).", "", "| point | free | no zoom | missed zoom | right zoom | tint right |",
-              "|---|---|---|---|---|---|"]
+                  "the colour).", "",
+              f"The gate (per point): a perfect zoom answers >= {GATE_PERFECT}; a missed zoom "
+              "answers at most the tint's reliability (+ 2 binomial standard errors); the free "
+              f"policy misses the target on >= {GATE_ROOM} of samples (room for RL). Accuracy "
+              "per point:", "",
+              "| point | free | no zoom | missed zoom | right zoom | tint right | free action "
+              "accuracy | gate |", "|---|---|---|---|---|---|---|---|"]
     for name, p in result["points"].items():
         short = "/".join(Path(name).parts[-3:]) if "/" in name else name
+        g = gate(p)
+        failed = [k for k in ("perfect_zoom", "missed_zoom", "room") if not g[k]]
+        act = p["free"].get("action_accuracy")
         lines.append(f"| {short} | " + " | ".join(f"{p[w]['accuracy']:.3f}" for w in WAYS)
-                     + f" | {p['hint_reliability']:.3f} |")
+                     + f" | {p['hint_reliability']:.3f} | "
+                     + ("n/a" if act is None else f"{act:.3f}")
+                     + f" | {'holds' if g['holds'] else 'fails: ' + ', '.join(failed)} |")
+    held = sum(gate(p)["holds"] for p in result["points"].values())
+    lines += ["", f"The gate holds on {held} of {len(result['points'])} points."]
     return "\n".join(lines) + "\n"
 
 

@@ -35,3 +35,16 @@ def test_points_are_evaluated_four_ways(tmp_path):
     md = (tmp_path / "task-check-toy.md").read_text()
     assert "| a perfect zoom (forced call on the target's quadrant) |" in md
     assert sorted(os.listdir(folder / "checkpoints")) == before
+
+
+def test_the_gate_checks_each_condition():
+    def point(right, wrong, tint, action, gap=0.0, n=256):
+        return {"free": {"eval_size": n, "action_accuracy": action,
+                         "right_answer_wrong_action": gap},
+                "right_zoom": {"accuracy": right}, "wrong_zoom": {"accuracy": wrong},
+                "hint_reliability": tint}
+    assert tc.gate(point(0.97, 0.74, 0.75, 0.5))["holds"]
+    assert tc.gate(point(0.97, 0.79, 0.75, 0.5))["holds"]  # within 2 standard errors (0.054)
+    g = tc.gate(point(0.94, 0.81, 0.75, 1.0))
+    assert g == {"perfect_zoom": False, "missed_zoom": False, "room": False, "holds": False}
+    assert tc.gate(point(0.97, 0.7, 0.75, 1.0, gap=0.1))["room"]  # right after a miss counts

@@ -188,3 +188,15 @@ def test_openings_force_an_answer_a_missed_or_the_right_call():
     with pytest.raises(ValueError, match=r"`name` must be one of \['no_zoom', 'wrong_zoom', "
                                          r"'right_zoom'\], got 'peek'"):
         task.opening(s, "peek")
+
+
+def test_an_expert_that_does_not_describe_answers_the_same():
+    with_d, without = VisualSearchTask(5), VisualSearchTask(5, describe=False)
+    for i in range(12):
+        s = with_d.sample("train", i)
+        call, after = with_d.expert_turns(s)
+        call2, after2 = without.expert_turns(without.sample("train", i))
+        assert call == call2 and "<description>" in after and "<description>" not in after2
+        assert after.split("</description>")[1] == after2  # the same answer
+    with pytest.raises(ValueError, match="`describe` must be a bool, got 'no'"):
+        VisualSearchTask(describe="no")

@@ -130,13 +130,17 @@ class VisualSearchTask:
         hint_reliability: probability that the ring's tint is the target's colour.
         detail: how shapes are drawn, one of ``DETAILS`` (``checker``: only a zoom shows their
             colour).
+        describe: whether the expert describes each crop (``<description>``) before it
+            answers; False: it answers at once (the protocol without descriptions).
     """
 
     def __init__(self, seed: int = 0, *, image_size: int = 224, view_size: int = 56,
                  target_size: int = 28, distractors: int = 3, blind_spot: str = "bottom_row",
                  expert: str = "hallucinating", hint_reliability: float = 0.75,
-                 detail: str = "solid"):
+                 detail: str = "solid", describe: bool = True):
         fn = "VisualSearchTask"
+        if not isinstance(describe, bool):
+            raise ValueError(f"{fn}: `describe` must be a bool, got {describe!r}")
         if detail not in DETAILS:
             raise ValueError(f"{fn}: `detail` must be one of {list(DETAILS)}, got {detail!r}")
         if blind_spot not in BLIND_SPOTS:
@@ -171,6 +175,7 @@ class VisualSearchTask:
         self.expert, self.hint_reliability = expert, float(hint_reliability)
         self.ring_radius = 1.6 * target_size
         self.detail, self.colours = detail, DETAILS[detail]
+        self.describe = describe
 
     # ---- samples -----------------------------------------------------------------------------
     def sample(self, split: str, index: int) -> Sample:
@@ -251,16 +256,28 @@ class VisualSearchTask:
                  ) -> Tensor:
         """``img`` with the shape ``inside`` drawn as a checkerboard of ``rgb [3, 1, 1]`` and
         its complement (see the module doc): cells of ``image_size / view_size`` pixels
-        offset by half a cell, faded in over ``3 x cell + 1`` pixels at the shape's edge."""
+        offset by half a cell, faded in over ``3 x cell + 1`` pixels at the shape's edge.
+        Computed in a window around the shape (its box widened by the fade's reach, clipped
+        to the image): outside it the fade is 0 and the image is left as it is, so the
+        result equals the whole-image computation."""
         cell = self.image_size // self.view_size
         k = 3 * cell + 1
-        alpha = torch.nn.functional.avg_pool2d(inside[None, None].float(), k, 1, k // 2,
+        rows, cols = inside.any(1).nonzero(), inside.any(0).nonzero()
+        if rows.numel() == 0:
+            return img
+        S = inside.shape[0]
+        y0, y1 = max(0, int(rows[0]) - k), min(S, int(rows[-1]) + k + 1)
+        x0, x1 = max(0, int(cols[0]) - k), min(S, int(cols[-1]) + k + 1)
+        win = (slice(y0, y1), slice(x0, x1))
+        alpha = torch.nn.functional.avg_pool2d(inside[win][None, None].float(), k, 1, k // 2,
                                                count_include_pad=False)[0, 0]
         off = cell // 2
-        sign = ((torch.div(xs.long() + off, cell, rounding_mode="floor")
-                 + torch.div(ys.long() + off, cell, rounding_mode="floor")) % 2) * 2 - 1
+        sign = ((torch.div(xs[win].long() + off, cell, rounding_mode="floor")
+                 + torch.div(ys[win].long() + off, cell, rounding_mode="floor")) % 2) * 2 - 1
         pattern = 127.5 + sign * (rgb - 127.5)
-        return img * (1 - alpha) + alpha * pattern
+        img = img.clone()
+        img[:, y0:y1, x0:x1] = img[:, y0:y1, x0:x1] * (1 - alpha) + alpha * pattern
+        return img
 
     def batch(self, split: str, start: int, n: int) -> List[Sample]:
         return [self.sample(split, i) for i in range(start, start + n)]
@@ -300,7 +317,8 @@ class VisualSearchTask:
         the description and the answer. After a zoom on the ring's quadrant, or with the
         ``honest`` expert after any zoom, it describes the crop's first object and answers its
         colour; the ``hallucinating`` expert, after a missed zoom, describes the target as the
-        overview suggests (the ring's tint and the target's shape) and answers the tint."""
+        overview suggests (the ring's tint and the target's shape) and answers the tint.
+        Without ``describe``, the same answer with no description."""
         quadrant = self.expert_quadrant(s)
         call = format_tool_call(ZoomInTool.name, {"bbox_2d": self.quadrant_box(quadrant)})
         if quadrant != s.quadrant and self.expert == "hallucinating":
@@ -309,8 +327,9 @@ class VisualSearchTask:
             half = self.image_size // 2
             seen = [o for o in s.objects if (int(o[3] // half), int(o[2] // half)) == quadrant]
             colour, shape = seen[0][:2] if seen else ("no", "shape")
-        return (call, f"<{DESCRIPTION_TAG}>{colour} {shape}</{DESCRIPTION_TAG}>"
-                      f"<{ANSWER_TAG}>{colour}</{ANSWER_TAG}>")
+        described = f"<{DESCRIPTION_TAG}>{colour} {shape}</{DESCRIPTION_TAG}>" \
+            if self.describe else ""
+        return call, f"{described}<{ANSWER_TAG}>{colour}</{ANSWER_TAG}>"
 
     def crop_classes(self) -> List[str]:
         """The labels of ``quadrant_crops``: the palette's colours, then ``none``."""

@@ -84,7 +84,8 @@ class TaskConfig:
     ``blind_spot``, ``expert`` (``hallucinating`` or ``honest``, the control) and
     ``hint_reliability`` shape the built-in task's reasoning-action gap, ``detail``
     (``solid`` or ``checker``, the zoom-only task) whether the overview shows the target's
-    colour (see ``mapo_fast.tasks.visual_search``)."""
+    colour, ``describe`` whether the expert describes each crop (see
+    ``mapo_fast.tasks.visual_search``)."""
     name: str = "visual_search"
     image_size: int = 224
     view_size: int = 56
@@ -94,6 +95,7 @@ class TaskConfig:
     expert: str = "hallucinating"
     hint_reliability: float = 0.75
     detail: str = "solid"
+    describe: bool = True
     data_path: Optional[str] = None
     image_root: Optional[str] = None
     max_image_pixels: int = 4096 * 4096
@@ -342,7 +344,8 @@ class TrainConfig:
         return VisualSearchTask(self.seed, image_size=t.image_size, view_size=t.view_size,
                                 target_size=t.target_size, distractors=t.distractors,
                                 blind_spot=t.blind_spot, expert=t.expert,
-                                hint_reliability=t.hint_reliability, detail=t.detail)
+                                hint_reliability=t.hint_reliability, detail=t.detail,
+                                describe=t.describe)
 
     def _check_task(self) -> None:
         """The built-in task's own checks (sizes it can draw), as config errors."""
@@ -391,6 +394,8 @@ KEY_HELP: Dict[str, str] = {
                              "target's colour",
     "task.detail": "built-in task: `solid` shapes (their colour shows in the overview) or "
                    "`checker` (the zoom-only task: only a crop shows their colour)",
+    "task.describe": "built-in task: the expert describes each crop before answering (false: "
+                     "it answers at once; the policy learns not to describe)",
     "task.data_path": "records: a .jsonl or .parquet file (image path, question, answer)",
     "task.image_root": "records: the folder image paths are resolved under",
     "task.max_image_pixels": "records: larger images are skipped (read from the header)",
