@@ -200,3 +200,27 @@ def test_an_expert_that_does_not_describe_answers_the_same():
         assert after.split("</description>")[1] == after2  # the same answer
     with pytest.raises(ValueError, match="`describe` must be a bool, got 'no'"):
         VisualSearchTask(describe="no")
+
+
+class _WholeImageChecker(VisualSearchTask):
+    """The reference: the checker pattern and its fade computed over the whole image."""
+
+    def _checker(self, img, inside, rgb, xs, ys):
+        cell = self.image_size // self.view_size
+        k = 3 * cell + 1
+        alpha = torch.nn.functional.avg_pool2d(inside[None, None].float(), k, 1, k // 2,
+                                               count_include_pad=False)[0, 0]
+        off = cell // 2
+        sign = ((torch.div(xs.long() + off, cell, rounding_mode="floor")
+                 + torch.div(ys.long() + off, cell, rounding_mode="floor")) % 2) * 2 - 1
+        return img * (1 - alpha) + alpha * (127.5 + sign * (rgb - 127.5))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(image_size=448), dict(target_size=12,
+                                                                        distractors=7)])
+def test_checker_shapes_drawn_in_a_window_equal_the_whole_image_computation(kwargs):
+    """Shapes at the image's edges included (their window is clipped there)."""
+    fast = VisualSearchTask(11, detail="checker", **kwargs)
+    ref = _WholeImageChecker(11, detail="checker", **kwargs)
+    for i in range(24):
+        assert torch.equal(fast.sample("train", i).image, ref.sample("train", i).image), i
