@@ -15,7 +15,7 @@ prompt, 3 zoom-in calls each answered with a 256-token crop, the naive loop re-r
 processor and ``generate`` on the whole history each turn. HF ``generate`` on its own cache is
 measured on the text workload only.
 
-The prefill workload (new): 16 prompts of 200 to 2000 tokens x G=8, one tool turn (32 tokens,
+The prefill workload: 16 prompts of 200 to 2000 tokens x G=8, one tool turn (32 tokens,
 a 64-token observation) and a final 32-token turn, RolloutEngine only: it is where packing the
 prompts of a batch into shared forward passes (batched prefill) shows. Every RolloutEngine case
 reports its forward passes, the passes that prefilled prompts, and the share of its wall time

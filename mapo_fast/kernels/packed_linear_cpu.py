@@ -3,10 +3,9 @@
 ``torch.nn.functional.linear`` on CPU float32 goes to a BLAS GEMM that reads the weight in its
 stored layout on every call. oneDNN's inner-product with the weight reordered ahead of time into
 its blocked layout (``mkldnn::_reorder_linear_weight``, then ``mkldnn::_linear_pointwise``: the
-pair inductor uses for frozen CPU linears) is faster at every size a rollout runs: a 32-row
-decode step's ``[32008, 512]`` LM head measured 6.3 ms against 16.8 ms on two cores, the MLP
-projections of an 8256-token prefill step 17-21% faster. The result is the same product summed in
-another order: float32 rounding, not the same bits as ``F.linear``.
+pair inductor uses for frozen CPU linears) is faster at every size a rollout runs, from a
+decode step's LM head to a long prefill's MLP projections. The result is the same product summed in another order:
+float32 rounding, not the same bits as ``F.linear``.
 
 A pack is a copy of the weight, so it must follow the weight. Each forward compares the
 weight's identity and in-place version counter (``load_state_dict`` and most optimizer steps
@@ -17,7 +16,7 @@ engine calls it from ``clear_prefix_cache``, which is to be called after every w
 Gated SiLU MLPs (``down_proj(silu(gate_proj(x)) * up_proj(x))``: Qwen2, Llama, Mistral) run
 as two fused oneDNN calls: the gate's GEMM with SiLU in its epilogue, then the up projection's
 GEMM multiplied by it in its epilogue (no ``silu`` and ``*`` passes over ``[tokens,
-intermediate]``: an 8192-token prefill step's gate and up went from 200 to 160 ms). A module
+intermediate]``). A module
 is recognised by its parts (``gate_proj``, ``up_proj``, ``down_proj`` linear, ``act_fn`` a
 SiLU) and fused only after its own forward and the fused one agreed on a probe input, so a
 module with other arithmetic under the same names keeps its own forward.
@@ -87,9 +86,8 @@ def gated_silu(m: torch.nn.Module) -> bool:
         isinstance(getattr(m, "act_fn", None), _silu_types())
 
 
-#: the fewest weight elements worth packing: oneDNN's call costs about 25 us more than the BLAS
-#: path's, so smaller layers lose (2 cores, 32 rows: 128 x 128 took 32 us against 16 us; 256 x
-#: 256 took 38 us against 41 us; 512 x 512, 115 us against 148 us)
+#: the fewest weight elements worth packing: oneDNN's call has a fixed cost above the BLAS
+#: path's, so smaller layers lose (the two break even near 256 x 256 on a decode step's rows)
 MIN_PACKED_WEIGHT = 1 << 16
 
 #: the probe a gated MLP's own and fused forwards must agree on: rows, and the tolerance (float32

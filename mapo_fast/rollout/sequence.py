@@ -17,9 +17,9 @@ import torch
 
 from ..trajectory import Span, ToolTurn, Trajectory, TrajectorySpans
 from .multimodal import ImageInsert, VisionAdapter, image_key, render_chat
+from .params import FN
 
 Tensor = torch.Tensor
-FN = "RolloutEngine.generate"
 _SEQ_IDS = itertools.count()
 
 

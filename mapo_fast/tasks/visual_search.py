@@ -35,8 +35,7 @@ right ``hint_reliability`` of the time.
 a blind spot (``blind_spot``, one of ``BLIND_SPOTS``): by default (``bottom_row``), when the
 ring is in a bottom quadrant it looks there only one time in three (``index % 3 == 0``) and
 otherwise zooms into the quadrant above it; ``bottom_right`` misses only the bottom-right
-quadrant (towards the top-left one, as earlier versions of the task did); ``none`` never
-misses. What it writes after a missed zoom is chosen by name (``EXPERTS``):
+quadrant (towards the top-left one); ``none`` never misses. What it writes after a missed zoom is chosen by name (``EXPERTS``):
 
 - ``hallucinating`` (default): it describes the target as the overview suggests (the ring's
   tint and the target's shape, ``<description>red circle</description>``) although its crop
@@ -45,8 +44,7 @@ misses. What it writes after a missed zoom is chosen by name (``EXPERTS``):
   construction (``bottom_row``): missed zoom 1/2 x 2/3 = 33.3%, right answer with a wrong zoom
   33.3% x ``hint_reliability`` = 25% (``expected_gap_share``).
 - ``honest``: it describes what the wrong crop holds and answers from it (always wrong): the
-  verifier rewards the wrong action as much as the right one. This is the control; with
-  ``blind_spot="bottom_right"`` its expert turns are those of earlier versions of the task.
+  verifier rewards the wrong action as much as the right one. This is the control.
 
 A policy that imitates the expert greedily misses whenever the ring is in a bottom quadrant
 (half the samples); closing that gap takes reinforcement learning, and only the semantic score
