@@ -65,7 +65,8 @@ def points(p: argparse.ArgumentParser, runs: List[Path], seeds: int
         if not (run / "checkpoints").is_dir():
             p.error(f"--runs: {run} has no checkpoints folder")
     if runs:
-        return [(str(r), run_args(r), r) for r in runs]
+        # named by the run's last three parts (<expert>/seed<k>/<kind>): no machine's paths
+        return [("/".join(r.resolve().parts[-3:]), run_args(r), r) for r in runs]
     return [(f"warm start, seed {s}", ["--seed", str(s)], None) for s in range(seeds)]
 
 

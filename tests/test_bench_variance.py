@@ -35,7 +35,7 @@ def test_points_from_warm_starts_and_runs(tmp_path, capsys):
     bv.main(["--runs", str(folder), "--batches", "3", "--report", str(tmp_path), "--tag",
              "run", "--", *SMALL])
     res = json.loads((tmp_path / "estimator-variance-run.json").read_text())
-    assert res["points"][str(folder)]["step"] == 1
+    assert res["points"]["hallucinating/seed3/mapo"]["step"] == 1  # no machine path
     assert sorted(os.listdir(folder / "checkpoints")) == before
     assert bv.kind(str(folder)) == "mapo" and bv.kind("warm start, seed 1") == "warm start"
     # the report of a saved result, rewritten without measuring
