@@ -10,7 +10,8 @@
 #   bash bench/gpu_run.sh --toy --out DIR    toy sizes on CPU (Triton's interpreter): the test
 #
 # OUT receives gpu-check-<device>.json / .md (every section), compile-check.json / .md and
-# gpu-run.log (all output). GPU_RUN_LIMITS="rollout=60 loss=30" overrides section limits (s).
+# gpu-run.log (all output). GPU_RUN_LIMITS="rollout=60 loss=30" overrides section limits (s);
+# "compile=" the compile check's, "deadline=" the whole run's.
 # Exit status: 0 when every section and the compile check passed.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -42,11 +43,17 @@ COMPILE_LIMIT=45
 DEADLINE=540
 for pair in ${GPU_RUN_LIMITS:-}; do
   name=${pair%%=*} value=${pair#*=}
-  if [ -z "${LIMIT[$name]+x}" ] || ! [[ "$value" =~ ^[0-9]+$ ]]; then
-    echo "gpu_run.sh: GPU_RUN_LIMITS: bad entry '$pair' (sections: ${SECTIONS[*]})" >&2
+  if ! [[ "$value" =~ ^[0-9]+$ ]] || { [ -z "${LIMIT[$name]+x}" ] && [ "$name" != compile ] \
+      && [ "$name" != deadline ]; }; then
+    echo "gpu_run.sh: GPU_RUN_LIMITS: bad entry '$pair' (sections: ${SECTIONS[*]}," \
+         "compile, deadline)" >&2
     exit 2
   fi
-  LIMIT[$name]=$value
+  case "$name" in
+    compile) COMPILE_LIMIT=$value ;;
+    deadline) DEADLINE=$value ;;
+    *) LIMIT[$name]=$value ;;
+  esac
 done
 
 say() { echo "$@" | tee -a "$LOG"; }
