@@ -5,9 +5,16 @@ box is given, so action accuracy is reported. Also a few bad records (a missing 
 answer that names no option, a question without options) that ``mapo-eval`` skips with a
 reason.
 
+``--builtin-seed K`` also writes ``builtin/test_questions.jsonl``: the built-in task's held-out
+samples (``mapo-train --seed K``'s ``eval`` split, with its ``--task.*`` options given after
+``--``) as multiple-choice questions in V* Bench's layout, the target's box included, so that a
+``mapo-train`` checkpoint can be scored by ``mapo-eval`` on the images it was evaluated on:
+
     python examples/make_bench_files.py --out bench_files --n 24
     mapo-eval --model runs/mapo --data bench_files/vstar/test_questions.jsonl --out runs/eval-vstar
     mapo-eval --model runs/mapo --data bench_files/hr_bench_4k.parquet --out runs/eval-hr
+    python examples/make_bench_files.py --out bench_files --builtin-seed 0 --n 256
+    mapo-eval --model runs/mapo --data bench_files/builtin/test_questions.jsonl --system none
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import base64
 import io
 import json
 import os
+import sys
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -94,17 +102,52 @@ def hr_bench(out: str, n: int, size: int) -> str:
     return path
 
 
-def main(argv=None) -> Tuple[str, str]:
+def builtin(out: str, n: int, seed: int, task_args: List[str]) -> str:
+    """``out/builtin/test_questions.jsonl``: the first ``n`` held-out samples of the built-in
+    task of ``seed`` (``task_args``: its ``--task.*`` keys), the question with the palette as
+    options, the answer's letter, the target's box."""
+    from mapo_fast.trainer import parse_args
+    cfg = parse_args(["--seed", str(seed), *task_args])
+    task = cfg.visual_search_task()
+    root = os.path.join(out, "builtin")
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    from PIL import Image
+    palette = list(task.colours)
+    rows = []
+    for i in range(n):
+        s = task.sample("eval", i)
+        rel = f"images/{i}.png"
+        Image.fromarray(s.image.permute(1, 2, 0).numpy()).save(os.path.join(root, rel))
+        h = task.target_size / 2
+        _, _, cx, cy = s.objects[0]
+        inline = "\n".join(f"({'ABCD'[j]}) {c}" for j, c in enumerate(palette))
+        rows.append({"image": rel, "text": f"{s.question}\n{inline}", "category": task.detail,
+                     "question_id": i, "label": "ABCD"[palette.index(s.answer)],
+                     "bbox": [cx - h, cy - h, cx + h, cy + h]})
+    path = os.path.join(root, "test_questions.jsonl")
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def main(argv=None) -> Tuple[str, ...]:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_files", help="output folder (default bench_files)")
     p.add_argument("--n", type=int, default=24, help="questions per file (default 24)")
     p.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
-    a = p.parse_args(argv)
+    p.add_argument("--builtin-seed", type=int, default=None,
+                   help="also the built-in task's held-out samples of this seed (task keys "
+                        "after --)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    task_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    a = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if a.n < 1 or a.size < 32:
         p.error(f"--n must be >= 1 and --size >= 32, got {a.n} and {a.size}")
     os.makedirs(a.out, exist_ok=True)
     paths = vstar(a.out, a.n, a.size), hr_bench(a.out, a.n, a.size)
+    if a.builtin_seed is not None:
+        paths += (builtin(a.out, a.n, a.builtin_seed, task_args),)
     print("wrote", *paths)
     return paths
 

@@ -96,6 +96,9 @@ def eval_parser() -> "argparse.ArgumentParser":
     p.add_argument("--max-pixels", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8, help="questions per rollout call")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--system", default="records", help="the system prompt: records (the "
+                   "real-data protocol: zoom tool, descriptions, <answer>; default) or none "
+                   "(as the built-in task trains)")
     p.add_argument("--limit", type=int, default=None, help="only the first N records")
     p.add_argument("--max-image-pixels", type=int, default=8192 * 8192,
                    help="larger images are skipped (from the header, before decoding)")
@@ -117,7 +120,8 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
         settings = EvalSettings(samples=a.samples, temperature=a.temperature, top_p=a.top_p,
                                 max_new_tokens=a.max_new_tokens, max_turns=a.max_turns,
                                 min_pixels=a.min_pixels, max_pixels=a.max_pixels,
-                                batch_size=a.batch_size, seed=a.seed).validate()
+                                batch_size=a.batch_size, seed=a.seed,
+                                system=a.system).validate()
         bench = Benchmark(a.data, image_root=a.image_root, max_image_pixels=a.max_image_pixels,
                           limit=a.limit)
         run = Evaluation(load_policy(a.model, device), bench, a.out, settings)

@@ -245,3 +245,32 @@ def test_a_corrupt_checkpoint_is_named(run_folder, tmp_path):
         f.write(b"\x00\x01\x02")
     with pytest.raises(ValueError, match="SHA-256 does not match"):
         run_mod.load_policy(str(bad), torch.device("cpu"))
+
+
+def test_the_system_prompt_is_chosen_by_name(files):
+    item = Benchmark(files["vstar"]).items[0]
+    image = item.load()
+    assert item.prompt(image)[0]["role"] == "system"
+    none = item.prompt(image, "none")
+    assert [m["role"] for m in none] == ["user"]
+    with pytest.raises(ValueError, match="`--system` must be one of \\['records', 'none'\\], "
+                                         "got 'chat'"):
+        EvalSettings(system="chat").validate()
+
+
+def test_the_builtin_tasks_held_out_samples_as_a_vstar_file(tmp_path):
+    """``make_bench_files.py --builtin-seed``: the task's eval images, its answers as letters
+    of the palette, the target's box around its centre."""
+    from mapo_fast.tasks.visual_search import VisualSearchTask
+    paths = _maker().main(["--out", str(tmp_path), "--n", "4", "--size", "64",
+                           "--builtin-seed", "3", "--", "--task.detail", "checker"])
+    b = Benchmark(paths[2])
+    task = VisualSearchTask(3, detail="checker")
+    assert len(b.items) == 4 and not b.skipped
+    for i, it in enumerate(b.items):
+        s = task.sample("eval", i)
+        assert torch.equal(it.load(), s.image)  # PNG: the same pixels
+        assert it.options == list(task.colours)
+        assert it.options["ABCD".index(it.answer)] == s.answer
+        (x1, y1, x2, y2), (_, _, cx, cy) = it.boxes[0], s.objects[0]
+        assert x1 < cx < x2 and y1 < cy < y2

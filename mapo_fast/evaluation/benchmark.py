@@ -40,6 +40,10 @@ log = logging.getLogger("mapo_fast.evaluation")
 LETTERS = "ABCDEFGHIJ"
 #: how each question ends in the prompt (the options follow the question, one per line)
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices."
+#: the system prompts a question can be asked under: the real-data protocol (the zoom tool,
+#: describe each crop, answer in ``<answer>``), or none (the built-in task's policies were
+#: trained without one)
+SYSTEM_PROMPTS = {"records": SYSTEM, "none": None}
 _INLINE = re.compile(r"\(([A-J])\)\s*(.*?)(?=\s*\([A-J]\)|\n|$)", re.S)
 
 
@@ -65,15 +69,15 @@ class BenchItem:
                                 f"line {self.line}")
         return decode_image(self.source, self.max_pixels, os.path.basename(self.source))
 
-    def prompt(self, image: Tensor) -> List[Dict[str, Any]]:
-        """The chat: the real-data protocol's system prompt (``tasks.records.SYSTEM``: the zoom
-        tool, describe each crop, answer in ``<answer>``), the image and the question with its
-        lettered options."""
+    def prompt(self, image: Tensor, system: str = "records") -> List[Dict[str, Any]]:
+        """The chat: the system prompt named ``system`` (``SYSTEM_PROMPTS``), the image and the
+        question with its lettered options."""
         opts = "\n".join(f"({LETTERS[i]}) {o}" for i, o in enumerate(self.options))
         text = f"{self.question}\n{opts}\n{CHOICE_INSTRUCTION}"
-        return [{"role": "system", "content": SYSTEM},
-                {"role": "user", "content": [{"type": "image", "image": image},
-                                             {"type": "text", "text": text}]}]
+        user = {"role": "user", "content": [{"type": "image", "image": image},
+                                            {"type": "text", "text": text}]}
+        head = SYSTEM_PROMPTS[system]
+        return ([{"role": "system", "content": head}] if head else []) + [user]
 
 
 def _first(rec: Dict[str, Any], *keys: str) -> Any:

@@ -31,7 +31,7 @@ from ..rewards.outcome import AccuracyReward, extract_answer, normalize_text
 from ..tasks.records import RecordError
 from ..tools import ToolRunner
 from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
-from .benchmark import Benchmark, BenchItem
+from .benchmark import SYSTEM_PROMPTS, Benchmark, BenchItem
 
 #: two-sided 95% normal quantile (the Wilson interval)
 Z95 = 1.959964
@@ -41,7 +41,8 @@ Z95 = 1.959964
 class EvalSettings:
     """How each question is rolled out. ``temperature`` 0 is greedy (then ``samples`` must be
     1); ``max_new_tokens`` / ``max_turns`` / pixels None: the checkpoint's training values (a
-    Hugging Face folder: 512, 4 and the processor's defaults)."""
+    Hugging Face folder: 512, 4 and the processor's defaults); ``system``: the system prompt
+    (``benchmark.SYSTEM_PROMPTS``: ``records``, the real-data protocol, or ``none``)."""
     samples: int = 1
     temperature: float = 0.0
     top_p: float = 1.0
@@ -51,6 +52,7 @@ class EvalSettings:
     max_pixels: Optional[int] = None
     batch_size: int = 8
     seed: int = 0
+    system: str = "records"
 
     def validate(self) -> "EvalSettings":
         def bad(name: str, want: str) -> None:
@@ -70,6 +72,9 @@ class EvalSettings:
             bad("temperature", "a finite number >= 0")
         if not (0 < self.top_p <= 1):
             bad("top_p", "in (0, 1]")
+        if self.system not in SYSTEM_PROMPTS:
+            raise ValueError(f"mapo-eval: `--system` must be one of {list(SYSTEM_PROMPTS)}, "
+                             f"got {self.system!r}")
         if self.temperature == 0 and self.samples > 1:
             raise ValueError(f"mapo-eval: `--samples` {self.samples} needs `--temperature` > 0 "
                              "(greedy decoding draws the same answer every time)")
@@ -315,7 +320,8 @@ class Evaluation:
         if ready:
             draw = dict(temperature=s.temperature, top_p=s.top_p) if s.temperature > 0 else \
                 dict(temperature=0.0)
-            trajs = engine.generate([it.prompt(img) for it, img in ready], group_size=s.samples,
+            trajs = engine.generate([it.prompt(img, s.system) for it, img in ready],
+                                    group_size=s.samples,
                                     max_new_tokens=s.max_new_tokens, tools=ToolRunner(),
                                     max_turns=s.max_turns, observation_template=OBSERVATION_TEMPLATE,
                                     seed=s.seed + c * s.batch_size * s.samples, **draw)
@@ -395,7 +401,8 @@ def markdown(report: Dict[str, Any]) -> str:
     return (f"# mapo-eval: {os.path.basename(s['data'])}\n\n"
             f"Model `{os.path.basename(s['model'])}`, {report['questions']} usable questions, "
             f"{draw}, at most {s['max_turns']} turns of {s['max_new_tokens']} tokens, seed "
-            f"{s['seed']}. Skipped records: {skipped or 'none'}.\n\n" + "\n".join(rows) + "\n\n"
+            f"{s['seed']}, system prompt `{s.get('system', 'records')}`. Skipped records: "
+            f"{skipped or 'none'}.\n\n" + "\n".join(rows) + "\n\n"
             "Accuracy is the share of questions answered right (with several draws, the mean "
             "per-question pass@1); the interval is Wilson's. Action accuracy: the share of draws "
             "with a zoom that holds a target box's centre, over questions that give boxes.\n")
