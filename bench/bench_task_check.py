@@ -5,6 +5,7 @@ that the overview cannot answer and the zoom can.
     python bench/bench_task_check.py [--seeds 5] [--runs WARM_DIR ...] [--report DIR]
                                      [--tag cpu-checker] [-- extra mapo-train keys]
     python bench/bench_task_check.py --from-json bench/results/task-check-cpu-checker.json
+    python bench/bench_task_check.py --merge A.json B.json --tag TAG   # checks run in parallel
 
 At each point (a warm start of seeds ``0 .. seeds-1``, or the checkpoint of each ``--runs``
 folder, e.g. the training study's ``.../seed<k>/warm``, copied, never changed) the held-out
@@ -85,6 +86,20 @@ def summarise(points: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
+def merge(results: List[Dict[str, Any]], tag: str) -> Dict[str, Any]:
+    """One result of the points of ``results`` (made with the same keys), summarised again;
+    ``wall_s`` is the sum of theirs (CPU time, when they ran in parallel)."""
+    keys = {tuple(r["extra_args"]) for r in results}
+    if len(keys) != 1:
+        raise SystemExit(f"bench_task_check --merge: the results were made with different "
+                         f"keys: {sorted(keys)}")
+    points: Dict[str, Dict[str, Any]] = {}
+    for r in results:
+        points.update(r["points"])
+    return {"tag": tag, "extra_args": results[0]["extra_args"], "points": points,
+            "summary": summarise(points), "wall_s": sum(r["wall_s"] for r in results)}
+
+
 def _fmt(iv: Dict[str, Any]) -> str:
     if iv["mean"] is None:
         return "n/a"
@@ -137,7 +152,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--tag", default="cpu-checker")
     p.add_argument("--from-json", type=Path, default=None,
                    help="rewrite the report of a saved result (no measurement)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="one report of the points of several saved results (checks run in "
+                        "parallel processes), written with --tag (no measurement)")
     a = p.parse_args(argv)
+    if a.merge is not None:
+        merged = merge([json.loads(path.read_text()) for path in a.merge], a.tag)
+        write_json_md(a.report / f"task-check-{a.tag}", merged, markdown(merged))
+        return
     if a.from_json is not None:
         result = json.loads(a.from_json.read_text())
         a.from_json.with_suffix(".md").write_text(markdown(result))

@@ -48,3 +48,27 @@ def test_the_gate_checks_each_condition():
     g = tc.gate(point(0.94, 0.81, 0.75, 1.0))
     assert g == {"perfect_zoom": False, "missed_zoom": False, "room": False, "holds": False}
     assert tc.gate(point(0.97, 0.7, 0.75, 1.0, gap=0.1))["room"]  # right after a miss counts
+
+
+def test_results_of_parallel_checks_merge_into_one_report(tmp_path):
+    def result(names, keys=("--a", "1")):
+        pts = {n: {"free": {"accuracy": 0.5, "action_accuracy": 0.5, "tool_use": 1.0,
+                            "eval_size": 4, "right_answer_wrong_action": 0.25},
+                   "no_zoom": {"accuracy": 0.0, "action_accuracy": None, "tool_use": 0.0},
+                   "wrong_zoom": {"accuracy": 0.25, "action_accuracy": 0.0, "tool_use": 1.0},
+                   "right_zoom": {"accuracy": 1.0, "action_accuracy": 1.0, "tool_use": 1.0},
+                   "hint_reliability": 0.75} for n in names}
+        return {"tag": "x", "extra_args": list(keys), "points": pts,
+                "summary": tc.summarise(pts), "wall_s": 10.0}
+    for i, names in enumerate((["e/seed0/warm"], ["e/seed1/warm", "e/seed2/warm"])):
+        (tmp_path / f"r{i}.json").write_text(json.dumps(result(names)))
+    tc.main(["--merge", str(tmp_path / "r0.json"), str(tmp_path / "r1.json"), "--tag", "all",
+             "--report", str(tmp_path)])
+    merged = json.loads((tmp_path / "task-check-all.json").read_text())
+    assert list(merged["points"]) == ["e/seed0/warm", "e/seed1/warm", "e/seed2/warm"]
+    assert merged["wall_s"] == 20.0 and merged["summary"]["right_zoom"]["accuracy"]["n"] == 3
+    assert "The gate holds on 3 of 3 points." in (tmp_path / "task-check-all.md").read_text()
+    (tmp_path / "r2.json").write_text(json.dumps(result(["e/seed3/warm"], keys=("--b",))))
+    with pytest.raises(SystemExit, match="made with different keys"):
+        tc.main(["--merge", str(tmp_path / "r0.json"), str(tmp_path / "r2.json"), "--tag", "y",
+                 "--report", str(tmp_path)])
