@@ -35,6 +35,10 @@ def test_the_size_takes_num_blocks_then_the_budget_then_the_fraction(monkeypatch
     (dict(memory_budget_mb="64"), "`memory_budget_mb` must be a finite number > 0, got '64'"),
     (dict(memory_fraction=1e-30), "`memory_fraction` 1e-30 of the .* MiB free on cpu holds no "
                                   "KV block"),
+    (dict(memory_budget_mb=2 ** 40), "`memory_budget_mb` 1099511627776 asks for a .* MiB KV "
+                                     "pool, more than this machine's .* MiB of memory"),
+    (dict(num_blocks=2 ** 50), "`num_blocks` 1125899906842624 asks for a .* MiB KV pool, more "
+                               "than this machine's"),
 ])
 def test_bad_sizes_are_refused_naming_the_argument(model, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -72,7 +72,7 @@ def pool_blocks(num_blocks: Any, memory_budget_mb: Any, memory_fraction: Any, bl
     if num_blocks is not None:
         if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
             raise ValueError(f"{FN}: `num_blocks` must be an int >= 1, got {num_blocks!r}")
-        return num_blocks
+        return _fits(num_blocks, block_bytes, device, f"`num_blocks` {num_blocks}")
     if memory_budget_mb is not None:
         nbytes, source = _positive_number("memory_budget_mb", memory_budget_mb) * 2 ** 20, \
             f"`memory_budget_mb` {memory_budget_mb!r}"
@@ -84,6 +84,18 @@ def pool_blocks(num_blocks: Any, memory_budget_mb: Any, memory_fraction: Any, bl
     if blocks < 1:
         raise ValueError(f"{FN}: {source} holds no KV block (one block takes "
                          f"{block_bytes / 2 ** 20:.4g} MiB)")
+    return _fits(blocks, block_bytes, device, source)
+
+
+def _fits(blocks: int, block_bytes: int, device: torch.device, source: str) -> int:
+    """``blocks``, after checking that a CPU pool of them (and the padding block) fits this
+    machine's physical memory: asked before the map is made, which the kernel would refuse."""
+    if device.type == "cpu":
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        need = (blocks + 1) * block_bytes
+        if need > have:
+            raise ValueError(f"{FN}: {source} asks for a {need / 2 ** 20:.0f} MiB KV pool, more "
+                             f"than this machine's {have / 2 ** 20:.0f} MiB of memory")
     return blocks
 
 
