@@ -294,7 +294,7 @@ class Trainer:
             self.vision_report = pretrain_vision(
                 self.model, self.task, adapter, steps=ws.vision_steps,
                 batch_size=ws.batch_size, lr=ws.vision_lr, out=self.out,
-                progress=self.progress, autocast=self._autocast)
+                progress=self.progress, autocast=self._autocast, write=self.dist.main)
             self._say("vision pretraining: held-out crop accuracy "
                       f"{self.vision_report['vision_crop_accuracy']:.3f}, where the tint is "
                       f"wrong {self.vision_report['vision_tint_wrong_accuracy']:.3f}")

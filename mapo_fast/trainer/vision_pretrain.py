@@ -58,10 +58,11 @@ def _batch(task: Any, samples: Sequence[Any]) -> Tuple[List[torch.Tensor], List[
 
 def pretrain_vision(model: Any, task: Any, adapter: VisionAdapter, *, steps: int,
                     batch_size: int, lr: float, out: str, progress: bool = True,
-                    autocast: Any = None) -> Dict[str, float]:
+                    autocast: Any = None, write: bool = True) -> Dict[str, float]:
     """Trains ``model``'s vision tower for ``steps`` steps (see the module doc); writes
-    ``out/vision_pretrain.jsonl`` and returns the held-out ``vision_crop_accuracy`` and
-    ``vision_tint_wrong_accuracy``."""
+    ``out/vision_pretrain.jsonl`` (with ``write``: one process of several writes it) and
+    returns the held-out ``vision_crop_accuracy`` and ``vision_tint_wrong_accuracy``. Every
+    process runs the same steps on the same samples from the same seed."""
     import contextlib
     autocast = autocast or contextlib.nullcontext
     visual = model.model.visual
@@ -75,6 +76,8 @@ def pretrain_vision(model: Any, task: Any, adapter: VisionAdapter, *, steps: int
     visual.train()
     opt = torch.optim.AdamW(list(visual.parameters()) + list(probe.parameters()), lr=lr)
     log = MetricsLog(os.path.join(out, "vision_pretrain.jsonl"))
+    if write:
+        log.truncate_after(0)  # a fresh stage: no records of an earlier run's stage
     bar = Progress(steps, "vision pretraining", enabled=progress)
     for i in range(steps):
         images, boxes, labels = _batch(task, task.batch(
@@ -88,7 +91,8 @@ def pretrain_vision(model: Any, task: Any, adapter: VisionAdapter, *, steps: int
         opt.step()
         rec = {"step": i + 1, "loss": float(loss.detach()),
                "accuracy": float((logits.argmax(-1) == target).float().mean())}
-        log.append(rec)
+        if write:
+            log.append(rec)
         bar.update(i + 1, rec, ("loss", "accuracy"))
     bar.close()
     visual.train(was_training)
