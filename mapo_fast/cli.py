@@ -129,6 +129,9 @@ def eval_main(argv: Optional[List[str]] = None) -> None:
         sys.exit(f"mapo-eval: {str(e).removeprefix('mapo-eval: ')}")
     report = run.run()
     o = report["overall"]
+    if not o.get("questions"):
+        sys.exit(f"mapo-eval: no question could be evaluated (skipped: "
+                 f"{report['skipped_records']}); wrote {a.out}/report.md")
     lo, hi = o["accuracy_ci95"]
     print(f"mapo-eval: accuracy {o['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on {o['questions']} "
           f"questions; wrote {a.out}/report.md, report.json, samples.jsonl")

@@ -274,3 +274,23 @@ def test_the_builtin_tasks_held_out_samples_as_a_vstar_file(tmp_path):
         assert it.options["ABCD".index(it.answer)] == s.answer
         (x1, y1, x2, y2), (_, _, cx, cy) = it.boxes[0], s.objects[0]
         assert x1 < cx < x2 and y1 < cy < y2
+
+
+def test_an_image_that_fails_to_decode_is_a_skipped_line(run_folder, tmp_path):
+    """A truncated PNG passes the header check when the file is read and fails when its
+    batch decodes it: the question is a skipped line with its reason, the run goes on."""
+    PIL.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[:len(data) // 2])
+    rows = [{"image": name, "text": "Colour?\n(A) red\n(B) blue", "label": "A",
+             "question_id": i} for i, name in enumerate(["cut.png", "ok.png"])]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    eval_main(["--model", run_folder, "--data", str(tmp_path / "d.jsonl"), "--out",
+               str(tmp_path / "o")])
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert report["overall"]["questions"] == 1
+    assert report["skipped_records"] == {"not_an_image": 1}
+    (tmp_path / "e.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(SystemExit, match="no question could be evaluated .*not_an_image"):
+        eval_main(["--model", run_folder, "--data", str(tmp_path / "e.jsonl"), "--out",
+                   str(tmp_path / "p")])

@@ -18,6 +18,7 @@ target box's centre) where the file gives boxes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -239,7 +240,7 @@ class Evaluation:
     def __init__(self, policy: Policy, bench: Benchmark, out: str, settings: EvalSettings,
                  *, progress: bool = True):
         self.policy, self.bench, self.out = policy, bench, out
-        s = settings.validate()
+        s = dataclasses.replace(settings).validate()  # the caller's settings left as given
         for k, v in policy.defaults.items():  # the checkpoint's own values where not given
             if getattr(s, k) is None:
                 setattr(s, k, v)
