@@ -71,7 +71,7 @@ def test_vstar_layout_reads_inline_options_and_skips_bad_records(files, caplog):
 
 def test_hr_bench_layout_reads_option_columns_and_base64_images(files):
     b = Benchmark(files["hr"])
-    assert len(b.items) == 6 and dict(b.skipped) == {"missing_image": 1}  # not a path either
+    assert len(b.items) == 6 and dict(b.skipped) == {"not_an_image": 1}  # nor a path
     it = b.items[1]
     assert it.options == ["red", "green", "blue", "yellow"] and it.category == "single"
     assert isinstance(it.source, bytes) and it.load().shape == (3, 64, 64)
@@ -294,3 +294,22 @@ def test_an_image_that_fails_to_decode_is_a_skipped_line(run_folder, tmp_path):
     with pytest.raises(SystemExit, match="no question could be evaluated .*not_an_image"):
         eval_main(["--model", run_folder, "--data", str(tmp_path / "e.jsonl"), "--out",
                    str(tmp_path / "p")])
+
+
+def test_base64_images_are_read_whatever_their_first_characters(tmp_path):
+    """A JPEG's base64 starts with ``/9j/``: it is the image, not a path; line breaks in the
+    base64 text are allowed."""
+    import base64
+    import io
+    buf = io.BytesIO()
+    PIL.new("RGB", (48, 32), (10, 200, 10)).save(buf, format="JPEG")
+    text = base64.b64encode(buf.getvalue()).decode()
+    assert text.startswith("/9j/")
+    wrapped = "\n".join(text[i:i + 76] for i in range(0, len(text), 76))
+    rows = [{"question": "q", "A": "x", "B": "y", "answer": "B", "image": img, "index": i}
+            for i, img in enumerate([text, wrapped, "not/an/image.png"])]
+    (tmp_path / "hr.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    b = Benchmark(str(tmp_path / "hr.jsonl"))
+    assert [it.key for it in b.items] == ["0", "1"] and dict(b.skipped) == {"missing_image": 1}
+    assert b.items[0].load().shape == (3, 32, 48) and torch.equal(b.items[0].load(),
+                                                                  b.items[1].load())

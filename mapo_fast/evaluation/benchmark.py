@@ -40,6 +40,10 @@ log = logging.getLogger("mapo_fast.evaluation")
 LETTERS = "ABCDEFGHIJ"
 #: how each question ends in the prompt (the options follow the question, one per line)
 CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices."
+#: an image string longer than this is no path: it is the file base64-encoded (HR-Bench);
+#: a shorter one is a path when that file exists, else base64 when it decodes (base64 has "/"
+#: in it: a JPEG's starts "/9j/")
+PATH_MAX_CHARS = 4096
 #: the system prompts a question can be asked under: the real-data protocol (the zoom tool,
 #: describe each crop, answer in ``<answer>``), or none (the built-in task's policies were
 #: trained without one)
@@ -143,6 +147,14 @@ def _boxes(raw: Any) -> List[Tuple[float, float, float, float]]:
     return out
 
 
+def _base64(text: str) -> Optional[bytes]:
+    """The bytes ``text`` encodes in base64 (line breaks allowed), or None."""
+    try:
+        return base64.b64decode("".join(text.split()), validate=True) or None
+    except (binascii.Error, ValueError):
+        return None
+
+
 class Benchmark:
     """The usable questions of one benchmark file, in file order (``items``), with the skipped
     ones counted by reason (``skipped``). ``image_root``: the folder image paths are relative
@@ -181,12 +193,9 @@ class Benchmark:
             raw = raw[0]
         if isinstance(raw, dict):
             raw = raw.get("bytes") or raw.get("path")
-        if isinstance(raw, str) and len(raw) > 256 and "/" not in raw[:64].strip("/+"):
-            try:
-                raw = base64.b64decode(raw, validate=True)
-            except (binascii.Error, ValueError):
-                raise RecordError("not_an_image", "the image is neither a path nor base64") \
-                    from None
+        if isinstance(raw, str) and "\x00" not in raw and (
+                len(raw) > PATH_MAX_CHARS or not os.path.lexists(os.path.join(self.root, raw))):
+            raw = _base64(raw) or raw  # not a file there: the image base64-encoded, if it is
         if isinstance(raw, (bytes, bytearray)):
             decode_image(io.BytesIO(raw), self.max_image_pixels, "the image bytes",
                          header_only=True)
