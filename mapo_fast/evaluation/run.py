@@ -19,7 +19,6 @@ target box's centre) where the file gives boxes.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -31,6 +30,7 @@ import torch
 from ..rewards.outcome import AccuracyReward, extract_answer, normalize_text
 from ..tasks.records import RecordError
 from ..tools import ToolRunner
+from ..trainer.checkpoint import sha256_file
 from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
 from .benchmark import SYSTEM_PROMPTS, Benchmark, BenchItem
 
@@ -226,14 +226,6 @@ def _hit_any(zooms: Sequence[Sequence[float]], targets: Sequence[Sequence[float]
 
 
 # ---- the run ----------------------------------------------------------------------------------
-def _fingerprint(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Evaluation:
     """One evaluation into ``out`` (see the module doc); ``run()`` does the work left."""
 
@@ -247,17 +239,19 @@ class Evaluation:
         self.settings, self.progress = s, progress
         os.makedirs(out, exist_ok=True)
         self.lines_path = os.path.join(out, "samples.jsonl")
+        #: what the lines are made with (``settings.json``; the data file hashed once)
+        self.record = self._settings_record()
         self.done = self._resume()
 
     def _settings_record(self) -> Dict[str, Any]:
         return {"model": os.path.abspath(self.policy.source),
                 "data": os.path.abspath(self.bench.path),
-                "data_sha256": _fingerprint(self.bench.path), **asdict(self.settings)}
+                "data_sha256": sha256_file(self.bench.path), **asdict(self.settings)}
 
     def _resume(self) -> Dict[str, Dict[str, Any]]:
         """The lines already written, after checking that they were made with these
         settings; ``settings.json`` written on a fresh start."""
-        want = self._settings_record()
+        want = self.record
         path = os.path.join(self.out, "settings.json")
         if os.path.isfile(path):
             with open(path) as f:
@@ -348,7 +342,7 @@ class Evaluation:
                 skipped[r["skipped"]] = skipped.get(r["skipped"], 0) + 1
         for reason, n in self.bench.skipped.items():
             skipped[reason] = skipped.get(reason, 0) + n
-        report = {"settings": self._settings_record(), "questions": len(self.bench.items),
+        report = {"settings": self.record, "questions": len(self.bench.items),
                   "skipped_records": skipped, **self.summary()}
         with open(os.path.join(self.out, "report.json"), "w") as f:
             json.dump(report, f, indent=1)

@@ -47,7 +47,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -75,7 +76,7 @@ def save(folder: str, step: int, payload: Dict[str, Any], *, keep: int = 2) -> s
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"step_{step:06d}.pt")
     _write_atomic(path, lambda f: torch.save(dict(payload, step=step), f))
-    digest = _sha256(path)
+    digest = sha256_file(path)
     _write_atomic(path + DIGEST, lambda f: f.write(digest.encode()))
     for old in list_checkpoints(folder)[:-keep]:
         os.remove(old)
@@ -106,7 +107,7 @@ def verify(path: str) -> Optional[str]:
     except OSError:
         return "it has no digest file (the save did not complete)"
     try:
-        got = _sha256(path)
+        got = sha256_file(path)
     except OSError as e:
         return f"it cannot be read ({e.strerror})"
     if got != want:
