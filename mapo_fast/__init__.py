@@ -9,6 +9,9 @@ Public API:
     PolicyNumerics          the policy's distribution (temperature, banned tokens, top-k/top-p,
                             logit map), one setting for the rollout, the loss and the
                             reference log-probs (mapo_fast.policy says what the ratio means)
+    PolicyLossConfig        the loss's one settings object (MAPOLoss takes it)
+    POLICY_LOSSES, KL_ESTIMATORS, LOSS_AGG_MODES, ADVANTAGE_ESTIMATORS, Registry
+                            the loss's and the advantage's variants, registered by name
     mapo_advantages         the MAPO advantage: group-relative outcome + semantic scores
     Trajectory, TrajectorySpans, ToolTurn, Span, spans_from_text, spans_from_ids, turn_batch,
     token_turns
@@ -30,10 +33,12 @@ Public API:
                             mapo_fast.trainer the thin trainer behind `mapo-train`)
 """
 
-from .advantage import mapo_advantages
+from .advantage import ADVANTAGE_ESTIMATORS, mapo_advantages
 from .logprobs import token_logprobs
-from .loss import LOSS_AGG_MODES, LossMetrics, MAPOLoss, mapo_loss
+from .loss import (KL_ESTIMATORS, LOSS_AGG_MODES, POLICY_LOSSES, LossMetrics, MAPOLoss,
+                   PolicyLossConfig, mapo_loss)
 from .policy import PolicyNumerics
+from .registry import Registry
 from .rollout import RolloutEngine, SamplingParams, ToolParams
 from .rewards import CLIPVerifier, OracleVerifier, SemanticVerifier
 from .tools import (ToolRegistry, ToolRunner, ZoomInTool, crop_and_zoom, crop_to_patches,
@@ -45,7 +50,8 @@ from .variance import gradient_variance, loss_gradient_variance
 __version__ = "0.1.0"
 
 __all__ = ["token_logprobs", "mapo_loss", "MAPOLoss", "LossMetrics", "LOSS_AGG_MODES",
-           "PolicyNumerics",
+           "PolicyLossConfig", "POLICY_LOSSES", "KL_ESTIMATORS", "ADVANTAGE_ESTIMATORS",
+           "Registry", "PolicyNumerics",
            "mapo_advantages",
            "Trajectory", "TrajectorySpans", "ToolTurn", "Span", "spans_from_text", "turn_batch",
            "spans_from_ids", "token_turns",

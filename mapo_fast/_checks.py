@@ -4,11 +4,31 @@ the bad value, before any kernel runs."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+import reprlib
+from typing import Any, Optional, Sequence
 
 import torch
 
 Tensor = torch.Tensor
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value (the trainer's settings, a task's records); the
+    message names the key."""
+
+
+#: Most characters of a bad value echoed in an error message.
+ECHO_CHARS = 200
+_REPR = reprlib.Repr()  # keyword arguments need Python 3.12: set the limits one by one
+_REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = ECHO_CHARS, ECHO_CHARS, 60
+
+
+def echo(value: Any) -> str:
+    """``repr(value)`` in at most ~``ECHO_CHARS`` characters, with bounded work however large
+    or nested ``value`` is (a YAML alias bomb is millions of shared nodes)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
 
 
 def fail(fn: str, arg: str, msg: str) -> None:

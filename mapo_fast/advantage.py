@@ -7,6 +7,7 @@ Device dispatch happens here, once: one Triton segmented-reduction kernel on CUD
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 import torch
@@ -14,11 +15,30 @@ import torch
 from . import _checks as chk
 from ._dispatch import backend_for, triton_module
 from .kernels import advantage_ref
+from .registry import Registry
 
 Tensor = torch.Tensor
 KERNEL = "advantage"
-ALGOS = ("mapo", "grpo")
 BASELINES = ("mean", "loo")
+
+
+@dataclass(frozen=True)
+class AdvantageEstimator:
+    """A named advantage estimator of ``mapo_advantages`` (its ``algo``): the group-relative
+    outcome advantage, plus, when ``semantic``, the group-relative semantic scores of each
+    tool turn on that turn's tokens. ``summary`` is its one-line description (the trainer's
+    ``--algo`` help)."""
+    name: str
+    semantic: bool
+    summary: str
+
+
+#: The estimators, by name (``mapo_advantages(algo=...)``, ``mapo-train --algo``, the verl
+#: estimator of the same name).
+ADVANTAGE_ESTIMATORS: Registry[AdvantageEstimator] = Registry("advantage estimator")
+for _est in (AdvantageEstimator("mapo", True, "outcome + per-turn semantic scores"),
+             AdvantageEstimator("grpo", False, "outcome only, the ablation")):
+    ADVANTAGE_ESTIMATORS.register(_est.name, _est)
 
 
 def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optional[Tensor] = None,
@@ -39,7 +59,8 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
         token_turn: ``[B, T]`` int, ``k`` where token ``t`` belongs to tool turn ``k`` of its
             trajectory, ``-1`` elsewhere (prompt, answer, padding). When None (only with
             ``algo="grpo"``) the result is per sequence, ``[B]``.
-        algo: ``"mapo"`` (outcome + semantic) or ``"grpo"`` (outcome only).
+        algo: the estimator (``ADVANTAGE_ESTIMATORS``): ``"mapo"`` (outcome + semantic) or
+            ``"grpo"`` (outcome only).
         semantic_coef: weight of the semantic part.
         norm_std: divide by the group std (False: Dr.GRPO, centre only).
         eps: added to the std.
@@ -66,7 +87,8 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
         ``token_turn``; with ``return_parts`` a ``(advantages, parts)`` tuple.
     """
     fn = "mapo_advantages"
-    chk.choice(fn, "algo", algo, ALGOS)
+    chk.choice(fn, "algo", algo, ADVANTAGE_ESTIMATORS.names())
+    semantic_part = ADVANTAGE_ESTIMATORS.get(algo).semantic
     chk.flag(fn, "norm_std", norm_std)
     chk.choice(fn, "baseline", baseline, BASELINES)
     coef = chk.number(fn, "semantic_coef", semantic_coef)
@@ -82,9 +104,9 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
 
     per_sequence = token_turn is None
     if per_sequence:
-        if algo != "grpo":
-            chk.fail(fn, "token_turn", "is required for algo='mapo' (the semantic part is given "
-                                       "to the tokens of each tool turn)")
+        if semantic_part:
+            chk.fail(fn, "token_turn", f"is required for algo={algo!r} (the semantic part is "
+                                       "given to the tokens of each tool turn)")
         token_turn = torch.full((B, 1), -1, dtype=torch.int64, device=rewards.device)
     chk.tensor(fn, "token_turn", token_turn, dims=(2,), integer=True)
     if token_turn.shape[0] != B:
@@ -92,10 +114,11 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
     token_turn = token_turn.to(torch.int64)
 
     semantic = valid = None
-    if algo == "mapo":
+    if semantic_part:
         if semantic_scores is None or turn_mask is None:
             missing = "semantic_scores" if semantic_scores is None else "turn_mask"
-            chk.fail(fn, missing, "is required for algo='mapo' (use algo='grpo' for outcome only)")
+            chk.fail(fn, missing, f"is required for algo={algo!r} (use algo='grpo' for outcome "
+                                  "only)")
         chk.tensor(fn, "semantic_scores", semantic_scores, dims=(2,), floating=True)
         if semantic_scores.shape[0] != B:
             chk.fail(fn, "semantic_scores", f"must have shape [B={B}, K], got "
@@ -115,7 +138,7 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
 
     seg = torch.unique(group_ids, return_inverse=True)[1]
     n_groups = int(seg.max()) + 1 if B else 0
-    kw = dict(coef=coef if algo == "mapo" else 0.0, norm_std=norm_std, eps=eps,
+    kw = dict(coef=coef if semantic_part else 0.0, norm_std=norm_std, eps=eps,
               loo=baseline == "loo", discount=discount)
     use_kernel = backend_for(rewards, KERNEL) == "triton"
     max_group = _max_group(seg) if use_kernel else 0

@@ -5,7 +5,8 @@ metrics from the same pass.
 
 Only the per-token formula lives here (``token_terms``); chunking, the vocabulary pass and the
 gradient of hidden/weight/bias belong to ``logprobs.fused_linear_objective``. A variant of the
-objective is a different ``token_terms``, nothing else.
+objective is a per-token function registered in ``POLICY_LOSSES`` (``mapo_fast.registry``),
+nothing else; KL estimators and aggregation modes are registered the same way.
 """
 
 from __future__ import annotations
@@ -19,47 +20,55 @@ from torch import nn
 from . import _checks as chk
 from .logprobs import LOGITS_DTYPES, check_linear_inputs, fused_linear_objective
 from .policy import banned_bias
+from .registry import Registry
 
 Tensor = torch.Tensor
 Number = Union[int, float, Tensor]
 
-LOSS_AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
-                  "seq-mean-token-sum-norm")
+
+#: Per-token estimators of KL(policy || reference), by name (Schulman's k1, k2, k3), each
+#: ``(logp, ref, ratio) -> [N]``.
+KL_ESTIMATORS: Registry[Callable[[Tensor, Tensor, Tensor], Tensor]] = Registry("KL estimator")
 
 
+@KL_ESTIMATORS.register("k1")
 def _k1(logp: Tensor, ref: Tensor, ratio: Tensor) -> Tensor:
+    """``logp - ref``."""
     return logp - ref
 
 
+@KL_ESTIMATORS.register("k2")
 def _k2(logp: Tensor, ref: Tensor, ratio: Tensor) -> Tensor:
+    """``(logp - ref)^2 / 2``."""
     return 0.5 * (logp - ref) ** 2
 
 
+@KL_ESTIMATORS.register("k3")
 def _k3(logp: Tensor, ref: Tensor, ratio: Tensor) -> Tensor:
+    """``exp(ref - logp) - (ref - logp) - 1``."""
     kl = ref - logp
     return torch.exp(kl) - kl - 1.0
 
 
+@KL_ESTIMATORS.register("low_var_kl")
 def _low_var_kl(logp: Tensor, ref: Tensor, ratio: Tensor) -> Tensor:
+    """verl's k3: its difference clamped to +-20, the value to +-10."""
     kl = torch.clamp(ref - logp, -20.0, 20.0)
     return torch.clamp(torch.exp(kl) - kl - 1.0, -10.0, 10.0)
 
 
+@KL_ESTIMATORS.register("k3_ratio")
 def _k3_ratio(logp: Tensor, ref: Tensor, ratio: Tensor) -> Tensor:
+    """k3 times the importance ratio (TRL's ``use_bias_correction_kl``)."""
     return ratio * _k3(logp, ref, ratio)
-
-
-#: Per-token estimators of KL(policy || reference), by name (Schulman's k1, k2, k3):
-#: ``k1 = logp - ref``; ``k2 = (logp - ref)^2 / 2``; ``k3 = exp(ref - logp) - (ref - logp) - 1``;
-#: ``low_var_kl``: verl's k3 (its difference clamped to +-20, the value to +-10);
-#: ``k3_ratio``: k3 times the importance ratio (TRL's ``use_bias_correction_kl``).
-KL_ESTIMATORS: Dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "k1": _k1, "k2": _k2, "k3": _k3, "low_var_kl": _low_var_kl, "k3_ratio": _k3_ratio}
 
 
 @dataclass(frozen=True)
 class PolicyLossConfig:
-    """The knobs of the clipped objective (validated by ``check``)."""
+    """The one settings object of the policy loss (validated by ``check``): ``mapo_loss``'s
+    keywords of the same names, ``MAPOLoss``'s constructor, the trainer's ``loss.*`` keys.
+    ``policy_loss`` names the per-token objective (``POLICY_LOSSES``), ``kl_type`` the KL
+    estimator (``KL_ESTIMATORS``), ``loss_agg`` the aggregation (``LOSS_AGG_MODES``)."""
     clip_low: float = 0.2
     clip_high: float = 0.28
     clip_ratio_c: Optional[float] = None
@@ -73,6 +82,7 @@ class PolicyLossConfig:
     softcap: Optional[float] = None
     logits_dtype: str = "float32"
     banned_tokens: Optional[Sequence[int]] = None   # removed from the softmax (policy.py)
+    policy_loss: str = "vanilla"
 
     def check(self, fn: str) -> "PolicyLossConfig":
         chk.number(fn, "clip_low", self.clip_low, lo=0.0, hi=1.0, hi_open=True)
@@ -80,11 +90,12 @@ class PolicyLossConfig:
         if self.clip_ratio_c is not None:
             chk.number(fn, "clip_ratio_c", self.clip_ratio_c, lo=1.0, lo_open=True)
         chk.number(fn, "kl_coef", self.kl_coef, lo=0.0)
-        chk.choice(fn, "loss_agg", self.loss_agg, LOSS_AGG_MODES)
+        chk.choice(fn, "policy_loss", self.policy_loss, POLICY_LOSSES.names())
+        chk.choice(fn, "loss_agg", self.loss_agg, LOSS_AGG_MODES.names())
         if self.loss_scale_factor is not None:
             chk.number(fn, "loss_scale_factor", self.loss_scale_factor, lo=0.0, lo_open=True)
         chk.number(fn, "temperature", self.temperature, lo=0.0, lo_open=True)
-        chk.choice(fn, "kl_type", self.kl_type, tuple(KL_ESTIMATORS))
+        chk.choice(fn, "kl_type", self.kl_type, KL_ESTIMATORS.names())
         chk.number(fn, "entropy_coef", self.entropy_coef)
         chk.number(fn, "logit_scale", self.logit_scale, lo=0.0, lo_open=True)
         if self.softcap is not None:
@@ -93,9 +104,27 @@ class PolicyLossConfig:
         return self
 
 
+#: Per-token policy objectives, by name: each ``(logp, adv, old, ref, is_weights, cfg, ent)
+#: -> terms`` on ``[N]`` vectors, ``terms["loss"]`` the per-token loss and ``terms["pg"]`` its
+#: policy-gradient part, plus ``log_ratio``, ``ratio``, ``pg_clipped`` (and ``kl``,
+#: ``dual_clipped`` when computed), from which the metrics are read.
+POLICY_LOSSES: Registry[Callable[..., Dict[str, Tensor]]] = Registry("policy loss")
+#: Loss aggregations, by name (verl's ``loss_agg_mode`` names): each ``(mask [B, T],
+#: loss_scale_factor, global_tokens, global_seqs) -> c [B, T]`` (``aggregation_weights``).
+LOSS_AGG_MODES: Registry[Callable[..., Tensor]] = Registry("loss aggregation")
+
+
 def token_terms(logp: Tensor, adv: Tensor, old: Optional[Tensor], ref: Optional[Tensor],
                 is_weights: Optional[Tensor], cfg: PolicyLossConfig,
                 ent: Optional[Tensor] = None) -> Dict[str, Tensor]:
+    """The per-token terms of ``cfg.policy_loss`` (``POLICY_LOSSES``) on ``[N]`` vectors."""
+    return POLICY_LOSSES.get(cfg.policy_loss)(logp, adv, old, ref, is_weights, cfg, ent)
+
+
+@POLICY_LOSSES.register("vanilla")
+def vanilla_terms(logp: Tensor, adv: Tensor, old: Optional[Tensor], ref: Optional[Tensor],
+                  is_weights: Optional[Tensor], cfg: PolicyLossConfig,
+                  ent: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """verl's per-token policy loss (``compute_policy_loss_vanilla``), on ``[N]`` vectors.
 
     ``log_ratio = clamp(logp - old, -20, 20)``, ``ratio = exp(log_ratio)``,
@@ -120,7 +149,7 @@ def token_terms(logp: Tensor, adv: Tensor, old: Optional[Tensor], ref: Optional[
         pg = pg * is_weights
     loss = pg
     if ref is not None and cfg.kl_coef > 0:
-        kl = KL_ESTIMATORS[cfg.kl_type](logp, ref, ratio)
+        kl = KL_ESTIMATORS.get(cfg.kl_type)(logp, ref, ratio)
         loss = loss + cfg.kl_coef * kl
         terms["kl"] = kl
     if ent is not None and cfg.entropy_coef != 0:
@@ -132,7 +161,8 @@ def token_terms(logp: Tensor, adv: Tensor, old: Optional[Tensor], ref: Optional[
 def aggregation_weights(mask: Tensor, mode: str, loss_scale_factor: Optional[float],
                         global_tokens: Optional[float], global_seqs: Optional[float]) -> Tensor:
     """Per-token weights ``c [B, T]`` such that verl's ``agg_loss(l, mask, mode) = sum(c * l)``
-    (verl 0.9; ``dp_size`` 1: a data-parallel caller scales the loss itself).
+    (verl 0.9; ``dp_size`` 1: a data-parallel caller scales the loss itself); ``mode`` names
+    one of ``LOSS_AGG_MODES``:
 
     - ``token-mean``: ``c = m / N``, N = ``global_tokens`` or ``sum(m)``;
     - ``token-sum``: ``c = m``;
@@ -144,22 +174,54 @@ def aggregation_weights(mask: Tensor, mode: str, loss_scale_factor: Optional[flo
     S = ``global_seqs`` or the number of non-empty sequences. Empty denominators (no token,
     ``global_tokens = 0``, ``global_seqs = 0``: an empty batch) give ``c = 0``.
     """
-    m = mask
-    if mode == "token-sum":
-        return m.clone()
-    if mode == "token-mean":
-        denom = m.sum() if global_tokens is None else torch.tensor(global_tokens, dtype=m.dtype)
-        return m / denom if float(denom) > 0 else torch.zeros_like(m)
-    per_seq = m.sum(-1, keepdim=True)
-    nonempty = per_seq > 0
-    seqs = nonempty.sum() if global_seqs is None else torch.tensor(global_seqs, dtype=m.dtype)
+    return LOSS_AGG_MODES.get(mode)(mask, loss_scale_factor, global_tokens, global_seqs)
+
+
+@LOSS_AGG_MODES.register("token-mean")
+def _token_mean(m: Tensor, factor: Optional[float], global_tokens: Optional[float],
+                global_seqs: Optional[float]) -> Tensor:
+    denom = m.sum() if global_tokens is None else torch.tensor(global_tokens, dtype=m.dtype)
+    return m / denom if float(denom) > 0 else torch.zeros_like(m)
+
+
+@LOSS_AGG_MODES.register("token-sum")
+def _token_sum(m: Tensor, factor: Optional[float], global_tokens: Optional[float],
+               global_seqs: Optional[float]) -> Tensor:
+    return m.clone()
+
+
+def _seq_count(m: Tensor, global_seqs: Optional[float]) -> Tensor:
+    """S: ``global_seqs``, or the sequences of ``m`` with at least one token."""
+    if global_seqs is not None:
+        return torch.tensor(global_seqs, dtype=m.dtype)
+    return (m.sum(-1) > 0).sum().to(m.dtype)
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-sum")
+def _seq_mean_token_sum(m: Tensor, factor: Optional[float], global_tokens: Optional[float],
+                        global_seqs: Optional[float]) -> Tensor:
+    seqs = _seq_count(m, global_seqs)
+    return m / seqs if float(seqs) > 0 else torch.zeros_like(m)
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-mean")
+def _seq_mean_token_mean(m: Tensor, factor: Optional[float], global_tokens: Optional[float],
+                         global_seqs: Optional[float]) -> Tensor:
+    seqs = _seq_count(m, global_seqs)
     if float(seqs) == 0:
         return torch.zeros_like(m)
-    if mode == "seq-mean-token-sum":
-        return m / seqs
-    if mode == "seq-mean-token-sum-norm":
-        return m / seqs / (m.shape[-1] if loss_scale_factor is None else loss_scale_factor)
-    return torch.where(nonempty, m / per_seq.clamp_min(1e-30), 0.0) / seqs
+    per_seq = m.sum(-1, keepdim=True)
+    return torch.where(per_seq > 0, m / per_seq.clamp_min(1e-30), 0.0) / seqs
+
+
+@LOSS_AGG_MODES.register("seq-mean-token-sum-norm")
+def _seq_mean_token_sum_norm(m: Tensor, factor: Optional[float],
+                             global_tokens: Optional[float],
+                             global_seqs: Optional[float]) -> Tensor:
+    seqs = _seq_count(m, global_seqs)
+    if float(seqs) == 0:
+        return torch.zeros_like(m)
+    return m / seqs / (m.shape[-1] if factor is None else factor)
 
 
 def _as_number(fn: str, arg: str, x: Optional[Number]) -> Optional[float]:
@@ -196,7 +258,7 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
               rollout_is_weights: Optional[Tensor] = None, temperature: float = 1.0,
               kl_type: str = "k3", entropy_coef: float = 0.0, logit_scale: float = 1.0,
               softcap: Optional[float] = None, logits_dtype: str = "float32",
-              banned_tokens: Optional[Sequence[int]] = None
+              banned_tokens: Optional[Sequence[int]] = None, policy_loss: str = "vanilla"
               ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped, advantage-weighted policy loss fused with the LM head; a drop-in for verl's actor
     loss (``compute_policy_loss_vanilla`` + ``agg_loss``) that never forms ``[tokens x vocab]``.
@@ -250,6 +312,11 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
             ``mapo_fast.policy.PolicyNumerics.loss_kwargs()`` for this, ``temperature``,
             ``logit_scale`` and ``softcap``, so that the loss computes the distribution the
             rollout sampled from and the first on-policy ratio is 1.
+        policy_loss: the per-token objective (``POLICY_LOSSES``; ``"vanilla"``, verl's
+            ``compute_policy_loss_vanilla``, is the one described above).
+
+    The knobs (every argument from ``clip_low`` on but the batch's ``global_tokens``,
+    ``global_seqs`` and ``rollout_is_weights``) are the fields of ``PolicyLossConfig``.
 
     Returns:
         ``(loss, metrics)``: a scalar (float32; float64 for float64 inputs) and a
@@ -263,13 +330,28 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
     Raises:
         ValueError: a bad argument, named, with its value or shape.
     """
-    fn = "mapo_loss"
-    cfg = PolicyLossConfig(clip_low, clip_high, clip_ratio_c, kl_coef, loss_agg,
-                           loss_scale_factor, temperature, kl_type, entropy_coef, logit_scale,
-                           softcap, logits_dtype).check(fn)
-    lm = check_linear_inputs(fn, hidden, weight, targets, bias, temperature, logit_scale,
-                             softcap, logits_dtype)
-    bias = banned_bias(fn, bias, weight, banned_tokens, lm.inv_temp, softcap)
+    cfg = PolicyLossConfig(
+        clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, kl_coef=kl_coef,
+        loss_agg=loss_agg, loss_scale_factor=loss_scale_factor, temperature=temperature,
+        kl_type=kl_type, entropy_coef=entropy_coef, logit_scale=logit_scale, softcap=softcap,
+        logits_dtype=logits_dtype, banned_tokens=banned_tokens, policy_loss=policy_loss)
+    return policy_loss_of(cfg.check("mapo_loss"), hidden, weight, targets, advantages, mask,
+                          old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, bias=bias,
+                          global_tokens=global_tokens, global_seqs=global_seqs,
+                          rollout_is_weights=rollout_is_weights)
+
+
+def policy_loss_of(cfg: PolicyLossConfig, hidden: Tensor, weight: Tensor, targets: Tensor,
+                   advantages: Tensor, mask: Tensor, *, old_logprobs: Optional[Tensor] = None,
+                   ref_logprobs: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                   global_tokens: Optional[Number] = None, global_seqs: Optional[Number] = None,
+                   rollout_is_weights: Optional[Tensor] = None, fn: str = "mapo_loss"
+                   ) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """``mapo_loss`` with its knobs in ``cfg`` (checked): the batch is checked here, errors
+    name ``fn``."""
+    lm = check_linear_inputs(fn, hidden, weight, targets, bias, cfg.temperature,
+                             cfg.logit_scale, cfg.softcap, cfg.logits_dtype)
+    bias = banned_bias(fn, bias, weight, cfg.banned_tokens, lm.inv_temp, cfg.softcap)
     if targets.dim() not in (1, 2):
         chk.fail(fn, "targets", f"must be [B, T] or [N], got shape {tuple(targets.shape)}")
     bt = tuple(targets.shape) if targets.dim() == 2 else (1, targets.shape[0])
@@ -291,7 +373,7 @@ def mapo_loss(hidden: Tensor, weight: Tensor, targets: Tensor, advantages: Tenso
         chk.fail(fn, "rollout_is_weights", f"must be >= 0 (importance weights), found "
                                            f"{float(isw[isw < 0].flatten()[0])}")
     if cfg.kl_coef > 0 and ref is None:
-        chk.fail(fn, "ref_logprobs", f"is required when kl_coef > 0 (kl_coef={kl_coef})")
+        chk.fail(fn, "ref_logprobs", f"is required when kl_coef > 0 (kl_coef={cfg.kl_coef})")
     g_tokens = _as_number(fn, "global_tokens", global_tokens)
     g_seqs = _as_number(fn, "global_seqs", global_seqs)
 
@@ -376,23 +458,25 @@ def _metrics(logp: Tensor, ent: Tensor, sel: Dict[str, Optional[Tensor]],
 
 
 class MAPOLoss(nn.Module):
-    """``nn.Module`` form of ``mapo_loss``: the objective's knobs at construction, the batch at
-    call time. ``forward(hidden, weight, targets, advantages, mask, *, old_logprobs=None,
+    """``nn.Module`` form of ``mapo_loss``: the objective's knobs at construction (a
+    ``PolicyLossConfig``, or its fields as keywords), the batch at call time.
+    ``forward(hidden, weight, targets, advantages, mask, *, old_logprobs=None,
     ref_logprobs=None, bias=None, global_tokens=None, global_seqs=None,
     rollout_is_weights=None) -> (loss, metrics)``; shapes as in ``mapo_loss``."""
 
-    def __init__(self, *, clip_low: float = 0.2, clip_high: float = 0.28,
-                 clip_ratio_c: Optional[float] = None, kl_coef: float = 0.0,
-                 loss_agg: str = "token-mean", loss_scale_factor: Optional[float] = None,
-                 temperature: float = 1.0, kl_type: str = "k3",
-                 entropy_coef: float = 0.0, logit_scale: float = 1.0,
-                 softcap: Optional[float] = None, logits_dtype: str = "float32",
-                 banned_tokens: Optional[Sequence[int]] = None) -> None:
+    def __init__(self, config: Optional[PolicyLossConfig] = None, **knobs: Any) -> None:
         super().__init__()
-        self.config = PolicyLossConfig(clip_low, clip_high, clip_ratio_c, kl_coef, loss_agg,
-                                       loss_scale_factor, temperature, kl_type, entropy_coef,
-                                       logit_scale, softcap, logits_dtype,
-                                       banned_tokens).check("MAPOLoss")
+        if config is not None and knobs:
+            raise ValueError(f"MAPOLoss: pass `config` or its fields as keywords, not both "
+                             f"(got config and {sorted(knobs)})")
+        if config is not None and not isinstance(config, PolicyLossConfig):
+            raise ValueError(f"MAPOLoss: `config` must be a PolicyLossConfig, got "
+                             f"{type(config).__name__}")
+        fields = PolicyLossConfig.__dataclass_fields__
+        unknown = sorted(k for k in knobs if k not in fields)
+        if unknown:
+            raise ValueError(f"MAPOLoss: unknown knob(s) {unknown}; valid: {list(fields)}")
+        self.config = (config or PolicyLossConfig(**knobs)).check("MAPOLoss")
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.config.__dict__.items())
@@ -402,7 +486,7 @@ class MAPOLoss(nn.Module):
                 ref_logprobs: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                 global_tokens: Optional[Number] = None, global_seqs: Optional[Number] = None,
                 rollout_is_weights: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
-        return mapo_loss(hidden, weight, targets, advantages, mask, old_logprobs=old_logprobs,
-                         ref_logprobs=ref_logprobs, bias=bias, global_tokens=global_tokens,
-                         global_seqs=global_seqs, rollout_is_weights=rollout_is_weights,
-                         **self.config.__dict__)
+        return policy_loss_of(self.config, hidden, weight, targets, advantages, mask,
+                              old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, bias=bias,
+                              global_tokens=global_tokens, global_seqs=global_seqs,
+                              rollout_is_weights=rollout_is_weights, fn="MAPOLoss")

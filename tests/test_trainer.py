@@ -168,7 +168,7 @@ def test_trainer_refuses_bad_values_before_any_work(tmp_path, args, message, mon
     (["--lr", "0.1"], "unknown key `lr`; did you mean `warm_start.lr` or `optim.lr`?"),
     (["--rollout.group_size", "four"], "`rollout.group_size` must be int, got 'four'"),
     (["--rollout.group_size", "0"], "`rollout.group_size` must be an int >= 1, got 0"),
-    (["--algo", "ppo"], "`algo` must be 'mapo' or 'grpo', got 'ppo'"),
+    (["--algo", "ppo"], "`algo` must be one of ['mapo', 'grpo'], got 'ppo'"),
     (["--loss.loss_agg", "mean"], "`loss.loss_agg` must be one of"),
     (["--rollout.top_p", "1.5"], "`rollout.top_p` must be in (0, 1], got 1.5"),
     (["--rollout.decode_mode", "fast"], "`rollout.decode_mode` must be one of ['auto', "),

@@ -146,7 +146,8 @@ def load_policy(path: str, device: torch.device) -> Policy:
 
 def _load_run(path: str, device: torch.device) -> Policy:
     from ..trainer import checkpoint as ckpt
-    from ..trainer.config import TrainConfig, set_key
+    from ..trainer.config import TrainConfig
+    from ..trainer.parsing import set_key
     from ..tasks.tokenizer import tokenizer_from_string
     from ..trainer.model import PolicyWithLoss, load_pretrained, tiny_vl_model
     try:

@@ -42,14 +42,58 @@ import torch
 
 from ..loss import mapo_loss
 from ..policy import PolicyNumerics
+from ..registry import Registry
 from ..rewards.verifier import SemanticVerifier
 from ..tools.ops import FACTOR, MAX_PIXELS, MIN_PIXELS
 from ..tools.protocol import ToolRunner, ToolSession, ZoomInTool, format_tool_call
 from .recipe import TurnScorer, pil_image, row_image, zoom_context
 
 Tensor = torch.Tensor
-#: TRL loss types and how mapo_loss aggregates them (TRL's normalisers, written as globals).
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+#: TRL's loss types, by name: each ``(trainer, mask [B, T], inputs, training) -> mapo_loss
+#: keywords``, TRL's normaliser of that type as ``mapo_loss``'s aggregation
+#: (``LOSS_AGG_MODES``) and its globals (a loss type not registered here is refused).
+LOSS_TYPES: Registry[Callable[..., Dict[str, Any]]] = Registry("TRL loss type")
+
+
+def _accumulation(trainer: Any, training: bool) -> float:
+    return trainer.current_gradient_accumulation_steps if training else 1.0
+
+
+@LOSS_TYPES.register("grpo")
+def _grpo_norm(trainer: Any, mask: Tensor, inputs: Dict[str, Any], training: bool
+               ) -> Dict[str, Any]:
+    """The mean over rows (all B) of each row's token mean."""
+    return dict(loss_agg="seq-mean-token-mean",
+                global_seqs=mask.shape[0] * _accumulation(trainer, training))
+
+
+@LOSS_TYPES.register("bnpo")
+def _bnpo_norm(trainer: Any, mask: Tensor, inputs: Dict[str, Any], training: bool
+               ) -> Dict[str, Any]:
+    """The token mean of the local batch."""
+    return dict(loss_agg="token-mean",
+                global_tokens=max(float(mask.sum()), 1.0) * _accumulation(trainer, training))
+
+
+@LOSS_TYPES.register("dr_grpo")
+def _dr_grpo_norm(trainer: Any, mask: Tensor, inputs: Dict[str, Any], training: bool
+                  ) -> Dict[str, Any]:
+    """Token sums over rows, divided by ``max_completion_length``."""
+    return dict(loss_agg="seq-mean-token-sum-norm",
+                global_seqs=mask.shape[0] * _accumulation(trainer, training),
+                loss_scale_factor=trainer.max_completion_length)
+
+
+@LOSS_TYPES.register("dapo")
+def _dapo_norm(trainer: Any, mask: Tensor, inputs: Dict[str, Any], training: bool
+               ) -> Dict[str, Any]:
+    """The token mean over the whole generation batch (``num_items_in_batch``, all processes)."""
+    norm = float(inputs["num_items_in_batch"].clamp(min=1.0)) / \
+        trainer.accelerator.num_processes
+    if training:
+        norm = norm * trainer.current_gradient_accumulation_steps / \
+            trainer.args.steps_per_generation
+    return dict(loss_agg="token-mean", global_tokens=norm)
 
 
 def add_mapo_head(model: Any) -> None:
@@ -366,26 +410,6 @@ def _trainer_class():
             return dict(PolicyNumerics.logit_map_of(self.model),
                         logits_dtype="float32" if fp32 else "autocast")
 
-        def _aggregation(self, mask: Tensor, inputs: Dict[str, Any], training: bool
-                         ) -> Dict[str, Any]:
-            """TRL's normaliser of each loss type, as mapo_loss's aggregation and globals."""
-            accum = self.current_gradient_accumulation_steps if training else 1.0
-            B = mask.shape[0]
-            if self.loss_type == "grpo":  # mean over rows (all B) of each row's token mean
-                return dict(loss_agg="seq-mean-token-mean", global_seqs=B * accum)
-            if self.loss_type == "bnpo":
-                return dict(loss_agg="token-mean",
-                            global_tokens=max(float(mask.sum()), 1.0) * accum)
-            if self.loss_type == "dr_grpo":
-                return dict(loss_agg="seq-mean-token-sum-norm", global_seqs=B * accum,
-                            loss_scale_factor=self.max_completion_length)
-            norm = float(inputs["num_items_in_batch"].clamp(min=1.0)) / \
-                self.accelerator.num_processes  # dapo
-            if training:
-                norm = norm * self.current_gradient_accumulation_steps / \
-                    self.args.steps_per_generation
-            return dict(loss_agg="token-mean", global_tokens=norm)
-
         def _compute_loss(self, model: Any, inputs: Dict[str, Any]) -> Tensor:
             completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
             input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
@@ -404,7 +428,8 @@ def _trainer_class():
                       clip_ratio_c=self.args.delta, kl_coef=self.beta,
                       kl_type="k3_ratio" if self.args.use_bias_correction_kl else "k3",
                       temperature=self.temperature, rollout_is_weights=isw,
-                      **self._logit_map(), **self._aggregation(mask, inputs, training))
+                      **self._logit_map(),
+                      **LOSS_TYPES.get(self.loss_type)(self, mask, inputs, training))
 
             def objective(hidden: Tensor, weight: Tensor):
                 if kw["logits_dtype"] == "float32":  # cast_lm_head_to_fp32, as TRL does

@@ -44,12 +44,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..advantage import mapo_advantages
+from ..advantage import ADVANTAGE_ESTIMATORS, mapo_advantages
 from ..logprobs import token_logprobs
 from . import _compat
 
 Tensor = torch.Tensor
-NAME = "mapo"
+#: The estimator registered with verl, under its name in ``ADVANTAGE_ESTIMATORS``.
+NAME = ADVANTAGE_ESTIMATORS.get("mapo").name
 TURNS_KEY = "mapo_turns"
 #: Modules holding verl's ``compute_advantage`` under that name (wrapped when imported).
 ADVANTAGE_CALLERS = ("verl.trainer.ppo.ray_trainer", "verl.trainer.ppo.v1.utils",
@@ -214,7 +215,7 @@ def mapo_advantage(token_level_rewards: Tensor, response_mask: Tensor, index: An
             token_turn[b, a:z] = k
     groups = group_ids(index)
     rewards = token_level_rewards.sum(-1).float().cpu()
-    adv = mapo_advantages(rewards, groups, scores, mask, token_turn, algo="mapo",
+    adv = mapo_advantages(rewards, groups, scores, mask, token_turn, algo=NAME,
                           semantic_coef=semantic_coef, norm_std=norm_std, eps=epsilon,
                           turn_discount=turn_discount)
     if singleton == "reward":

@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..tools import ToolRegistry
-from ..trainer.config import ConfigError
+from .._checks import ConfigError
 from ..trajectory import ANSWER_TAG, DESCRIPTION_TAG
 
 Tensor = torch.Tensor

@@ -1,6 +1,9 @@
-"""The thin trainer: config, the MAPO loop, checkpoints, metrics, distributed wrapping."""
+"""The thin trainer: config (schema ``config``, checks ``validation``, reading ``parsing``), the
+MAPO loop, checkpoints, metrics, distributed wrapping."""
 
-from .config import ConfigError, TrainConfig, parse_args
+from .._checks import ConfigError
+from .config import TrainConfig
+from .parsing import parse_args
 from .loop import Trainer
 from .metrics import GAP_KEYS, gap_metrics
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from ..advantage import ALGOS
+from ..advantage import ADVANTAGE_ESTIMATORS
 from ..variance import paired_estimator_variance
 from .metrics import StepTimer
 
@@ -48,9 +48,9 @@ def estimator_gradients(trainer: Any, n_batches: int, algos: Sequence[str] = ("g
     flattened, with each algorithm's advantages on the same trajectories. The weights, the
     optimizer state and the training step are unchanged; gradients are cleared after."""
     for a in algos:
-        if a not in ALGOS:
-            raise ValueError(f"estimator_gradients: `algos` must be drawn from {list(ALGOS)}, "
-                             f"got {a!r}")
+        if a not in ADVANTAGE_ESTIMATORS:
+            raise ValueError(f"estimator_gradients: `algos` must be drawn from "
+                             f"{list(ADVANTAGE_ESTIMATORS.names())}, got {a!r}")
     if not isinstance(n_batches, int) or n_batches < 3:
         raise ValueError(f"estimator_gradients: `n_batches` must be an int >= 3, got "
                          f"{n_batches!r}")

@@ -37,7 +37,8 @@ from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
 from ..variance import loss_gradient_variance
 from . import checkpoint as ckpt
 from .batch import PolicyBatch, collate
-from .config import ConfigError, TrainConfig
+from .._checks import ConfigError
+from .config import TrainConfig
 from .distributed import DistContext
 from .metrics import (MetricsLog, Progress, StepTimer, format_eval, gap_metrics, step_record,
                       write_outputs)
