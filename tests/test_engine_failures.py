@@ -149,17 +149,18 @@ def test_nothing_of_a_call_outlives_it(model, monkeypatch):
     import weakref
     from mapo_fast.rollout.scheduler import Scheduler
     refs = []
-    add_prompt, fork = Scheduler.add_prompt, Scheduler.fork
+    add_prompt, schedule = Scheduler.add_prompt, Scheduler.schedule
 
     def tracked_add(self, prompt):
         refs.extend([weakref.ref(prompt), weakref.ref(prompt.request)])
         add_prompt(self, prompt)
 
-    def tracked_fork(self, prompt, samples):
-        refs.extend(weakref.ref(x) for x in samples)
-        fork(self, prompt, samples)
+    def tracked_schedule(self):  # every sample, as it draws (first when forked)
+        batch = schedule(self)
+        refs.extend(weakref.ref(s) for s, _ in batch.to_sample)
+        return batch
     monkeypatch.setattr(Scheduler, "add_prompt", tracked_add)
-    monkeypatch.setattr(Scheduler, "fork", tracked_fork)
+    monkeypatch.setattr(Scheduler, "schedule", tracked_schedule)
     eng = RolloutEngine(model, None, block_size=16, num_blocks=64)
     out = eng.generate(PROMPTS, group_size=2, max_new_tokens=8, temperature=1.0, seed=5)
     assert len(out) == 4 and eng.runner.tables.rows == {}

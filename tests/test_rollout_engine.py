@@ -397,3 +397,25 @@ def test_triton_attention_path_equals_torch_path(model, block_size, monkeypatch)
     entries = eng.stats["block_table_entries_copied"]
     max_table = (max(map(len, PROMPTS[:2])) + 6 + block_size - 1) // block_size
     assert entries <= 4 * max_table + 8, entries  # each sample's table about once
+
+
+def test_generate_takes_parameter_objects_or_their_fields(model):
+    """``generate(prompts, SamplingParams(...), ToolParams(...))`` equals the keyword form;
+    a field given both ways, or an unknown keyword, is refused by name."""
+    from mapo_fast import SamplingParams, ToolParams
+    kw = dict(max_new_tokens=6, temperature=1.0, seed=4)
+    a = RolloutEngine(model, None, block_size=16, num_blocks=64).generate(
+        PROMPTS[:2], group_size=2, **kw)
+    eng = RolloutEngine(model, None, block_size=16, num_blocks=64)  # no cached prefix
+    b = eng.generate(PROMPTS[:2], SamplingParams(**kw), ToolParams(), group_size=2)
+    assert [t.token_ids for t in a] == [t.token_ids for t in b]
+    assert [t.logprobs for t in a] == [t.logprobs for t in b]
+    with pytest.raises(ValueError, match=r"unknown keyword\(s\) \['temprature'\]"):
+        eng.generate(PROMPTS[:1], temprature=1.0)
+    with pytest.raises(ValueError, match=r"its fields not given again as keywords; got "
+                                         r"SamplingParams and \['seed'\]"):
+        eng.generate(PROMPTS[:1], SamplingParams(), seed=1)
+    with pytest.raises(ValueError, match=r"cannot be given again as keywords, got "
+                                         r"\['max_turns'\]"):
+        eng.generate(PROMPTS[:1], None, ToolParams(), max_turns=2)
+    assert eng.blocks.num_free == 64

@@ -9,10 +9,45 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mapo_fast.rollout.params import SchedulerParams
+from types import SimpleNamespace
+
+from mapo_fast.rollout.params import SamplingParams, SchedulerParams
 from mapo_fast.rollout.scheduler import Scheduler
-from mapo_fast.rollout.sequence import PromptSeq, Sample, Status
-from mapo_fast.rollout.tool_turns import TurnEvent
+from mapo_fast.rollout.sequence import Observation, PromptSeq, Sample, Status, TurnEvent
+from mapo_fast.trajectory import Span, ToolTurn
+
+
+class ScriptedTurns:
+    """The tool turns' interface with random decisions: a trajectory ends after ``max_new``
+    tokens or with probability 0.05 per token; with probability 0.1 a token closes a tool
+    call (once per sample) whose observation has 1-39 tokens to prefill (sequences stay
+    within what the engine's capacity check admits)."""
+
+    def __init__(self, rng=None, max_new=1 << 30, finish=0.05, call=0.1):
+        self.rng, self.max_new, self.finish, self.call = rng, max_new, finish, call
+
+    def new_session(self):
+        return None
+
+    def decide(self, s, tok):
+        if s.generated >= self.max_new or (self.rng and self.rng.random() < self.finish):
+            return TurnEvent.FINISHED, None
+        if self.rng and self.rng.random() < self.call and not s.turns:
+            return TurnEvent.TOOL_CALL, "call"
+        return TurnEvent.CONTINUE, None
+
+    def run(self, calls):
+        return [Observation(tokens=[self.rng.randrange(50)
+                                    for _ in range(self.rng.randrange(1, 40))],
+                            turn=ToolTurn(call=Span(len(s.tokens), len(s.tokens))), error=False)
+                for s, _ in calls]
+
+
+def prompt(tokens, index, group_size=0, turns=None):
+    """A prompt of a call with ``group_size`` samples per prompt (0: none are forked)."""
+    req = SimpleNamespace(group_size=group_size, sampling=SamplingParams(temperature=0.0),
+                          turns=turns or ScriptedTurns())
+    return PromptSeq(tokens=list(tokens), index=index, request=req)
 
 
 def make(num_blocks=64, block_size=16, max_batch_tokens=64, prefill_chunk=40, allocator="python"):
@@ -25,10 +60,10 @@ def check_pool(sch):
     """Reference counts equal the block tables of the sequences holding blocks; the free list
     is exactly the unreferenced blocks."""
     m = sch.blocks
-    held = [s for s in list(sch.waiting) + sch.samples if s.sid >= 0]
+    held = [s for s in list(sch.waiting) + sch.samples if s.block_seq >= 0]
     counts = [0] * m.num_blocks
     for s in held:
-        for b in m.block_table(s.sid):
+        for b in m.block_table(s.block_seq):
             counts[b] += 1
     assert [m.ref_count(b) for b in range(m.num_blocks)] == counts
     assert m.num_free == sum(c == 0 for c in counts)
@@ -42,17 +77,26 @@ def check_batch(sch, batch):
     assert len(batch.slots) == batch.num_tokens == len(set(batch.slots))  # distinct slots
     bs, k = sch.block_size, 0
     for (s, a, b), table in zip(batch.chunks, batch.tables):
-        assert s.sid >= 0 and s.status is Status.RUNNING and b <= len(s.tokens)
+        assert b <= len(s.tokens)
         if isinstance(s, Sample):  # its blocks hold exactly what is computed after the step
-            assert sch.blocks.num_tokens(s.sid) == b
+            assert s.block_seq >= 0 and s.status is Status.RUNNING
+            assert sch.blocks.num_tokens(s.block_seq) == b
+        else:  # forked in this step when this is its last chunk
+            assert (s.block_seq >= 0 and s.status is Status.RUNNING) or \
+                (b == len(s.tokens) and s.status is Status.FINISHED)
         for pos in range(a, b):  # each token's slot lies in its own block
             assert batch.slots[k] // bs == table[pos // bs] and batch.slots[k] % bs == pos % bs
             k += 1
 
 
 def drive(sch, prompts, group_size, rng, max_new, steps=10_000):
-    """Runs the scheduler to completion with a fake model; returns the batches' chunks."""
+    """Runs the scheduler to completion with a fake model (random tokens) and scripted tool
+    turns (``ScriptedTurns``); returns the batches' chunks."""
+    turns = ScriptedTurns(rng, max_new)
     for p in prompts:
+        req = SimpleNamespace(group_size=group_size, sampling=SamplingParams(temperature=0.0),
+                              turns=turns)
+        p.request = req
         sch.add_prompt(p)
     history = []
     for _ in range(steps):
@@ -62,22 +106,7 @@ def drive(sch, prompts, group_size, rng, max_new, steps=10_000):
         assert batch.chunks, "nothing scheduled while work remains"
         check_batch(sch, batch)
         history.append([(s, a, b) for s, a, b in batch.chunks])
-        prompts_done, ready_rows = sch.postprocess(batch)  # the scheduler's own bookkeeping
-        ready = [s for s, _ in ready_rows]
-        for s, _ in prompts_done:
-            group = [Sample.fork(s, s.index * group_size + g) for g in range(group_size)]
-            sch.fork(s, group)
-            ready += group
-        for s in ready:
-            s.append([rng.randrange(50)], 0.0)
-            s.generated += 1
-            done = s.generated >= max_new or rng.random() < 0.05
-            sch.sampled(s, TurnEvent.FINISHED if done else TurnEvent.CONTINUE)
-            if not done and rng.random() < 0.1 and not s.stats.get("observed"):
-                # one observation per sample: up to 39 tokens to prefill (sequences stay
-                # within what the engine's capacity check admits)
-                s.stats["observed"] = 1
-                s.append([rng.randrange(50) for _ in range(rng.randrange(1, 40))])
+        sch.postprocess(batch, [(s, rng.randrange(50), 0.0) for s, _ in batch.to_sample])
         check_pool(sch)
     raise AssertionError("did not finish")
 
@@ -88,18 +117,18 @@ def test_budget_and_arrival_order():
     first block is the first prompt's, computed in the same pass), using the whole budget;
     the rest wait, in order."""
     sch = make()
-    prompts = [PromptSeq(tokens=list(range(1, n + 1)), index=i)
-               for i, n in enumerate([30, 50, 20, 70, 10])]
+    prompts = [prompt(range(1, n + 1), i) for i, n in enumerate([30, 50, 20, 70, 10])]
     for p in prompts:
         sch.add_prompt(p)
     batch = sch.schedule()
     assert [(s.index, a, b) for s, a, b in batch.chunks] == [(0, 0, 30), (1, 16, 50)]
     assert sch.stats["cached_prompt_tokens"] == 16
-    assert prompts[2].sid < 0 and prompts[2].status is Status.WAITING
+    assert prompts[2].block_seq < 0 and prompts[2].status is Status.WAITING
     check_batch(sch, batch)
-    sch.postprocess(batch)
-    sch.fork(prompts[0], [])  # (no samples: the second step is prompts only)
-    sch.fork(prompts[1], [])
+    # both prompts complete in this step: forked (into no samples: the second step is
+    # prompts only)
+    assert prompts[0].status is prompts[1].status is Status.FINISHED
+    sch.postprocess(batch, [])
     batch = sch.schedule()  # the others share the first blocks of the second: all fit
     assert [(s.index, a, b) for s, a, b in batch.chunks] == [(2, 16, 20), (3, 48, 70),
                                                              (4, 0, 10)]
@@ -109,34 +138,29 @@ def test_a_prompt_waits_for_the_unfinished_prefill_before_it():
     """A 100-token prompt prefilled 40 tokens at a time: the prompt after it (which shares
     its first blocks) starts only in the step that completes the first one's prefill."""
     sch = make(max_batch_tokens=64, prefill_chunk=40)
-    first = PromptSeq(tokens=list(range(1, 101)), index=0)
-    second = PromptSeq(tokens=list(range(1, 60)), index=1)
+    first = prompt(range(1, 101), 0)
+    second = prompt(range(1, 60), 1)
     sch.add_prompt(first)
     sch.add_prompt(second)
     seen = []
     for _ in range(3):
         batch = sch.schedule()
         seen.append([(s.index, a, b) for s, a, b in batch.chunks])
-        sch.postprocess(batch)
+        sch.postprocess(batch, [])
     # step 3 completes the first prompt; the second then reuses its three full blocks
     assert seen == [[(0, 0, 40)], [(0, 40, 80)], [(0, 80, 100), (1, 48, 59)]]
 
 
 def test_running_samples_go_before_waiting_prompts():
     sch = make(max_batch_tokens=8)
-    first = PromptSeq(tokens=list(range(1, 21)), index=0)
+    first = prompt(range(1, 21), 0, group_size=3)
     rng = random.Random(0)
     sch.add_prompt(first)
     while first.status is not Status.FINISHED:
         batch = sch.schedule()
-        done, _ = sch.postprocess(batch)
-        if done:
-            group = [Sample.fork(first, g) for g in range(3)]
-            sch.fork(first, group)
-            for s in group:
-                s.append([rng.randrange(50)], 0.0)
-                sch.sampled(s, TurnEvent.CONTINUE)
-    sch.add_prompt(PromptSeq(tokens=list(range(1, 30)), index=1))
+        sch.postprocess(batch, [(s, rng.randrange(50), 0.0) for s, _ in batch.to_sample])
+    assert len(sch.samples) == 3 and all(s.num_pending == 1 for s in sch.samples)
+    sch.add_prompt(prompt(range(1, 30), 1))
     batch = sch.schedule()
     kinds = [type(s).__name__ for s, _, _ in batch.chunks]
     assert kinds == ["Sample"] * 3 + ["PromptSeq"]

@@ -6,8 +6,8 @@ import torch
 
 from mapo_fast.rollout.params import SamplingParams, ToolParams
 from mapo_fast.rollout.sampler import Sampler
-from mapo_fast.rollout.sequence import PromptSeq, Sample, Status
-from mapo_fast.rollout.tool_turns import ToolTurns, TurnEvent, find_marker, observation_tokens
+from mapo_fast.rollout.sequence import PromptSeq, Sample, Status, TurnEvent
+from mapo_fast.rollout.tool_turns import ToolTurns, find_marker, observation_tokens
 from mapo_fast.tools import ToolRunner
 from mapo_fast.trajectory import OBSERVATION_TEMPLATE
 
@@ -27,17 +27,26 @@ def sample(tok, text="Q:", **kw):
     return Sample.fork(prompt, 0, **kw)
 
 
+def write(turns, s, tok, lp=-0.5):
+    """Appends ``tok`` as the scheduler does and returns what the tool turns decide of it;
+    the tool turns never write the sample (checked: the same before and after)."""
+    s.append_sampled(tok, lp)
+    before = (list(s.tokens), list(s.turns), dict(s.stats), s.turn_start, s.generated)
+    out = turns.decide(s, tok)
+    assert (list(s.tokens), list(s.turns), dict(s.stats), s.turn_start, s.generated) == before
+    return out
+
+
 def feed(turns, s, text):
-    """Emits the tokens of ``text`` one by one until one ends the turn; returns the last
-    token's ``TurnEvent`` (the tool turns decide, the scheduler applies: they never write a
-    sample's status or counters)."""
-    event = TurnEvent.CONTINUE
+    """Writes the tokens of ``text`` one by one until one ends the turn; returns the last
+    token's ``(TurnEvent, call text)``."""
+    out = (TurnEvent.CONTINUE, None)
     for t in ids(turns.tokenizer, text):
-        event = turns.emit(s, t, -0.5)
-        if event is not TurnEvent.CONTINUE:
+        out = write(turns, s, t)
+        if out[0] is not TurnEvent.CONTINUE:
             break
     assert s.status is Status.WAITING and s.num_computed == s.prompt_len  # untouched
-    return event
+    return out
 
 
 def test_find_marker_spans_tokens(tok):
@@ -61,49 +70,54 @@ def test_observation_tokens_text_is_cut_and_templated(tok):
 def test_turn_ends_on_stop_token_limit_string_and_tool_call(tok):
     turns = ToolTurns(tok, None, SamplingParams(max_new_tokens=50), ToolParams(), {})
     s = sample(tok)
-    assert feed(turns, s, "The answer") is TurnEvent.CONTINUE
-    assert turns.emit(s, tok.eos_token_id, -0.1) is TurnEvent.FINISHED  # the tokenizer's EOS
+    assert feed(turns, s, "The answer")[0] is TurnEvent.CONTINUE
+    assert write(turns, s, tok.eos_token_id, -0.1) == (TurnEvent.FINISHED, None)  # the EOS
     assert s.loss_mask == [1] * len(s.logprobs) and s.logprobs[-1] == -0.1
 
     short = ToolTurns(tok, None, SamplingParams(max_new_tokens=3), ToolParams(), {})
     s = sample(tok)
-    assert feed(short, s, "a long answer that goes on") is TurnEvent.FINISHED
-    assert s.new_tokens == 3
+    assert feed(short, s, "a long answer that goes on")[0] is TurnEvent.FINISHED
+    assert s.turn_tokens == 3
 
     strings = ToolTurns(tok, None, SamplingParams(stop_strings=("says",)), ToolParams(), {})
     s = sample(tok)
-    assert feed(strings, s, "The sign says 42 and more") is TurnEvent.FINISHED
+    assert feed(strings, s, "The sign says 42 and more")[0] is TurnEvent.FINISHED
     assert tok.decode(s.tokens[s.prompt_len:]).endswith("says")
 
     tools = ToolTurns(tok, None, SamplingParams(), ToolParams(runner=ToolRunner(), max_turns=2),
                       {})
     s = sample(tok, session=tools.new_session())
-    event = feed(tools, s, "<tool_call>{\"name\": \"x\"}</tool_call> never reached")
-    assert event is TurnEvent.TOOL_CALL and s.tool_text.endswith("</tool_call>")
+    event, call = feed(tools, s, "<tool_call>{\"name\": \"x\"}</tool_call> never reached")
+    assert event is TurnEvent.TOOL_CALL and call.endswith("</tool_call>")
 
     capped = ToolTurns(tok, None, SamplingParams(max_trajectory_tokens=2), ToolParams(), {})
     s = sample(tok)
-    assert feed(capped, s, "a long answer") is TurnEvent.FINISHED
-    assert s.stats["truncated"] == 1 and s.generated == 2
+    assert feed(capped, s, "a long answer")[0] is TurnEvent.TRUNCATED
+    assert s.generated == 2
 
 
 def test_failed_call_gets_a_text_observation_and_a_description_span(tok):
     runner = ToolRunner()
     turns = ToolTurns(tok, None, SamplingParams(), ToolParams(runner=runner, max_turns=3), {})
     s = sample(tok, session=turns.new_session())
-    feed(turns, s, "zoom <tool_call>{\"name\": \"nope\", \"arguments\": {}}</tool_call>")
-    assert s.tool_text is not None
-    turns.run([s])
+    event, call = feed(turns, s, "zoom <tool_call>{\"name\": \"nope\", \"arguments\": {}}"
+                                 "</tool_call>")
+    assert event is TurnEvent.TOOL_CALL
+    (obs,) = turns.run([(s, call)])
+    assert s.turns == [] and obs.error  # built, not applied
+    s.observe(obs)
     turn = s.turns[0]
-    assert s.tool_text is None and turn.error and "unknown tool" in turn.error
+    assert turn.error and "unknown tool" in turn.error
     assert tok.decode(s.tokens[turn.call.start:turn.call.end]).lstrip().startswith("<tool_call>")
     obs = s.tokens[turn.observation.start:turn.observation.end]
     assert tok.decode(obs).startswith("<tool_response>") and s.loss_mask[-len(obs):] == \
         [0] * len(obs)
     assert turn.observation.end == len(s.tokens)               # appended, to be prefilled
+    assert s.turn_start == len(s.tokens) and s.turn_tokens == 0  # the next turn starts
     feed(turns, s, "<description>a red circle</description><answer>B</answer>")
-    turns.emit(s, tok.eos_token_id, 0.0)
-    turns.describe(s)
+    write(turns, s, tok.eos_token_id, 0.0)
+    (turn,) = turns.described(s)
+    assert s.turns[0].description is None  # described copies; the sample is unchanged
     assert turn.description_text == "a red circle"
     assert "<description>" in tok.decode(s.tokens[turn.description.start:turn.description.end])
     assert s.stats["tool_calls"] == 1 and s.stats["tool_errors"] == 1

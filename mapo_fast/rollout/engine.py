@@ -1,12 +1,14 @@
 """``RolloutEngine``: batched generation with a paged KV cache shared by the samples of a group.
 
-``generate`` is a loop over ``step()``: the scheduler picks the step's work (``scheduler``),
-the model runner runs it in one forward pass (``model_runner``), and the engine postprocesses
-it: samples the next tokens (``sampler``), ends turns and runs the tool calls that closed
-(``tool_turns``), forks each prompt whose prefill completed into its group, and gives finished
-samples' blocks back. One scheduling path serves prompts and samples: prompts wait in a queue
-and are prefilled in chunks, several per forward pass alongside the running samples' decode
-tokens and observation chunks, within a token budget (``max_batch_tokens``).
+``generate`` is a loop over ``step()``, three calls: the scheduler picks the step's work and
+forks each prompt whose prefill the step completes into its group (``scheduler``); the model
+runner runs it in one forward pass and the call's sampler draws the next tokens
+(``model_runner``, ``sampler``); the scheduler postprocesses: appends each token, applies what
+it did (decided by ``tool_turns``), finishes samples, appends the observations of the tool
+calls that closed (run by ``tool_turns``), and gives finished samples' blocks back. One
+scheduling path serves prompts and samples: prompts wait in a queue and are prefilled in
+chunks, several per forward pass alongside the running samples' decode tokens and observation
+chunks, within a token budget (``max_batch_tokens``).
 
 Each prompt is prefilled once per group (leading blocks already in the prefix index are not
 recomputed at all), then forked into its G samples, which share the prompt's blocks until they
@@ -22,6 +24,7 @@ sequence carries on across turns (``rollout.multimodal``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -33,11 +36,11 @@ from . import cpu_malloc as cpu_malloc_mod
 from . import kv_pool
 from .model_runner import ModelRunner, kv_geometry
 from .multimodal import VisionAdapter, is_vision_language, render_chat
-from .params import CAPTURE_SIZES, FN, MAX_BATCH_TOKENS, PREFILL_CHUNK, DecodeParams, \
-    SamplingParams, SchedulerParams, ToolParams
-from .sampler import Sampler
-from .scheduler import Batch, Scheduler
-from .sequence import PromptSeq, Sample, attach_images, encode_prompt
+from .params import CAPTURE_SIZES, FN, MAX_BATCH_TOKENS, PREFILL_CHUNK, TURN_MARGIN_TOKENS, \
+    DecodeParams, SamplingParams, SchedulerParams, ToolParams
+from .sampler import Sampler, next_tokens
+from .scheduler import Scheduler
+from .sequence import attach_images, encode_prompt
 from .tool_turns import ToolTurns, observation_tokens
 
 Tensor = torch.Tensor
@@ -172,14 +175,15 @@ class RolloutEngine:
                     observation_template: str = OBSERVATION_TEMPLATE,
                     max_observation_tokens: int = 256) -> int:
         """The most KV tokens one turn of one sample can take: its ``max_new_tokens`` and, with
-        tools, the longest observation (a crop's image tokens in the template, or a text)."""
+        tools, the longest observation (a crop's image tokens in the template, or a text), and
+        ``TURN_MARGIN_TOKENS``."""
         if not tools:
             return max_new_tokens
         obs = max_observation_tokens
         if self.vision is not None:
             obs = max(obs, self.vision.max_image_tokens + 2 + len(self.tokenizer(
                 observation_template, add_special_tokens=False)["input_ids"]))
-        return max_new_tokens + obs + 8
+        return max_new_tokens + obs + TURN_MARGIN_TOKENS
 
     def group_capacity(self, prompt_tokens: int, group_size: int, max_new_tokens: int,
                        max_turns: int, tools: bool = True,
@@ -192,35 +196,6 @@ class RolloutEngine:
         return group_size * (prompt_tokens + max_turns * per_turn), \
             self.num_blocks * self.block_size
 
-    def scripted_trajectory(self, prompt: Any, call_text: str, answer_text: str,
-                            tools: Any) -> Trajectory:
-        """The trajectory ``generate`` would produce had the model written ``call_text`` then
-        (after the observation) ``answer_text``: the call is run by ``tools`` (a
-        ``ToolRunner``; crops cut at the vision tower's grid) and its observation built by the
-        engine's own builder (``observation_tokens``), so supervised targets (a scripted
-        expert's warm start) match what rollouts produce token for token."""
-        from ..tools import ToolContext, ToolSession
-        from ..trajectory import Span, ToolTurn, TrajectorySpans
-        tok, v = self.tokenizer, self.vision
-        ids, images = render_chat(prompt, tok, v)
-        ctx = ToolContext.for_images(images, v.factor, v.min_pixels, v.max_pixels)
-        (result,) = tools.run([call_text], [ctx], [ToolSession()])
-        if result is None or not result.ok:
-            raise RuntimeError(f"RolloutEngine.scripted_trajectory: the call {call_text!r} "
-                               f"failed: {None if result is None else result.text}")
-        call = tok(call_text, add_special_tokens=False)["input_ids"]
-        obs, _ = observation_tokens(tok, OBSERVATION_TEMPLATE, vision=v, grid=v.grid(result.box))
-        ans = tok(answer_text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        tokens = ids + call + obs + ans
-        mask = [0] * len(ids) + [1] * len(call) + [0] * len(obs) + [1] * len(ans)
-        c0 = len(ids)
-        turn = ToolTurn(call=Span(c0, c0 + len(call)),
-                        observation=Span(c0 + len(call), c0 + len(call) + len(obs)),
-                        crop_index=0, box=tuple(result.box))
-        spans = TrajectorySpans(turns=[turn], prompt_len=len(ids),
-                                answer=Span(len(tokens) - len(ans), len(tokens)))
-        return Trajectory(tokens, [0.0] * len(tokens), mask, spans, crops=[result.crop])
-
     def clear_prefix_cache(self) -> None:
         """Forgets every cached block, and the linear layers' packed weights (``cpu_linear``).
         Call it after the model's weights change (each optimizer step): the cached keys and
@@ -232,16 +207,10 @@ class RolloutEngine:
             self.runner.packed.drop()
 
     # ---- generation ------------------------------------------------------------------------
-    def generate(self, prompts: Sequence[Any], *, group_size: int = 1,
-                 max_new_tokens: int = 64, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, stop_token_ids: Optional[Sequence[int]] = None,
-                 seed: Optional[int] = None, tools: Any = None, max_turns: int = 1,
-                 tool_contexts: Optional[Sequence[Any]] = None, max_tool_calls: int = 4,
-                 max_observation_tokens: int = 256,
-                 observation_template: str = OBSERVATION_TEMPLATE,
-                 logits_processor: Optional[Any] = None,
-                 stop_strings: Optional[Sequence[str]] = None,
-                 max_trajectory_tokens: Optional[int] = None) -> List[Trajectory]:
+    def generate(self, prompts: Sequence[Any], sampling: Optional[SamplingParams] = None,
+                 tools: Any = None, *, group_size: int = 1,
+                 tool_contexts: Optional[Sequence[Any]] = None,
+                 **keywords: Any) -> List[Trajectory]:
         """``len(prompts) x group_size`` trajectories, grouped (prompt ``i``'s samples are
         ``[i * group_size, (i + 1) * group_size)``).
 
@@ -249,34 +218,31 @@ class RolloutEngine:
             prompts: each a string, token ids, or a chat message list (``{"role", "content"}``
                 dicts; content parts ``{"type": "text"}`` or ``{"type": "image", "image":
                 uint8 [3, H, W]}``, vision-language models), rendered in Qwen's chat format.
+            sampling: how samples draw tokens and when a turn or a trajectory ends
+                (``SamplingParams``: ``temperature=0`` is greedy, sample ``j`` draws from its
+                own generator seeded ``seed + j`` so results do not depend on batching; a
+                truncated trajectory has ``stats["truncated"] = 1``). Default: its fields
+                given as keywords (``max_new_tokens=..., temperature=...``), else its defaults.
+            tools: tool turns, a ``ToolParams``, or its ``runner`` (a ``ToolRunner``) with its
+                other fields as keywords (``max_turns=..., max_tool_calls=...,
+                max_observation_tokens=..., observation_template=...``). With a runner and
+                ``max_turns > 1`` a turn that closes a ``</tool_call>`` is run and its
+                observation inserted (the crop's image tokens for vision-language models, else
+                the text; loss mask 0) and prefilled, batched with the other samples'
+                decoding. A text-only model is answered with an error when a tool returns a
+                crop. None: no tools.
             group_size: samples per prompt (G).
-            max_new_tokens, temperature, top_k, top_p, stop_token_ids, seed, stop_strings,
-                max_trajectory_tokens, logits_processor: how samples draw tokens and when a
-                turn or a trajectory ends (``SamplingParams``): ``temperature=0`` is greedy,
-                sample ``j`` draws from its own generator seeded ``seed + j`` (results do not
-                depend on batching); a truncated trajectory has ``stats["truncated"] = 1``.
-            tools, max_turns, max_tool_calls, max_observation_tokens, observation_template:
-                tool turns (``ToolParams``): with a ``ToolRunner`` and ``max_turns > 1`` a turn
-                that closes a ``</tool_call>`` is run and its observation inserted (the crop's
-                image tokens for vision-language models, else the text; loss mask 0) and
-                prefilled, batched with the other samples' decoding. A text-only model is
-                answered with an error when a tool returns a crop.
             tool_contexts: ``tool_contexts[i]`` is prompt ``i``'s ``ToolContext`` (default: the
                 prompt's images).
+            keywords: the fields of ``SamplingParams`` and ``ToolParams`` (the keyword form;
+                a field given both ways, or an unknown keyword, is refused by name).
 
         Vision-language models never sample image placeholders or vision markers. Every
         argument is checked before any work (``ValueError`` naming it). A call that fails
         midway, for whatever reason (a logits processor or a tool that raises, an interrupt),
         gives every KV block back before the error propagates: the engine stays as usable as
         before (its prefix cache is emptied)."""
-        sampling = SamplingParams(
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            seed=seed, stop_token_ids=None if stop_token_ids is None else tuple(stop_token_ids),
-            stop_strings=self._stop_strings(stop_strings),
-            max_trajectory_tokens=max_trajectory_tokens, logits_processor=logits_processor)
-        tool_params = ToolParams(runner=tools, max_turns=max_turns, max_tool_calls=max_tool_calls,
-                                 max_observation_tokens=max_observation_tokens,
-                                 observation_template=observation_template)
+        sampling, tool_params = self._params(sampling, tools, keywords)
         self._check_call(prompts, group_size, tool_params, tool_contexts)
         if not self.scheduler.idle:  # before the try: the running call keeps its state
             raise RuntimeError(f"{FN}: another generate call is running on this engine (a "
@@ -290,22 +256,47 @@ class RolloutEngine:
                 self.step()
             out = sorted(self.scheduler.samples, key=lambda s: s.index)
             self.scheduler.samples = []
-            for s in out:
-                s.request.turns.describe(s)
-            return [s.trajectory(self.tokenizer, group_size) for s in out]
+            return [s.trajectory(self.tokenizer, group_size, s.request.turns.described(s))
+                    for s in out]
         except BaseException:
             self.scheduler.reset()
             raise
         finally:
             self.runner.tables.release(self.scheduler.drain_finished())
 
-    def _stop_strings(self, stop_strings: Any) -> tuple:
-        if stop_strings is not None and (self.tokenizer is None or isinstance(stop_strings, str)
-                                         or not all(isinstance(x, str) and x
-                                                    for x in stop_strings)):
+    def _params(self, sampling: Optional[SamplingParams], tools: Any,
+                keywords: Dict[str, Any]) -> Tuple[SamplingParams, ToolParams]:
+        """The call's ``SamplingParams`` and ``ToolParams``, from the objects or from the
+        keyword form (checked once, by the dataclasses)."""
+        sampling_keys = {f.name for f in dataclasses.fields(SamplingParams)}
+        tool_keys = {f.name for f in dataclasses.fields(ToolParams)} - {"runner"}
+        unknown = sorted(set(keywords) - sampling_keys - tool_keys)
+        if unknown:
+            raise ValueError(f"{FN}: unknown keyword(s) {unknown}; valid: the fields of "
+                             f"SamplingParams {sorted(sampling_keys)} and ToolParams "
+                             f"{sorted(tool_keys)}")
+        given = {k: v for k, v in keywords.items() if k in sampling_keys}
+        if sampling is not None and (given or not isinstance(sampling, SamplingParams)):
+            raise ValueError(f"{FN}: `sampling` must be a SamplingParams, its fields not given "
+                             f"again as keywords; got {type(sampling).__name__} and "
+                             f"{sorted(given)}")
+        if sampling is None:
+            if given.get("stop_token_ids") is not None:
+                given["stop_token_ids"] = tuple(given["stop_token_ids"])
+            strings = given.get("stop_strings") or ()
+            if not isinstance(strings, str):  # a string is refused by SamplingParams
+                given["stop_strings"] = tuple(strings)
+            sampling = SamplingParams(**given)
+        if sampling.stop_strings and self.tokenizer is None:
             raise ValueError(f"{FN}: `stop_strings` must be a list of non-empty strings and the "
-                             f"engine needs a tokenizer for them, got {stop_strings!r}")
-        return tuple(stop_strings or ())
+                             f"engine needs a tokenizer for them, got {sampling.stop_strings!r}")
+        tool_kw = {k: v for k, v in keywords.items() if k in tool_keys}
+        if isinstance(tools, ToolParams):
+            if tool_kw:
+                raise ValueError(f"{FN}: `tools` is a ToolParams; its fields cannot be given "
+                                 f"again as keywords, got {sorted(tool_kw)}")
+            return sampling, tools
+        return sampling, ToolParams(runner=tools, **tool_kw)
 
     def _check_call(self, prompts: Any, group_size: Any, tools: ToolParams,
                     tool_contexts: Any) -> None:
@@ -353,37 +344,11 @@ class RolloutEngine:
             self.scheduler.add_prompt(p)
 
     def step(self) -> None:
-        """One step: schedule, run, postprocess."""
+        """One step: the scheduler picks the work, the runner runs it (one forward pass) and
+        the call's sampler draws the next tokens, the scheduler applies them."""
         batch = self.scheduler.schedule()
         if not batch.chunks:
             raise RuntimeError("RolloutEngine: nothing can be scheduled in an empty pool")
         logits = self.runner.run(batch)
-        self._postprocess(batch, logits)
-
-    def _postprocess(self, batch: Batch, logits: Tensor) -> None:
-        """The scheduler records what the step computed; each prompt whose prefill completed
-        is forked into its group; every sample whose chunk reached its newest token samples
-        its next one (per call's request), the tool turns say what the token did and the
-        scheduler applies it; the tool calls that closed run; finished rows are released."""
-        prompts, ready = self.scheduler.postprocess(batch)
-        for p, row in prompts:
-            ready += [(s, row) for s in self._fork(p)]
-        by_request: Dict[int, List[Tuple[Sample, int]]] = {}
-        for s, row in ready:
-            by_request.setdefault(id(s.request), []).append((s, row))
-        for group in by_request.values():
-            req, seqs = group[0][0].request, [s for s, _ in group]
-            picked = logits[torch.tensor([row for _, row in group], device=logits.device)]
-            for s, tok, lp in zip(seqs, *req.sampler(seqs, picked)):
-                self.scheduler.sampled(s, req.turns.emit(s, tok, lp))
-            req.turns.run(seqs)
+        self.scheduler.postprocess(batch, next_tokens(batch.to_sample, logits))
         self.runner.tables.release(self.scheduler.drain_finished())
-
-    def _fork(self, p: PromptSeq) -> List[Sample]:
-        """The group of a fully prefilled prompt: ``group_size`` samples sharing its blocks."""
-        req, G = p.request, p.request.group_size
-        group = [Sample.fork(p, j, generator=req.sampling.generator(j),
-                             session=req.turns.new_session())
-                 for j in range(p.index * G, (p.index + 1) * G)]
-        self.scheduler.fork(p, group)
-        return group

@@ -27,7 +27,7 @@ from .attention import KERNEL, choose_path, run_paged_attention, store_kv, trito
 from . import kv_pool
 from .block_tables import DeviceBlockTables
 from .params import DecodeParams
-from .scheduler import Batch
+from .sequence import Batch
 from .static_decode import StaticDecode
 
 Tensor = torch.Tensor

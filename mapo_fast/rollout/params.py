@@ -18,6 +18,9 @@ FN = "RolloutEngine.generate"
 MAX_BATCH_TOKENS = 8192
 #: Most tokens of one sequence in one forward pass, by default.
 PREFILL_CHUNK = 2048
+#: Headroom per turn in the KV capacity a call reserves (``RolloutEngine.turn_tokens``) beyond
+#: the turn's written tokens and its longest observation, both exact bounds: a safety margin.
+TURN_MARGIN_TOKENS = 8
 #: The batch sizes (rows) a decode step is padded up to on the static path (one CUDA graph
 #: each, captured on first use); a decode step of more rows runs eagerly.
 CAPTURE_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)

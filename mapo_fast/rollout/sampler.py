@@ -144,3 +144,16 @@ class Sampler:
                 logits[:, self.banned] = float("-inf")
         return sample(logits, [s.generator for s in seqs], p.temperature, p.top_k, p.top_p,
                       policy)
+
+
+def next_tokens(rows: Sequence[Tuple[Any, int]], logits: Tensor
+                ) -> List[Tuple[Any, int, float]]:
+    """``(sample, token, log-prob)`` for each ``(sample, row)`` of ``rows`` (a step's
+    ``Batch.to_sample``), drawn by the samples' call's sampler (``sample.request.sampler``:
+    the engine runs one call at a time) from its row of the step's ``logits``."""
+    if not rows:
+        return []
+    seqs = [s for s, _ in rows]
+    picked = logits[torch.tensor([row for _, row in rows], device=logits.device)]
+    tokens, logprobs = seqs[0].request.sampler(seqs, picked)
+    return list(zip(seqs, tokens, logprobs))

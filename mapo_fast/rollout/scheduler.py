@@ -15,39 +15,26 @@ new prompt is admitted only when no sample waits to be resumed. All running samp
 tokens are then appended in one batched ``append_tokens`` call, whose slots (and copy-on-write
 copies) go straight to the model runner.
 
-The scheduler is the only writer of a sequence's status, its computed-token count and the
-token counters: after the forward pass ``postprocess`` records what each chunk computed, and
-``sampled`` applies what a sampled token did (``TurnEvent``, decided by the tool turns). One
-capacity rule (``need``) admits a call's prompts and resumes preempted samples, so every call
-the engine admits can finish.
+A prompt whose last chunk is scheduled is forked into its group in the same step (its samples
+share its blocks and read its row of the step's logits: ``Batch.to_sample``).
+
+The scheduler is the only writer of a sequence: its status, its computed-token count, the
+token counters, and (through ``Sample.append_sampled`` / ``Sample.observe``) its tokens. After
+the forward pass ``postprocess(batch, draws)`` records what each chunk computed, appends each
+sampled token, applies what it did (``TurnEvent``, which the tool turns decide without writing
+anything), finishes samples, and appends the observations of the tool calls that closed (the
+tool turns run them and build them). One capacity rule (``need``) admits a call's prompts and
+resumes preempted samples, so every call the engine admits can finish.
 """
 
 from __future__ import annotations
 
 import collections
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .params import SchedulerParams
-from .sequence import PromptSeq, Sample, Seq, Status
-from .tool_turns import TurnEvent
-
-
-@dataclass
-class Batch:
-    """One step's work: ``chunks`` ``(seq, start, end)`` (tokens ``[start, end)`` of ``seq`` go
-    through the model; its context is its first ``end`` tokens), the KV ``slots`` of those
-    tokens in order, each chunk's block ``tables``, and the ``copies`` ``(src, dst)`` of
-    shared blocks to make before the forward writes."""
-    chunks: List[Tuple[Seq, int, int]] = field(default_factory=list)
-    slots: List[int] = field(default_factory=list)
-    tables: List[List[int]] = field(default_factory=list)
-    copies: List[Tuple[int, int]] = field(default_factory=list)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(b - a for _, a, b in self.chunks)
+from .sequence import Batch, PromptSeq, Sample, Seq, Status, TurnEvent
 
 
 def block_manager_class(name: str = "cpp") -> Any:
@@ -106,56 +93,65 @@ class Scheduler:
     def add_prompt(self, prompt: PromptSeq) -> None:
         self.waiting.append(prompt)
 
-    def fork(self, prompt: PromptSeq, samples: List[Sample]) -> None:
-        """Hands a fully prefilled prompt's blocks to its samples (shared until written)."""
-        for s in samples:
-            s.sid = self.blocks.fork_seq(prompt.sid)
+    def _fork(self, prompt: PromptSeq, row: int, batch: Batch) -> None:
+        """Forks a prompt whose last chunk is in ``batch`` (row ``row``) into its group: the
+        call's ``group_size`` samples, each with its own generator and tool session, share its
+        blocks (until they write) and draw their first token from its row."""
+        req = prompt.request
+        G = req.group_size
+        for j in range(prompt.index * G, (prompt.index + 1) * G):
+            s = Sample.fork(prompt, j, generator=req.sampling.generator(j),
+                            session=req.turns.new_session())
+            s.block_seq = self.blocks.fork_seq(prompt.block_seq)
             s.status, s.num_computed = Status.RUNNING, len(prompt.tokens)
-        self.blocks.free_seq(prompt.sid)
-        prompt.sid, prompt.status = -1, Status.FINISHED
+            self.samples.append(s)
+            batch.to_sample.append((s, row))
+        self.blocks.free_seq(prompt.block_seq)
+        prompt.block_seq, prompt.status = -1, Status.FINISHED
         self.finished_ids.append(prompt.seq_id)
         self.waiting.remove(prompt)
-        self.samples += samples
 
     def finish(self, s: Sample) -> None:
         """A finished sample's blocks go back at once (the prefix index keeps them findable
         until they are reused)."""
-        self.blocks.free_seq(s.sid)
-        s.sid, s.status = -1, Status.FINISHED
+        self.blocks.free_seq(s.block_seq)
+        s.block_seq, s.status = -1, Status.FINISHED
         s.num_computed = len(s.tokens)  # nothing follows its last token
         self.finished_ids.append(s.seq_id)
 
     # ---- after the forward pass ------------------------------------------------------------
-    def postprocess(self, batch: Batch) -> Tuple[List[Tuple[PromptSeq, int]],
-                                                 List[Tuple[Sample, int]]]:
-        """Records what the step computed: each chunk's tokens are in the cache; the token
-        counters (a chunk's tokens are prefill, but for a sample's newest token: decode).
-        Returns the prompts whose prefill completed and the samples whose chunk reached their
-        newest token (ready to sample), each with its row of the step's logits."""
-        prompts, ready = [], []
-        for row, (s, a, b) in enumerate(batch.chunks):
+    def postprocess(self, batch: Batch, draws: Sequence[Tuple[Sample, int, float]]) -> None:
+        """Records what the step computed (each chunk's tokens are in the cache; the token
+        counters: a chunk's tokens are prefill, but for a sample's newest token decode), then
+        applies ``draws`` (``(sample, token, log-prob)`` of each row of ``batch.to_sample``):
+        appends each token, finishes the samples it ends, and appends the observations of the
+        tool calls it closed (run together, by the call's tool turns)."""
+        for s, a, b in batch.chunks:
             s.num_computed = b
             if isinstance(s, PromptSeq):
-                if b == len(s.tokens):
-                    prompts.append((s, row))
                 continue
             decoded = int(b == len(s.tokens))  # else a chunk of an observation or a recompute
             for counts in (s.stats, self.stats):
                 counts["prefill_tokens"] = counts.get("prefill_tokens", 0) + b - a - decoded
                 counts["decode_tokens"] = counts.get("decode_tokens", 0) + decoded
-            if decoded:
-                ready.append((s, row))
         if any(isinstance(s, PromptSeq) for s, _, _ in batch.chunks):
             self.stats["prefill_passes"] = self.stats.get("prefill_passes", 0) + 1
-        return prompts, ready
-
-    def sampled(self, s: Sample, event: TurnEvent) -> None:
-        """Applies what ``s``'s newly sampled token did: its token waits for the next step,
-        or the sample is finished and its blocks go back."""
-        if event is TurnEvent.FINISHED:
-            self.finish(s)
-        else:
-            s.num_computed = len(s.tokens) - 1
+        calls: List[Tuple[Sample, str]] = []
+        for s, token, logprob in draws:
+            s.append_sampled(token, logprob)
+            event, call = s.request.turns.decide(s, token)
+            if event is TurnEvent.TRUNCATED:
+                s.stats["truncated"] = 1
+            if event in (TurnEvent.FINISHED, TurnEvent.TRUNCATED):
+                self.finish(s)
+                continue
+            s.num_computed = len(s.tokens) - 1  # its new token goes through the next step
+            if event is TurnEvent.TOOL_CALL:
+                calls.append((s, call))
+        if calls:
+            turns = calls[0][0].request.turns
+            for (s, _), obs in zip(calls, turns.run(calls)):
+                s.observe(obs)
 
     @property
     def done(self) -> bool:
@@ -184,7 +180,7 @@ class Scheduler:
             budget -= end - s.num_computed
         # one capacity query for the whole plan; only when the pool is short, sample by sample
         # (oldest first), preempting the most recently started
-        reserved = self.blocks.append_cost([s.sid for s, _ in plan],
+        reserved = self.blocks.append_cost([s.block_seq for s, _ in plan],
                                            [e - s.num_computed for s, e in plan])
         if reserved <= self.blocks.num_free:
             batch.chunks = [(s, s.num_computed, e) for s, e in plan]
@@ -193,6 +189,12 @@ class Scheduler:
         self._admit(batch, budget, reserved,
                     admit_new=not any(s.status is Status.PREEMPTED for s in self.samples))
         self._allocate(batch)
+        for row, (s, a, b) in enumerate(batch.chunks):
+            if isinstance(s, Sample):
+                if b == len(s.tokens):  # its newest token: the next one is drawn
+                    batch.to_sample.append((s, row))
+            elif b == len(s.tokens):  # the prompt's last chunk: its group starts
+                self._fork(s, row, batch)
         used = self.num_blocks - self.blocks.num_free
         self.stats["peak_blocks"] = max(self.stats.get("peak_blocks", 0), used)
         return batch
@@ -226,7 +228,7 @@ class Scheduler:
         ``s`` must wait (preempted itself if nothing else runs)."""
         chosen = {id(c) for c, _, _ in batch.chunks}
         while True:
-            cost = self.blocks.append_cost([s.sid], [end - s.num_computed])
+            cost = self.blocks.append_cost([s.block_seq], [end - s.num_computed])
             if reserved + cost <= self.blocks.num_free:
                 return cost
             victims = [v for v in self.samples if v.status is Status.RUNNING and v is not s
@@ -246,13 +248,13 @@ class Scheduler:
         for p in self.waiting:
             if budget == 0:
                 break
-            if p.sid < 0:
+            if p.block_seq < 0:
                 if not admit_new:
                     break
                 keys = p.keys()
                 if reserved + self.blocks.add_cost(keys) > self.blocks.num_free:
                     break
-                p.sid, cached = self.blocks.add(keys)
+                p.block_seq, cached = self.blocks.add(keys)
                 self.stats["cached_prompt_tokens"] += cached
                 self.stats["prefill_tokens"] += len(p.tokens) - cached
                 # a fully cached prompt recomputes its last token for the logits (its KV
@@ -275,12 +277,12 @@ class Scheduler:
         ids, keys = [], []
         for s, a, b in batch.chunks:
             if isinstance(s, Sample):
-                ids += [s.sid] * (b - a)
+                ids += [s.block_seq] * (b - a)
                 keys += s.keys(a, b)
         new_slots, batch.copies = self.blocks.append_tokens(ids, keys)
         at, bs = 0, self.block_size
         for s, a, b in batch.chunks:
-            table = self.blocks.block_table(s.sid)
+            table = self.blocks.block_table(s.block_seq)
             if isinstance(s, Sample):
                 batch.slots += new_slots[at:at + b - a]
                 at += b - a
@@ -290,8 +292,8 @@ class Scheduler:
 
     # ---- memory pressure -------------------------------------------------------------------
     def preempt(self, s: Sample) -> None:
-        self.blocks.free_seq(s.sid)
-        s.sid, s.status = -1, Status.PREEMPTED
+        self.blocks.free_seq(s.block_seq)
+        s.block_seq, s.status = -1, Status.PREEMPTED
         s.stats["preemptions"] = s.stats.get("preemptions", 0) + 1
         self.stats["preemptions"] = self.stats.get("preemptions", 0) + 1
 
@@ -305,7 +307,7 @@ class Scheduler:
             if self.need(len(s.tokens)) > self.blocks.num_free:
                 break
             keys = s.keys(0, s.num_computed)
-            s.sid, s.num_computed = self.blocks.add(keys[:self._cached_prefix(keys)])
+            s.block_seq, s.num_computed = self.blocks.add(keys[:self._cached_prefix(keys)])
             s.status = Status.RUNNING
 
     def _cached_prefix(self, keys: List[int]) -> int:

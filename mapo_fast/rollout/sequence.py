@@ -1,9 +1,13 @@
-"""Sequences of the engine: a prompt waiting for (or in) prefill, and the samples forked from it.
+"""Sequences of the engine, and the records its parts pass each other: a prompt waiting for (or
+in) prefill, the samples forked from it, one step's work (``Batch``), what a sampled token did
+(``TurnEvent``) and a tool call's observation (``Observation``).
 
 A sequence holds its tokens, the image inserts among them (vision-language models), its M-RoPE
 positions, a ``Status`` and a computed-token counter: its first ``num_computed`` tokens have
 their keys and values in the paged cache; the rest (a prompt's unprefilled part, an observation,
 the newest sampled token, or what a preemption evicted) go through the model in the next steps.
+Only the scheduler changes a sequence (its status and counters directly, its tokens through
+``Sample.append_sampled`` and ``Sample.observe``, the one place positions advance).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -30,6 +34,15 @@ class Status(enum.Enum):
     FINISHED = "finished"    # done (a prompt: forked into its group)
 
 
+class TurnEvent(enum.Enum):
+    """What a sampled token did to its sample (``ToolTurns.decide``); the scheduler applies
+    it (``Scheduler.postprocess``)."""
+    CONTINUE = "continue"    # the turn goes on
+    TOOL_CALL = "tool_call"  # the turn closed a tool call: its observation follows
+    FINISHED = "finished"    # the trajectory is done (a stop token or string, the turn's limit)
+    TRUNCATED = "truncated"  # the trajectory reached ``max_trajectory_tokens``
+
+
 @dataclass(eq=False)
 class Seq:
     """Tokens and cache state shared by prompts and samples."""
@@ -38,7 +51,7 @@ class Seq:
     positions: Optional[List[tuple]] = None  # M-RoPE (t, h, w) per token (vision-language)
     next_pos: int = 0                        # M-RoPE position of the next token
     status: Status = Status.WAITING          # written by the scheduler only
-    sid: int = -1                            # block-manager sequence id while it holds blocks
+    block_seq: int = -1                      # its id in the block manager while it holds blocks
     num_computed: int = 0                    # leading tokens whose KV is in the cache (scheduler)
     request: Any = None                      # the generate call's settings (engine.Request)
     seq_id: int = field(default_factory=lambda: next(_SEQ_IDS))  # unique: block-table rows
@@ -76,8 +89,8 @@ class Sample(Seq):
     logprobs: List[float] = field(default_factory=list)  # aligned with tokens[prompt_len:]
     loss_mask: List[int] = field(default_factory=list)   # likewise
     generator: Optional[torch.Generator] = None
-    new_tokens: int = 0            # generated tokens in this turn
-    generated: int = 0             # generated tokens in the whole trajectory
+    turn_tokens: int = 0           # model-written tokens of the current turn
+    generated: int = 0             # model-written tokens of the whole trajectory
     turn_start: int = 0            # first token of the current assistant turn
     turns: List[ToolTurn] = field(default_factory=list)
     session: Any = None            # its ToolSession
@@ -85,7 +98,6 @@ class Sample(Seq):
     stats: Dict[str, int] = field(default_factory=dict)
     crops: List[Tensor] = field(default_factory=list)
     patches: List[tuple] = field(default_factory=list)   # (pixel_values, grid) per image
-    tool_text: Optional[str] = None  # the turn's text when it closed a tool call this step
 
     @classmethod
     def fork(cls, prompt: PromptSeq, index: int, **kw: Any) -> "Sample":
@@ -99,6 +111,27 @@ class Sample(Seq):
                    patches=list(prompt.patches),
                    stats={"tool_calls": 0, "tool_errors": 0, "prefill_tokens": 0,
                           "decode_tokens": 0}, **kw)
+
+    def append_sampled(self, token: int, logprob: float) -> None:
+        """Appends a token the model wrote (loss mask 1) and counts it."""
+        self.append([token], logprob)
+        self.turn_tokens += 1
+        self.generated += 1
+
+    def observe(self, obs: "Observation") -> None:
+        """Appends a tool call's observation (loss mask 0; pending, to be prefilled): its
+        tokens and positions, its image and crop, its turn record; the next turn starts."""
+        self.stats["tool_calls"] += 1
+        self.stats["tool_errors"] += int(obs.error)
+        if obs.image is not None:
+            self.images.append(obs.image)
+            self.crops.append(obs.crop)
+            self.patches.append(obs.patches)
+            obs.turn.crop_index = len(self.crops) - 1
+        self.turns.append(obs.turn)
+        self.append(obs.tokens, positions=obs.positions, next_pos=obs.next_pos)
+        self.turn_start = len(self.tokens)
+        self.turn_tokens = 0
 
     def append(self, tokens: List[int], logprob: Optional[float] = None,
                positions: Optional[List[tuple]] = None, next_pos: Optional[int] = None) -> None:
@@ -119,9 +152,13 @@ class Sample(Seq):
         else:
             self.next_pos += len(tokens)
 
-    def trajectory(self, tokenizer: Any, group_size: int) -> Trajectory:
+    def trajectory(self, tokenizer: Any, group_size: int,
+                   turns: Optional[List[ToolTurn]] = None) -> Trajectory:
+        """The finished sample as a ``Trajectory`` (``turns``: its turn records, with their
+        description spans, ``ToolTurns.described``; default its own)."""
         text = tokenizer.decode(self.tokens[self.prompt_len:]) if tokenizer is not None else ""
-        spans = TrajectorySpans(turns=self.turns, prompt_len=self.prompt_len,
+        spans = TrajectorySpans(turns=self.turns if turns is None else turns,
+                                prompt_len=self.prompt_len,
                                 answer=Span(self.turn_start, len(self.tokens)))
         n = self.prompt_len
         return Trajectory(token_ids=list(self.tokens), logprobs=[0.0] * n + self.logprobs,
@@ -129,6 +166,43 @@ class Sample(Seq):
                           stats=dict(self.stats, new_tokens=sum(self.loss_mask)),
                           group_id=self.index // group_size, response_text=text,
                           vision_inputs=self.patches)
+
+
+@dataclass
+class Batch:
+    """One step's work: ``chunks`` ``(seq, start, end)`` (tokens ``[start, end)`` of ``seq`` go
+    through the model; its context is its first ``end`` tokens), the KV ``slots`` of those
+    tokens in order, each chunk's block ``tables``, the ``copies`` ``(src, dst)`` of shared
+    blocks to make before the forward writes, and ``to_sample``: the samples that draw their
+    next token from this step's logits, with the row (chunk) it is read from (a sample whose
+    chunk reaches its newest token, and each sample forked from a prompt whose prefill this
+    step completes, reading the prompt's row)."""
+    chunks: List[Tuple[Seq, int, int]] = field(default_factory=list)
+    slots: List[int] = field(default_factory=list)
+    tables: List[List[int]] = field(default_factory=list)
+    copies: List[Tuple[int, int]] = field(default_factory=list)
+    to_sample: List[Tuple["Sample", int]] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(b - a for _, a, b in self.chunks)
+
+
+@dataclass
+class Observation:
+    """A tool call's observation, as the tool turns build it (``ToolTurns.run``) and
+    ``Sample.observe`` appends it: its ``tokens`` (and M-RoPE ``positions`` / ``next_pos``,
+    None for one position per token), the crop's ``image`` insert, ``crop`` and ``patches``
+    (None for a text observation), the ``turn`` record (call and observation spans, box,
+    error) and whether the call failed (``error``)."""
+    tokens: List[int]
+    turn: ToolTurn
+    error: bool
+    positions: Optional[List[tuple]] = None
+    next_pos: Optional[int] = None
+    image: Optional[ImageInsert] = None
+    crop: Optional[Tensor] = None
+    patches: Optional[tuple] = None
 
 
 def encode_prompt(prompt: Any, i: int, tokenizer: Any, vision: Optional[VisionAdapter],

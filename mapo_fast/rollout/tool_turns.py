@@ -1,5 +1,7 @@
 """Turns of a sample: stop rules, closed tool calls, running the tools of a step together, the
-observations they insert, and the description spans of a finished trajectory.
+observations they insert, and the description spans of a finished trajectory. The tool turns
+compute (what a sampled token did, an observation, the descriptions) and never write a
+sample: the scheduler applies what they return.
 
 A turn ends on a stop token or string, at ``max_new_tokens``, or when its text closes a
 ``</tool_call>`` (while turns remain): the tool calls closed in one step run in one
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import enum
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -21,18 +22,10 @@ import torch
 from ..trajectory import DESCRIPTION_TAG, TOOL_CALL_TAG, Span, ToolTurn
 from .multimodal import ImageInsert, VisionAdapter, crop_key, image_key
 from .params import SamplingParams, ToolParams
-from .sequence import Sample
+from .sequence import Observation, Sample, TurnEvent
 
 Tensor = torch.Tensor
 CALL_OPEN, CALL_CLOSE = f"<{TOOL_CALL_TAG}>", f"</{TOOL_CALL_TAG}>"
-
-
-class TurnEvent(enum.Enum):
-    """What a sampled token did to its sample (``ToolTurns.emit``); the scheduler, the only
-    writer of a sequence's status and counters, applies it (``Scheduler.sampled``)."""
-    CONTINUE = "continue"    # the turn goes on
-    TOOL_CALL = "tool_call"  # the turn closed a tool call: ``run`` appends its observation
-    FINISHED = "finished"    # the trajectory is done (a stop, its token limit)
 
 
 def observation_tokens(tokenizer: Any, template: str, *, vision: Optional[VisionAdapter] = None,
@@ -104,48 +97,39 @@ class ToolTurns:
         return ToolSession(max_calls=self.tools.max_tool_calls)
 
     # ---- one sampled token -------------------------------------------------------------------
-    def emit(self, s: Sample, tok: int, lp: float) -> TurnEvent:
-        """Records a sampled token and decides what it did: ends the trajectory on a stop
-        token or string, the turn's token limit (with no tool call) or the trajectory's limit
-        (``stats["truncated"]``), or closes a tool call (``tool_text``; ``run`` runs it)."""
+    def decide(self, s: Sample, tok: int) -> Tuple[TurnEvent, Optional[str]]:
+        """What ``s``'s newest token (``tok``, already appended) did, and the turn's text when
+        it closed a tool call: the trajectory ends on its limit (``TRUNCATED``); a turn ends
+        on a stop token or string or its token limit (``FINISHED``), or by closing a tool call
+        while turns remain (``TOOL_CALL``)."""
         p = self.sampling
-        s.append([tok], lp)
-        s.new_tokens += 1
-        s.generated += 1
-        stop = tok in self.stops or s.new_tokens >= p.max_new_tokens
+        if p.max_trajectory_tokens is not None and s.generated >= p.max_trajectory_tokens:
+            return TurnEvent.TRUNCATED, None
+        if self.tools.enabled and len(s.turns) + 1 < self.tools.max_turns and \
+                ">" in self.tokenizer.decode([tok]):  # a call can only close on a '>'
+            text = self.tokenizer.decode(s.tokens[s.turn_start:])
+            if text.rstrip().endswith(CALL_CLOSE):
+                return TurnEvent.TOOL_CALL, text
+        stop = tok in self.stops or s.turn_tokens >= p.max_new_tokens
         if not stop and p.stop_strings:
             tail = self.tokenizer.decode(s.tokens[max(s.turn_start,
                                                       len(s.tokens) - p.stop_window):])
             stop = any(x in tail for x in p.stop_strings)
-        text = None
-        if self.tools.enabled and len(s.turns) + 1 < self.tools.max_turns and \
-                ">" in self.tokenizer.decode([tok]):  # a call can only close on a '>'
-            text = self.tokenizer.decode(s.tokens[s.turn_start:])
-        if p.max_trajectory_tokens is not None and s.generated >= p.max_trajectory_tokens:
-            s.stats["truncated"] = 1
-            return TurnEvent.FINISHED
-        if text is not None and text.rstrip().endswith(CALL_CLOSE):
-            s.tool_text = text
-            return TurnEvent.TOOL_CALL
-        return TurnEvent.FINISHED if stop else TurnEvent.CONTINUE
+        return (TurnEvent.FINISHED if stop else TurnEvent.CONTINUE), None
 
     # ---- the tool calls closed in a step -----------------------------------------------------
-    def run(self, batch: Sequence[Sample]) -> None:
-        """Runs the tool calls that closed this step, all together: one runner call, and for
-        vision-language models one vision-tower pass over all the crops; appends each
-        sample's observation."""
-        todo = [s for s in batch if s.tool_text is not None]
-        if not todo:
-            return
-        results = list(self.tools.runner.run([s.tool_text for s in todo],
+    def run(self, calls: Sequence[Tuple[Sample, str]]) -> List[Observation]:
+        """The observation of each ``(sample, call text)`` closed this step, all run together:
+        one runner call, and for vision-language models one vision-tower pass over all the
+        crops."""
+        todo = [s for s, _ in calls]
+        results = list(self.tools.runner.run([text for _, text in calls],
                                              [s.ctx for s in todo], [s.session for s in todo]))
         if len(results) != len(todo):
             raise RuntimeError(f"RolloutEngine: `tools.run` returned {len(results)} result(s) "
                                f"for {len(todo)} tool call text(s); it must return one per text")
         feats = self._encode_crops(todo, results)
-        for s, r in zip(todo, results):
-            s.tool_text = None
-            self.observe(s, r, feats.get(id(r)))
+        return [self.observation(s, r, feats.get(id(r))) for s, r in zip(todo, results)]
 
     def _encode_crops(self, todo: Sequence[Sample], results: Sequence[Any]) -> Dict[int, tuple]:
         """``id(result) -> (features, grid, key, patches)`` of every crop, one vision pass."""
@@ -164,27 +148,24 @@ class ToolTurns:
             out[id(r)] = (f, g, crop_key(self.image_keys[id(im)], r.box), patches)
         return out
 
-    def observe(self, s: Sample, result: Any, feat: Optional[tuple]) -> None:
-        """Appends the observation of a tool call (its crop's image tokens, or text); its
-        tokens are pending, to be prefilled in the next steps."""
+    def observation(self, s: Sample, result: Any, feat: Optional[tuple]) -> Observation:
+        """The observation of ``s``'s tool call (``result``; ``feat``: its crop's encoding):
+        the crop's image tokens, or the text; its turn's call and observation spans."""
         from ..tools import ToolResult
         if result is not None and result.ok and result.crop is not None and feat is None:
             result = ToolResult.error("tool_failed", "this model cannot receive images; use a "
                                                      "text tool")
-        s.stats["tool_calls"] += 1
-        s.stats["tool_errors"] += int(result is None or not result.ok)
         start = len(s.tokens)
         turn = ToolTurn(call=Span(find_marker(self.tokenizer, s.tokens, s.turn_start, CALL_OPEN),
                                   start))
+        out = dict(error=result is None or not result.ok)
         grids = []
         if feat is not None:
             f, grid, key, patches = feat
             obs, at = observation_tokens(self.tokenizer, self.tools.observation_template,
                                          vision=self.vision, grid=grid)
-            s.images.append(ImageInsert(start + at, f, key))
-            s.crops.append(result.crop)
-            s.patches.append(patches)
-            turn.crop_index, turn.box, grids = len(s.crops) - 1, tuple(result.box), [grid]
+            out.update(image=ImageInsert(start + at, f, key), crop=result.crop, patches=patches)
+            turn.box, grids = tuple(result.box), [grid]
         else:
             text = "no tool call found" if result is None else (result.text or "")
             obs, _ = observation_tokens(self.tokenizer, self.tools.observation_template,
@@ -192,23 +173,20 @@ class ToolTurns:
                                         max_tokens=self.tools.max_observation_tokens)
             turn.error = None if result is not None and result.ok else text
         turn.observation = Span(start, start + len(obs))
-        s.turns.append(turn)
-        pos = nxt = None
         if s.positions is not None:
-            pos, nxt = self.vision.positions(obs, grids, s.next_pos)
-        s.append(obs, positions=pos, next_pos=nxt)
-        s.turn_start = len(s.tokens)
-        s.new_tokens = 0
+            out["positions"], out["next_pos"] = self.vision.positions(obs, grids, s.next_pos)
+        return Observation(tokens=obs, turn=turn, **out)
 
     # ---- a finished trajectory ---------------------------------------------------------------
-    def describe(self, s: Sample) -> None:
-        """Sets the description span and text of each turn: the ``<description>`` written
-        after observation ``k`` and before the next call."""
+    def described(self, s: Sample) -> List[ToolTurn]:
+        """``s``'s turns with their description spans and texts: the ``<description>`` written
+        after observation ``k`` and before the next call (copies; ``s`` is unchanged)."""
+        turns = [dataclasses.replace(t) for t in s.turns]
         if self.tokenizer is None:
-            return
+            return turns
         open_tag, close_tag = f"<{DESCRIPTION_TAG}>", f"</{DESCRIPTION_TAG}>"
-        for k, turn in enumerate(s.turns):
-            end = s.turns[k + 1].call.start if k + 1 < len(s.turns) else len(s.tokens)
+        for k, turn in enumerate(turns):
+            end = turns[k + 1].call.start if k + 1 < len(turns) else len(s.tokens)
             start = turn.observation.end
             seg = self.tokenizer.decode(s.tokens[start:end])
             if open_tag in seg and close_tag in seg:
@@ -216,3 +194,4 @@ class ToolTurns:
                 d1 = find_marker(self.tokenizer, s.tokens, d0, close_tag)
                 turn.description = Span(d0, min(end, d1 + 1))
                 turn.description_text = seg.split(open_tag, 1)[1].split(close_tag)[0].strip()
+        return turns

@@ -305,10 +305,9 @@ class VisualSearchTask:
 
     def expert_trajectory(self, s: Sample, engine: Any, tools: Any) -> Any:
         """The scripted expert's ``Trajectory`` of ``s`` as ``engine`` would have produced it
-        (``RolloutEngine.scripted_trajectory``: the call run by ``tools``, its observation
-        built by the engine), for the supervised warm start."""
+        (``scripted_trajectory``), for the supervised warm start."""
         call, answer = self.expert_turns(s)
-        return engine.scripted_trajectory(self.prompt(s), call, answer, tools)
+        return scripted_trajectory(engine, self.prompt(s), call, answer, tools)
 
     def expert_turns(self, s: Sample) -> Tuple[str, str]:
         """The scripted expert: the tool call (see ``expert_quadrant``), and after the crop,
@@ -410,3 +409,35 @@ class VisualSearchTask:
                   "Error: bbox_2d is outside the image"] + [str(i) for i in range(200)]
         return texts * 4
 
+
+def scripted_trajectory(engine: Any, prompt: Any, call_text: str, answer_text: str,
+                        tools: Any) -> Any:
+    """The ``Trajectory`` a vision-language ``RolloutEngine`` would produce had the model
+    written ``call_text`` then (after the observation) ``answer_text``, from the engine's
+    public pieces: the prompt rendered as the engine renders it (``render_chat``), the call
+    run by ``tools`` (a ``ToolRunner``; crops cut at the vision tower's grid) and its
+    observation built by the engine's one builder (``observation_tokens``), so supervised
+    targets (a scripted expert's warm start) match what rollouts produce token for token."""
+    from ..rollout.multimodal import render_chat
+    from ..rollout.tool_turns import observation_tokens
+    from ..tools import ToolContext, ToolSession
+    from ..trajectory import OBSERVATION_TEMPLATE, Span, ToolTurn, Trajectory, TrajectorySpans
+    tok, v = engine.tokenizer, engine.vision
+    ids, images = render_chat(prompt, tok, v)
+    ctx = ToolContext.for_images(images, v.factor, v.min_pixels, v.max_pixels)
+    (result,) = tools.run([call_text], [ctx], [ToolSession()])
+    if result is None or not result.ok:
+        raise RuntimeError(f"scripted_trajectory: the call {call_text!r} failed: "
+                           f"{None if result is None else result.text}")
+    call = tok(call_text, add_special_tokens=False)["input_ids"]
+    obs, _ = observation_tokens(tok, OBSERVATION_TEMPLATE, vision=v, grid=v.grid(result.box))
+    ans = tok(answer_text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    tokens = ids + call + obs + ans
+    mask = [0] * len(ids) + [1] * len(call) + [0] * len(obs) + [1] * len(ans)
+    c0 = len(ids)
+    turn = ToolTurn(call=Span(c0, c0 + len(call)),
+                    observation=Span(c0 + len(call), c0 + len(call) + len(obs)),
+                    crop_index=0, box=tuple(result.box))
+    spans = TrajectorySpans(turns=[turn], prompt_len=len(ids),
+                            answer=Span(len(tokens) - len(ans), len(tokens)))
+    return Trajectory(tokens, [0.0] * len(tokens), mask, spans, crops=[result.crop])

@@ -2,7 +2,7 @@
 built-in task; skipped for a task without an expert or for 0 steps).
 
 Each step takes a batch of expert trajectories, built by the task through the rollout engine
-(``RolloutEngine.scripted_trajectory``: the same prompt, tool call, observation and answer
+(``tasks.visual_search.scripted_trajectory``: the same prompt, tool call, observation and answer
 tokens a rollout would hold), and minimises their tokens' negative log-likelihood under the
 policy at temperature 1 with the banned vision tokens removed (``mapo_fast.policy``), with its
 own AdamW and a warm-up / flat / cosine learning-rate schedule.
