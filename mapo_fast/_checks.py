@@ -18,17 +18,17 @@ class ConfigError(ValueError):
 
 
 #: Most characters of a bad value echoed in an error message.
-ECHO_CHARS = 200
+REPR_CHARS = 200
 _REPR = reprlib.Repr()  # keyword arguments need Python 3.12: set the limits one by one
 _REPR.maxlevel, _REPR.maxdict, _REPR.maxlist, _REPR.maxtuple, _REPR.maxset = 3, 6, 6, 6, 6
-_REPR.maxstring, _REPR.maxother, _REPR.maxlong = ECHO_CHARS, ECHO_CHARS, 60
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = REPR_CHARS, REPR_CHARS, 60
 
 
-def echo(value: Any) -> str:
-    """``repr(value)`` in at most ~``ECHO_CHARS`` characters, with bounded work however large
+def short_repr(value: Any) -> str:
+    """``repr(value)`` in at most ~``REPR_CHARS`` characters, with bounded work however large
     or nested ``value`` is (a YAML alias bomb is millions of shared nodes)."""
     text = _REPR.repr(value)
-    return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + "..."
+    return text if len(text) <= REPR_CHARS else text[:REPR_CHARS] + "..."
 
 
 def fail(fn: str, arg: str, msg: str) -> None:

@@ -85,7 +85,7 @@ def draw(logp: Tensor, u: Tensor) -> Tensor:
     return c[:, 0] * DRAW_CHUNK + j
 
 
-def processed(processor: Any, seqs: Sequence[Any], logits: Tensor) -> Tensor:
+def apply_processor(processor: Any, seqs: Sequence[Any], logits: Tensor) -> Tensor:
     """The processor's logits for the rows of ``logits [n, V]``: one call of
     ``processor.batch(token_ids_list, logits)`` when it has one (checked: float ``[n, V]``),
     else ``processor(tokens, row)`` of each sequence's row, stacked (each checked: float rows
@@ -139,7 +139,7 @@ class Sampler:
             logits[:, self.banned] = float("-inf")
         policy = logits
         if p.logits_processor is not None:
-            logits = processed(p.logits_processor, seqs, logits)
+            logits = apply_processor(p.logits_processor, seqs, logits)
             if self.banned:  # a processor cannot bring a banned token back
                 logits[:, self.banned] = float("-inf")
         return sample(logits, [s.generator for s in seqs], p.temperature, p.top_k, p.top_p,

@@ -61,11 +61,11 @@ def estimator_gradients(trainer: Any, n_batches: int, algos: Sequence[str] = ("g
     trainer.model.train()
     try:
         for k in range(n_batches):
-            ro = trainer.collect(first_step + k, StepTimer())
+            collected = trainer.collect(first_step + k, StepTimer())
             for a in algos:
-                adv = trainer.advantages(ro, algo=a)
+                adv = trainer.advantages(collected, algo=a)
                 trainer.optimizer.zero_grad(set_to_none=True)
-                trainer.backward(ro.batch, adv)
+                trainer.backward(collected.batch, adv)
                 out[a].append(torch.cat([
                     (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
                     .reshape(-1).double().cpu() for p in params.values()]))

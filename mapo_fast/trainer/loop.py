@@ -422,19 +422,21 @@ class Trainer:
         optimizer step. Returns the step's metrics record."""
         step = self.step + 1
         timer = StepTimer()
-        ro = self.collect(step, timer)
+        collected = self.collect(step, timer)
         with timer("advantage"):
-            adv = self.advantages(ro)
+            adv = self.advantages(collected)
         with timer("loss"):
-            upd = self.update(ro.batch, adv)
+            update = self.update(collected.batch, adv)
         with timer("grad_var"):
-            gv = self.diagnose(ro.batch, adv, upd, step)
+            grad_var = self.diagnose(collected.batch, adv, update, step)
         with timer("optimizer"):
             grad_norm = self._optimizer_step()
         self.step = step
-        rec = step_record(step, ro.trajs, ro.rewards, ro.parts, ro.scores, ro.turn_mask, ro.gap,
-                          losses=upd.losses, loss_stats=upd.stats, epochs=self.cfg.optim.ppo_epochs,
-                          grad_var=gv, grad_norm=grad_norm, times=timer.times)
+        c = collected
+        rec = step_record(step, c.trajs, c.rewards, c.parts, c.scores, c.turn_mask, c.gap,
+                          losses=update.losses, loss_stats=update.stats,
+                          epochs=self.cfg.optim.ppo_epochs, grad_var=grad_var,
+                          grad_norm=grad_norm, times=timer.times)
         rec = self.dist.mean(rec)
         rec["step"] = step
         return rec
@@ -455,11 +457,12 @@ class Trainer:
             batch = collate(trajs, images, self.adapter, self.tokenizer.pad_token_id)
         return Collected(trajs, rewards, parts, scores, turn_mask, gap, batch)
 
-    def advantages(self, ro: "Collected", algo: Optional[str] = None) -> Tensor:
+    def advantages(self, collected: "Collected", algo: Optional[str] = None) -> Tensor:
         """Per-token advantages ``[B, T]`` (``algo``, default ``cfg.algo``: MAPO or GRPO)."""
         cfg = self.cfg
-        return mapo_advantages(ro.rewards, ro.batch.group_ids, ro.scores, ro.turn_mask,
-                               ro.batch.token_turn, algo=algo or cfg.algo,
+        c = collected
+        return mapo_advantages(c.rewards, c.batch.group_ids, c.scores, c.turn_mask,
+                               c.batch.token_turn, algo=algo or cfg.algo,
                                semantic_coef=cfg.loss.semantic_coef,
                                turn_discount=cfg.loss.turn_discount)
 
@@ -530,14 +533,14 @@ class Trainer:
         return float(loss.detach()), {**{k: float(v) for k, v in m.items()},
                                      "loss_path": m.path}, hidden
 
-    def diagnose(self, full: PolicyBatch, adv: Tensor, upd: "Update", step: int
+    def diagnose(self, full: PolicyBatch, adv: Tensor, update: "Update", step: int
                  ) -> Dict[str, float]:
         """The relative variance of the loss gradient over resampled groups
         (``loss_gradient_variance``) at the step's weights: the first epoch's hidden states
         with the head they were computed with."""
-        hidden = upd.hidden
+        hidden = update.hidden
         dev, cfg = hidden.device, self.cfg
-        head = upd.head.to(hidden.dtype)
+        head = update.head.to(hidden.dtype)
         return loss_gradient_variance(
             hidden, head, full.input_ids[:, 1:].to(dev), adv[:, 1:].to(dev),
             full.loss_mask[:, 1:].to(dev), full.group_ids.to(dev),

@@ -223,9 +223,9 @@ def run_summary(records: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     if not records:
         return {}
     keys = [k for k in records[0] if k.startswith("time_")]
-    gv = [r["grad_var"] for r in records if r.get("grad_var") is not None]
+    grad_vars = [r["grad_var"] for r in records if r.get("grad_var") is not None]
     return {"mean_step_time": {k[5:]: _mean([r[k] for r in records]) for k in keys},
-            "mean_grad_var": _mean(gv) if gv else None}
+            "mean_grad_var": _mean(grad_vars) if grad_vars else None}
 
 
 def format_eval(e: Dict[str, Any]) -> str:

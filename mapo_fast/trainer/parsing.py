@@ -14,7 +14,7 @@ import difflib
 import typing
 from typing import Any, Dict, List, Optional, Sequence
 
-from .._checks import ECHO_CHARS, ConfigError, echo
+from .._checks import REPR_CHARS, ConfigError, short_repr
 from .config import TrainConfig, reference
 
 
@@ -57,7 +57,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"config: `{key}` must be {base.__name__}, got {echo(value)}") from None
+        raise ConfigError(f"config: `{key}` must be {base.__name__}, got "
+                          f"{short_repr(value)}") from None
     raise ConfigError(f"config: `{key}` has an unsupported type")
 
 
@@ -77,12 +78,12 @@ def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
             hint = f"; did you mean `{'.'.join(parts[:i] + close)}`?" if close else ""
             if dotted and not close:
                 hint = f"; did you mean {' or '.join(f'`{k}`' for k in dotted)}?"
-            raise ConfigError(f"config: unknown key `{key[:ECHO_CHARS]}`{hint} (keys of "
+            raise ConfigError(f"config: unknown key `{key[:REPR_CHARS]}`{hint} (keys of "
                               f"`{where or 'the top level'}`: {', '.join(known)})")
         if i < len(parts) - 1:
             if not dataclasses.is_dataclass(getattr(obj, part)):
-                raise ConfigError(f"config: unknown key `{key[:ECHO_CHARS]}`: "
-                                  f"`{'.'.join(parts[:i + 1])[:ECHO_CHARS]}` "
+                raise ConfigError(f"config: unknown key `{key[:REPR_CHARS]}`: "
+                                  f"`{'.'.join(parts[:i + 1])[:REPR_CHARS]}` "
                                   "has no sub-keys")
             obj = getattr(obj, part)
             continue
@@ -94,7 +95,7 @@ def set_key(cfg: TrainConfig, key: str, value: Any) -> None:
             for k, v in value.items():
                 if not isinstance(k, str):
                     raise ConfigError(f"config: the keys of `{key}` must be strings, got "
-                                      f"{echo(k)}")
+                                      f"{short_repr(k)}")
                 set_key(cfg, f"{key}.{k}", v)
             return
         hint = typing.get_type_hints(type(hints_owner))[part]
@@ -109,24 +110,24 @@ def load_yaml(path: str) -> Dict[str, Any]:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except OSError as e:
-        raise ConfigError(f"config: cannot read `--config` file {echo(path)}: "
+        raise ConfigError(f"config: cannot read `--config` file {short_repr(path)}: "
                           f"{e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"config: `--config` file {echo(path)} is not UTF-8 text (byte "
+        raise ConfigError(f"config: `--config` file {short_repr(path)} is not UTF-8 text (byte "
                           f"{e.start})") from None
     except (yaml.YAMLError, RecursionError) as e:
-        first = " ".join(str(e).split())[:ECHO_CHARS]
-        raise ConfigError(f"config: `--config` file {echo(path)} is not valid YAML: "
+        first = " ".join(str(e).split())[:REPR_CHARS]
+        raise ConfigError(f"config: `--config` file {short_repr(path)} is not valid YAML: "
                           f"{first}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config: `--config` file {echo(path)} must hold a mapping of keys, "
-                          f"got {type(data).__name__}")
+        raise ConfigError(f"config: `--config` file {short_repr(path)} must hold a mapping of "
+                          f"keys, got {type(data).__name__}")
     bad = [k for k in data if not isinstance(k, str)]
     if bad:
-        raise ConfigError(f"config: `--config` file {echo(path)}: keys must be strings, got "
-                          f"{echo(bad[0])}")
+        raise ConfigError(f"config: `--config` file {short_repr(path)}: keys must be strings, "
+                          f"got {short_repr(bad[0])}")
     return data
 
 
@@ -138,7 +139,7 @@ def parse_args(argv: Sequence[str], base: Optional[TrainConfig] = None) -> Train
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--") or arg == "--":
-            raise ConfigError(f"config: expected `--key value`, got {echo(arg)} (keys are "
+            raise ConfigError(f"config: expected `--key value`, got {short_repr(arg)} (keys are "
                               "dotted, e.g. --rollout.group_size 8)")
         key, eq, value = arg[2:].partition("=")
         key = key.replace("-", "_")
@@ -147,7 +148,7 @@ def parse_args(argv: Sequence[str], base: Optional[TrainConfig] = None) -> Train
             if key == "resume" and (nxt is None or nxt.startswith("--")):
                 value = "true"
             elif nxt is None:
-                raise ConfigError(f"config: `--{key[:ECHO_CHARS]}` needs a value")
+                raise ConfigError(f"config: `--{key[:REPR_CHARS]}` needs a value")
             else:
                 value, i = nxt, i + 1
         pairs.append((key, value))

@@ -10,7 +10,7 @@ import os
 import re
 from typing import Any, Callable
 
-from .._checks import ConfigError, echo
+from .._checks import ConfigError, short_repr
 from .config import TrainConfig, _float_keys, get, reference
 
 #: Largest value of any integer key (the C int range that torch, numpy and pyarrow agree on).
@@ -48,7 +48,7 @@ def validate(cfg: TrainConfig) -> None:
     """Checks every value of ``cfg``; raises ``ConfigError`` naming the first bad key."""
     def need(key: str, ok: bool, what: str) -> None:
         if not ok:
-            raise ConfigError(f"config: `{key}` must be {what}, got {echo(get(cfg, key))}")
+            raise ConfigError(f"config: `{key}` must be {what}, got {short_repr(get(cfg, key))}")
 
     _numbers(cfg, need)
     _model(cfg, need)
