@@ -9,15 +9,13 @@
 
 plus the relative gradient variance of each step (``loss_gradient_variance``), a supervised warm
 start on the task's scripted expert, greedy evaluation on the held-out split, checkpoints and
-resume, metrics and curves.
+resume, metrics and curves. What a run is made of (model, tokenizer, engine, task, verifier,
+optimizer, ...) is built once by ``trainer/build.py`` (``RunParts``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -27,26 +25,20 @@ import torch
 from ..advantage import mapo_advantages
 from ..logprobs import token_logprobs
 from ..loss import mapo_loss
-from ..policy import PolicyNumerics
-from ..rewards import (AccuracyReward, CompositeReward, FormatReward, OracleVerifier,
-                       ToolUseReward)
-from ..rollout import RolloutEngine
-from ..rollout.multimodal import VisionAdapter, render_chat
-from ..tools import ToolRunner
-from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
+from ..rewards import OracleVerifier
+from ..rollout.multimodal import render_chat
+from ..trajectory import Trajectory
 from ..variance import loss_gradient_variance
 from . import checkpoint as ckpt
 from .batch import PolicyBatch, collate
-from .._checks import ConfigError
+from .build import TEMPLATE, RunParts
 from .config import TrainConfig
-from .distributed import DistContext
 from .metrics import (MetricsLog, Progress, StepTimer, format_eval, gap_metrics, step_record,
                       write_outputs)
-from .model import PolicyWithLoss, load_pretrained, policy_hidden, tiny_vl_model
+from .model import policy_hidden
 from .warm_start import warm_start as run_warm_start
 
 Tensor = torch.Tensor
-TEMPLATE = OBSERVATION_TEMPLATE
 SHOWN = ("reward_mean", "accuracy", "action_accuracy", "semantic_score", "loss")
 
 
@@ -74,56 +66,6 @@ class Update:
     head: Optional[Tensor] = None
 
 
-@contextlib.contextmanager
-def config_errors(key: str):
-    """Loading what ``key`` names (a data file, a checkpoint folder): a ``ValueError`` or
-    ``OSError`` it raises (transformers' missing files, pyarrow's bad tables, PIL, bad JSON)
-    becomes one ``ConfigError`` line naming the key, at most ~300 characters of its message."""
-    try:
-        yield
-    except ConfigError:
-        raise
-    except (ValueError, OSError) as e:
-        text = " ".join(str(e).split()) or type(e).__name__
-        text = text[len("config: "):] if text.startswith("config: ") else text
-        named = text.startswith(f"`{key}`")  # the message names the key already: once
-        raise ConfigError(f"config: {'' if named else f'`{key}`: '}{text[:300]}") from None
-
-
-def build_task(cfg: TrainConfig):
-    if cfg.task.name == "visual_search":
-        return cfg.visual_search_task()
-    from ..tasks.records import RecordsTask
-    return RecordsTask(cfg.task.data_path, image_root=cfg.task.image_root, seed=cfg.seed,
-                       max_image_pixels=cfg.task.max_image_pixels, eval_size=cfg.task.eval_size)
-
-
-def _check_device(device: str) -> None:
-    """``ConfigError`` for a device this machine does not have."""
-    if not device.startswith("cuda"):
-        return
-    if not torch.cuda.is_available():
-        raise ConfigError(f"config: `device` {device!r}: no CUDA device is available here "
-                          "(use cpu or auto)")
-    index = int(device.split(":")[1]) if ":" in device else 0
-    if index >= torch.cuda.device_count():
-        raise ConfigError(f"config: `device` {device!r}: this machine has "
-                          f"{torch.cuda.device_count()} CUDA device(s)")
-
-
-def _check_writable(folder: str) -> None:
-    """Creates ``folder`` and writes a file in it, or ``ConfigError`` saying why not."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write_check.{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"config: `out` {folder!r} cannot be created or written: "
-                          f"{e.strerror or e}") from None
-
-
 class ForcedOpening:
     """A logits processor that makes a turn begin with the tokens ``ids``: while fewer than
     ``len(ids)`` tokens follow the ``prompt_len``-token prompt, only the next one of ``ids``
@@ -142,177 +84,29 @@ class ForcedOpening:
 
 
 class Trainer:
-    """Runs ``cfg`` end to end (``run``); the stages are also callable one by one."""
+    """Runs ``cfg`` end to end (``run``); the stages are also callable one by one. The run's
+    parts are built once (``self.parts``, a ``RunParts``: model, tokenizer, engine, task,
+    verifier, optimizer, ...) and read as the trainer's attributes (``trainer.engine`` is
+    ``trainer.parts.engine``); the trainer itself holds the loop's state: the step, the
+    evaluations, the metrics log."""
 
     def __init__(self, cfg: TrainConfig, *, progress: bool = True):
-        self.cfg = cfg.validate()
-        want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available()
-                                                        else "cpu")
-        _check_device(want)
-        self.dist = DistContext.from_env(torch.device(want).type)
-        if self.dist.enabled and cfg.rollout.prompts_per_step % self.dist.world:
-            raise ConfigError(f"config: `rollout.prompts_per_step` ({cfg.rollout.prompts_per_step}) "
-                              f"must be a multiple of the {self.dist.world} ranks")
-        if want.startswith("cuda") and self.dist.enabled:
-            want = f"cuda:{self.dist.local_rank}"
-        self.device = torch.device(want)
-        self.progress = progress and self.dist.main
-        self.out = cfg.out
-        _check_writable(self.out)
-        with config_errors("task.data_path"):
-            self.task = build_task(cfg)
-        ckpt.seed_everything(cfg.seed)
-        state = None
-        if cfg.resume:
-            try:
-                _, state = ckpt.load_latest(os.path.join(self.out, "checkpoints"),
-                                            warn=lambda m: print(f"mapo-train: {m}",
-                                                                 file=sys.stderr, flush=True))
-            except ckpt.CheckpointError as e:
-                raise ConfigError(f"config: `resume`: {e}") from None
-        self._build_model(state)
-        self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr,
-                                           weight_decay=cfg.optim.weight_decay)
-        self._build_engine()
-        #: the one vision adapter: the engine's (prompts, crops, batches and the warm start
-        #: all see images as the rollout does)
-        self.adapter = self.engine.vision
-        r = cfg.rollout
-        #: the distribution sampled, recorded and trained on: one setting (mapo_fast.policy)
-        self.numerics = PolicyNumerics(temperature=r.temperature, top_p=r.top_p,
-                                       banned_tokens=self.engine.banned_tokens)
-        self.runner = ToolRunner()
-        self.expert_tools = ToolRunner(crop_kwargs=self.adapter.crop_kwargs)  # warm start's
-        w = cfg.reward
-        self.reward = CompositeReward([("accuracy", AccuracyReward(), w.accuracy),
-                                       ("format", FormatReward(), w.format),
-                                       ("tool", ToolUseReward(w.tool_use), 1.0)])
-        if cfg.verifier.kind == "oracle":
-            self.verifier = OracleVerifier(self.task.vocabulary)
-        else:
-            from ..rewards import CLIPVerifier
-            if not os.path.isdir(cfg.verifier.clip_path):
-                raise ConfigError(f"config: `verifier.clip_path` {cfg.verifier.clip_path!r} is "
-                                  "not a local checkpoint folder")
-            with config_errors("verifier.clip_path"):
-                self.verifier = CLIPVerifier.from_pretrained(cfg.verifier.clip_path)
-            self.verifier.model.to(self.device)
-        self.ref_model = None
-        if cfg.loss.kl_coef > 0:
-            self.ref_model = copy.deepcopy(self.rollout_model).eval().requires_grad_(False)
-        self.metrics = MetricsLog(os.path.join(self.out, "metrics.jsonl"))
+        self.parts = RunParts(cfg, progress=progress)
+        self.metrics = MetricsLog(os.path.join(self.parts.out, "metrics.jsonl"))
         self.step = 0
         self.evals: Dict[str, Dict[str, float]] = {}
         self.warm_done = False
+        state = self.parts.resumed
         if state is not None:
-            self.dist.load_state(self.policy, self.optimizer, state)
-            self.dist.sync_replica(self.policy, self.rollout_model)
-            ckpt.set_rng_state(state["rng"])
             self.step, self.evals, self.warm_done = state["step"], state["evals"], True
-            if self.dist.main:
+            if self.parts.dist.main:
                 self.metrics.truncate_after(self.step)
 
-    def _build_engine(self) -> None:
-        """The rollout engine, its pool checked against one group's longest rollout (the
-        first training prompt's length) before any work starts."""
-        r = self.cfg.rollout
-        pixels = self.cfg.task.view_size ** 2
-        try:
-            self.engine = RolloutEngine(self.rollout_model, self.tokenizer,
-                                        memory_budget_mb=r.memory_budget_mb,
-                                        decode_mode=r.decode_mode,
-                                        cpu_linear=r.cpu_linear,
-                                        cpu_malloc=r.cpu_malloc,
-                                        min_pixels=r.min_pixels or pixels,
-                                        max_pixels=r.max_pixels or pixels)
-        except ValueError as e:
-            raise ConfigError(f"config: `rollout.memory_budget_mb`: {e}") from None
-        first = self.task.batch("train", 0, 1)[0]  # the built-in task's prompts are all alike
-        prompt, _ = render_chat(self.task.prompt(first), self.tokenizer, self.engine.vision)
-        need, have = self.engine.group_capacity(len(prompt), r.group_size, r.max_new_tokens,
-                                                r.max_turns, True, TEMPLATE)
-        if need > have:
-            blocks = -(-need // self.engine.block_size) + r.group_size
-            raise ConfigError(
-                f"config: `rollout.memory_budget_mb` ({r.memory_budget_mb:g}) holds {have} KV "
-                f"tokens; one group of {r.group_size} samples may need {need} (prompt "
-                f"{len(prompt)} + {r.max_turns} turns each): give at least "
-                f"{blocks * self.engine.block_bytes / 2 ** 20:.3g} MiB")
-        if hasattr(self.task, "bound_questions"):
-            self._bound_questions(len(prompt), first.question)
-
-    def _bound_questions(self, prompt_len: int, question: str) -> None:
-        """Records whose question would not fit the text model's positions beside the rest of
-        the prompt and every turn are skipped (``RecordsTask.bound_questions``)."""
-        r = self.cfg.rollout
-
-        def count(text: str) -> int:
-            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-        positions = getattr(self.engine.text_config, "max_position_embeddings", None)
-        if not positions:
-            return
-        turns = r.max_turns * self.engine.turn_tokens(r.max_new_tokens, True, TEMPLATE)
-        most = int(positions) - (prompt_len - count(question)) - turns
-        if most < 1:
-            raise ConfigError(
-                f"config: `rollout.max_turns` ({r.max_turns}) turns of up to "
-                f"{turns // r.max_turns} tokens and the prompt leave no room for a question in "
-                f"the model's {positions} positions")
-        with config_errors("task.data_path"):
-            self.task.bound_questions(count, most)
-
-    def _build_model(self, state: Optional[Dict[str, Any]]) -> None:
-        cfg = self.cfg
-        if cfg.model.path:
-            with config_errors("model.path"):
-                model, self.tokenizer = load_pretrained(cfg.model.path, self.device)
-        else:
-            from ..tasks.tokenizer import build_tokenizer, tokenizer_from_string
-            if state is not None and state.get("tokenizer"):
-                self.tokenizer = tokenizer_from_string(state["tokenizer"])
-            else:
-                self.tokenizer = build_tokenizer(self.task.corpus(),
-                                                 vocab_size=cfg.model.vocab_size)
-            model = tiny_vl_model(cfg.model, self.tokenizer, seed=cfg.seed).to(self.device)
-        self.model = model
-        self._vision_stage(state)
-        self.policy = PolicyWithLoss(model)
-        self.rollout_model = self.dist.shard(self.policy)
-
-    def _vision_stage(self, state: Optional[Dict[str, Any]]) -> None:
-        """Vision pretraining (``trainer/vision_pretrain.py``) on a fresh run, before the
-        model is sharded; the tower frozen (``warm_start.freeze_vision``), on a resumed run
-        too."""
-        ws = self.cfg.warm_start
-        self.vision_report: Dict[str, float] = dict(state.get("vision_report", {})) \
-            if state is not None else {}
-        if ws.vision_steps and state is None:
-            from .vision_pretrain import pretrain_vision
-            pixels = self.cfg.rollout.min_pixels or self.cfg.task.view_size ** 2
-            adapter = VisionAdapter(self.model, min_pixels=pixels,
-                                    max_pixels=self.cfg.rollout.max_pixels or pixels)
-            self.vision_report = pretrain_vision(
-                self.model, self.task, adapter, steps=ws.vision_steps,
-                batch_size=ws.batch_size, lr=ws.vision_lr, out=self.out,
-                progress=self.progress, autocast=self._autocast, write=self.dist.main)
-            self._say("vision pretraining: held-out crop accuracy "
-                      f"{self.vision_report['vision_crop_accuracy']:.3f}, where the tint is "
-                      f"wrong {self.vision_report['vision_tint_wrong_accuracy']:.3f}")
-        if ws.freeze_vision:
-            from .vision_pretrain import freeze_vision
-            freeze_vision(self.model)
-
-    # ---- helpers -------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def policy_call(self, batch: PolicyBatch, fn: Any) -> Any:
-        """``fn(hidden, lm_head_weight)`` inside the policy's forward (see PolicyWithLoss)."""
-        with self._autocast():
-            return self.policy(batch, fn)
+    def __getattr__(self, name: str) -> Any:
+        # only called for names the trainer does not hold: the run's parts
+        if name == "parts":
+            raise AttributeError(name)
+        return getattr(self.parts, name)
 
     def _generate(self, samples: Sequence[Any], *, group_size: int, greedy: bool,
                   seed: int, opening: Optional[str] = None,
@@ -323,7 +117,7 @@ class Trainer:
             return self._generate_opened(samples, greedy=greedy, seed=seed, opening=opening)
         r = self.cfg.rollout
         self.rollout_model.eval()
-        with self._autocast():
+        with self.autocast():
             draw = dict(temperature=0.0) if greedy else self.numerics.sampling_kwargs()
             trajs = self.engine.generate(
                 [self.task.prompt(s) for s in samples], group_size=group_size,
@@ -375,15 +169,10 @@ class Trainer:
         gap = gap_metrics(parts["accuracy"], scores, turn_mask, hits)
         return rewards, parts, scores, turn_mask, gap
 
-    def shard(self, start: int, n: int) -> Tuple[int, int]:
-        """This rank's ``(start, count)`` of ``n`` items from ``start``."""
-        per = n // self.dist.world
-        return start + self.dist.rank * per, per
-
     # ---- warm start ----------------------------------------------------------------------------
     def warm_start(self) -> None:
         """Supervised warm start on the task's scripted expert (``trainer/warm_start.py``)."""
-        run_warm_start(self)
+        run_warm_start(self.parts)
 
     # ---- evaluation ----------------------------------------------------------------------------
     def evaluate(self, opening: Optional[str] = None) -> Dict[str, float]:
@@ -514,7 +303,7 @@ class Trainer:
         targets = batch.input_ids[:, 1:].to(dev)
         ref = None
         if self.ref_model is not None:
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self.autocast():
                 rh = policy_hidden(self.ref_model, batch)
                 ref = token_logprobs(rh[:, :-1], self.ref_model.lm_head.weight.to(rh.dtype),
                                      targets, **self.numerics.loss_kwargs()).float()
@@ -576,7 +365,7 @@ class Trainer:
         if not self.warm_done:
             self.warm_start()
             self.evals["warm_start"] = self.evaluate()
-            self._say(f"eval after warm start: {format_eval(self.evals['warm_start'])}")
+            self.say(f"eval after warm start: {format_eval(self.evals['warm_start'])}")
             self.save()
         bar = Progress(cfg.steps, cfg.algo, initial=self.step, enabled=self.progress)
         while self.step < cfg.steps:
@@ -592,7 +381,7 @@ class Trainer:
         # a run of no RL steps (a warm start alone) is already evaluated
         self.evals["final"] = self.evaluate() if self.step or "warm_start" not in self.evals \
             else self.evals["warm_start"]
-        self._say(f"eval after {cfg.algo}: {format_eval(self.evals['final'])}")
+        self.say(f"eval after {cfg.algo}: {format_eval(self.evals['final'])}")
         summary = {"algo": cfg.algo, "steps": self.step, "evals": self.evals,
                    "vision_pretrain": self.vision_report,
                    "wall_s": time.perf_counter() - t_start, "world_size": self.dist.world,
@@ -612,7 +401,3 @@ class Trainer:
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes())
         return h.hexdigest()[:16]
-
-    def _say(self, text: str) -> None:
-        if self.dist.main and self.progress:
-            print(text, flush=True)

@@ -32,35 +32,36 @@ def lr_factor(i: int, steps: int) -> float:
     return min(1.0, (i + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * decay)))
 
 
-def warm_start(trainer: Any) -> None:
-    """Runs the warm start of ``trainer`` (its config, task, engine, policy and ranks) and
-    writes ``warm_start.jsonl``; the rollout copy is synced at the end."""
-    ws = trainer.cfg.warm_start
-    task = trainer.task
+def warm_start(parts: Any) -> None:
+    """Runs the warm start of a run (``parts``, a ``RunParts``: its config, task, engine,
+    policy and ranks) and writes ``warm_start.jsonl``; the rollout copy is synced at the
+    end."""
+    ws = parts.cfg.warm_start
+    task = parts.task
     if ws.steps == 0 or not hasattr(task, "expert_trajectory"):
         return
-    opt = torch.optim.AdamW(trainer.policy.parameters(), lr=ws.lr)
+    opt = torch.optim.AdamW(parts.policy.parameters(), lr=ws.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, ws.steps))
-    log = MetricsLog(os.path.join(trainer.out, "warm_start.jsonl"))
-    bar = Progress(ws.steps, "warm start", enabled=trainer.progress)
-    dist, banned = trainer.dist, trainer.numerics.banned_tokens
-    trainer.model.train()
+    log = MetricsLog(os.path.join(parts.out, "warm_start.jsonl"))
+    bar = Progress(ws.steps, "warm start", enabled=parts.progress)
+    dist, banned = parts.dist, parts.numerics.banned_tokens
+    parts.model.train()
     for i in range(ws.steps):
-        start, n = trainer.shard(FIRST_SAMPLE + i * ws.batch_size, ws.batch_size)
+        start, n = parts.shard(FIRST_SAMPLE + i * ws.batch_size, ws.batch_size)
         samples = task.batch("train", start, n)
-        trajs = [task.expert_trajectory(s, trainer.engine, trainer.expert_tools)
+        trajs = [task.expert_trajectory(s, parts.engine, parts.expert_tools)
                  for s in samples]
-        batch = collate(trajs, [task.images(s) for s in samples], trainer.adapter,
-                        trainer.tokenizer.pad_token_id)
-        targets = batch.input_ids[:, 1:].to(trainer.device)
-        mask = batch.loss_mask[:, 1:].to(trainer.device)
+        batch = collate(trajs, [task.images(s) for s in samples], parts.adapter,
+                        parts.tokenizer.pad_token_id)
+        targets = batch.input_ids[:, 1:].to(parts.device)
+        mask = batch.loss_mask[:, 1:].to(parts.device)
         tokens = dist.sum(float(mask.sum()))
-        loss = trainer.policy_call(batch, lambda h, w: -(token_logprobs(
+        loss = parts.policy_call(batch, lambda h, w: -(token_logprobs(
             h[:, :-1], w, targets, banned_tokens=banned).float() * mask).sum()
             / tokens * dist.world)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainer.policy.parameters(), trainer.cfg.optim.grad_clip)
+        torch.nn.utils.clip_grad_norm_(parts.policy.parameters(), parts.cfg.optim.grad_clip)
         opt.step()
         sched.step()
         rec = dist.mean({"step": i + 1, "nll": float(loss.detach()) / dist.world})
@@ -68,4 +69,4 @@ def warm_start(trainer: Any) -> None:
             log.append(rec)
         bar.update(i + 1, rec, ("nll",))
     bar.close()
-    dist.sync_replica(trainer.policy, trainer.rollout_model)
+    dist.sync_replica(parts.policy, parts.rollout_model)
