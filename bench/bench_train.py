@@ -2,7 +2,8 @@
 control, reported as means with 95% intervals and paired differences.
 
     python bench/bench_train.py [--seeds 5] [--control-seeds N] [--jobs N] [--out RUNS]
-                                [--report DIR] [--warm-only] [-- extra mapo-train keys]
+                                [--report DIR] [--warm-only] [--arms mapo grpo]
+                                [-- extra mapo-train keys]
     mapo-bench --only train [--quick]
 
 For each expert (``hallucinating``, the default task, and ``honest``, the control) and seed,
@@ -14,7 +15,8 @@ default the core count, each with ``cores / jobs`` threads), each in its own fol
 a rerun skips finished runs and resumes interrupted ones from their checkpoints. The report
 (``DIR/train-study-<tag>.json``, ``.md`` and ``.png``, default ``bench/results``) holds, per
 expert and algorithm, each metric's mean and 95% t-interval over seeds, the paired difference
-MAPO - GRPO with its interval, and bands over steps.
+MAPO - GRPO with its interval, and bands over steps. ``--arms mapo`` runs one arm only (e.g.
+an ablation whose other arm is compared from another study, ``compare_studies.py``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 HERE = Path(__file__).resolve().parent
 EXPERTS = ("hallucinating", "honest")
+#: The study's arms (both by default; ``--arms`` picks).
 ALGOS = ("mapo", "grpo")
 #: Final-evaluation metrics of the report, and the step-record curve.
 METRICS = ("accuracy", "action_accuracy", "faithfulness", "right_answer_wrong_action",
@@ -101,14 +104,15 @@ class Run:
 
 
 def plan(out: Path, seeds: int, experts: Sequence[str], args: List[str],
-         control_seeds: Optional[int] = None) -> List[Run]:
+         control_seeds: Optional[int] = None, arms: Sequence[str] = ALGOS) -> List[Run]:
     """Every run of the study, in the order they start: the default task's seeds first."""
     runs = []
     for expert in experts:
         n = seeds if expert != "honest" or control_seeds is None else control_seeds
         for seed in range(n):
             base = out / "runs" / expert / f"seed{seed}"
-            runs += [Run(expert, seed, kind, base / kind, args) for kind in ("warm",) + ALGOS]
+            runs += [Run(expert, seed, kind, base / kind, args)
+                     for kind in ("warm",) + tuple(arms)]
     return runs
 
 
@@ -197,10 +201,11 @@ def aggregate(runs: List[Run]) -> Dict[str, Any]:
                         if all(x.summary() is not None for x in mine if x.seed == r.seed)})
         by = {(r.kind, r.seed): r for r in mine}
         res: Dict[str, Any] = {"seeds": seeds, "algos": {}, "paired_difference": {}}
+        arms = [a for a in ALGOS if any(r.kind == a for r in mine)]
         warm = [by[("warm", s)].summary()["evals"]["warm_start"] for s in seeds]
         res["warm_start"] = {m: interval([w.get(m) for w in warm]) for m in METRICS}
         per: Dict[str, Dict[str, List[Optional[float]]]] = {}
-        for algo in ALGOS:
+        for algo in arms:
             sums = [by[(algo, s)].summary() for s in seeds]
             vals = {m: [x["evals"]["final"].get(m) for x in sums] for m in METRICS}
             vals["mean_grad_var"] = [x.get("mean_grad_var") for x in sums]
@@ -209,7 +214,7 @@ def aggregate(runs: List[Run]) -> Dict[str, Any]:
             res["algos"][algo] = {"per_seed": vals,
                                   **{m: interval(v) for m, v in vals.items()},
                                   "bands": bands([by[(algo, s)] for s in seeds], sums)}
-        for m in list(METRICS) + ["mean_grad_var"]:
+        for m in list(METRICS) + ["mean_grad_var"] if len(arms) == 2 else []:
             diffs = [a - b for a, b in zip(per["mapo"][m], per["grpo"][m])
                      if a is not None and b is not None]
             res["paired_difference"][m] = dict(interval(diffs), per_seed=diffs)
@@ -260,8 +265,9 @@ def markdown(result: Dict[str, Any]) -> str:
                   "| arm | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
         for algo, a in res["algos"].items():
             lines.append(f"| {algo} | " + " | ".join(_fmt(a[m]) for m in cols) + " |")
-        lines.append("| MAPO - GRPO | " + " | ".join(
-            _fmt(res["paired_difference"][m]) for m in cols) + " |")
+        if res["paired_difference"]:
+            lines.append("| MAPO - GRPO | " + " | ".join(
+                _fmt(res["paired_difference"][m]) for m in cols) + " |")
         lines += ["", "Per seed (final evaluation; accuracy / action accuracy / faithfulness):",
                   "", "| seed | " + " | ".join(res["algos"]) + " |",
                   "|---:|" + "---|" * len(res["algos"])]
@@ -291,6 +297,8 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     for row, expert in zip(axes, experts):
         for ax, (key, label) in zip(row, CURVES):
             for algo, colour in zip(ALGOS, ("tab:red", "tab:blue")):
+                if algo not in result["experts"][expert]["algos"]:
+                    continue
                 b = result["experts"][expert]["algos"][algo]["bands"][key]
                 pts = [(s, st) for s, st in zip(b["steps"], b["stats"]) if st["mean"] is not None]
                 if not pts:
@@ -321,7 +329,7 @@ def plot(result: Dict[str, Any], path: Path) -> None:
 def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
           experts: Sequence[str] = EXPERTS, progress: bool = True,
           control_seeds: Optional[int] = None, report: Optional[Path] = None,
-          launch: bool = True) -> Dict[str, Path]:
+          launch: bool = True, arms: Sequence[str] = ALGOS) -> Dict[str, Path]:
     """Runs (or completes) the study's runs under ``out`` and writes its report to ``report``
     (default ``out``); returns the report's paths. ``control_seeds``: seeds of the
     honest-expert control (default ``seeds``). ``launch=False`` reports what is finished
@@ -337,13 +345,17 @@ def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
     bad = [e for e in experts if e not in EXPERTS]
     if bad:
         raise ValueError(f"bench_train: unknown experts {bad}; valid: {list(EXPERTS)}")
+    if not arms or any(a not in ALGOS for a in arms) or len(set(arms)) != len(arms):
+        raise ValueError(f"bench_train: `arms` must be distinct names from {list(ALGOS)}, got "
+                         f"{list(arms)}")
     out.mkdir(parents=True, exist_ok=True)
-    runs = plan(out, seeds, experts, args, control_seeds)
+    runs = plan(out, seeds, experts, args, control_seeds, arms)
     t0 = time.perf_counter()
     failed = execute(runs, jobs, progress) if launch else {}
     flags = ["--seeds", str(seeds)] + ([] if control_seeds is None else
                                         ["--control-seeds", str(control_seeds)]) \
-        + ([] if tuple(experts) == EXPERTS else ["--experts", *experts])
+        + ([] if tuple(experts) == EXPERTS else ["--experts", *experts]) \
+        + ([] if tuple(arms) == ALGOS else ["--arms", *arms])
     result = {"study": "train", "seeds": seeds, "control_seeds": control_seeds or seeds,
               "jobs": jobs, "args": args,
               "command": " ".join(["python bench/bench_train.py", *flags]
@@ -392,6 +404,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--tag", default="cpu")
     p.add_argument("--report-only", action="store_true",
                    help="report the seeds whose runs are finished; start no run")
+    p.add_argument("--arms", nargs="+", default=list(ALGOS), choices=ALGOS,
+                   help="the arms to run (default both)")
     p.add_argument("--warm-only", action="store_true",
                    help="run the warm starts only (e.g. to check them before any RL run)")
     a = p.parse_args(argv)
@@ -403,7 +417,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         paths = study(a.out, a.seeds, a.jobs, extra, a.tag, a.experts,
                       control_seeds=a.control_seeds, report=a.report,
-                      launch=not a.report_only)
+                      launch=not a.report_only, arms=a.arms)
     except ValueError as e:
         sys.exit(str(e))
     print(f"wrote {paths['json']}, {paths['md']} and {paths['png']}")

@@ -37,6 +37,9 @@ def compare(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
     pairs = [(x, x) for x in ("mapo", "grpo")] + [("mapo", "grpo")]
     out: Dict[str, Any] = {}
     for pa, pb in pairs:
+        if pa not in a["experts"]["hallucinating"]["algos"] or \
+                pb not in b["experts"]["hallucinating"]["algos"]:
+            continue  # an arm one study did not run
         ra, rb = _per_seed(a, pa), _per_seed(b, pb)
         seeds = sorted(set(ra) & set(rb))
         row: Dict[str, Any] = {"seeds": seeds}

@@ -76,6 +76,15 @@ def test_study_refuses_bad_arguments(tmp_path):
         bench_train.study(tmp_path, 1, 1, TOY, "toy")
     with pytest.raises(ValueError, match="unknown experts"):
         bench_train.study(tmp_path, 2, 1, TOY, "toy", experts=("liar",))
+    for arms in ((), ("ppo",), ("mapo", "mapo")):
+        with pytest.raises(ValueError, match=r"`arms` must be distinct names from \['mapo', "
+                                             r"'grpo'\]"):
+            bench_train.study(tmp_path, 2, 1, TOY, "toy", arms=arms)
+
+
+def test_one_arm_plans_its_warm_starts_and_that_arm_only(tmp_path):
+    runs = bench_train.plan(tmp_path, 3, ("hallucinating",), [], arms=("mapo",))
+    assert [r.kind for r in runs] == ["warm", "mapo"] * 3
 
 
 def test_control_seeds_plan_fewer_control_runs(tmp_path):
@@ -101,3 +110,27 @@ def test_an_interrupted_study_stops_its_runs(tmp_path, monkeypatch):
         bench_train.study(tmp_path, 2, 2, TOY, "toy", experts=("hallucinating",),
                           progress=False)
     assert len(started) == 2 and all(p.poll() is not None for p in started)
+
+
+def test_a_one_arm_study_reports_without_a_paired_difference(tmp_path):
+    """Finished runs of one arm (made up here: their eval.json and metrics.jsonl) are
+    aggregated, written and plotted; there is no MAPO - GRPO row."""
+    import json
+    runs = bench_train.plan(tmp_path, 2, ("hallucinating",), [], arms=("mapo",))
+    for r in runs:
+        r.folder.mkdir(parents=True)
+        ev = {m: 0.5 + 0.1 * r.seed for m in bench_train.METRICS}
+        evals = {"warm_start": ev, "final": ev} if r.kind == "warm" else \
+            {"warm_start": ev, "step_2": ev, "final": ev}
+        (r.folder / "eval.json").write_text(json.dumps(
+            {"evals": evals, "steps": 0 if r.kind == "warm" else 4, "wall_s": 1.0}))
+        (r.folder / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": s, "grad_var": 1.0 + s}) + "\n" for s in (1, 2, 3, 4)))
+    res = bench_train.aggregate(runs)["hallucinating"]
+    assert list(res["algos"]) == ["mapo"] and res["paired_difference"] == {}
+    assert res["algos"]["mapo"]["accuracy"]["mean"] == pytest.approx(0.55)
+    paths = bench_train.study(tmp_path, 2, 1, [], "one", experts=("hallucinating",),
+                              launch=False, arms=("mapo",), progress=False)
+    md = paths["md"].read_text()
+    assert "| mapo |" in md and "MAPO - GRPO" not in md and "--arms mapo" in md
+    assert paths["png"].stat().st_size > 0

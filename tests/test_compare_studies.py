@@ -9,10 +9,10 @@ import compare_studies as cs  # noqa: E402
 
 
 def study(seeds, acc):
-    """A report with ``acc[algo]`` (one value per seed) as every metric."""
+    """A report with ``acc[algo]`` (one value per seed) as every metric, for the arms in
+    ``acc``."""
     return {"command": "x", "experts": {"hallucinating": {"seeds": seeds, "algos": {
-        algo: {"per_seed": {m: list(acc[algo]) for m in cs.METRICS}}
-        for algo in ("mapo", "grpo")}}}}
+        algo: {"per_seed": {m: list(acc[algo]) for m in cs.METRICS}} for algo in acc}}}}
 
 
 def test_pairs_are_matched_by_seed(tmp_path):
@@ -28,3 +28,15 @@ def test_pairs_are_matched_by_seed(tmp_path):
     cross = res["pairs"]["A mapo - B grpo"]["accuracy"]["mean"]
     assert abs(cross - ((0.9 - 0.3) + (0.7 - 0.4)) / 2) < 1e-12
     assert (tmp_path / "compare-t.md").read_text().startswith("# Paired comparison: t")
+
+
+def test_a_one_arm_study_is_compared_on_the_arm_it_ran(tmp_path):
+    """An ablation run with ``--arms mapo`` against a full study: the pairs with its MAPO."""
+    a = study([0, 1], {"mapo": [0.9, 0.8], "grpo": [0.5, 0.6]})
+    b = study([0, 1], {"mapo": [0.7, 0.7]})
+    for name, x in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(x))
+    res = cs.main([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--name", "t",
+                   "--report", str(tmp_path)])
+    assert list(res["pairs"]) == ["A mapo - B mapo"]
+    assert abs(res["pairs"]["A mapo - B mapo"]["accuracy"]["mean"] - 0.15) < 1e-12
