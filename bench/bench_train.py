@@ -3,7 +3,7 @@ control, reported as means with 95% intervals and paired differences.
 
     python bench/bench_train.py [--seeds 5] [--control-seeds N] [--jobs N] [--out RUNS]
                                 [--report DIR] [--warm-only] [--arms mapo grpo]
-                                [-- extra mapo-train keys]
+                                [--seed-list K ...] [-- extra mapo-train keys]
     mapo-bench --only train [--quick]
 
 For each expert (``hallucinating``, the default task, and ``honest``, the control) and seed,
@@ -16,7 +16,8 @@ a rerun skips finished runs and resumes interrupted ones from their checkpoints.
 (``DIR/train-study-<tag>.json``, ``.md`` and ``.png``, default ``bench/results``) holds, per
 expert and algorithm, each metric's mean and 95% t-interval over seeds, the paired difference
 MAPO - GRPO with its interval, and bands over steps. ``--arms mapo`` runs one arm only (e.g.
-an ablation whose other arm is compared from another study, ``compare_studies.py``).
+an ablation whose other arm is compared from another study, ``compare_studies.py``);
+``--seed-list 7 5 0`` runs those seeds instead of ``0 .. seeds-1``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 HERE = Path(__file__).resolve().parent
 EXPERTS = ("hallucinating", "honest")
@@ -103,13 +104,15 @@ class Run:
         return cmd + ["--resume"]
 
 
-def plan(out: Path, seeds: int, experts: Sequence[str], args: List[str],
-         control_seeds: Optional[int] = None, arms: Sequence[str] = ALGOS) -> List[Run]:
-    """Every run of the study, in the order they start: the default task's seeds first."""
+def plan(out: Path, seeds: Union[int, Sequence[int]], experts: Sequence[str],
+         args: List[str], control_seeds: Optional[int] = None,
+         arms: Sequence[str] = ALGOS) -> List[Run]:
+    """Every run of the study, in the order they start: the default task's seeds first.
+    ``seeds``: a count (seeds ``0 .. seeds-1``) or the seeds themselves."""
     runs = []
     for expert in experts:
         n = seeds if expert != "honest" or control_seeds is None else control_seeds
-        for seed in range(n):
+        for seed in (range(n) if isinstance(n, int) else n):
             base = out / "runs" / expert / f"seed{seed}"
             runs += [Run(expert, seed, kind, base / kind, args)
                      for kind in ("warm",) + tuple(arms)]
@@ -326,18 +329,24 @@ def plot(result: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
+def study(out: Path, seeds: Union[int, Sequence[int]], jobs: int, args: List[str], tag: str,
           experts: Sequence[str] = EXPERTS, progress: bool = True,
           control_seeds: Optional[int] = None, report: Optional[Path] = None,
           launch: bool = True, arms: Sequence[str] = ALGOS) -> Dict[str, Path]:
     """Runs (or completes) the study's runs under ``out`` and writes its report to ``report``
-    (default ``out``); returns the report's paths. ``control_seeds``: seeds of the
-    honest-expert control (default ``seeds``). ``launch=False`` reports what is finished
+    (default ``out``); returns the report's paths. ``seeds``: a count or the seeds
+    themselves; ``control_seeds``: seeds of the honest-expert control (default ``seeds``). ``launch=False`` reports what is finished
     without starting any run."""
     from harness import device_info
     import torch
+    if not isinstance(seeds, int):
+        seeds = list(seeds)
+        if len(seeds) < 2 or len(set(seeds)) != len(seeds) or not all(
+                isinstance(s, int) and 0 <= s < 2 ** 32 for s in seeds):
+            raise ValueError(f"bench_train: `seeds` as a list must hold two or more distinct "
+                             f"seeds in [0, 2**32), got {seeds!r}")
     for name, n in (("seeds", seeds), ("control_seeds", control_seeds)):
-        if n is not None and (not isinstance(n, int) or n < 2):
+        if n is not None and not isinstance(n, list) and (not isinstance(n, int) or n < 2):
             raise ValueError(f"bench_train: `{name}` must be an int >= 2 for an interval, got "
                              f"{n!r}")
     if jobs < 1:
@@ -352,7 +361,8 @@ def study(out: Path, seeds: int, jobs: int, args: List[str], tag: str,
     runs = plan(out, seeds, experts, args, control_seeds, arms)
     t0 = time.perf_counter()
     failed = execute(runs, jobs, progress) if launch else {}
-    flags = ["--seeds", str(seeds)] + ([] if control_seeds is None else
+    flags = (["--seeds", str(seeds)] if isinstance(seeds, int) else
+             ["--seed-list", *map(str, seeds)]) + ([] if control_seeds is None else
                                         ["--control-seeds", str(control_seeds)]) \
         + ([] if tuple(experts) == EXPERTS else ["--experts", *experts]) \
         + ([] if tuple(arms) == ALGOS else ["--arms", *arms])
@@ -404,18 +414,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--tag", default="cpu")
     p.add_argument("--report-only", action="store_true",
                    help="report the seeds whose runs are finished; start no run")
+    p.add_argument("--seed-list", type=int, nargs="+", default=None,
+                   help="these seeds instead of 0 .. --seeds - 1")
     p.add_argument("--arms", nargs="+", default=list(ALGOS), choices=ALGOS,
                    help="the arms to run (default both)")
     p.add_argument("--warm-only", action="store_true",
                    help="run the warm starts only (e.g. to check them before any RL run)")
     a = p.parse_args(argv)
+    seeds = a.seeds if a.seed_list is None else a.seed_list
     if a.warm_only:
-        warm = [r for r in plan(a.out, a.seeds, a.experts, extra, a.control_seeds)
+        warm = [r for r in plan(a.out, seeds, a.experts, extra, a.control_seeds)
                 if r.kind == "warm"]
         failed = execute(warm, a.jobs)
         sys.exit(f"failed: {failed}" if failed else None)
     try:
-        paths = study(a.out, a.seeds, a.jobs, extra, a.tag, a.experts,
+        paths = study(a.out, seeds, a.jobs, extra, a.tag, a.experts,
                       control_seeds=a.control_seeds, report=a.report,
                       launch=not a.report_only, arms=a.arms)
     except ValueError as e:

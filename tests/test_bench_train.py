@@ -134,3 +134,12 @@ def test_a_one_arm_study_reports_without_a_paired_difference(tmp_path):
     md = paths["md"].read_text()
     assert "| mapo |" in md and "MAPO - GRPO" not in md and "--arms mapo" in md
     assert paths["png"].stat().st_size > 0
+
+
+def test_a_seed_list_plans_those_seeds_and_bad_lists_are_refused(tmp_path):
+    runs = bench_train.plan(tmp_path, [7, 5], ("hallucinating",), [])
+    assert [(r.seed, r.kind) for r in runs] == [(7, "warm"), (7, "mapo"), (7, "grpo"),
+                                                (5, "warm"), (5, "mapo"), (5, "grpo")]
+    for bad in ([3], [1, 1], [-1, 2]):
+        with pytest.raises(ValueError, match="`seeds` as a list must hold two or more"):
+            bench_train.study(tmp_path, bad, 1, TOY, "toy")
