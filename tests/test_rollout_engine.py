@@ -419,3 +419,11 @@ def test_generate_takes_parameter_objects_or_their_fields(model):
                                          r"\['max_turns'\]"):
         eng.generate(PROMPTS[:1], None, ToolParams(), max_turns=2)
     assert eng.blocks.num_free == 64
+
+
+@pytest.mark.parametrize("key, value", [("stop_strings", "x"), ("stop_strings", 5),
+                                        ("stop_token_ids", 7), ("stop_token_ids", "ab")])
+def test_stop_options_of_the_wrong_kind_are_named(model, key, value):
+    eng = RolloutEngine(model, None, block_size=16, num_blocks=64)
+    with pytest.raises(ValueError, match=f"`{key}` must be a list of"):
+        eng.generate(PROMPTS[:1], **{key: value})

@@ -281,11 +281,11 @@ class RolloutEngine:
                              f"again as keywords; got {type(sampling).__name__} and "
                              f"{sorted(given)}")
         if sampling is None:
-            if given.get("stop_token_ids") is not None:
-                given["stop_token_ids"] = tuple(given["stop_token_ids"])
-            strings = given.get("stop_strings") or ()
-            if not isinstance(strings, str):  # a string is refused by SamplingParams
-                given["stop_strings"] = tuple(strings)
+            for key in ("stop_token_ids", "stop_strings"):  # lists as tuples; anything
+                if isinstance(given.get(key), list):       # else SamplingParams checks
+                    given[key] = tuple(given[key])
+            if given.get("stop_strings", ()) is None:
+                given["stop_strings"] = ()
             sampling = SamplingParams(**given)
         if sampling.stop_strings and self.tokenizer is None:
             raise ValueError(f"{FN}: `stop_strings` must be a list of non-empty strings and the "

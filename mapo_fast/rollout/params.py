@@ -83,7 +83,7 @@ class SamplingParams:
         if not _is_int(self.top_k):
             _fail(FN, "top_k", f"must be an int >= 0, got {self.top_k!r}")
         if self.stop_token_ids is not None and (
-                isinstance(self.stop_token_ids, (str, bytes)) or
+                not isinstance(self.stop_token_ids, (tuple, list)) or
                 not all(_is_int(t) for t in self.stop_token_ids)):
             _fail(FN, "stop_token_ids", f"must be a list of ints, got {self.stop_token_ids!r}")
         proc = self.logits_processor
@@ -94,7 +94,7 @@ class SamplingParams:
         if self.temperature < 0 or not (0 < self.top_p <= 1) or self.top_k < 0:
             raise ValueError(f"{FN}: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
                              f"{self.temperature!r}, {self.top_p!r}, {self.top_k!r}")
-        if isinstance(self.stop_strings, str) or not all(
+        if not isinstance(self.stop_strings, (tuple, list)) or not all(
                 isinstance(x, str) and x for x in self.stop_strings):
             _fail(FN, "stop_strings", f"must be a list of non-empty strings, got "
                                       f"{self.stop_strings!r}")
