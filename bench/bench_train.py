@@ -44,7 +44,7 @@ METRICS = ("accuracy", "action_accuracy", "faithfulness", "right_answer_wrong_ac
            "semantic_score")
 CURVES = (("accuracy", "eval accuracy"), ("action_accuracy", "eval action accuracy"),
           ("faithfulness", "eval faithfulness"),
-          ("grad_var", "relative gradient variance (groups resampled within a step)"))
+          ("grad_var", "relative gradient variance\n(groups resampled within a step)"))
 #: Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom.
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
