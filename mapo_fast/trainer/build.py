@@ -95,31 +95,12 @@ class RunParts:
 
     def __init__(self, cfg: TrainConfig, *, progress: bool = True):
         self.cfg = cfg.validate()
-        want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available()
-                                                        else "cpu")
-        _check_device(want)
-        self.dist = DistContext.from_env(torch.device(want).type)
-        if self.dist.enabled and cfg.rollout.prompts_per_step % self.dist.world:
-            raise ConfigError(f"config: `rollout.prompts_per_step` "
-                              f"({cfg.rollout.prompts_per_step}) must be a multiple of the "
-                              f"{self.dist.world} ranks")
-        if want.startswith("cuda") and self.dist.enabled:
-            want = f"cuda:{self.dist.local_rank}"
-        self.device = torch.device(want)
-        self.progress = progress and self.dist.main
-        self.out = cfg.out
+        self._place(progress)
         _check_writable(self.out)
         with config_errors("task.data_path"):
             self.task = build_task(cfg)
         ckpt.seed_everything(cfg.seed)
-        state = None
-        if cfg.resume:
-            try:
-                _, state = ckpt.load_latest(os.path.join(self.out, "checkpoints"),
-                                            warn=lambda m: print(f"mapo-train: {m}",
-                                                                 file=sys.stderr, flush=True))
-            except ckpt.CheckpointError as e:
-                raise ConfigError(f"config: `resume`: {e}") from None
+        state = self._checkpoint() if cfg.resume else None
         self._build_model(state)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=cfg.optim.lr,
                                            weight_decay=cfg.optim.weight_decay)
@@ -137,16 +118,7 @@ class RunParts:
         self.reward = CompositeReward([("accuracy", AccuracyReward(), w.accuracy),
                                        ("format", FormatReward(), w.format),
                                        ("tool", ToolUseReward(w.tool_use), 1.0)])
-        if cfg.verifier.kind == "oracle":
-            self.verifier = OracleVerifier(self.task.vocabulary)
-        else:
-            from ..rewards import CLIPVerifier
-            if not os.path.isdir(cfg.verifier.clip_path):
-                raise ConfigError(f"config: `verifier.clip_path` {cfg.verifier.clip_path!r} is "
-                                  "not a local checkpoint folder")
-            with config_errors("verifier.clip_path"):
-                self.verifier = CLIPVerifier.from_pretrained(cfg.verifier.clip_path)
-            self.verifier.model.to(self.device)
+        self._build_verifier()
         self.ref_model = None
         if cfg.loss.kl_coef > 0:
             self.ref_model = copy.deepcopy(self.rollout_model).eval().requires_grad_(False)
@@ -157,6 +129,48 @@ class RunParts:
             self.dist.load_state(self.policy, self.optimizer, state)
             self.dist.sync_replica(self.policy, self.rollout_model)
             ckpt.set_rng_state(state["rng"])
+
+    def _place(self, progress: bool) -> None:
+        """The device and the ranks (``device``, ``dist``), where output goes and whether
+        progress shows."""
+        cfg = self.cfg
+        want = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available()
+                                                        else "cpu")
+        _check_device(want)
+        self.dist = DistContext.from_env(torch.device(want).type)
+        if self.dist.enabled and cfg.rollout.prompts_per_step % self.dist.world:
+            raise ConfigError(f"config: `rollout.prompts_per_step` "
+                              f"({cfg.rollout.prompts_per_step}) must be a multiple of the "
+                              f"{self.dist.world} ranks")
+        if want.startswith("cuda") and self.dist.enabled:
+            want = f"cuda:{self.dist.local_rank}"
+        self.device = torch.device(want)
+        self.progress = progress and self.dist.main
+        self.out = cfg.out
+
+    def _checkpoint(self) -> Dict[str, Any]:
+        """The newest intact checkpoint in ``out`` (``resume``), or one ``ConfigError``."""
+        try:
+            _, state = ckpt.load_latest(os.path.join(self.out, "checkpoints"),
+                                        warn=lambda m: print(f"mapo-train: {m}",
+                                                             file=sys.stderr, flush=True))
+        except ckpt.CheckpointError as e:
+            raise ConfigError(f"config: `resume`: {e}") from None
+        return state
+
+    def _build_verifier(self) -> None:
+        """The semantic verifier: the task's oracle, or a local CLIP on the run's device."""
+        v = self.cfg.verifier
+        if v.kind == "oracle":
+            self.verifier = OracleVerifier(self.task.vocabulary)
+            return
+        from ..rewards import CLIPVerifier
+        if not os.path.isdir(v.clip_path):
+            raise ConfigError(f"config: `verifier.clip_path` {v.clip_path!r} is not a local "
+                              "checkpoint folder")
+        with config_errors("verifier.clip_path"):
+            self.verifier = CLIPVerifier.from_pretrained(v.clip_path)
+        self.verifier.model.to(self.device)
 
     def _build_engine(self) -> None:
         """The rollout engine, its pool checked against one group's longest rollout (the
