@@ -207,6 +207,7 @@ def aggregate(runs: List[Run]) -> Dict[str, Any]:
         arms = [a for a in ALGOS if any(r.kind == a for r in mine)]
         warm = [by[("warm", s)].summary()["evals"]["warm_start"] for s in seeds]
         res["warm_start"] = {m: interval([w.get(m) for w in warm]) for m in METRICS}
+        res["warm_start_per_seed"] = {m: [w.get(m) for w in warm] for m in METRICS}
         per: Dict[str, Dict[str, List[Optional[float]]]] = {}
         for algo in arms:
             sums = [by[(algo, s)].summary() for s in seeds]

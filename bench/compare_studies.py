@@ -5,7 +5,10 @@ description turn against the same recipe with ``--task.describe false``.
     python bench/compare_studies.py A.json B.json --name describe [--report DIR]
 
 For every algorithm both studies ran and every final metric, the difference A - B per seed
-(seeds both ran), its mean and 95% t-interval; also A's MAPO against B's GRPO. Writes
+(seeds both ran), its mean and 95% t-interval; also A's MAPO against B's GRPO; and, when the
+reports hold each seed's warm start, the warm starts' difference and each algorithm's change
+during RL (final - warm start) compared: what the RL phase itself did, apart from what the
+warm starts brought. Writes
 ``DIR/compare-<name>.json`` and ``.md`` (default ``bench/results``). The seeds' warm starts
 differ between the studies (each study's expert is its own), so each pair shares the seed:
 the task's data, the vision pretraining and the RL sampling seeds.
@@ -32,22 +35,53 @@ def _per_seed(study: Dict[str, Any], algo: str) -> Dict[int, Dict[str, Optional[
     return {s: {m: per[m][i] for m in METRICS if m in per} for i, s in enumerate(seeds)}
 
 
+def _warm(study: Dict[str, Any]) -> Optional[Dict[int, Dict[str, Optional[float]]]]:
+    exp = study["experts"]["hallucinating"]
+    per = exp.get("warm_start_per_seed")
+    if per is None:
+        return None
+    return {s: {m: per[m][i] for m in METRICS if m in per} for i, s in enumerate(exp["seeds"])}
+
+
+def _row(ra: Dict[int, Dict[str, Any]], rb: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
+    """Per seed both hold, ``ra - rb`` of every metric: mean and 95% interval."""
+    seeds = sorted(set(ra) & set(rb))
+    row: Dict[str, Any] = {"seeds": seeds}
+    for m in METRICS:
+        diffs: List[float] = [ra[s][m] - rb[s][m] for s in seeds
+                              if ra[s].get(m) is not None and rb[s].get(m) is not None]
+        row[m] = interval(diffs)
+    return row
+
+
+def _change(final: Dict[int, Dict[str, Any]], warm: Dict[int, Dict[str, Any]]
+            ) -> Dict[int, Dict[str, Optional[float]]]:
+    """Per seed, final - warm start of every metric."""
+    return {s: {m: None if final[s].get(m) is None or warm[s].get(m) is None
+                else final[s][m] - warm[s][m] for m in METRICS}
+            for s in final if s in warm}
+
+
 def compare(a: Dict[str, Any], b: Dict[str, Any]) -> Dict[str, Any]:
-    """``{"A algo - B algo": {metric: interval, "seeds": [...]}}`` over the seeds both ran."""
+    """``{"A algo - B algo": {metric: interval, "seeds": [...]}}`` over the seeds both ran,
+    and with the warm starts known, ``"A warm start - B warm start"`` and ``"A algo (final -
+    warm) - B algo (final - warm)"``."""
     pairs = [(x, x) for x in ("mapo", "grpo")] + [("mapo", "grpo")]
     out: Dict[str, Any] = {}
     for pa, pb in pairs:
         if pa not in a["experts"]["hallucinating"]["algos"] or \
                 pb not in b["experts"]["hallucinating"]["algos"]:
             continue  # an arm one study did not run
-        ra, rb = _per_seed(a, pa), _per_seed(b, pb)
-        seeds = sorted(set(ra) & set(rb))
-        row: Dict[str, Any] = {"seeds": seeds}
-        for m in METRICS:
-            diffs: List[float] = [ra[s][m] - rb[s][m] for s in seeds
-                                  if ra[s].get(m) is not None and rb[s].get(m) is not None]
-            row[m] = interval(diffs)
-        out[f"A {pa} - B {pb}"] = row
+        out[f"A {pa} - B {pb}"] = _row(_per_seed(a, pa), _per_seed(b, pb))
+    wa, wb = _warm(a), _warm(b)
+    if wa is None or wb is None:
+        return out
+    out["A warm start - B warm start"] = _row(wa, wb)
+    for algo in ("mapo", "grpo"):
+        if algo in a["experts"]["hallucinating"]["algos"] and \
+                algo in b["experts"]["hallucinating"]["algos"]:
+            out[f"A {algo} (final - warm) - B {algo} (final - warm)"] = _row(
+                _change(_per_seed(a, algo), wa), _change(_per_seed(b, algo), wb))
     return out
 
 

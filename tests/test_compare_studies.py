@@ -40,3 +40,15 @@ def test_a_one_arm_study_is_compared_on_the_arm_it_ran(tmp_path):
                    "--report", str(tmp_path)])
     assert list(res["pairs"]) == ["A mapo - B mapo"]
     assert abs(res["pairs"]["A mapo - B mapo"]["accuracy"]["mean"] - 0.15) < 1e-12
+
+
+def test_warm_starts_and_the_change_during_rl_are_compared_when_known(tmp_path):
+    a = study([0, 1], {"mapo": [0.9, 0.8]})
+    b = study([0, 1], {"mapo": [0.7, 0.7]})
+    for x, warm in ((a, [0.8, 0.7]), (b, [0.5, 0.6])):
+        x["experts"]["hallucinating"]["warm_start_per_seed"] = {m: warm for m in cs.METRICS}
+    res = cs.compare(a, b)
+    assert abs(res["A warm start - B warm start"]["accuracy"]["mean"] - 0.2) < 1e-12
+    # A gained 0.1 and 0.1 in RL, B 0.2 and 0.1: A's change minus B's is -0.1 and 0
+    row = res["A mapo (final - warm) - B mapo (final - warm)"]
+    assert abs(row["accuracy"]["mean"] + 0.05) < 1e-12 and row["seeds"] == [0, 1]
