@@ -152,13 +152,22 @@ def markdown(res: Dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+#: Curves that are shares (their bands are clipped to [0, 1]; every band is clipped at 0).
+SHARES = ("accuracy", "action_accuracy", "eval_accuracy", "eval_action_accuracy")
+
+
 def plot(res: Dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = list(STEP_CURVES) + [(f"eval_{k}", label) for k, label in EVAL_CURVES]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
+    cols = 4
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (key, label) in zip(flat, panels):
         for arm, colour in zip(ALGOS, ("tab:red", "tab:blue")):
             b = res["arms"][arm]["curves"][key]
             pts = [(s, st) for s, st in zip(b["steps"], b["stats"]) if st["mean"] is not None]
@@ -167,15 +176,18 @@ def plot(res: Dict[str, Any], path: Path) -> None:
             xs = [p[0] for p in pts]
             ms = [p[1]["mean"] for p in pts]
             hw = [p[1]["ci95"] or 0.0 for p in pts]
+            top = 1.0 if key in SHARES else float("inf")
             ax.plot(xs, ms, color=colour, label=arm, marker="." if len(xs) < 20 else None)
-            ax.fill_between(xs, [m - h for m, h in zip(ms, hw)],
-                            [m + h for m, h in zip(ms, hw)], color=colour, alpha=0.2)
+            ax.fill_between(xs, [max(m - h, 0.0) for m, h in zip(ms, hw)],
+                            [min(m + h, top) for m, h in zip(ms, hw)], color=colour, alpha=0.2)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        if key in SHARES:
+            ax.set_ylim(-0.02, 1.02)
+    flat[0].legend(fontsize=8)
     fig.suptitle(f"Stability over {res['arms']['mapo']['steps']} steps: mean and 95% interval "
-                 f"over seeds {res['seeds']}")
+                 f"over seeds {res['seeds']} (trailing means over {res['window']} steps)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
