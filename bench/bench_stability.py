@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_train import ALGOS, interval  # noqa: E402
+from bench_train import ALGOS, band_points, eval_curve, interval, trailing  # noqa: E402
 from harness import write_json_md  # noqa: E402
 
 #: Step-record curves (trailing means) and evaluation curves, with their labels.
@@ -39,24 +39,10 @@ STEP_CURVES = (("reward_mean", "reward"), ("accuracy", "accuracy (rollouts)"),
 EVAL_CURVES = (("accuracy", "eval accuracy"), ("action_accuracy", "eval action accuracy"))
 
 
-def trailing(records: List[Dict[str, Any]], key: str, window: int) -> Dict[int, float]:
-    """``{step: mean of key over the last window steps}`` of the step records."""
-    vals = [(r["step"], r.get(key)) for r in records]
-    out = {}
-    for i, (step, _) in enumerate(vals):
-        xs = [v for _, v in vals[max(0, i - window + 1):i + 1] if v is not None]
-        if xs:
-            out[step] = sum(xs) / len(xs)
-    return out
-
-
 def eval_points(summary: Dict[str, Any]) -> Dict[int, Dict[str, float]]:
-    """``{step: evaluation}``: the warm start at 0, ``step_k`` at k, ``final`` at the end."""
-    out = {}
-    for key, ev in summary["evals"].items():
-        step = 0 if key == "warm_start" else summary["steps"] if key == "final" else int(key[5:])
-        out[step] = ev
-    return out
+    """``{step: evaluation}`` of a finished run (the warm start at 0, the final at its last
+    step)."""
+    return eval_curve(summary, summary["steps"])
 
 
 def collapse(points: Dict[int, Dict[str, float]]) -> Dict[str, Any]:
@@ -110,7 +96,8 @@ def analyse(runs: Path, window: int = 10) -> Dict[str, Any]:
         curves.update({f"eval_{key}": bands([{s: ev[key] for s, ev in
                                               eval_points(r["summary"]).items()}
                                              for r in runs_]) for key, _ in EVAL_CURVES})
-        res["arms"][arm] = {"per_seed": per, "collapsed": sum(p["collapsed"] for p in per.values()),
+        res["arms"][arm] = {"per_seed": per,
+                            "collapsed": sum(p["collapsed"] for p in per.values()),
                             "drawdown": interval([p["drawdown"] for p in per.values()]),
                             "final_accuracy": interval([p["final"] for p in per.values()]),
                             "best_accuracy": interval([p["best"] for p in per.values()]),
@@ -169,13 +156,9 @@ def plot(res: Dict[str, Any], path: Path) -> None:
         ax.set_visible(False)
     for ax, (key, label) in zip(flat, panels):
         for arm, colour in zip(ALGOS, ("tab:red", "tab:blue")):
-            b = res["arms"][arm]["curves"][key]
-            pts = [(s, st) for s, st in zip(b["steps"], b["stats"]) if st["mean"] is not None]
-            if not pts:
+            xs, ms, hw = band_points(res["arms"][arm]["curves"][key])
+            if not xs:
                 continue
-            xs = [p[0] for p in pts]
-            ms = [p[1]["mean"] for p in pts]
-            hw = [p[1]["ci95"] or 0.0 for p in pts]
             top = 1.0 if key in SHARES else float("inf")
             ax.plot(xs, ms, color=colour, label=arm, marker="." if len(xs) < 20 else None)
             ax.fill_between(xs, [max(m - h, 0.0) for m, h in zip(ms, hw)],

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 HERE = Path(__file__).resolve().parent
 EXPERTS = ("hallucinating", "honest")
@@ -180,18 +180,24 @@ def eval_curve(summary: Dict[str, Any], steps: int) -> Dict[int, Dict[str, float
     return out
 
 
-def grad_var_curve(folder: Path, window: int = 10) -> Dict[int, float]:
-    """The step records' relative gradient variance, as a trailing mean over ``window`` steps
-    (one step's estimate is noisy)."""
-    recs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
-            if line.strip()]
-    vals = [(r["step"], r.get("grad_var")) for r in recs]
+def trailing(records: List[Dict[str, Any]], key: str, window: int) -> Dict[int, float]:
+    """``{step: mean of key over the last window steps}`` of a run's step records (one
+    step's value is noisy); steps without a value are skipped."""
+    vals = [(r["step"], r.get(key)) for r in records]
     out = {}
     for i, (step, _) in enumerate(vals):
         xs = [v for _, v in vals[max(0, i - window + 1):i + 1] if v is not None]
         if xs:
             out[step] = sum(xs) / len(xs)
     return out
+
+
+def grad_var_curve(folder: Path, window: int = 10) -> Dict[int, float]:
+    """The step records' relative gradient variance, as a trailing mean over ``window``
+    steps."""
+    recs = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()
+            if line.strip()]
+    return trailing(recs, "grad_var", window)
 
 
 def aggregate(runs: List[Run]) -> Dict[str, Any]:
@@ -289,6 +295,14 @@ def markdown(result: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def band_points(band: Dict[str, Any]) -> Tuple[List[int], List[float], List[float]]:
+    """``(steps, means, half-widths)`` of a band's points that have a mean (a half-width of 0
+    where there is no interval)."""
+    pts = [(s, st) for s, st in zip(band["steps"], band["stats"]) if st["mean"] is not None]
+    return ([p[0] for p in pts], [p[1]["mean"] for p in pts],
+            [p[1]["ci95"] or 0.0 for p in pts])
+
+
 def plot(result: Dict[str, Any], path: Path) -> None:
     """One figure: a row per expert, a panel per curve, MAPO and GRPO bands on the same axes."""
     import matplotlib
@@ -303,13 +317,9 @@ def plot(result: Dict[str, Any], path: Path) -> None:
             for algo, colour in zip(ALGOS, ("tab:red", "tab:blue")):
                 if algo not in result["experts"][expert]["algos"]:
                     continue
-                b = result["experts"][expert]["algos"][algo]["bands"][key]
-                pts = [(s, st) for s, st in zip(b["steps"], b["stats"]) if st["mean"] is not None]
-                if not pts:
+                xs, ms, hw = band_points(result["experts"][expert]["algos"][algo]["bands"][key])
+                if not xs:
                     continue
-                xs = [p[0] for p in pts]
-                ms = [p[1]["mean"] for p in pts]
-                hw = [p[1]["ci95"] or 0.0 for p in pts]
                 ax.plot(xs, ms, color=colour, label=algo, marker="." if len(xs) < 20 else None)
                 # shares stay in [0, 1]; a variance band stays above a tenth of its mean
                 lo = [max(m - h, 0.0 if key != "grad_var" else m / 10) for m, h in zip(ms, hw)]
@@ -336,8 +346,9 @@ def study(out: Path, seeds: Union[int, Sequence[int]], jobs: int, args: List[str
           launch: bool = True, arms: Sequence[str] = ALGOS) -> Dict[str, Path]:
     """Runs (or completes) the study's runs under ``out`` and writes its report to ``report``
     (default ``out``); returns the report's paths. ``seeds``: a count or the seeds
-    themselves; ``control_seeds``: seeds of the honest-expert control (default ``seeds``). ``launch=False`` reports what is finished
-    without starting any run."""
+    themselves; ``control_seeds``: seeds of the honest-expert control (default ``seeds``);
+    ``launch=False`` reports what is finished without starting any run; ``arms``: the arms
+    run (both by default)."""
     from harness import device_info
     import torch
     if not isinstance(seeds, int):
