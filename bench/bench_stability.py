@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_train import ALGOS, band_points, eval_curve, interval, trailing  # noqa: E402
+from bench_train import (ALGOS, band_points, eval_curve, fmt_interval, interval,  # noqa: E402
+                         trailing)
 from harness import write_json_md  # noqa: E402
 
 #: Step-record curves (trailing means) and evaluation curves, with their labels.
@@ -108,12 +109,6 @@ def analyse(runs: Path, window: int = 10) -> Dict[str, Any]:
     return res
 
 
-def _fmt(iv: Dict[str, Optional[float]]) -> str:
-    if iv["mean"] is None:
-        return "-"
-    return f"{iv['mean']:.3f}" + ("" if iv["ci95"] is None else f" ± {iv['ci95']:.3f}")
-
-
 def markdown(res: Dict[str, Any], command: str) -> str:
     lines = [f"# Training stability: {res['tag']}", "", f"Command: `{command}`. Seeds "
              f"{res['seeds']}; {res['arms']['mapo']['steps']} RL steps per run. A run collapses "
@@ -124,9 +119,10 @@ def markdown(res: Dict[str, Any], command: str) -> str:
              "(best - final) |", "|---|---:|---:|---:|---:|"]
     for arm, a in res["arms"].items():
         lines.append(f"| {arm} | {a['collapsed']} of {len(res['seeds'])} | "
-                     f"{_fmt(a['best_accuracy'])} | {_fmt(a['final_accuracy'])} | "
-                     f"{_fmt(a['drawdown'])} |")
-    lines += ["", f"Paired final accuracy, MAPO - GRPO: {_fmt(res['paired_final_accuracy'])}.",
+                     + " | ".join(fmt_interval(a[k]) for k in ("best_accuracy", "final_accuracy",
+                                                               "drawdown")) + " |")
+    paired = fmt_interval(res["paired_final_accuracy"])
+    lines += ["", f"Paired final accuracy, MAPO - GRPO: {paired}.",
               "", "Per seed (best at step / final; collapsed marked *):", "",
               "| seed | " + " | ".join(res["arms"]) + " |", "|---:|" + "---|" * len(res["arms"])]
     for s in res["seeds"]:

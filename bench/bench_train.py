@@ -247,7 +247,9 @@ def bands(runs: List[Run], sums: List[Dict[str, Any]]) -> Dict[str, Any]:
     return out
 
 
-def _fmt(iv: Dict[str, Optional[float]], digits: int = 3) -> str:
+def fmt_interval(iv: Dict[str, Optional[float]], digits: int = 3) -> str:
+    """``mean ± half-width`` of an ``interval`` (the mean alone without one, ``-`` without
+    a mean)."""
     if iv["mean"] is None:
         return "-"
     if iv["ci95"] is None:
@@ -271,13 +273,13 @@ def markdown(result: Dict[str, Any]) -> str:
     for expert, res in result["experts"].items():
         lines += [f"## {names.get(expert, expert)}", "",
                   f"Seeds: {res['seeds']}. Warm start (shared by both arms): "
-                  + ", ".join(f"{m} {_fmt(res['warm_start'][m])}" for m in METRICS), "",
+                  + ", ".join(f"{m} {fmt_interval(res['warm_start'][m])}" for m in METRICS), "",
                   "| arm | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
         for algo, a in res["algos"].items():
-            lines.append(f"| {algo} | " + " | ".join(_fmt(a[m]) for m in cols) + " |")
+            lines.append(f"| {algo} | " + " | ".join(fmt_interval(a[m]) for m in cols) + " |")
         if res["paired_difference"]:
             lines.append("| MAPO - GRPO | " + " | ".join(
-                _fmt(res["paired_difference"][m]) for m in cols) + " |")
+                fmt_interval(res["paired_difference"][m]) for m in cols) + " |")
         lines += ["", "Per seed (final evaluation; accuracy / action accuracy / faithfulness):",
                   "", "| seed | " + " | ".join(res["algos"]) + " |",
                   "|---:|" + "---|" * len(res["algos"])]
