@@ -21,6 +21,11 @@ import torch
 
 from mapo_fast.trajectory import OBSERVATION_TEMPLATE
 
+try:
+    from harness import CaseResult, measure
+except ImportError:  # imported as bench.rollout_image
+    from .harness import CaseResult, measure
+
 TEMPLATE = OBSERVATION_TEMPLATE
 
 
@@ -189,3 +194,32 @@ def ours(model, tok, images: List[torch.Tensor], cfg: Dict, temperature: float,
                          observation_template=TEMPLATE,
                          logits_processor=Script(tok, cfg, len(prompt)))
     return trajs, eng
+
+
+def naive_row(model, tok, images: List[torch.Tensor], cfg: Dict, device: torch.device,
+              kv_per_token: int) -> CaseResult:
+    """The naive loop's row (one run at temperature 1): its time, prefill tokens, vision
+    patches and peak KV (``kv_per_token`` bytes per token of the longest history)."""
+    print("  image rollout: naive HF loop ...", flush=True)
+    box = {}
+    r = measure("naive HF loop", lambda: box.setdefault("x", naive(
+        model, tok, images, cfg, temperature=1.0)), device, repeats=1, warmup=0)
+    seqs, c = box["x"]
+    kv = kv_per_token * max(map(len, seqs))
+    r.extra = {"prefill_tokens": c["prefill_tokens"], "peak_kv_mib": kv / 2 ** 20,
+               "vision_patches": c["vision_patches"]}
+    r.notes = (f"PIL + HF processor, re-prefills history; prefill {c['prefill_tokens']} "
+               f"tokens; vision {c['vision_patches']} patches; peak KV {kv / 2 ** 20:.0f} MiB")
+    print(f"    {r.median_ms / 1e3:.1f} s, {r.notes}", flush=True)
+    return r
+
+
+def describe(cfg: Dict, model) -> str:
+    """The image workload's line in the report."""
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    tokens = (cfg["image"] // 28) ** 2
+    crop_tokens = (cfg["crop"] // 28) ** 2
+    return (f"image: {cfg['prompts']} prompts x G={cfg['group']}, a {cfg['image']}px image "
+            f"({tokens} image tokens), {cfg['turns']} zoom-in turns of {cfg['new']} tokens, "
+            f"each returning a {cfg['crop']}px crop ({crop_tokens} tokens), final "
+            f"{cfg['new']}; Qwen2.5-VL of {params:.0f}M parameters")

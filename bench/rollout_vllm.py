@@ -3,18 +3,22 @@ vllm-env``), never imported by the package or its tests' environment.
 
     python bench/rollout_vllm.py SPEC.json OUT.json
 
-``SPEC.json``: ``{"model": dir, "threads": n, "kv_cache_gib": g, "dtype": d, "workloads":
-[{"name", "prompts": [[ids]], "group": G, "rounds": [{"new": N, "obs": [ids] | null}, ...]}]}``.
+``SPEC.json``: ``{"model": dir, "threads": n, "kv_cache_gib": g, "dtype": d, "repeats": r,
+"workloads": [{"name", "prompts": [[ids]], "group": G, "rounds": [{"new": N, "obs": [ids] |
+null}, ...]}]}``. The process settings vLLM's CPU documentation advises (its OpenMP threads
+bound to cores, ``VLLM_CPU_OMP_THREADS_BIND``; TCMalloc in ``LD_PRELOAD``) come from the
+caller's environment (``rollout_peers.vllm_environment``) and are reported back.
 One ``LLM`` (``dtype``, default float32; prefix caching on; no tokenizer: token ids in and
-out) is built once, its start-up timed apart; then each workload runs: round 1 samples
+out) is built once, its start-up timed apart; then each workload runs ``repeats`` times, the prefix cache emptied before each run (a run
+finds only its own history there): round 1 samples
 ``n = G`` continuations of each prompt, and every later round re-submits each sample's whole
 history (prompt, its tokens so far, the previous round's observation) for ``new`` more tokens,
 as a client of vLLM does for a multi-turn tool loop (its prefix cache finds the history).
 Every round's length is fixed (``min_tokens = max_tokens``, EOS ignored), temperature 1, drawn
 from the ``LLM``'s seed (a per-request seed fails in vLLM 0.32's CPU worker: "CPU Generator
-does not use offset"). ``OUT.json``: start-up seconds, and per workload its wall seconds,
-output tokens, prompt tokens submitted and those its prefix cache served (so computed =
-submitted - cached).
+does not use offset"). ``OUT.json``: start-up seconds, the process settings, and per workload each run's wall
+seconds, and the last run's output tokens, prompt tokens submitted and those its prefix
+cache served (so computed = submitted - cached).
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ import sys
 import time
 from typing import Any, Dict, List
 
+#: the process settings reported back (vLLM's CPU documentation's, and the thread count)
+SETTINGS = ("VLLM_CPU_OMP_THREADS_BIND", "LD_PRELOAD", "OMP_NUM_THREADS",
+            "VLLM_CPU_KVCACHE_SPACE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 def counters(llm: Any) -> Dict[str, float]:
     """vLLM's prompt, generation and prefix-cache counters, summed over engines."""
@@ -38,8 +45,10 @@ def counters(llm: Any) -> Dict[str, float]:
 
 
 def run_workload(llm: Any, w: Dict[str, Any]) -> Dict[str, Any]:
+    """One run of workload ``w`` on an emptied prefix cache: its wall seconds and counters."""
     from vllm import SamplingParams
     G = w["group"]
+    llm.reset_prefix_cache()
     before = counters(llm)
     t0 = time.perf_counter()
     histories: List[List[int]] = []
@@ -72,8 +81,8 @@ def main(spec_path: str, out_path: str) -> None:
     spec = json.loads(open(spec_path).read())
     threads = int(spec.get("threads", 1))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.get("kv_cache_gib", 4)))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    settings = {k: os.environ.get(k) for k in SETTINGS}
     import torch
     torch.set_num_threads(threads)
     import vllm
@@ -87,13 +96,16 @@ def main(spec_path: str, out_path: str) -> None:
               disable_log_stats=False)
     startup = time.perf_counter() - t0
     result = {"vllm": vllm.__version__, "torch": torch.__version__, "threads": threads,
-              "startup_s": startup, "workloads": {}}
+              "settings": settings, "startup_s": startup, "workloads": {}}
     for w in spec["workloads"]:
-        print(f"  vLLM: {w['name']} ...", flush=True)
-        result["workloads"][w["name"]] = r = run_workload(llm, w)
-        print(f"    {r['wall_s']:.1f} s, {r['output_tokens']} output tokens, "
-              f"{r['computed_tokens']} prompt tokens computed ({r['cached_tokens']} cached)",
-              flush=True)
+        runs = []
+        for k in range(int(spec.get("repeats", 1))):
+            print(f"  vLLM: {w['name']}, run {k + 1} ...", flush=True)
+            runs.append(r := run_workload(llm, w))
+            print(f"    {r['wall_s']:.1f} s, {r['output_tokens']} output tokens, "
+                  f"{r['computed_tokens']} prompt tokens computed ({r['cached_tokens']} "
+                  "cached)", flush=True)
+        result["workloads"][w["name"]] = {**runs[-1], "wall_s": [r["wall_s"] for r in runs]}
     with open(out_path, "w") as f:
         json.dump(result, f, indent=1)
 

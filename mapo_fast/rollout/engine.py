@@ -35,13 +35,13 @@ from ..trajectory import OBSERVATION_TEMPLATE, Trajectory
 from . import cpu_malloc as cpu_malloc_mod
 from . import kv_pool
 from .model_runner import ModelRunner, kv_geometry
-from .multimodal import VisionAdapter, is_vision_language, render_chat
+from .multimodal import VisionAdapter, is_vision_language
 from .params import CAPTURE_SIZES, FN, MAX_BATCH_TOKENS, PREFILL_CHUNK, TURN_MARGIN_TOKENS, \
     DecodeParams, SamplingParams, SchedulerParams, ToolParams
 from .sampler import Sampler, next_tokens
 from .scheduler import Scheduler
 from .sequence import attach_images, encode_prompt
-from .tool_turns import ToolTurns, observation_tokens
+from .tool_turns import ToolTurns
 
 Tensor = torch.Tensor
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Callable
+from typing import Callable
 
 from .._checks import ConfigError, short_repr
 from .config import TrainConfig, _float_keys, get, reference
