@@ -335,14 +335,15 @@ def test_the_expert_trajectory_is_what_the_engine_builds(tmp_path):
 def test_forced_openings_answer_at_once_or_zoom_on_the_target(tmp_path):
     # ``evaluate(opening)``: ``no_zoom`` trajectories call no tool and open with the answer;
     # ``right_zoom`` ones begin with the call on the target's quadrant (action accuracy 1)
-    from mapo_fast.trainer.loop import ForcedOpening
+    from mapo_fast.trainer.rollouts import ForcedOpening, generate
     trainer = Trainer(parse_args(["--out", str(tmp_path), "--steps", "0", *TOY,
                                   "--task.eval_size", "4", "--task.detail", "checker",
                                   "--rollout.max_new_tokens", "64"]), progress=False)
     trainer.warm_start()
     samples = trainer.task.batch("eval", 0, 4)
     for way in ("no_zoom", "right_zoom"):
-        trajs = trainer._generate(samples, group_size=1, greedy=True, seed=0, opening=way)
+        trajs = generate(trainer.parts, samples, group_size=1, greedy=True, seed=0,
+                         opening=way)
         assert [t.group_id for t in trajs] == [0, 1, 2, 3]
         for s, t in zip(samples, trajs):
             assert t.response_text.startswith(trainer.task.opening(s, way))

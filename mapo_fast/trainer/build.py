@@ -2,8 +2,10 @@
 the tokenizer and model (vision pretraining before sharding), the optimizer, the rollout
 engine with its capacity checked against the task's prompts, the policy numerics, the tool
 runners, the reward and the verifier, and a resumed checkpoint's weights and RNG states. The
-loop (``trainer/loop.py``), the warm start and the diagnosis take this record; a setting that
-cannot work is one ``ConfigError`` line naming its key, raised here before any work.
+stages take this record (``rollouts``, ``evaluation``, ``warm_start``, ``update``,
+``checkpoint.save_run``, ``estimator``) and the loop (``trainer/loop.py``) calls them; a
+setting that cannot work is one ``ConfigError`` line naming its key, raised here before any
+work.
 """
 
 from __future__ import annotations

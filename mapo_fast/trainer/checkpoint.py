@@ -143,3 +143,33 @@ def load_latest(folder: str, warn: Callable[[str], None] = print
         warn(f"checkpoint {path} is skipped: {why}")
         bad.append(f"{os.path.basename(path)}: {why}")
     raise CheckpointError(f"no intact checkpoint under {folder} ({'; '.join(bad)})")
+
+
+def save_run(parts: Any, step: int, evals: Dict[str, Any]) -> Optional[str]:
+    """A built run's checkpoint of ``step`` (``RunParts``: the policy and optimizer state
+    gathered from every rank, the RNG states, ``evals``, the config, the vision report, and
+    the tokenizer when it was built from the task rather than loaded) under
+    ``<out>/checkpoints``, keeping ``keep_checkpoints``; every rank waits for it. Returns
+    the path on the main rank, else None."""
+    state = parts.dist.checkpoint_state(parts.policy, parts.optimizer)
+    path = None
+    if parts.dist.main:
+        cfg = parts.cfg
+        tok = getattr(parts.tokenizer, "backend_tokenizer", None)
+        path = save(os.path.join(parts.out, "checkpoints"), step, dict(
+            state, rng=rng_state(), evals=evals, config=cfg.to_dict(),
+            vision_report=parts.vision_report,
+            tokenizer=tok.to_str() if tok is not None and not cfg.model.path else None),
+            keep=cfg.keep_checkpoints)
+    parts.dist.barrier()
+    return path
+
+
+def weights_checksum(model: torch.nn.Module) -> str:
+    """A hash of ``model``'s state (names and float32 values): equal on every rank whose
+    weights agree."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

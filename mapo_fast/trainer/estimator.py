@@ -16,6 +16,7 @@ import torch
 
 from ..advantage import ADVANTAGE_ESTIMATORS
 from ..variance import paired_estimator_variance
+from . import update as U
 from .metrics import StepTimer
 
 Tensor = torch.Tensor
@@ -38,11 +39,11 @@ def variance_params(model: Any) -> Dict[str, Tensor]:
     return keep
 
 
-def estimator_gradients(trainer: Any, n_batches: int, algos: Sequence[str] = ("grpo", "mapo"),
+def estimator_gradients(run: Any, n_batches: int, algos: Sequence[str] = ("grpo", "mapo"),
                         *, first_step: int = FIRST_STEP,
                         params: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
     """``{algo: [n_batches, P]}``: for each of ``n_batches`` rollout batches drawn at the
-    trainer's current weights (the prompts of steps ``first_step + k``, each with its own
+    current weights of ``run`` (a built run, ``RunParts``, or a ``Trainer``: its parts) (the prompts of steps ``first_step + k``, each with its own
     sampling seed), the gradient of the training loss (the trainer's loss settings, one pass
     over its micro-batches, on-policy) w.r.t. ``params`` (default ``variance_params``),
     flattened, with each algorithm's advantages on the same trajectories. The weights, the
@@ -54,29 +55,30 @@ def estimator_gradients(trainer: Any, n_batches: int, algos: Sequence[str] = ("g
     if not isinstance(n_batches, int) or n_batches < 3:
         raise ValueError(f"estimator_gradients: `n_batches` must be an int >= 3, got "
                          f"{n_batches!r}")
-    if trainer.dist.world != 1:
+    parts = getattr(run, "parts", run)
+    if parts.dist.world != 1:
         raise ValueError("estimator_gradients: runs in one process (world size 1)")
-    params = params if params is not None else variance_params(trainer.model)
+    params = params if params is not None else variance_params(parts.model)
     out: Dict[str, List[Tensor]] = {a: [] for a in algos}
-    trainer.model.train()
+    parts.model.train()
     try:
         for k in range(n_batches):
-            collected = trainer.collect(first_step + k, StepTimer())
+            collected = U.collect(parts, first_step + k, StepTimer())
             for a in algos:
-                adv = trainer.advantages(collected, algo=a)
-                trainer.optimizer.zero_grad(set_to_none=True)
-                trainer.backward(collected.batch, adv)
+                adv = U.advantages(parts, collected, algo=a)
+                parts.optimizer.zero_grad(set_to_none=True)
+                U.backward(parts, collected.batch, adv)
                 out[a].append(torch.cat([
                     (p.grad if p.grad is not None else torch.zeros_like(p)).detach()
                     .reshape(-1).double().cpu() for p in params.values()]))
     finally:
-        trainer.optimizer.zero_grad(set_to_none=True)
+        parts.optimizer.zero_grad(set_to_none=True)
     return {a: torch.stack(v) for a, v in out.items()}
 
 
-def estimator_variance(trainer: Any, n_batches: int = 16, *, n_boot: int = 2000,
+def estimator_variance(run: Any, n_batches: int = 16, *, n_boot: int = 2000,
                        seed: int = 0) -> Dict[str, Dict[str, float]]:
     """``paired_estimator_variance`` of GRPO's and MAPO's gradients (``estimator_gradients``)
-    at the trainer's current weights, MAPO relative to GRPO."""
-    grads = estimator_gradients(trainer, n_batches, ("grpo", "mapo"))
+    at ``run``'s current weights (``RunParts`` or a ``Trainer``), MAPO relative to GRPO."""
+    grads = estimator_gradients(run, n_batches, ("grpo", "mapo"))
     return paired_estimator_variance(grads, reference="grpo", n_boot=n_boot, seed=seed)
