@@ -8,7 +8,7 @@ Device dispatch happens here, once: one Triton segmented-reduction kernel on CUD
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -94,6 +94,24 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
     coef = chk.number(fn, "semantic_coef", semantic_coef)
     eps = chk.number(fn, "eps", eps, lo=0.0, lo_open=True)
     discount = chk.number(fn, "turn_discount", turn_discount, lo=0.0, hi=1.0)
+    per_sequence = token_turn is None
+    token_turn, semantic, valid = _checked_tensors(fn, algo, semantic_part, rewards, group_ids,
+                                                   semantic_scores, turn_mask, token_turn)
+    kw = dict(coef=coef if semantic_part else 0.0, norm_std=norm_std, eps=eps,
+              loo=baseline == "loo", discount=discount)
+    adv, parts = _advantages(rewards, group_ids, semantic, valid, token_turn, kw, return_parts)
+    if per_sequence:
+        adv = adv[:, 0]
+    return (adv, parts) if return_parts else adv
+
+
+def _checked_tensors(fn: str, algo: str, semantic_part: bool, rewards: Tensor,
+                     group_ids: Tensor, semantic_scores: Optional[Tensor],
+                     turn_mask: Optional[Tensor], token_turn: Optional[Tensor]
+                     ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """``mapo_advantages``' tensors checked (shapes, dtypes, devices, finite values, turn
+    indices): ``(token_turn [B, T] int64, semantic scores or None, valid turns [B, K] bool
+    or None)``; without ``token_turn`` (GRPO per sequence) one column of -1."""
     chk.tensor(fn, "rewards", rewards, dims=(1,), floating=True)
     B = rewards.shape[0]
     chk.tensor(fn, "group_ids", group_ids, dims=(1,), integer=True)
@@ -101,9 +119,7 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
     chk.same_device(fn, "rewards", rewards, group_ids=group_ids, semantic_scores=semantic_scores,
                     turn_mask=turn_mask, token_turn=token_turn)
     chk.finite_tensor(fn, "rewards", rewards)
-
-    per_sequence = token_turn is None
-    if per_sequence:
+    if token_turn is None:
         if semantic_part:
             chk.fail(fn, "token_turn", f"is required for algo={algo!r} (the semantic part is "
                                        "given to the tokens of each tool turn)")
@@ -112,51 +128,51 @@ def mapo_advantages(rewards: Tensor, group_ids: Tensor, semantic_scores: Optiona
     if token_turn.shape[0] != B:
         chk.fail(fn, "token_turn", f"must have shape [B={B}, T], got {tuple(token_turn.shape)}")
     token_turn = token_turn.to(torch.int64)
+    if not semantic_part:
+        if bool((token_turn < -1).any()):
+            chk.fail(fn, "token_turn", f"holds {int(token_turn.min())}; turns are >= 0, -1 "
+                                       "marks tokens outside tool turns")
+        return token_turn, None, None
+    if semantic_scores is None or turn_mask is None:
+        missing = "semantic_scores" if semantic_scores is None else "turn_mask"
+        chk.fail(fn, missing, f"is required for algo={algo!r} (use algo='grpo' for outcome "
+                              "only)")
+    chk.tensor(fn, "semantic_scores", semantic_scores, dims=(2,), floating=True)
+    if semantic_scores.shape[0] != B:
+        chk.fail(fn, "semantic_scores", f"must have shape [B={B}, K], got "
+                                        f"{tuple(semantic_scores.shape)}")
+    chk.tensor(fn, "turn_mask", turn_mask, dims=(2,))
+    chk.binary(fn, "turn_mask", turn_mask)
+    chk.shape(fn, "turn_mask", turn_mask, tuple(semantic_scores.shape), "like `semantic_scores`")
+    valid = turn_mask.to(torch.bool)
+    if valid.any():
+        chk.finite_tensor(fn, "semantic_scores", semantic_scores[valid])
+    _check_token_turn(fn, token_turn, valid)
+    return token_turn, semantic_scores, valid
 
-    semantic = valid = None
-    if semantic_part:
-        if semantic_scores is None or turn_mask is None:
-            missing = "semantic_scores" if semantic_scores is None else "turn_mask"
-            chk.fail(fn, missing, f"is required for algo={algo!r} (use algo='grpo' for outcome "
-                                  "only)")
-        chk.tensor(fn, "semantic_scores", semantic_scores, dims=(2,), floating=True)
-        if semantic_scores.shape[0] != B:
-            chk.fail(fn, "semantic_scores", f"must have shape [B={B}, K], got "
-                                            f"{tuple(semantic_scores.shape)}")
-        chk.tensor(fn, "turn_mask", turn_mask, dims=(2,))
-        chk.binary(fn, "turn_mask", turn_mask)
-        chk.shape(fn, "turn_mask", turn_mask, tuple(semantic_scores.shape),
-                  "like `semantic_scores`")
-        valid = turn_mask.to(torch.bool)
-        if valid.any():
-            chk.finite_tensor(fn, "semantic_scores", semantic_scores[valid])
-        semantic = semantic_scores
-        _check_token_turn(fn, token_turn, valid)
-    elif bool((token_turn < -1).any()):
-        chk.fail(fn, "token_turn", f"holds {int(token_turn.min())}; turns are >= 0, -1 "
-                                   "marks tokens outside tool turns")
 
+def _advantages(rewards: Tensor, group_ids: Tensor, semantic: Optional[Tensor],
+                valid: Optional[Tensor], token_turn: Tensor, kw: Dict[str, Any],
+                return_parts: bool) -> Tuple[Tensor, Optional[Dict[str, Tensor]]]:
+    """The checked inputs' advantages ``[B, T]`` (the Triton kernel where the backend and
+    the group sizes allow it, else the torch path) and, with ``return_parts``, the parts."""
+    B = rewards.shape[0]
     seg = torch.unique(group_ids, return_inverse=True)[1]
     n_groups = int(seg.max()) + 1 if B else 0
-    kw = dict(coef=coef if semantic_part else 0.0, norm_std=norm_std, eps=eps,
-              loo=baseline == "loo", discount=discount)
     use_kernel = backend_for(rewards, KERNEL) == "triton"
     max_group = _max_group(seg) if use_kernel else 0
     if use_kernel and _kernel_fits(max_group, semantic):
         adv = triton_module(KERNEL).advantages(rewards, seg, n_groups, semantic, valid,
                                                token_turn, max_group=max_group, **kw)
-        parts = None
-        if return_parts:  # the [B] / [B, K] parts are tiny: the torch path gives them
-            _, out, cred = advantage_ref.advantages(rewards, seg, n_groups, semantic, valid,
-                                                    token_turn[:, :0], **kw)
-            parts = _parts(out, cred)
-    else:
-        adv, out, cred = advantage_ref.advantages(rewards, seg, n_groups, semantic, valid,
-                                                  token_turn, **kw)
-        parts = _parts(out, cred) if return_parts else None
-    if per_sequence:
-        adv = adv[:, 0]
-    return (adv, parts) if return_parts else adv
+        if not return_parts:
+            return adv, None
+        # the [B] / [B, K] parts are tiny: the torch path gives them
+        _, out, cred = advantage_ref.advantages(rewards, seg, n_groups, semantic, valid,
+                                                token_turn[:, :0], **kw)
+        return adv, _parts(out, cred)
+    adv, out, cred = advantage_ref.advantages(rewards, seg, n_groups, semantic, valid,
+                                              token_turn, **kw)
+    return adv, _parts(out, cred) if return_parts else None
 
 
 def _max_group(seg: Tensor) -> int:
