@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first run on a GPU, in one command: every bench/gpu_check.py section in its own process
+# The first run on a GPU, in one command: every bench/gpu_check section in its own process
 # with its own time limit (the graph-safety probe first), then the Triton compile check, each
 # report printed as it comes and written under OUT after every section, so a run cut short or a
 # hung section keeps everything measured before it. Needs the machine's torch and Triton only
@@ -32,7 +32,7 @@ if [ -z "$OUT" ]; then
 fi
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/gpu-run.log"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$ROOT:$HERE${PYTHONPATH:+:$PYTHONPATH}"
 if [ ${#TOY[@]} -gt 0 ]; then export TRITON_INTERPRET=1 MAPO_FAST_BACKEND=triton; fi
 
 # section -> seconds (order: graph safety first, the long rollout sections last)
@@ -69,12 +69,12 @@ for name in "${SECTIONS[@]}"; do
     continue
   fi
   say "[gpu-run] $name (limit ${LIMIT[$name]} s)"
-  timeout --kill-after=10 "${LIMIT[$name]}" "$PY" "$HERE/gpu_check.py" "${TOY[@]}" \
+  timeout --kill-after=10 "${LIMIT[$name]}" "$PY" -m gpu_check "${TOY[@]}" \
       --only "$name" --append --repeats 3 --out "$OUT" 2>&1 | tee -a "$LOG"
   rc=${PIPESTATUS[0]}
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     say "[gpu-run] $name: stopped by its ${LIMIT[$name]} s limit"
-    "$PY" "$HERE/gpu_check.py" "${TOY[@]}" --timed-out "$name" --after "${LIMIT[$name]}" \
+    "$PY" -m gpu_check "${TOY[@]}" --timed-out "$name" --after "${LIMIT[$name]}" \
         --out "$OUT" 2>&1 | tee -a "$LOG"
     status=1
   elif [ "$rc" -ne 0 ]; then

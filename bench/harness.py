@@ -160,23 +160,25 @@ def _sync(device: torch.device) -> None:
 
 def measure(name: str, fn: Callable[[], None], device: torch.device, *, repeats: int = 3,
             warmup: int = 1, reset: Optional[Callable[[], None]] = None, notes: str = "",
-            memory: Optional[Callable[[], Optional[float]]] = None) -> CaseResult:
-    """Runs ``fn`` ``warmup`` times, then ``repeats`` timed times. Peak memory: on CUDA from a
-    separate untimed call here; elsewhere from ``memory()`` (e.g. ``memory_in_subprocess``).
-    ``reset`` runs before every call, untimed (e.g. to drop ``.grad``)."""
+            memory: Optional[Callable[[], Optional[float]]] = None,
+            peak_memory: bool = True) -> CaseResult:
+    """Runs ``fn`` ``warmup`` times, then ``repeats`` timed times. Peak memory (unless
+    ``peak_memory`` is False): on CUDA from a separate untimed call here; elsewhere from
+    ``memory()`` (e.g. ``memory_in_subprocess``). ``reset`` runs before every call, untimed
+    (e.g. to drop ``.grad``)."""
     for _ in range(warmup):
         if reset:
             reset()
         fn()
     _sync(device)
     peak = None
-    if device.type == "cuda":
+    if peak_memory and device.type == "cuda":
         if reset:
             reset()
         with PeakMemory(device) as pm:
             fn()
         peak = pm.peak_extra / MiB
-    elif memory is not None:
+    elif peak_memory and memory is not None:
         peak = memory()
     times = []
     for _ in range(repeats):

@@ -121,7 +121,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--gpu-check", action="store_true",
-                   help="run bench/gpu_check.py instead (the first thing to run on a GPU); "
+                   help="run bench/gpu_check instead (the first thing to run on a GPU); "
                         "with --quick: its toy sizes")
     a = p.parse_args(argv)
     if a.gpu_check:

@@ -14,7 +14,7 @@ def _bench_dir() -> Path:
 
 def bench_main(argv: Optional[List[str]] = None) -> None:
     """``mapo-bench [--quick | --scale quick|cpu|gpu] [--only NAME] [--out DIR]``, or
-    ``mapo-bench --gpu-check`` (``bench/gpu_check.py``)."""
+    ``mapo-bench --gpu-check`` (``bench/gpu_check``)."""
     script = _bench_dir() / "run.py"
     if not script.is_file():
         sys.exit("mapo-bench: the benchmarks live in the source tree (bench/run.py), which this "

@@ -1,4 +1,4 @@
-"""``bench/gpu_run.sh`` and ``bench/gpu_check.py`` end to end at toy sizes, on CPU under
+"""``bench/gpu_run.sh`` and ``bench/gpu_check`` end to end at toy sizes, on CPU under
 Triton's interpreter (every section: the graph-safety probe, the loss paths, paged attention,
 crops, the advantage kernel, a rollout through the Triton attention, decode steps on the static
 path against eager; then the compile check), so that the first run on a GPU is not their first
@@ -128,9 +128,10 @@ def test_a_run_cut_short_keeps_what_it_measured(tmp_path):
 def test_gpu_check_refuses_real_sizes_without_a_gpu(tmp_path):
     if __import__("torch").cuda.is_available():
         pytest.skip("a GPU is present")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=300)
+    # as the docs run it: python -m gpu_check from bench/
+    proc = subprocess.run([sys.executable, "-m", "gpu_check", "--out", str(tmp_path)],
+                          cwd=ROOT / "bench", capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--toy" in proc.stderr
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--toy"],
+    proc = subprocess.run([sys.executable, "-m", "gpu_check", "--toy"], cwd=ROOT / "bench",
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "--out" in proc.stderr

@@ -2,7 +2,7 @@
 eager steps on CPU: the same tokens, log-probs within float32 rounding, padding rows that
 touch only the scratch block, block-table buffers that widen, decode steps past the largest
 capture size run eagerly, and bad settings named. The capture itself needs a GPU
-(``bench/gpu_check.py``'s decode-graph section).
+(the decode-graph section of ``bench/gpu_check``).
 
 Tolerance for log-probs: padding changes the row count of every matmul, which may change
 float32 blocking (summation order): 1e-5 on log-probs of a few units."""
