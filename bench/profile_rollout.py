@@ -30,7 +30,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-import bench_rollout as B  # noqa: E402
+import rollout_workloads as W  # noqa: E402
+from rollout_measure import text_rollout  # noqa: E402
+from rollout_peers import vllm_specs  # noqa: E402
 from harness import write_json_md  # noqa: E402
 
 PARTS = ("attention", "qkv/o projections", "rotary", "norms", "mlp", "lm head", "embedding",
@@ -138,13 +140,13 @@ def instrument(prof: StepProfile, eng: Any, model: Any) -> None:
 
 def profile(scale: str, workload: str) -> Dict[str, Any]:
     """Runs ``workload`` once unprofiled (warm-up) and once profiled; returns the tables."""
-    cfg = B.SCALES[scale]
-    model, tok = B.make_model(cfg, torch.device("cpu")), B.make_tokenizer()
-    spec = next(w for w in B.vllm_specs(cfg, tok) if w["name"] == workload)
+    cfg = W.SCALES[scale]
+    model, tok = W.make_model(cfg, torch.device("cpu")), W.make_tokenizer()
+    spec = next(w for w in vllm_specs(cfg, tok) if w["name"] == workload)
     obs = [r["obs"][1:-1] for r in spec["rounds"] if r.get("obs")]  # between the tags
 
     def run(prof: Optional[StepProfile]) -> float:
-        eng, kw = B.text_rollout(model, tok, torch.device("cpu"), spec["prompts"],
+        eng, kw = text_rollout(model, tok, torch.device("cpu"), spec["prompts"],
                                  spec["group"], spec["rounds"][0]["new"],
                                  [tok.decode(o) for o in obs], max(map(len, obs), default=0))
         if prof is not None:
@@ -200,7 +202,7 @@ def markdown(results: List[Dict[str, Any]]) -> str:
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="profile_rollout.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", default="cpu", choices=list(B.SCALES))
+    p.add_argument("--scale", default="cpu", choices=list(W.SCALES))
     p.add_argument("--workload", nargs="+", default=["single_turn", "multi_turn", "prefill"],
                    choices=["single_turn", "multi_turn", "prefill"])
     p.add_argument("--out", type=Path, default=HERE / "results")
