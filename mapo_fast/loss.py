@@ -347,35 +347,11 @@ def policy_loss_of(cfg: PolicyLossConfig, hidden: Tensor, weight: Tensor, target
                    global_tokens: Optional[Number] = None, global_seqs: Optional[Number] = None,
                    rollout_is_weights: Optional[Tensor] = None, fn: str = "mapo_loss"
                    ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """``mapo_loss`` with its knobs in ``cfg`` (checked): the batch is checked here, errors
-    name ``fn``."""
-    lm = check_linear_inputs(fn, hidden, weight, targets, bias, cfg.temperature,
-                             cfg.logit_scale, cfg.softcap, cfg.logits_dtype)
-    bias = banned_bias(fn, bias, weight, cfg.banned_tokens, lm.inv_temp, cfg.softcap)
-    if targets.dim() not in (1, 2):
-        chk.fail(fn, "targets", f"must be [B, T] or [N], got shape {tuple(targets.shape)}")
-    bt = tuple(targets.shape) if targets.dim() == 2 else (1, targets.shape[0])
-    chk.tensor(fn, "mask", mask)
-    if tuple(mask.shape) != tuple(targets.shape):
-        chk.fail(fn, "mask", f"must have the shape of `targets` {tuple(targets.shape)}, "
-                             f"got {tuple(mask.shape)}")
-    chk.tensor(fn, "advantages", advantages, floating=True)
-    if tuple(advantages.shape) not in (bt, (bt[0],)) and \
-            not (targets.dim() == 1 and tuple(advantages.shape) == tuple(targets.shape)):
-        chk.fail(fn, "advantages", f"must have shape {bt} (per token) or ({bt[0]},) (per "
-                                   f"sequence), got {tuple(advantages.shape)}")
-    chk.same_device(fn, "hidden", hidden, mask=mask, advantages=advantages)
-    chk.finite_tensor(fn, "advantages", advantages)
-    old = _per_token(fn, "old_logprobs", old_logprobs, bt, hidden)
-    ref = _per_token(fn, "ref_logprobs", ref_logprobs, bt, hidden)
-    isw = _per_token(fn, "rollout_is_weights", rollout_is_weights, bt, hidden)
-    if isw is not None and isw.numel() and bool((isw < 0).any()):
-        chk.fail(fn, "rollout_is_weights", f"must be >= 0 (importance weights), found "
-                                           f"{float(isw[isw < 0].flatten()[0])}")
-    if cfg.kl_coef > 0 and ref is None:
-        chk.fail(fn, "ref_logprobs", f"is required when kl_coef > 0 (kl_coef={cfg.kl_coef})")
-    g_tokens = _as_number(fn, "global_tokens", global_tokens)
-    g_seqs = _as_number(fn, "global_seqs", global_seqs)
+    """``mapo_loss`` with its knobs in ``cfg`` (checked): the batch is checked here
+    (``_checked_batch``), errors name ``fn``."""
+    lm, bias, bt, (old, ref, isw), (g_tokens, g_seqs) = _checked_batch(
+        fn, cfg, hidden, weight, targets, advantages, mask, bias, old_logprobs, ref_logprobs,
+        rollout_is_weights, global_tokens, global_seqs)
 
     cdtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     m = mask.reshape(bt).to(cdtype)
@@ -412,6 +388,44 @@ def policy_loss_of(cfg: PolicyLossConfig, hidden: Tensor, weight: Tensor, target
     loss, logp, ent, path = fused_linear_objective(hidden2d, weight, bias, y,
                                                    None if all_rows else rows, lm, objective)
     return loss, LossMetrics(_metrics(logp, ent, sel, cfg), path=path)
+
+
+def _checked_batch(fn: str, cfg: PolicyLossConfig, hidden: Tensor, weight: Tensor,
+                   targets: Tensor, advantages: Tensor, mask: Tensor, bias: Optional[Tensor],
+                   old_logprobs: Optional[Tensor], ref_logprobs: Optional[Tensor],
+                   rollout_is_weights: Optional[Tensor], global_tokens: Optional[Number],
+                   global_seqs: Optional[Number]) -> Tuple[Any, ...]:
+    """``policy_loss_of``'s inputs checked, errors naming ``fn`` and the argument: ``(logit
+    map, bias with the banned tokens, [B, T] of the batch, (old, ref, importance weights) per
+    token or None, (global tokens, global sequences))``."""
+    lm = check_linear_inputs(fn, hidden, weight, targets, bias, cfg.temperature,
+                             cfg.logit_scale, cfg.softcap, cfg.logits_dtype)
+    bias = banned_bias(fn, bias, weight, cfg.banned_tokens, lm.inv_temp, cfg.softcap)
+    if targets.dim() not in (1, 2):
+        chk.fail(fn, "targets", f"must be [B, T] or [N], got shape {tuple(targets.shape)}")
+    bt = tuple(targets.shape) if targets.dim() == 2 else (1, targets.shape[0])
+    chk.tensor(fn, "mask", mask)
+    if tuple(mask.shape) != tuple(targets.shape):
+        chk.fail(fn, "mask", f"must have the shape of `targets` {tuple(targets.shape)}, "
+                             f"got {tuple(mask.shape)}")
+    chk.tensor(fn, "advantages", advantages, floating=True)
+    if tuple(advantages.shape) not in (bt, (bt[0],)) and \
+            not (targets.dim() == 1 and tuple(advantages.shape) == tuple(targets.shape)):
+        chk.fail(fn, "advantages", f"must have shape {bt} (per token) or ({bt[0]},) (per "
+                                   f"sequence), got {tuple(advantages.shape)}")
+    chk.same_device(fn, "hidden", hidden, mask=mask, advantages=advantages)
+    chk.finite_tensor(fn, "advantages", advantages)
+    old = _per_token(fn, "old_logprobs", old_logprobs, bt, hidden)
+    ref = _per_token(fn, "ref_logprobs", ref_logprobs, bt, hidden)
+    isw = _per_token(fn, "rollout_is_weights", rollout_is_weights, bt, hidden)
+    if isw is not None and isw.numel() and bool((isw < 0).any()):
+        chk.fail(fn, "rollout_is_weights", f"must be >= 0 (importance weights), found "
+                                           f"{float(isw[isw < 0].flatten()[0])}")
+    if cfg.kl_coef > 0 and ref is None:
+        chk.fail(fn, "ref_logprobs", f"is required when kl_coef > 0 (kl_coef={cfg.kl_coef})")
+    g_tokens = _as_number(fn, "global_tokens", global_tokens)
+    g_seqs = _as_number(fn, "global_seqs", global_seqs)
+    return lm, bias, bt, (old, ref, isw), (g_tokens, g_seqs)
 
 
 class LossMetrics(dict):
