@@ -157,6 +157,9 @@ def describe(model, paths: dict, repeats: int, extra: dict) -> str:
 
 def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str,
         engine_only: bool = False, before: Optional[str] = None, vllm: Optional[str] = None):
+    """Every workload at ``scale`` (engine rows the median of ``repeats`` runs), then the
+    ``--before`` package's and vLLM's rows; writes ``rollout-<tag>`` (JSON, markdown, PNG)
+    in ``out_dir`` and returns the paths."""
     cfg = SCALES[scale]
     info = device_info(device)
     model = make_model(cfg, device)
@@ -178,6 +181,7 @@ def run(scale: str, device: torch.device, repeats: int, out_dir: Path, tag: str,
 
 
 def main(argv=None):
+    """The command line (``harness.main`` with this benchmark's options)."""
     bench_main(__doc__, SCALES, run, argv, options={
         "--engine-only": dict(action="store_true", help="skip the Hugging Face cases"),
         "--before": dict(default=None, metavar="DIR",

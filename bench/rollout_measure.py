@@ -73,6 +73,8 @@ def instrument(eng) -> dict:
 
 
 def finish(rec: dict, eng, wall_s: float) -> dict:
+    """An engine row's counters: prefill tokens and passes, the allocator's calls and share
+    of ``wall_s``, the peak KV, the vision patches (``rec``: from ``instrument``)."""
     return {"prefill_tokens": eng.stats["prefill_tokens"],
             "cached_prompt_tokens": eng.stats.get("cached_prompt_tokens", 0),
             "forward_passes": eng.stats["forward_passes"],
@@ -89,6 +91,7 @@ def output_tokens(trajs) -> int:
 
 
 def engine_notes(x: dict) -> str:
+    """An engine row's notes from its counters (``finish``)."""
     return (f"prefill {x['prefill_tokens']} tokens in {x['forward_passes']} passes "
             f"({x['prefill_passes']} with prompts); allocator {100 * x['allocator_share']:.1f}% "
             f"of wall time ({x['allocator_calls']} calls); peak KV {x['peak_kv_mib']:.0f} MiB")

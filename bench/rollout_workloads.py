@@ -33,6 +33,8 @@ OBS_TEMPLATE = "<tool_response> {} </tool_response>"
 
 
 def make_model(cfg, device):
+    """The scale's random-weight Qwen2 (``hidden`` wide, ``layers`` deep, a tied 32k vocabulary
+    plus the tool tags), in eval mode on ``device``, bf16 on CUDA, SDPA attention."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)
     h = cfg["hidden"]
@@ -62,6 +64,8 @@ def make_tokenizer():
 
 
 def workload(cfg, seed=0):
+    """The text workloads' prompts (``prompts`` of ``prompt_len`` random words) and the
+    ``turns`` observations (``obs`` words each), drawn from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, VOCAB, (cfg["prompt_len"],), generator=g).tolist()
                for _ in range(cfg["prompts"])]
@@ -118,6 +122,7 @@ class EndTurnAt:
 
 
 def kv_bytes(model, tokens: int) -> int:
+    """Bytes of K and V that ``tokens`` tokens hold in ``model``'s cache (every layer)."""
     c = model.config
     head_dim = c.hidden_size // c.num_attention_heads
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * tokens * \

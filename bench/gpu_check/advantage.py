@@ -9,6 +9,8 @@ import torch
 from .common import Sizes
 
 def advantage_section(sz: Sizes, dev: torch.device, measure) -> Dict:
+    """The advantage kernel against the torch path (float32, 1e-5) with turn discounts and
+    invalid turns, and both timed."""
     from mapo_fast.kernels import advantage as K
     from mapo_fast.kernels import advantage_ref as R
     B, G, T, turns = sz.advantage

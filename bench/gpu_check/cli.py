@@ -42,6 +42,7 @@ def run(toy: bool, dev: torch.device, repeats: int, only: Optional[List[str]] = 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; returns the exit status (0: every check held)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--toy", action="store_true", help="toy sizes (CPU under TRITON_INTERPRET)")
     p.add_argument("--only", action="append", choices=list(SECTIONS))

@@ -12,6 +12,7 @@ from harness import measure
 
 @dataclass(frozen=True)
 class Sizes:
+    """Each section's sizes (``REAL`` on a GPU, ``TOY`` under the interpreter)."""
     loss: tuple          # tokens N, hidden H, vocabulary V
     paged: tuple         # batch, context, heads, kv_heads, head_dim, page
     prefill: tuple       # sequences, new queries each (a chunked-prefill batch, paged sizes)

@@ -70,6 +70,8 @@ def _prefill_tile(sz: Sizes, dev: torch.device, measure, out: Dict) -> None:
 
 
 def _paged_batch(B, ctx, heads, kvh, D, page, dev):
+    """A bf16 decode batch: ``B`` queries, paged K/V of ``ctx`` tokens in shuffled pages of
+    ``page`` (every third sequence shorter, not a multiple of the page)."""
     per_seq = -(-ctx // page)
     g = torch.Generator(device=dev).manual_seed(1)
     kc = torch.randn(B * per_seq + 1, page, kvh, D, generator=g, device=dev).to(torch.bfloat16)

@@ -27,6 +27,8 @@ def add_section(result: Dict, name: str, section: Dict) -> None:
 
 
 def section_markdown(name: str, sec: Dict) -> List[str]:
+    """A section's markdown: its verdict and time, its checks, its timings against the
+    fastest (or its error)."""
     lines = [f"## {name}: {'ok' if sec['ok'] else 'FAILED'} ({sec['seconds']} s)", ""]
     if "error" in sec:
         return lines + ["```", sec["error"].strip(), "```", ""]
@@ -46,6 +48,7 @@ def section_markdown(name: str, sec: Dict) -> List[str]:
 
 
 def markdown(result: Dict) -> str:
+    """The whole report: the device and versions, the verdict, every section."""
     info = result["info"]
     missing = [n for n in SECTIONS if n not in result["sections"]]
     state = ("ok" if result["ok"] else "FAILED") + ("" if result["complete"] else
