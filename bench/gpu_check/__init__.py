@@ -15,10 +15,12 @@ rollout uses the C++ block manager when it is built, else its Python model. Each
 independent: a failure is recorded (with its traceback) and the next section runs; the exit
 status is 1 when any check failed. Each section's report goes to standard output as it ends,
 and both files are rewritten after every section (``complete`` says whether every section
-has a result), so a run cut short keeps what it measured. The rollout section also checks greedy tokens against
-the eager torch path (Hugging Face's ``generate``) on a float32 copy of the same model; the
-decode-graph section checks graph-replayed greedy tokens against the engine's eager steps and
-counts launches and kernels per decode step both ways.
+has a result), so a run cut short keeps what it measured. The rollout section also checks
+greedy tokens against the eager torch path (Hugging Face's ``generate``) on a float32 copy
+of the same model; the decode-graph section checks graph-replayed greedy tokens against the
+engine's eager steps and counts launches and kernels per decode step both ways. A file per
+section (``loss``, ``paged``, ``crops``, ``advantage``, ``rollout``), the report
+(``report``) and the command line (``cli``); every timing through ``harness.measure``.
 """
 
 from __future__ import annotations

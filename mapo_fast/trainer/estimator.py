@@ -43,11 +43,12 @@ def estimator_gradients(run: Any, n_batches: int, algos: Sequence[str] = ("grpo"
                         *, first_step: int = FIRST_STEP,
                         params: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
     """``{algo: [n_batches, P]}``: for each of ``n_batches`` rollout batches drawn at the
-    current weights of ``run`` (a built run, ``RunParts``, or a ``Trainer``: its parts) (the prompts of steps ``first_step + k``, each with its own
-    sampling seed), the gradient of the training loss (the trainer's loss settings, one pass
-    over its micro-batches, on-policy) w.r.t. ``params`` (default ``variance_params``),
-    flattened, with each algorithm's advantages on the same trajectories. The weights, the
-    optimizer state and the training step are unchanged; gradients are cleared after."""
+    current weights of ``run`` (a built run, ``RunParts``, or a ``Trainer``: its parts; the
+    prompts of steps ``first_step + k``, each with its own sampling seed), the gradient of
+    the training loss (the run's loss settings, one pass over its micro-batches, on-policy)
+    w.r.t. ``params`` (default ``variance_params``), flattened, with each algorithm's
+    advantages on the same trajectories. The weights, the optimizer state and the training
+    step are unchanged; gradients are cleared after."""
     for a in algos:
         if a not in ADVANTAGE_ESTIMATORS:
             raise ValueError(f"estimator_gradients: `algos` must be drawn from "
