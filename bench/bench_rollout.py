@@ -33,10 +33,17 @@ that has run them is not a clean one).
 by ``rollout_vllm.py`` with the interpreter of vLLM's own environment (``make vllm-env``: its
 CPU build, pinned in ``bench/requirements-vllm.txt``): the same model saved to disk, the same
 prompt ids, groups (``n = G``), turn lengths and observation ids, temperature 1, prefix
-caching on, the same thread count and glibc malloc settings (``cpu_malloc.environment``);
-each multi-turn round re-submits the history, as a vLLM client does. Each row reports output
-tokens (checked equal to RolloutEngine's) and prompt tokens computed and cached; vLLM's
-start-up is reported apart, not in its rows.
+caching on (emptied before each run), the same thread count, and the process settings vLLM's
+CPU documentation advises (``rollout_peers.vllm_environment``: threads bound to cores,
+TCMalloc preloaded); each multi-turn round re-submits the history, as a vLLM client does.
+Each row reports output tokens (checked equal to RolloutEngine's) and prompt tokens computed
+and cached; vLLM's start-up is reported apart, not in its rows.
+
+``--repeats N``: every engine row (RolloutEngine, ``--before``, vLLM) is the median of N runs,
+a fresh engine each (vLLM: one engine, its prefix cache emptied); Hugging Face rows run once.
+The pieces: ``rollout_workloads`` (sizes, model, prompts), ``rollout_measure`` (the engine's
+rows), ``rollout_hf`` and ``rollout_image`` (the baselines), ``rollout_peers`` (the processes
+of vLLM and ``--before``).
 """
 
 from __future__ import annotations
