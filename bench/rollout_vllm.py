@@ -9,16 +9,17 @@ null}, ...]}]}``. The process settings vLLM's CPU documentation advises (its Ope
 bound to cores, ``VLLM_CPU_OMP_THREADS_BIND``; TCMalloc in ``LD_PRELOAD``) come from the
 caller's environment (``rollout_peers.vllm_environment``) and are reported back.
 One ``LLM`` (``dtype``, default float32; prefix caching on; no tokenizer: token ids in and
-out) is built once, its start-up timed apart; then each workload runs ``repeats`` times, the prefix cache emptied before each run (a run
-finds only its own history there): round 1 samples
-``n = G`` continuations of each prompt, and every later round re-submits each sample's whole
-history (prompt, its tokens so far, the previous round's observation) for ``new`` more tokens,
-as a client of vLLM does for a multi-turn tool loop (its prefix cache finds the history).
-Every round's length is fixed (``min_tokens = max_tokens``, EOS ignored), temperature 1, drawn
-from the ``LLM``'s seed (a per-request seed fails in vLLM 0.32's CPU worker: "CPU Generator
-does not use offset"). ``OUT.json``: start-up seconds, the process settings, and per workload each run's wall
-seconds, and the last run's output tokens, prompt tokens submitted and those its prefix
-cache served (so computed = submitted - cached).
+out) is built once, its start-up timed apart; then each workload runs ``repeats`` times, the
+prefix cache emptied before each run (a run finds only its own history there): round 1
+samples ``n = G`` continuations of each prompt, and every later round re-submits each
+sample's whole history (prompt, its tokens so far, the previous round's observation) for
+``new`` more tokens, as a client of vLLM does for a multi-turn tool loop (its prefix cache
+finds the history). Every round's length is fixed (``min_tokens = max_tokens``, EOS
+ignored), temperature 1, drawn from the ``LLM``'s seed (a per-request seed fails in vLLM
+0.32's CPU worker: "CPU Generator does not use offset"). ``OUT.json``: start-up seconds, the
+process settings, and per workload each run's wall seconds and the last run's output tokens,
+prompt tokens submitted and those its prefix cache served (so computed = submitted -
+cached).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any, Dict, List
 #: the process settings reported back (vLLM's CPU documentation's, and the thread count)
 SETTINGS = ("VLLM_CPU_OMP_THREADS_BIND", "LD_PRELOAD", "OMP_NUM_THREADS",
             "VLLM_CPU_KVCACHE_SPACE", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
 
 def counters(llm: Any) -> Dict[str, float]:
     """vLLM's prompt, generation and prefix-cache counters, summed over engines."""
@@ -78,6 +80,7 @@ def run_workload(llm: Any, w: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def main(spec_path: str, out_path: str) -> None:
+    """Runs ``SPEC.json``'s workloads and writes ``OUT.json`` (see the module doc)."""
     spec = json.loads(open(spec_path).read())
     threads = int(spec.get("threads", 1))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.get("kv_cache_gib", 4)))
