@@ -28,19 +28,21 @@ from bench_train import METRICS, interval  # noqa: E402
 from harness import write_json_md  # noqa: E402
 
 
+def _by_seed(per: Dict[str, List[Optional[float]]], seeds: List[int]
+             ) -> Dict[int, Dict[str, Optional[float]]]:
+    """``{seed: {metric: value}}`` from ``{metric: [value per seed]}``."""
+    return {s: {m: per[m][i] for m in METRICS if m in per} for i, s in enumerate(seeds)}
+
+
 def _per_seed(study: Dict[str, Any], algo: str) -> Dict[int, Dict[str, Optional[float]]]:
     exp = study["experts"]["hallucinating"]
-    seeds = exp["seeds"]
-    per = exp["algos"][algo]["per_seed"]
-    return {s: {m: per[m][i] for m in METRICS if m in per} for i, s in enumerate(seeds)}
+    return _by_seed(exp["algos"][algo]["per_seed"], exp["seeds"])
 
 
 def _warm(study: Dict[str, Any]) -> Optional[Dict[int, Dict[str, Optional[float]]]]:
     exp = study["experts"]["hallucinating"]
     per = exp.get("warm_start_per_seed")
-    if per is None:
-        return None
-    return {s: {m: per[m][i] for m in METRICS if m in per} for i, s in enumerate(exp["seeds"])}
+    return None if per is None else _by_seed(per, exp["seeds"])
 
 
 def _row(ra: Dict[int, Dict[str, Any]], rb: Dict[int, Dict[str, Any]]) -> Dict[str, Any]:
