@@ -145,14 +145,22 @@ def run_image(cfg, device, paths, engine_only, repeats):
 def describe(model, paths: dict, repeats: int, extra: dict) -> str:
     """The report's description: the model, the runs, the attention paths and how each
     engine ran (threads, process settings)."""
+    from mapo_fast.rollout import cpu_malloc
     params = sum(p.numel() for p in model.parameters()) / 1e6
     desc = (f"Qwen2 of {params:.0f}M parameters from a config, random weights, "
             f"{next(model.parameters()).dtype}. Each engine row: the median of {repeats} "
             f"run(s), a fresh engine each, in one process; Hugging Face rows: one run. "
-            f"Ratios are against mapo_fast. RolloutEngine ran in this process with "
-            f"{torch.get_num_threads()} threads (torch's own, unbound) and cpu_malloc='auto' "
-            "(glibc with raised mmap and trim thresholds); its forward passes per attention "
-            "path: " + ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) + ".")
+            f"Ratios are against mapo_fast.")
+    if next(model.parameters()).device.type == "cpu":
+        # what cpu_malloc='auto' did to this process (left alone: another allocator or the
+        # user's own settings)
+        tuned = " ".join(f"{k}={v}" for k, v in cpu_malloc.environment().items())
+        malloc = f"glibc with raised mmap and trim thresholds ({tuned})" if tuned else \
+            "its allocator as it found it"
+        desc += (f" RolloutEngine ran in this process with {torch.get_num_threads()} threads "
+                 f"(torch's own, unbound) and cpu_malloc='auto': {malloc}.")
+    desc += (" RolloutEngine forward passes per attention path: "
+             + ", ".join(f"{k} {v}" for k, v in sorted(paths.items())) + ".")
     if "vllm" in extra:
         env = " ".join(f"{k}={v}" for k, v in extra["vllm_env"].items())
         desc += (f" vLLM {extra['vllm']} (its CPU build, in its own environment, "
