@@ -147,8 +147,8 @@ def profile(scale: str, workload: str) -> Dict[str, Any]:
 
     def run(prof: Optional[StepProfile]) -> float:
         eng, kw = text_rollout(model, tok, torch.device("cpu"), spec["prompts"],
-                                 spec["group"], spec["rounds"][0]["new"],
-                                 [tok.decode(o) for o in obs], max(map(len, obs), default=0))
+                               spec["group"], spec["rounds"][0]["new"],
+                               [tok.decode(o) for o in obs], max(map(len, obs), default=0))
         if prof is not None:
             instrument(prof, eng, model)
         t0 = time.perf_counter()

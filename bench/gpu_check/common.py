@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from harness import measure
 
+
 @dataclass(frozen=True)
 class Sizes:
     """Each section's sizes (``REAL`` on a GPU, ``TOY`` under the interpreter)."""
